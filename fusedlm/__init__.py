@@ -1,0 +1,29 @@
+"""fusedlm: fused Triton and CUDA kernels for transformer models, bound to PyTorch autograd.
+
+Public API (see the README and shared/API.md): backend selection, and the ops
+rms_norm, layer_norm, swiglu, apply_rotary_pos_emb.
+"""
+from ._backend import available_backends, get_backend, set_backend, use_backend
+from .ops.norm import layer_norm, rms_norm
+from .ops.swiglu import swiglu
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "available_backends", "get_backend", "set_backend", "use_backend",
+    "rms_norm", "layer_norm", "swiglu",
+]
+
+
+def _register_triton_ops():
+    """Register every Triton op now, where Triton is usable, so torch.compile finds them defined."""
+    from . import _backend
+
+    if _backend.why_unavailable("triton") is None:
+        from .ops import norm, swiglu
+
+        norm._triton_ops()
+        swiglu._triton_ops()
+
+
+_register_triton_ops()

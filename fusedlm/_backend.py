@@ -1,0 +1,159 @@
+"""Backend selection: which implementation of an op runs.
+
+Three backends, best first:
+    "cuda"    the compiled C++ extension fusedlm._C (built by setup.py where CUDA is present);
+    "triton"  the Triton kernels in fusedlm.kernels, on CUDA tensors, or on CPU tensors when
+              TRITON_INTERPRET=1 (Triton's interpreter: slow, for tests);
+    "torch"   the plain PyTorch reference in fusedlm.reference (always there).
+
+The process default starts as the environment variable FUSEDLM_BACKEND (or "auto"), and is changed
+with set_backend() or, for a block, use_backend(). A per-call ``backend=`` wins over both. "auto"
+picks, per call, the first backend that can serve that call; a backend named explicitly that cannot
+serve the call raises ValueError saying why, never falls back silently.
+"""
+import contextlib
+import importlib
+import os
+
+BACKENDS = ("cuda", "triton", "torch")
+_AUTO = "auto"
+
+
+def _env_flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated (when fusedlm.kernels is imported), so the
+# value at import time is the one that holds for the whole process.
+_INTERPRET = _env_flag("TRITON_INTERPRET")
+
+
+def triton_interpret() -> bool:
+    """True when Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return _INTERPRET
+
+
+def _import_error(module):
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - any failure to import means "not usable", with the reason kept
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+_why_not_cache = {}
+
+
+def why_unavailable(name):
+    """None if backend ``name`` is usable in this process, else the reason it is not."""
+    if name in _why_not_cache:
+        return _why_not_cache[name]
+    import torch
+
+    if name == "torch":
+        why = None
+    elif name == "triton":
+        why = _import_error("triton")
+        if why is None and not (torch.cuda.is_available() or triton_interpret()):
+            why = "no CUDA device and TRITON_INTERPRET is not set"
+        if why is None:
+            why = _import_error("fusedlm.kernels")
+    elif name == "cuda":
+        why = _import_error("fusedlm._C")
+        if why is not None:
+            why = f"the CUDA extension fusedlm._C is not built ({why})"
+        elif not torch.cuda.is_available():
+            why = "no CUDA device"
+    else:
+        raise ValueError(f"backend: expected one of {BACKENDS + (_AUTO,)} or None, got {name!r}")
+    _why_not_cache[name] = why
+    return why
+
+
+def available_backends():
+    """The backends usable in this process, best first (always ends with "torch")."""
+    return [b for b in BACKENDS if why_unavailable(b) is None]
+
+
+def _check_name(name):
+    if name is None:
+        return _AUTO
+    if not isinstance(name, str) or name not in BACKENDS + (_AUTO,):
+        raise ValueError(f"backend: expected one of {BACKENDS + (_AUTO,)} or None, got {name!r}")
+    return name
+
+
+def _initial_default():
+    env = os.environ.get("FUSEDLM_BACKEND")
+    if not env:
+        return _AUTO
+    try:
+        return _check_name(env.strip().lower())
+    except ValueError as e:
+        raise ValueError(f"FUSEDLM_BACKEND: {e}") from None
+
+
+_default = _initial_default()
+
+
+def get_backend():
+    """The process default: "auto" or a backend name."""
+    return _default
+
+
+def set_backend(name):
+    """Set the process default backend; None means "auto".
+
+    Raises ValueError for an unknown name, or for a backend that is not usable in this process.
+    """
+    global _default
+    name = _check_name(name)
+    if name != _AUTO:
+        why = why_unavailable(name)
+        if why is not None:
+            raise ValueError(f"backend: {name!r} is not available here: {why}")
+    _default = name
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Context manager: make ``name`` the default inside the block, restore the previous one after."""
+    previous = _default
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def select(op, backend, device, cannot_serve=None):
+    """The backend that runs one call of ``op`` on tensors on ``device``.
+
+    backend:      the call's ``backend=`` argument (None: the process default).
+    cannot_serve: optional dict backend -> reason, for cases a backend cannot handle (a feature it
+                  lacks); a backend missing from it serves every valid case on its devices.
+    """
+    name = _check_name(backend) if backend is not None else _default
+    cannot_serve = cannot_serve or {}
+
+    def reason(b):
+        why = why_unavailable(b)
+        if why is None and b == "cuda" and device.type != "cuda":
+            why = f"the tensors are on {device}, not a CUDA device"
+        if why is None and b == "triton" and device.type != "cuda" and not triton_interpret():
+            why = f"the tensors are on {device} and TRITON_INTERPRET is not set"
+        if why is None and b != "torch" and device.type not in ("cuda", "cpu"):
+            why = f"the tensors are on {device}"
+        if why is None:
+            why = cannot_serve.get(b)
+        return why
+
+    if name == _AUTO:
+        for b in BACKENDS:
+            if reason(b) is None:
+                return b
+        raise AssertionError("the torch backend serves every case")  # pragma: no cover
+    why = reason(name)
+    if why is not None:
+        raise ValueError(f"{op}: backend {name!r} cannot serve this call: {why}")
+    return name

@@ -1,0 +1,90 @@
+"""fusedlm's build.
+
+A plain Python install everywhere (the Triton kernels in kernels/ need no build step). The CUDA C++
+extension ``fusedlm._C`` (sources in csrc/) is built only where it can be: a CUDA build of torch is
+importable in the build environment and a CUDA toolkit is found. pyproject.toml keeps torch out of the
+isolated build environment on purpose, so the extension is built with
+
+    FUSEDLM_FORCE_CUDA_BUILD=1 pip install --no-build-isolation -e .
+
+Environment:
+    FUSEDLM_SKIP_CUDA_BUILD=1   never build the extension
+    FUSEDLM_FORCE_CUDA_BUILD=1  build it or fail loudly (instead of silently skipping)
+    TORCH_CUDA_ARCH_LIST        target architectures (default "9.0": Hopper)
+    MAX_JOBS                    parallel compile jobs (read by torch's ninja build)
+"""
+import glob
+import os
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def cuda_extension():
+    """Return ([ext_modules], cmdclass) for fusedlm._C, or ([], {}) with the reason printed."""
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
+    if _flag("FUSEDLM_SKIP_CUDA_BUILD"):
+        return [], {}, "FUSEDLM_SKIP_CUDA_BUILD is set"
+    if not any(s.endswith(".cpp") for s in sources):
+        return [], {}, "csrc/ holds no binding layer (.cpp)"
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        return [], {}, "torch is not importable in the build environment (use --no-build-isolation)"
+    if torch.version.cuda is None:
+        return [], {}, f"torch {torch.__version__} is not a CUDA build"
+    if CUDA_HOME is None:
+        return [], {}, "no CUDA toolkit found (set CUDA_HOME)"
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    ext = CUDAExtension(
+        name="fusedlm._C",
+        sources=sources,
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++17"],
+            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+                     "--expt-relaxed-constexpr"],
+        },
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}, None
+
+
+ext_modules, cmdclass, why_not = cuda_extension()
+if why_not is not None:
+    if _flag("FUSEDLM_FORCE_CUDA_BUILD"):
+        raise RuntimeError(f"FUSEDLM_FORCE_CUDA_BUILD=1 but the CUDA extension cannot be built: {why_not}")
+    print(f"fusedlm: building without the CUDA extension ({why_not})")
+
+setup(
+    name="fusedlm",
+    version="0.1.0",
+    description="Fused Triton and CUDA kernels for transformer models, bound to PyTorch autograd",
+    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    # kernels/ is installed as the subpackage fusedlm.kernels, never as a top-level `kernels`
+    # module: that name belongs to Hugging Face's kernels package, which transformers probes for.
+    packages=["fusedlm", "fusedlm.ops", "fusedlm.kernels"],
+    package_dir={"fusedlm": "fusedlm", "fusedlm.kernels": "kernels"},
+    install_requires=[
+        # Install torch first (README): an open-ended torch requirement met by nothing pulls a
+        # CUDA build of torch with gigabytes of dependencies.
+        "torch>=2.6",
+        "triton>=3.2; platform_system == 'Linux'",
+        "pybind11",
+        "ninja",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "transformers", "peft"],
+        "hf": ["transformers", "peft"],
+    },
+    entry_points={"console_scripts": ["fusedlm = fusedlm.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
