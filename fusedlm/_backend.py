@@ -13,6 +13,7 @@ serve the call raises ValueError saying why, never falls back silently.
 """
 import contextlib
 import importlib
+import importlib.util
 import os
 
 BACKENDS = ("cuda", "triton", "torch")
@@ -44,6 +45,25 @@ def _import_error(module):
 _why_not_cache = {}
 
 
+def enable_interpreter():
+    """Turn on Triton's CPU interpreter for this process (what ``fusedlm verify`` does without a GPU).
+
+    Works only before Triton is imported (Triton reads TRITON_INTERPRET when its own and our kernels
+    are decorated); returns False if it already was, without the interpreter.
+    """
+    global _INTERPRET
+    if _INTERPRET:
+        return True
+    import sys
+
+    if "triton" in sys.modules:
+        return False  # Triton's own jit functions were decorated without the interpreter
+    os.environ["TRITON_INTERPRET"] = "1"
+    _INTERPRET = True
+    _why_not_cache.clear()
+    return True
+
+
 def why_unavailable(name):
     """None if backend ``name`` is usable in this process, else the reason it is not."""
     if name in _why_not_cache:
@@ -53,11 +73,14 @@ def why_unavailable(name):
     if name == "torch":
         why = None
     elif name == "triton":
-        why = _import_error("triton")
-        if why is None and not (torch.cuda.is_available() or triton_interpret()):
+        # Decide before importing Triton: it must not be imported before TRITON_INTERPRET is set
+        # (its own library functions are decorated at import), see enable_interpreter().
+        if importlib.util.find_spec("triton") is None:
+            why = "triton is not installed"
+        elif not (torch.cuda.is_available() or triton_interpret()):
             why = "no CUDA device and TRITON_INTERPRET is not set"
-        if why is None:
-            why = _import_error("fusedlm.kernels")
+        else:
+            why = _import_error("triton") or _import_error("fusedlm.kernels")
     elif name == "cuda":
         why = _import_error("fusedlm._C")
         if why is not None:
