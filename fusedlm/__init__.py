@@ -5,13 +5,14 @@ rms_norm, layer_norm, swiglu, apply_rotary_pos_emb.
 """
 from ._backend import available_backends, get_backend, set_backend, use_backend
 from .ops.norm import layer_norm, rms_norm
+from .ops.rope import apply_rotary_pos_emb
 from .ops.swiglu import swiglu
 
 __version__ = "0.1.0"
 
 __all__ = [
     "available_backends", "get_backend", "set_backend", "use_backend",
-    "rms_norm", "layer_norm", "swiglu",
+    "rms_norm", "layer_norm", "swiglu", "apply_rotary_pos_emb",
 ]
 
 
@@ -20,9 +21,10 @@ def _register_triton_ops():
     from . import _backend
 
     if _backend.why_unavailable("triton") is None:
-        from .ops import norm, swiglu
+        from .ops import norm, rope, swiglu
 
         norm._triton_ops()
+        rope._triton_ops()
         swiglu._triton_ops()
 
 
