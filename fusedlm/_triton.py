@@ -9,6 +9,8 @@ Under TRITON_INTERPRET=1 (CPU tests) ``triton.jit`` returns an interpreted funct
 body registered as its fake kernel; ``launch`` skips the kernel on fake tensors there. Both ways the op
 has one schema, autograd and a fake kernel, and passes ``torch.library.opcheck``.
 """
+import functools
+
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
@@ -41,9 +43,14 @@ def empty(device=None):
     return torch.empty(0, device=device)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def num_programs(device, rows):
-    """Programs for a persistent row loop: a few per SM on a GPU, a handful on the interpreter."""
+    """Programs for a persistent row loop: two per SM on a GPU, a handful on the interpreter."""
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(rows, 2 * sms))
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return max(1, min(rows, 2 * _sm_count(index)))
     return max(1, min(rows, 4))
