@@ -62,7 +62,7 @@ def cmd_verify(args):
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if gpu else [])
     device = "cuda" if gpu else "cpu"
     print()
-    fmt = "{:<30} {:<7} {:<9} {:<22} {:>11} {:>8}  {:<8} {}"
+    fmt = "{:<46} {:<7} {:<9} {:<24} {:>11} {:>8}  {:<8} {}"
     print(fmt.format("op", "backend", "dtype", "shape", "max rel err", "bound", "worst", "pass"))
 
     def log(r):

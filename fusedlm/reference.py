@@ -4,6 +4,8 @@ Each function computes in float32 (float64 when given float64, which is how the 
 ``fusedlm verify`` build their exact reference) and returns the input dtype, exactly the contract the
 fused kernels meet. Autograd differentiates them as they stand.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -68,3 +70,104 @@ def rope_ref(q, k, cos, sin, unsqueeze_dim=1, interleaved=False):
         cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
     cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
     return _rope_one(q, cos, sin, interleaved), _rope_one(k, cos, sin, interleaved)
+
+
+def sdpa_ref(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+             key_padding_mask=None, return_lse=False):
+    """Math attention, the semantics of torch.nn.functional.scaled_dot_product_attention, plus padding.
+
+    query (B, H, L, E), key (B, Hkv, S, E), value (B, Hkv, S, Ev); query head h reads kv head
+    h // (H // Hkv) (GQA; the op layer checks that it was asked for). attn_mask: bool (True = takes
+    part) or float (added to the scores), broadcastable to (B, H, L, S). is_causal: query i sees keys
+    j <= i (top-left), combined with attn_mask when both are given. key_padding_mask: bool (B, S),
+    True = real token. scale: default 1 / sqrt(E). Dropout on the probabilities, kept ones scaled by
+    1 / (1 - dropout_p), the mask drawn from torch's default generator on the device.
+
+    A row that can attend to no key (every score masked or -inf) outputs zeros, gets zero gradient and
+    lse = -inf; nothing here makes a NaN in the forward or the backward: the row maximum is detached and
+    replaced by 0 in such rows, so exp(-inf - 0) = 0 and the normaliser, 0 there, is replaced by 1.
+    Returns the output in query's dtype, and with ``return_lse`` also the natural-log log-sum-exp of
+    the scaled, masked scores (B, H, L), float32 (float64 for float64 inputs).
+    """
+    ct = _compute_dtype(query)
+    q, k, v = query.to(ct), key.to(ct), value.to(ct)
+    H, Hkv = q.shape[1], k.shape[1]
+    if Hkv != H:  # GQA: each kv head serves H // Hkv consecutive query heads
+        k = k.repeat_interleave(H // Hkv, dim=1)
+        v = v.repeat_interleave(H // Hkv, dim=1)
+    L, S = q.shape[-2], k.shape[-2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, L, S)
+    allowed = None  # bool, broadcastable to (B, H, L, S)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            allowed = attn_mask
+        else:
+            scores = scores + attn_mask.to(ct)
+    if is_causal:
+        causal = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+        allowed = causal if allowed is None else allowed & causal
+    if key_padding_mask is not None:
+        kpm = key_padding_mask[:, None, None, :]
+        allowed = kpm if allowed is None else allowed & kpm
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    if S > 0:
+        row_max = scores.detach().amax(dim=-1, keepdim=True)
+    else:
+        row_max = scores.new_full((*scores.shape[:-1], 1), float("-inf"))
+    empty = row_max == float("-inf")  # (B, H, L, 1): no key to attend to
+    row_max = row_max.masked_fill(empty, 0.0)
+    unnorm = torch.exp(scores - row_max)
+    denom = unnorm.sum(dim=-1, keepdim=True)
+    probs = unnorm / denom.masked_fill(empty, 1.0)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p, training=True)
+    out = torch.matmul(probs, v).masked_fill(empty, 0.0).to(query.dtype)
+    if not return_lse:
+        return out
+    lse = (row_max + torch.log(denom)).masked_fill(empty, float("-inf")).squeeze(-1)
+    return out, lse
+
+
+def varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False, scale=None,
+               return_lse=False):
+    """Attention over packed sequences: q (total_q, H, E), k (total_k, Hkv, E), v (total_k, Hkv, Ev).
+
+    Sequence b is q[cu_seqlens_q[b]:cu_seqlens_q[b+1]] against k, v[cu_seqlens_k[b]:cu_seqlens_k[b+1]],
+    nothing across sequences. ``causal`` aligns bottom-right: query i of a sequence with lengths
+    (Lq, Lk) sees keys j <= i + Lk - Lq (FlashAttention's convention; the same as top-left when
+    Lq == Lk); a row that sees no key outputs zeros. GQA whenever Hkv < H (Hkv divides H).
+    Loops over the sequences in Python (clarity over speed; max_seqlen_* are not needed here).
+    Returns (total_q, H, Ev) in q's dtype, and with ``return_lse`` the lse (total_q, H) as in sdpa_ref.
+    """
+    total_q, H = q.shape[0], q.shape[1]
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for b in range(len(starts_q) - 1):
+        q0, q1, k0, k1 = starts_q[b], starts_q[b + 1], starts_k[b], starts_k[b + 1]
+        qb = q[q0:q1].transpose(0, 1).unsqueeze(0)  # (1, H, Lq, E)
+        kb = k[k0:k1].transpose(0, 1).unsqueeze(0)
+        vb = v[k0:k1].transpose(0, 1).unsqueeze(0)
+        mask = None
+        if causal:
+            lq, lk = q1 - q0, k1 - k0
+            i = torch.arange(lq, device=q.device)[:, None]
+            j = torch.arange(lk, device=q.device)[None, :]
+            mask = j <= i + (lk - lq)
+        res = sdpa_ref(qb, kb, vb, attn_mask=mask, scale=scale, return_lse=return_lse)
+        out, lse = res if return_lse else (res, None)
+        outs.append(out[0].transpose(0, 1))  # (Lq, H, Ev)
+        if return_lse:
+            lses.append(lse[0].transpose(0, 1))  # (Lq, H)
+    covered = starts_q[-1] if starts_q else 0
+    if covered < total_q:  # rows past the last sequence belong to none: zeros (the op layer rejects this)
+        outs.append(q.new_zeros(total_q - covered, H, v.shape[-1]))
+        if return_lse:
+            lses.append(torch.full((total_q - covered, H), float("-inf"), dtype=_compute_dtype(q), device=q.device))
+    out = torch.cat(outs) if outs else q.new_zeros(0, H, v.shape[-1])
+    if not return_lse:
+        return out
+    lse = torch.cat(lses) if lses else torch.zeros(0, H, dtype=_compute_dtype(q), device=q.device)
+    return out, lse

@@ -44,13 +44,16 @@ def check_case(fn, ref, inputs, *, dtype, device, grad=(), seed=0):
     """Run ``fn`` in ``dtype`` on ``device`` and ``ref`` in float64 on the same values; compare.
 
     inputs: name -> float64 tensor (cast to ``dtype`` for fn; the float64 reference receives the
-            rounded values) or any other value (passed to both as is).
+            rounded values), another tensor (bool masks, int offsets: moved to ``device`` for fn, as is
+            for the reference) or any other value (passed to both as is).
     grad:   names of the inputs whose gradients are compared (through random output cotangents).
     Returns a list of (quantity, relative error) for every output and every gradient.
     """
     low, high = {}, {}
     for name, value in inputs.items():
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor) and not value.is_floating_point():
+            low[name], high[name] = value.to(device), value
+        elif isinstance(value, torch.Tensor):
             lo = value.to(device=device, dtype=dtype)
             low[name] = lo.detach().requires_grad_(name in grad)
             high[name] = lo.detach().double().cpu().requires_grad_(name in grad)
@@ -157,6 +160,82 @@ def cases(gpu=False):
                     q, k, cos, sin, unsqueeze_dim=udim, interleaved=inter, backend=b),
                 lambda q, k, cos, sin, inter=inter, udim=udim: R.rope_ref(q, k, cos, sin, udim, inter),
                 ("q", "k")))
+    if hasattr(fusedlm, "lora_linear"):
+        from fusedlm.ops.lora import lora_linear_ref
+        # (tokens, in, out, r, bias, base trainable): odd sizes, one token, ranks 1 to 256
+        lora = [(1, 40, 96, 1, True, False), (67, 130, 96, 16, False, False), (18, 771, 123, 64, True, True),
+                (5, 96, 40, 256, True, False)]
+        if gpu:
+            lora.append((4096, 4096, 4096, 16, False, False))
+        for M, K, N, r, bias, train_base in lora:
+            def make_lora(g, M=M, K=K, N=N, r=r, bias=bias):
+                d = dict(x=_randn(g, M, K), weight=_randn(g, N, K) / K**0.5, lora_a=_randn(g, r, K) / K**0.5,
+                         lora_b=_randn(g, N, r))
+                if bias:
+                    d["bias"] = _randn(g, N)
+                return d
+
+            out.append(Case(
+                "lora_linear", (M, K, N, r), make_lora,
+                lambda b: lambda x, weight, lora_a, lora_b, bias=None: fusedlm.lora_linear(
+                    x, weight, bias, lora_a, lora_b, 0.5, backend=b),
+                lambda x, weight, lora_a, lora_b, bias=None: lora_linear_ref(x, weight, bias, lora_a, lora_b, 0.5),
+                ("x", "lora_a", "lora_b") + (("weight",) + (("bias",) if bias else ()) if train_base else ())))
+    out += _attention_cases(gpu)
+    return out
+
+
+def _attention_cases(gpu):
+    import fusedlm
+    from fusedlm import reference as R
+
+    out = []
+    # (B, H, Hkv, L, S, E, Ev, causal, masks): odd lengths and head dims, GQA, L != S both ways
+    dense = [(2, 4, 4, 67, 67, 40, 40, False, ""), (1, 4, 2, 129, 67, 80, 80, True, ""),
+             (2, 2, 2, 33, 70, 64, 48, False, "kpm"), (1, 2, 2, 20, 50, 96, 96, True, "bool+kpm"),
+             (2, 2, 1, 24, 40, 32, 32, False, "float"), (1, 1, 1, 17, 17, 256, 256, True, "")]
+    if gpu:
+        dense.append((2, 16, 16, 1024, 1024, 128, 128, True, ""))
+        dense.append((2, 16, 4, 1024, 2048, 128, 128, False, "kpm"))
+    for B, H, Hkv, L, S, E, Ev, causal, masks in dense:
+        def make(g, B=B, H=H, Hkv=Hkv, L=L, S=S, E=E, Ev=Ev, masks=masks):
+            d = dict(query=_randn(g, B, H, L, E), key=_randn(g, B, Hkv, S, E), value=_randn(g, B, Hkv, S, Ev))
+            if "kpm" in masks:  # real lengths from S down to a batch row with a single real key
+                lengths = torch.linspace(S, 1, B).long()
+                d["key_padding_mask"] = torch.arange(S)[None, :] < lengths[:, None]
+            if "bool" in masks:
+                d["attn_mask"] = torch.rand(L, S, generator=g) > 0.3
+            if "float" in masks:
+                d["attn_mask"] = _randn(g, B, 1, L, S)
+            return d
+
+        def run_fn(b, causal=causal, gqa=H != Hkv):
+            return lambda query, key, value, attn_mask=None, key_padding_mask=None: \
+                fusedlm.scaled_dot_product_attention(query, key, value, attn_mask, is_causal=causal, enable_gqa=gqa,
+                                                     key_padding_mask=key_padding_mask, backend=b)
+
+        def ref(query, key, value, attn_mask=None, key_padding_mask=None, causal=causal, gqa=H != Hkv):
+            return R.sdpa_ref(query, key, value, attn_mask, 0.0, causal, None, gqa, key_padding_mask)
+
+        label = "scaled_dot_product_attention" + (f"({'causal,' if causal else ''}{masks})".replace(",)", ")")
+                                                  if causal or masks else "")
+        out.append(Case(label, (B, H, Hkv, L, S, E, Ev), make, run_fn, ref, ("query", "key", "value")))
+    for lq, lk, H, Hkv, E, causal in [((5, 40, 0, 17), (9, 33, 4, 17), 4, 2, 48, True),
+                                      ((30, 1, 64), (30, 1, 64), 2, 2, 64, False)]:
+        def make_varlen(g, lq=lq, lk=lk, H=H, Hkv=Hkv, E=E):
+            cu = [torch.tensor([0] + list(torch.tensor(n).cumsum(0)), dtype=torch.int32) for n in (lq, lk)]
+            return dict(q=_randn(g, sum(lq), H, E), k=_randn(g, sum(lk), Hkv, E), v=_randn(g, sum(lk), Hkv, E),
+                        cu_seqlens_q=cu[0], cu_seqlens_k=cu[1])
+
+        def run_varlen(b, lq=lq, lk=lk, causal=causal):
+            return lambda q, k, v, cu_seqlens_q, cu_seqlens_k: fusedlm.varlen_attention(
+                q, k, v, cu_seqlens_q, cu_seqlens_k, max(lq), max(lk), causal=causal, backend=b)
+
+        def ref_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, lq=lq, lk=lk, causal=causal):
+            return R.varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max(lq), max(lk), causal)
+
+        out.append(Case("varlen_attention" + ("(causal)" if causal else ""), (len(lq), sum(lq), sum(lk), H, Hkv, E),
+                        make_varlen, run_varlen, ref_varlen, ("q", "k", "v")))
     return out
 
 

@@ -1,0 +1,243 @@
+"""scaled_dot_product_attention and varlen_attention: validation, dispatch, the Triton ops and autograd.
+
+The kernels and the math are in fusedlm/kernels/attention.py. Two ops serve the Triton backend, dense
+and packed alike: fusedlm::attention_fwd -> (out, lse) and fusedlm::attention_bwd -> (dq, dk, dv);
+autograd on the first calls the second. The torch backend is fusedlm.reference.sdpa_ref / varlen_ref.
+"""
+from typing import Optional
+
+import torch
+
+from .. import _backend, _validate, reference
+
+_NO_CUDA_KERNEL = "fusedlm._C has no kernel for this op yet"
+HEAD_DIMS = (16, 256)  # head dims the fused kernels take (E and Ev)
+
+
+def _triton_ops():
+    """Register fusedlm::attention_fwd / attention_bwd once, with autograd."""
+    global _fwd_op
+    if _fwd_op is not None:
+        return _fwd_op
+    from fusedlm.kernels import attention as K
+
+    from .._triton import launch, register_op
+
+    def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                      key_padding_mask: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
+                      cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, scale: float,
+                      causal: bool, bottom_right: bool, dropout_p: float, seed: Optional[torch.Tensor]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense (B, H, L, E) or packed (total, H, E) attention -> (out, lse float32)."""
+        return K.attention_fwd(launch, _unit(q), _unit(k), _unit(v), attn_mask, key_padding_mask, cu_seqlens_q,
+                               cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, bottom_right, dropout_p,
+                               seed)
+
+    def attention_bwd(do: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                      lse: torch.Tensor, attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
+                      cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
+                      max_seqlen_q: int, max_seqlen_k: int, scale: float, causal: bool, bottom_right: bool,
+                      dropout_p: float, seed: Optional[torch.Tensor]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (dq, dk, dv); dlse: the gradient reaching lse (None when lse is unused)."""
+        return K.attention_bwd(launch, _unit(do), dlse, _unit(q), _unit(k), _unit(v), out, lse, attn_mask,
+                               key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                               causal, bottom_right, dropout_p, seed)
+
+    fwd = register_op("attention_fwd", attention_fwd)
+    bwd = register_op("attention_bwd", attention_bwd)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, attn_mask, kpm, cu_q, cu_k, max_q, max_k, scale, causal, bottom_right, dropout_p, seed = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, attn_mask, kpm, cu_q, cu_k, seed)
+        ctx.args = (max_q, max_k, scale, causal, bottom_right, dropout_p)
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, attn_mask, kpm, cu_q, cu_k, seed = ctx.saved_tensors
+        if dout is None and dlse is None:
+            return (None,) * 14
+        if dout is None:  # only lse was used
+            dout = torch.zeros_like(out)
+        max_q, max_k, scale, causal, bottom_right, dropout_p = ctx.args
+        dq, dk, dv = bwd(dout, dlse, q, k, v, out, lse, attn_mask, kpm, cu_q, cu_k, max_q, max_k, scale, causal,
+                         bottom_right, dropout_p, seed)
+        return (dq, dk, dv) + (None,) * 11
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+    _fwd_op = fwd
+    return fwd
+
+
+_fwd_op = None
+
+
+def _unit(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _seed(dropout_p, device):
+    """A dropout seed drawn from torch's generator (torch.manual_seed reproduces it), as a tensor so that
+    no host sync or graph break is needed."""
+    if dropout_p == 0.0:
+        return None
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64).to(device)
+
+
+def _head_dim_reason(e, ev):
+    lo, hi = HEAD_DIMS
+    if not (lo <= e <= hi and lo <= ev <= hi):
+        return f"the fused kernels take head dims {lo}..{hi}, got E={e}, Ev={ev}"
+    return None
+
+
+def _triton_reason(tensors, e, ev, attn_mask):
+    return (_validate.kernel_dtype_reason(*tensors) or _head_dim_reason(e, ev)
+            or ("the fused kernels do not differentiate attn_mask (use backend='torch')"
+                if attn_mask is not None and attn_mask.requires_grad else None))
+
+
+def _check_probability(name, p):
+    p = _validate.number(name, p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{name}: expected a probability in [0, 1), got {p}")
+    return p
+
+
+def _check_bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+
+
+def _check_scale(scale, e):
+    if scale is None:
+        return e ** -0.5
+    return _validate.number("scale", scale)
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False, *, key_padding_mask=None, backend=None, return_lse=False):
+    """Fused attention, a drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
+
+    query (B, H, L, E), key (B, Hkv, S, E), value (B, Hkv, S, Ev); float16 / bfloat16 / float32.
+    attn_mask: bool (True = takes part) or float (added to the scores), broadcastable to (B, H, L, S).
+    is_causal: query i sees keys j <= i (top-left, as torch); combines with the masks.
+    scale: default 1/sqrt(E). enable_gqa: H % Hkv == 0, query head h reads kv head h // (H // Hkv).
+    key_padding_mask: bool (B, S), True = real token (Hugging Face's attention_mask == 1); handled in the
+    kernel without building an (L, S) mask, and key blocks past the last real key are skipped.
+    A query row with no key to attend to outputs zeros and gets zero gradient.
+    dropout_p: dropout on the attention probabilities (seeded from torch's generator).
+    return_lse: also return the float32 log-sum-exp of the scores, (B, H, L), -inf for empty rows.
+    Returns (B, H, L, Ev) in query's dtype (memory laid out like query's).
+    """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _validate.tensor(name, t, ndim=4)
+    _validate.same_dtype(query=query, key=key, value=value)
+    B, H, L, E = query.shape
+    Bk, Hkv, S, Ek = key.shape
+    _validate.shape("key", key, (B, Hkv, S, E), "batch and head dim of query")
+    _validate.shape("value", value, (B, Hkv, S, value.shape[-1]), "batch, heads and length of key")
+    Ev = value.shape[-1]
+    if H != Hkv:
+        if not enable_gqa:
+            raise ValueError(f"key: expected {H} heads (those of query) unless enable_gqa=True, got {Hkv}")
+        if Hkv == 0 or H % Hkv != 0:
+            raise ValueError(f"key: expected a number of heads dividing query's {H} (GQA), got {Hkv}")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask: expected a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(f"attn_mask: expected a bool or floating dtype, got {attn_mask.dtype}")
+        try:
+            if attn_mask.dim() > 4 or torch.broadcast_shapes(attn_mask.shape, (B, H, L, S)) != (B, H, L, S):
+                raise RuntimeError
+        except RuntimeError:
+            raise ValueError(f"attn_mask: expected a shape broadcastable to (B, H, L, S) = {(B, H, L, S)}, "
+                             f"got {tuple(attn_mask.shape)}") from None
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            what = key_padding_mask.dtype if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__
+            raise TypeError(f"key_padding_mask: expected a bool tensor (True = real token), got {what}")
+        _validate.shape("key_padding_mask", key_padding_mask, (B, S), "(batch, key length)")
+    _validate.same_device(query=query, key=key, value=value, attn_mask=attn_mask, key_padding_mask=key_padding_mask)
+    dropout_p = _check_probability("dropout_p", dropout_p)
+    _check_bool("is_causal", is_causal)
+    _check_bool("enable_gqa", enable_gqa)
+    scale = _check_scale(scale, E)
+    name = _backend.select("scaled_dot_product_attention", backend, query.device, {
+        "cuda": _NO_CUDA_KERNEL,
+        "triton": _triton_reason((query, key, value), E, Ev, attn_mask),
+    })
+    if name == "torch":
+        return reference.sdpa_ref(query, key, value, attn_mask, dropout_p, is_causal, scale, H != Hkv,
+                                  key_padding_mask, return_lse)
+    out, lse = _triton_ops()(query, key, value, attn_mask, key_padding_mask, None, None, L, S, scale, is_causal,
+                             False, dropout_p, _seed(dropout_p, query.device))
+    return (out, lse) if return_lse else out
+
+
+def _check_cu_seqlens(name, cu, total):
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name}: expected an int32 torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name}: expected dtype torch.int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.shape[0] < 1:
+        raise ValueError(f"{name}: expected a 1-D tensor of B + 1 >= 1 offsets, got shape {tuple(cu.shape)}")
+    if cu.device.type == "cpu":  # values checked where that costs no device sync
+        if cu[0].item() != 0 or cu[-1].item() != total or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"{name}: expected non-decreasing offsets from 0 to {total} (the packed length), "
+                             f"got {cu.tolist()}")
+
+
+def _check_max_seqlen(name, value, cu):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TypeError(f"{name}: expected a Python int >= 0, got {value!r}")
+    if cu.device.type == "cpu" and cu.shape[0] > 1:
+        longest = int((cu[1:] - cu[:-1]).max().item())
+        if longest > value:
+            raise ValueError(f"{name}: expected at least the longest sequence, {longest}, got {value}")
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False, scale=None,
+                     backend=None, return_lse=False):
+    """Attention over packed sequences with no padding (FlashAttention's varlen interface).
+
+    q (total_q, H, E), k (total_k, Hkv, E), v (total_k, Hkv, Ev); Hkv divides H (GQA).
+    cu_seqlens_q / cu_seqlens_k: int32 (B + 1,) offsets from 0; sequence b is q[cu_q[b]:cu_q[b+1]] and
+    attends only to k[cu_k[b]:cu_k[b+1]]. max_seqlen_*: Python ints, at least the longest sequence.
+    causal: query i of a sequence sees keys j <= i + S_b - L_b (aligned bottom-right when lengths differ).
+    Offsets on a CUDA device are trusted (checking them would cost a device sync); on CPU they are checked.
+    return_lse: also return the float32 log-sum-exp, (total_q, H).
+    Returns (total_q, H, Ev) in q's dtype.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _validate.tensor(name, t, ndim=3)
+    _validate.same_dtype(q=q, k=k, v=v)
+    total_q, H, E = q.shape
+    total_k, Hkv, Ek = k.shape
+    _validate.shape("k", k, (total_k, Hkv, E), "head dim of q")
+    _validate.shape("v", v, (total_k, Hkv, v.shape[-1]), "length and heads of k")
+    Ev = v.shape[-1]
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"k: expected a number of heads dividing q's {H} (GQA), got {Hkv}")
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k)
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"cu_seqlens_k: expected shape {tuple(cu_seqlens_q.shape)} (that of cu_seqlens_q), "
+                         f"got {tuple(cu_seqlens_k.shape)}")
+    _validate.same_device(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    _check_max_seqlen("max_seqlen_q", max_seqlen_q, cu_seqlens_q)
+    _check_max_seqlen("max_seqlen_k", max_seqlen_k, cu_seqlens_k)
+    _check_bool("causal", causal)
+    scale = _check_scale(scale, E)
+    name = _backend.select("varlen_attention", backend, q.device, {
+        "cuda": _NO_CUDA_KERNEL,
+        "triton": _triton_reason((q, k, v), E, Ev, None),
+    })
+    if name == "torch":
+        return reference.varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                                    return_lse)
+    out, lse = _triton_ops()(q, k, v, None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                             causal, True, 0.0, None)
+    return (out, lse) if return_lse else out

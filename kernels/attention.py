@@ -1,0 +1,576 @@
+"""Flash attention, forward and backward: dense, padded (key padding mask) and packed (varlen) batches,
+causal or not, GQA, arbitrary bool/float masks, dropout. Never an L x S matrix in memory.
+
+For one head, queries q_i (E features), keys k_j, values v_j (Ev features), scale s:
+
+    z_ij  = s * q_i . k_j  (+ float mask_ij), or -inf where the key is masked out
+    out_i = sum_j softmax_j(z_i)_j * v_j            (zeros where every z_ij is -inf)
+    lse_i = log sum_j exp(z_ij)                     (-inf for such a row)
+
+Forward (one program per query block and head): keys in blocks of BLOCK_N with the online softmax.
+Scores are kept in base 2 (z * log2(e)) so each exponential is one exp2; the running maximum m_i, the
+running sum l_i and the accumulator are rescaled by exp2(m_old - m_new) as the maximum grows. The
+block loop runs in two stages: blocks wholly visible to every query of the tile (no bounds or causal
+test), then the blocks on the causal diagonal or the sequence end (per-element test). A key padding
+mask also bounds the loop at the last real key, so trailing padding costs nothing.
+
+Backward, with P = exp(z - lse) recomputed from the saved lse, dO the output gradient and
+delta_i = sum_e dO_ie * out_ie (minus the gradient reaching lse_i, when lse is used):
+
+    dV = P^T dO     dP = dO V^T     dS = P * (dP - delta)     dQ = s * dS K     dK = s * dS^T Q
+
+in two kernels without atomics, so the result is deterministic: one program per key block and kv head
+accumulates dK, dV over every query head of its GQA group and every query block; one per query block
+and head accumulates dQ over the key blocks.
+
+Dropout (rate p) multiplies P by keep_ij / (1 - p) after the softmax; keep_ij = rand(seed, offset_ij) >= p
+with Triton's counter-based Philox generator and offset_ij = ((b * H + h) * max_L + i) * max_S + j, so
+forward and backward regenerate the same mask, and the same seed gives the same result.
+
+Causal alignment: query i sees keys j <= i + shift, shift = 0 (top-left, torch's SDPA) or
+S_b - L_b (bottom-right, FlashAttention's varlen convention, per sequence).
+"""
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _scores(q, k, offs_m, offs_n, q_len, k_len, shift, qk_scale,
+            MASK, stride_mm, stride_mn, KPM,
+            HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr,
+            CAUSAL: tl.constexpr, CHECK_BOUNDS: tl.constexpr, PRECISION: tl.constexpr):
+    """Base-2 scores of a [BLOCK_M, BLOCK_N] tile: (s * q k^T + mask) * log2(e), -inf where masked.
+
+    q: [BLOCK_M, BLOCK_E] tile, k: [BLOCK_E, BLOCK_N] (transposed) tile; MASK points at this (batch,
+    head)'s attention mask, KPM at this batch's key padding row; offs_* are positions in the sequence.
+    """
+    qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+    if HAS_MASK:
+        in_range = (offs_m[:, None] < q_len) & (offs_n[None, :] < k_len)
+        mvals = tl.load(MASK + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn, mask=in_range, other=0)
+        if MASK_BOOL:
+            qk = tl.where(mvals != 0, qk, float("-inf"))
+        else:
+            qk += mvals.to(tl.float32) * 1.4426950408889634
+    if HAS_KPM:
+        real = tl.load(KPM + offs_n, mask=offs_n < k_len, other=0)
+        qk = tl.where(real[None, :] != 0, qk, float("-inf"))
+    if CHECK_BOUNDS:
+        keep = offs_n[None, :] < k_len
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None] + shift)
+        qk = tl.where(keep, qk, float("-inf"))
+    return qk
+
+
+@triton.jit
+def _dropout_keep(seed, bh, offs_m, offs_n, max_q, max_k, dropout_p):
+    """The keep mask of a tile: Philox uniforms at the element's global counter, >= p."""
+    offsets = (bh * max_q + offs_m[:, None]) * max_k + offs_n[None, :]
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit
+def _fwd_blocks(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_e, offs_ev, E, EV,
+                lo, hi, q_len, k_len, shift, qk_scale,
+                MASK, stride_mm, stride_mn, KPM, seed, bh, max_q, max_k, dropout_p,
+                HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+                CHECK_BOUNDS: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over key blocks [lo, hi): returns the updated (acc, l_i, m_i)."""
+    offs_nb = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_nb
+        kv_ok = offs_n < k_len
+        k = tl.load(K + offs_n[None, :].to(tl.int64) * stride_kn + offs_e[:, None],
+                    mask=kv_ok[None, :] & (offs_e[:, None] < E), other=0.0)
+        qk = _scores(q, k, offs_m, offs_n, q_len, k_len, shift, qk_scale, MASK, stride_mm, stride_mn, KPM,
+                     HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, CHECK_BOUNDS, PRECISION)
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, max_q, max_k, dropout_p)
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        v = tl.load(V + offs_n[:, None].to(tl.int64) * stride_vn + offs_ev[None, :],
+                    mask=kv_ok[:, None] & (offs_ev[None, :] < EV), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _seq_bounds(CU_Q, CU_K, b, Lq, Lk, VARLEN: tl.constexpr):
+    """(q_start, q_len, k_start, k_len) of sequence b: packed offsets for varlen, else dense lengths."""
+    if VARLEN:
+        q_start = tl.load(CU_Q + b)
+        q_len = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        k_len = tl.load(CU_K + b + 1) - k_start
+    else:
+        q_start = 0
+        q_len = Lq
+        k_start = 0
+        k_len = Lk
+    return q_start, q_len, k_start, k_len
+
+
+@triton.jit
+def _key_range(start_m, q_len, k_len, kv_end, shift, CAUSAL: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(n_full, hi): key blocks [0, n_full) are visible to every query of the tile, [n_full, hi) partly."""
+    if CAUSAL:
+        hi = tl.minimum(kv_end, tl.maximum(tl.minimum(start_m + BLOCK_M, q_len) + shift, 0))
+        n_full = tl.minimum(tl.maximum(start_m + shift + 1, 0), kv_end) // BLOCK_N * BLOCK_N
+    else:
+        hi = kv_end
+        n_full = kv_end // BLOCK_N * BLOCK_N
+    return n_full, hi
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, O, LSE,  # q, k, v (last dim contiguous), out, lse (float32, natural log)
+    MASK, KPM, KV_END, CU_Q, CU_K, SEED,  # optional: attn mask, key padding (uint8), per-batch key bound, cu_seqlens, seed
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om, stride_lb, stride_lh, stride_lm,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_kpb,  # mask strides (0 where broadcast)
+    H, GROUP, Lq, Lk, E, EV,  # heads of q, q heads per kv head, dense lengths, head dims
+    sm_scale, dropout_p,  # float32 scalars
+    CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, VARLEN: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for float32 inputs (no TF32 rounding)
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q_start, q_len, k_start, k_len = _seq_bounds(CU_Q, CU_K, b, Lq, Lk, VARLEN)
+    if start_m >= q_len:
+        return  # past this sequence's end (varlen batches launch for the longest)
+    sm_scale = tl.cast(sm_scale, tl.float32)
+    dropout_p = tl.cast(dropout_p, tl.float32)
+    b64 = b.to(tl.int64)
+    kvh = (h // GROUP).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    Q += b64 * stride_qb + h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qm
+    K += b64 * stride_kb + kvh * stride_kh + k_start.to(tl.int64) * stride_kn
+    V += b64 * stride_vb + kvh * stride_vh + k_start.to(tl.int64) * stride_vn
+    MASK += b64 * stride_mb + h.to(tl.int64) * stride_mh
+    KPM += b64 * stride_kpb
+    q = tl.load(Q + offs_m[:, None].to(tl.int64) * stride_qm + offs_e[None, :],
+                mask=(offs_m[:, None] < q_len) & (offs_e[None, :] < E), other=0.0)
+    shift = k_len - q_len if BOTTOM_RIGHT else 0
+    kv_end = tl.minimum(k_len, tl.load(KV_END + b)) if HAS_KPM else k_len
+    n_full, hi = _key_range(start_m, q_len, k_len, kv_end, shift, CAUSAL, BLOCK_M, BLOCK_N)
+    seed = tl.load(SEED) if DROPOUT else 0
+    qk_scale = sm_scale * 1.4426950408889634
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_EV], dtype=tl.float32)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_e, offs_ev, E, EV,
+                                0, n_full, q_len, k_len, shift, qk_scale, MASK, stride_mm, stride_mn, KPM,
+                                seed, bh, Lq, Lk, dropout_p,
+                                HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, False, DROPOUT, BLOCK_N, PRECISION)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_e, offs_ev, E, EV,
+                                n_full, hi, q_len, k_len, shift, qk_scale, MASK, stride_mm, stride_mn, KPM,
+                                seed, bh, Lq, Lk, dropout_p,
+                                HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, True, DROPOUT, BLOCK_N, PRECISION)
+    empty = l_i == 0.0  # no visible key: zeros out, lse = -inf
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    row_ok = offs_m < q_len
+    O += b64 * stride_ob + h.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_om
+    tl.store(O + offs_m[:, None].to(tl.int64) * stride_om + offs_ev[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_ev[None, :] < EV))
+    LSE += b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start.to(tl.int64) * stride_lm
+    tl.store(LSE + offs_m.to(tl.int64) * stride_lm, lse, mask=row_ok)
+
+
+@triton.jit
+def _probs(q, k, offs_m, offs_n, q_len, k_len, shift, qk_scale, lse2,
+           MASK, stride_mm, stride_mn, KPM,
+           HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+           PRECISION: tl.constexpr):
+    """P of a tile recomputed from the saved lse (base 2, +inf for rows with nothing visible)."""
+    qk = _scores(q, k, offs_m, offs_n, q_len, k_len, shift, qk_scale, MASK, stride_mm, stride_mn, KPM,
+                 HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, True, PRECISION)
+    return tl.math.exp2(qk - lse2[:, None])
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    MASK, KPM, KV_END, CU_Q, CU_K, SEED,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm,  # LSE and DELTA share strides
+    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_kpb,
+    H, GROUP, Lq, Lk, E, EV,
+    sm_scale, dropout_p,
+    CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, VARLEN: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for float32 inputs (no TF32 rounding)
+):
+    """dK, dV of one key block of one kv head: summed over the GQA group's query heads and all queries."""
+    start_n = tl.program_id(0) * BLOCK_N
+    bkv = tl.program_id(1)
+    HKV = H // GROUP
+    b = bkv // HKV
+    kvh = bkv % HKV
+    q_start, q_len, k_start, k_len = _seq_bounds(CU_Q, CU_K, b, Lq, Lk, VARLEN)
+    if start_n >= k_len:
+        return
+    sm_scale = tl.cast(sm_scale, tl.float32)
+    dropout_p = tl.cast(dropout_p, tl.float32)
+    b64 = b.to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_mb = tl.arange(0, BLOCK_M)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    kv_ok = offs_n < k_len
+    K += b64 * stride_kb + kvh.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
+    V += b64 * stride_vb + kvh.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
+    kT = tl.load(K + offs_n[None, :].to(tl.int64) * stride_kn + offs_e[:, None],
+                 mask=kv_ok[None, :] & (offs_e[:, None] < E), other=0.0)  # [BLOCK_E, BLOCK_N]
+    vT = tl.load(V + offs_n[None, :].to(tl.int64) * stride_vn + offs_ev[:, None],
+                 mask=kv_ok[None, :] & (offs_ev[:, None] < EV), other=0.0)  # [BLOCK_EV, BLOCK_N]
+    dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_EV], dtype=tl.float32)
+    shift = k_len - q_len if BOTTOM_RIGHT else 0
+    kv_end = tl.minimum(k_len, tl.load(KV_END + b)) if HAS_KPM else k_len
+    seed = tl.load(SEED) if DROPOUT else 0
+    qk_scale = sm_scale * 1.4426950408889634
+    # Queries that can see this key block: with causal, i >= start_n - shift.
+    lo = tl.maximum(start_n - shift, 0) // BLOCK_M * BLOCK_M if CAUSAL else 0
+    if start_n < kv_end:  # a block of padding only: its gradients are zeros
+        for g in range(0, GROUP):
+            h = kvh * GROUP + g
+            bh = b * H + h
+            Qh = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qm
+            DOh = DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + q_start.to(tl.int64) * stride_dom
+            row0 = b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start.to(tl.int64) * stride_lm
+            MASKh = MASK + b64 * stride_mb + h.to(tl.int64) * stride_mh
+            for start_m in range(lo, q_len, BLOCK_M):
+                offs_m = start_m + offs_mb
+                row_ok = offs_m < q_len
+                q = tl.load(Qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_e[None, :],
+                            mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)
+                do = tl.load(DOh + offs_m[:, None].to(tl.int64) * stride_dom + offs_ev[None, :],
+                             mask=row_ok[:, None] & (offs_ev[None, :] < EV), other=0.0)
+                lse = tl.load(LSE + row0 + offs_m.to(tl.int64) * stride_lm, mask=row_ok, other=float("-inf"))
+                delta = tl.load(DELTA + row0 + offs_m.to(tl.int64) * stride_lm, mask=row_ok, other=0.0)
+                lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+                p = _probs(q, kT, offs_m, offs_n, q_len, k_len, shift, qk_scale, lse2,
+                           MASKh, stride_mm, stride_mn, KPM + b64 * stride_kpb,
+                           HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, PRECISION)
+                dp = tl.dot(do, vT, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+                if DROPOUT:
+                    keep = _dropout_keep(seed, bh, offs_m, offs_n, Lq, Lk, dropout_p)
+                    pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+                    dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+                else:
+                    pd = p
+                dv += tl.dot(tl.trans(pd).to(do.dtype), do, input_precision=PRECISION)
+                ds = p * (dp - delta[:, None])
+                dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+    dk = dk * sm_scale
+    DK += b64 * stride_dkb + kvh.to(tl.int64) * stride_dkh + k_start.to(tl.int64) * stride_dkn
+    DV += b64 * stride_dvb + kvh.to(tl.int64) * stride_dvh + k_start.to(tl.int64) * stride_dvn
+    tl.store(DK + offs_n[:, None].to(tl.int64) * stride_dkn + offs_e[None, :], dk.to(DK.dtype.element_ty),
+             mask=kv_ok[:, None] & (offs_e[None, :] < E))
+    tl.store(DV + offs_n[:, None].to(tl.int64) * stride_dvn + offs_ev[None, :], dv.to(DV.dtype.element_ty),
+             mask=kv_ok[:, None] & (offs_ev[None, :] < EV))
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    MASK, KPM, KV_END, CU_Q, CU_K, SEED,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm,
+    stride_dqb, stride_dqh, stride_dqm,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_kpb,
+    H, GROUP, Lq, Lk, E, EV,
+    sm_scale, dropout_p,
+    CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, VARLEN: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for float32 inputs (no TF32 rounding)
+):
+    """dQ of one query block of one head, over the key blocks it can see."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    q_start, q_len, k_start, k_len = _seq_bounds(CU_Q, CU_K, b, Lq, Lk, VARLEN)
+    if start_m >= q_len:
+        return
+    sm_scale = tl.cast(sm_scale, tl.float32)
+    dropout_p = tl.cast(dropout_p, tl.float32)
+    b64 = b.to(tl.int64)
+    kvh = (h // GROUP).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_nb = tl.arange(0, BLOCK_N)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    row_ok = offs_m < q_len
+    Q += b64 * stride_qb + h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qm
+    DO += b64 * stride_dob + h.to(tl.int64) * stride_doh + q_start.to(tl.int64) * stride_dom
+    K += b64 * stride_kb + kvh * stride_kh + k_start.to(tl.int64) * stride_kn
+    V += b64 * stride_vb + kvh * stride_vh + k_start.to(tl.int64) * stride_vn
+    MASK += b64 * stride_mb + h.to(tl.int64) * stride_mh
+    KPM += b64 * stride_kpb
+    row0 = b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start.to(tl.int64) * stride_lm
+    q = tl.load(Q + offs_m[:, None].to(tl.int64) * stride_qm + offs_e[None, :],
+                mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)
+    do = tl.load(DO + offs_m[:, None].to(tl.int64) * stride_dom + offs_ev[None, :],
+                 mask=row_ok[:, None] & (offs_ev[None, :] < EV), other=0.0)
+    lse = tl.load(LSE + row0 + offs_m.to(tl.int64) * stride_lm, mask=row_ok, other=float("-inf"))
+    delta = tl.load(DELTA + row0 + offs_m.to(tl.int64) * stride_lm, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    shift = k_len - q_len if BOTTOM_RIGHT else 0
+    kv_end = tl.minimum(k_len, tl.load(KV_END + b)) if HAS_KPM else k_len
+    _, hi = _key_range(start_m, q_len, k_len, kv_end, shift, CAUSAL, BLOCK_M, BLOCK_N)
+    seed = tl.load(SEED) if DROPOUT else 0
+    qk_scale = sm_scale * 1.4426950408889634
+    dq = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + offs_nb
+        kv_ok = offs_n < k_len
+        kT = tl.load(K + offs_n[None, :].to(tl.int64) * stride_kn + offs_e[:, None],
+                     mask=kv_ok[None, :] & (offs_e[:, None] < E), other=0.0)
+        vT = tl.load(V + offs_n[None, :].to(tl.int64) * stride_vn + offs_ev[:, None],
+                     mask=kv_ok[None, :] & (offs_ev[:, None] < EV), other=0.0)
+        p = _probs(q, kT, offs_m, offs_n, q_len, k_len, shift, qk_scale, lse2, MASK, stride_mm, stride_mn, KPM,
+                   HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, PRECISION)
+        dp = tl.dot(do, vT, input_precision=PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, Lq, Lk, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
+    dq = dq * sm_scale
+    DQ += b64 * stride_dqb + h.to(tl.int64) * stride_dqh + q_start.to(tl.int64) * stride_dqm
+    tl.store(DQ + offs_m[:, None].to(tl.int64) * stride_dqm + offs_e[None, :], dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_e[None, :] < E))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Host launchers. Dense tensors are (B, H, L, E); packed (varlen) ones (total, H, E) with int32
+# cu_seqlens. Every kernel sees the strides of a logical (batch, head, position, feature) view: packed
+# tensors have batch stride 0 and start at cu_seqlens[b]. The last dim must have unit stride.
+
+
+def _bhm_strides(t, varlen):
+    """(batch, head, position) strides of a dense (B, H, L, X) or packed (total, H, X) tensor."""
+    return (0, t.stride(1), t.stride(0)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
+
+
+def block_config(e, ev, causal, dtype, device, backward=False):
+    """Block shapes and warps, keyed on head dim, causal and dtype: the default when not autotuning.
+
+    On the interpreter one small config (speed of the NumPy emulation matters, not occupancy).
+    """
+    be, bev = max(16, triton.next_power_of_2(e)), max(16, triton.next_power_of_2(ev))
+    if device.type != "cuda":
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_E=be, BLOCK_EV=bev, num_warps=4, num_stages=1)
+    width = max(be, bev)
+    wide = dtype == torch.float32
+    if backward:
+        bm, bn = (64, 64) if width <= 64 else (64, 32) if width <= 128 else (32, 32)
+        if wide and width > 64:
+            bm, bn = 32, 32
+        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=be, BLOCK_EV=bev, num_warps=4 if width <= 64 else 8,
+                    num_stages=2)
+    bm = 128 if width <= 128 and not wide else 64
+    bn = 64 if width <= 128 else 32
+    if causal and width <= 64:
+        bn = 32  # more, smaller diagonal blocks: less masked work on the diagonal
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=be, BLOCK_EV=bev, num_warps=8 if bm == 128 else 4,
+                num_stages=3 if width <= 128 else 2)
+
+
+# Autotuning (FUSEDLM_AUTOTUNE=1, CUDA only): the candidates below, pruned to those whose tiles fit
+# shared memory for the head dims at hand, timed once per key (head dims, causal, masks, dropout,
+# varlen; the Autotuner adds the tensors' dtypes to the key). Off by default: the first call of each
+# key compiles and times every candidate, which a test suite or a short benchmark cannot afford.
+_FWD_CANDIDATES = [(128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2),
+                   (128, 128, 8, 2)]
+_BWD_CANDIDATES = [(64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2),
+                   (128, 32, 8, 2)]
+_TUNE_KEY = ["BLOCK_E", "BLOCK_EV", "CAUSAL", "VARLEN", "HAS_MASK", "HAS_KPM", "DROPOUT", "PRECISION"]
+SHARED_LIMIT = 232448  # bytes of shared memory a block may use on sm_90
+
+
+def _tile_bytes(bm, bn, stages, be, bev, itemsize, backward):
+    """Shared memory a config needs (calibrated on the sm_90 compiles of tests/sm90_compile.py): the
+    forward streams key/value tiles, the dK/dV kernel streams query/dO tiles past a fixed key tile."""
+    if backward:
+        return (stages * bm + bn) * (be + bev) * itemsize
+    return (bm * max(be, bev) + stages * bn * (be + bev)) * itemsize
+
+
+def _prune(configs, named_args, backward=False, **kwargs):
+    be, bev = named_args["BLOCK_E"], named_args["BLOCK_EV"]
+    itemsize = named_args["Q"].element_size()
+    fit = [c for c in configs if _tile_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, be, bev,
+                                             itemsize, backward) <= SHARED_LIMIT * 0.9]
+    return fit or configs[-1:]
+
+
+def tuning_configs(candidates):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in candidates]
+
+
+def autotune_enabled(device):
+    return device.type == "cuda" and os.environ.get("FUSEDLM_AUTOTUNE", "0") == "1"
+
+
+def _tuned(kernel, candidates, backward):
+    prune = functools.partial(_prune, backward=backward)
+    return triton.autotune(configs=tuning_configs(candidates), key=_TUNE_KEY,
+                           prune_configs_by={"early_config_prune": prune})(kernel)
+
+
+_attn_fwd_tuned = _tuned(_attn_fwd, _FWD_CANDIDATES, backward=False)
+_attn_bwd_dkdv_tuned = _tuned(_attn_bwd_dkdv, _BWD_CANDIDATES, backward=True)
+_attn_bwd_dq_tuned = _tuned(_attn_bwd_dq, _BWD_CANDIDATES, backward=True)
+
+
+def _launch_blocks(launch, kernel, tuned, grid_of, args, cfg, flags, device):
+    """Launch with the fixed config, or through the autotuner (grid from the chosen block shapes)."""
+    if autotune_enabled(device):
+        launch(tuned, lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"]), *args,
+               BLOCK_E=cfg["BLOCK_E"], BLOCK_EV=cfg["BLOCK_EV"], **flags)
+    else:
+        launch(kernel, grid_of(cfg["BLOCK_M"], cfg["BLOCK_N"]), *args, **cfg, **flags)
+
+
+def _precision(q):
+    """float32 inputs multiply in full float32 (TF32 would cost ~1e-3 relative error); half types as they are."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def _mask_args(attn_mask, key_padding_mask, kv_end, B, H, Lq, Lk, dummy):
+    """Pointers and strides for the optional masks, with flags. Bool masks are read as uint8 views."""
+    if attn_mask is not None:
+        m = attn_mask.expand(B, H, Lq, Lk)  # broadcast dims get stride 0: nothing materialised
+        is_bool = m.dtype == torch.bool
+        if is_bool:
+            m = m.view(torch.uint8)
+        mask_ptr, mask_strides = m, m.stride()
+    else:
+        is_bool, mask_ptr, mask_strides = False, dummy, (0, 0, 0, 0)
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.view(torch.uint8)
+        kpm_ptr, kpm_stride, kv_end_ptr = kpm, kpm.stride(0), kv_end
+    else:
+        kpm_ptr, kpm_stride, kv_end_ptr = dummy, 0, dummy
+    return (mask_ptr, kpm_ptr, kv_end_ptr), (*mask_strides, kpm_stride), dict(
+        HAS_MASK=attn_mask is not None, MASK_BOOL=is_bool, HAS_KPM=key_padding_mask is not None)
+
+
+def key_padding_end(key_padding_mask):
+    """Per batch, one past the last real key (int32): the forward's key loop stops there."""
+    S = key_padding_mask.shape[1]
+    pos = torch.arange(1, S + 1, device=key_padding_mask.device, dtype=torch.int32)
+    return (key_padding_mask.to(torch.int32) * pos).amax(dim=1).to(torch.int32) if S > 0 else \
+        torch.zeros(key_padding_mask.shape[0], device=key_padding_mask.device, dtype=torch.int32)
+
+
+def _geometry(q, k, v, cu_seqlens_q, max_q, max_k):
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        B = cu_seqlens_q.shape[0] - 1
+        H, E, Hkv, Ev = q.shape[1], q.shape[2], k.shape[1], v.shape[2]
+        Lq, Lk = max_q, max_k
+    else:
+        B, H, Lq, E = q.shape
+        Hkv, Lk, Ev = k.shape[1], k.shape[2], v.shape[3]
+    return varlen, B, H, Hkv, Lq, Lk, E, Ev
+
+
+def attention_fwd(launch, q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_q, max_k,
+                  scale, causal, bottom_right, dropout_p, seed):
+    """-> (out, lse). out like q with v's head dim; lse float32 (B, H, L) or (total, H)."""
+    varlen, B, H, Hkv, Lq, Lk, E, Ev = _geometry(q, k, v, cu_seqlens_q, max_q, max_k)
+    if varlen:
+        out = q.new_empty(q.shape[0], H, Ev)
+        lse = torch.empty(q.shape[0], H, device=q.device, dtype=torch.float32)
+        lse_strides = (0, 1, H)
+    else:
+        # The layout of q ((B, L, H, E) memory, as Hugging Face models produce it, or (B, H, L, E)).
+        if q.transpose(1, 2).is_contiguous():
+            out = q.new_empty(B, Lq, H, Ev).transpose(1, 2)
+        else:
+            out = q.new_empty(B, H, Lq, Ev)
+        lse = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
+        lse_strides = lse.stride()
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse
+    if Lk == 0 or B == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    dummy = lse
+    kv_end = key_padding_end(key_padding_mask) if key_padding_mask is not None else None
+    mask_ptrs, mask_strides, mask_flags = _mask_args(attn_mask, key_padding_mask, kv_end, B, H, Lq, Lk, dummy)
+    cfg = block_config(E, Ev, causal, q.dtype, q.device)
+    args = (q, k, v, out, lse, *mask_ptrs,
+            cu_seqlens_q if varlen else dummy, cu_seqlens_k if varlen else dummy, seed if seed is not None else dummy,
+            *_bhm_strides(q, varlen), *_bhm_strides(k, varlen), *_bhm_strides(v, varlen), *_bhm_strides(out, varlen),
+            *lse_strides, *mask_strides,
+            H, H // Hkv, Lq, Lk, E, Ev, float(scale), float(dropout_p))
+    flags = dict(CAUSAL=causal, BOTTOM_RIGHT=bottom_right, VARLEN=varlen, DROPOUT=dropout_p > 0, **mask_flags,
+                 PRECISION=_precision(q))
+    _launch_blocks(launch, _attn_fwd, _attn_fwd_tuned, lambda bm, bn: (triton.cdiv(Lq, bm), B * H), args, cfg,
+                   flags, q.device)
+    return out, lse
+
+
+def attention_bwd(launch, do, dlse, q, k, v, out, lse, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+                  max_q, max_k, scale, causal, bottom_right, dropout_p, seed):
+    """-> (dq, dk, dv), new tensors shaped like q, k, v. ``dlse``: the gradient reaching lse, or None."""
+    varlen, B, H, Hkv, Lq, Lk, E, Ev = _geometry(q, k, v, cu_seqlens_q, max_q, max_k)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if dq.numel() == 0 and dk.numel() == 0 and dv.numel() == 0:
+        return dq, dk, dv
+    if B == 0 or Lq == 0 or Lk == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    # delta_i = sum_e dO_ie * out_ie: one cheap pass, in float32. A gradient reaching lse adds
+    # dlse_i * P_ij to dz_ij (d lse_i / d z_ij = P_ij), i.e. dS = P * (dP - (delta - dlse)).
+    delta = (do.float() * out.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    if not varlen:
+        delta = delta.contiguous()
+    lse_strides = (0, 1, H) if varlen else lse.stride()  # delta is laid out as lse
+    dummy = lse
+    kv_end = key_padding_end(key_padding_mask) if key_padding_mask is not None else None
+    mask_ptrs, mask_strides, mask_flags = _mask_args(attn_mask, key_padding_mask, kv_end, B, H, Lq, Lk, dummy)
+    cfg = block_config(E, Ev, causal, q.dtype, q.device, backward=True)
+    common_ptrs = (*mask_ptrs, cu_seqlens_q if varlen else dummy, cu_seqlens_k if varlen else dummy,
+                   seed if seed is not None else dummy)
+    in_strides = (*_bhm_strides(q, varlen), *_bhm_strides(k, varlen), *_bhm_strides(v, varlen),
+                  *_bhm_strides(do, varlen), *lse_strides)
+    scalars = (H, H // Hkv, Lq, Lk, E, Ev, float(scale), float(dropout_p))
+    flags = dict(CAUSAL=causal, BOTTOM_RIGHT=bottom_right, VARLEN=varlen, DROPOUT=dropout_p > 0, **mask_flags,
+                 PRECISION=_precision(q))
+    _launch_blocks(launch, _attn_bwd_dkdv, _attn_bwd_dkdv_tuned, lambda bm, bn: (triton.cdiv(Lk, bn), B * Hkv),
+                   (q, k, v, do, lse, delta, dk, dv, *common_ptrs, *in_strides, *_bhm_strides(dk, varlen),
+                    *_bhm_strides(dv, varlen), *mask_strides, *scalars), cfg, flags, q.device)
+    _launch_blocks(launch, _attn_bwd_dq, _attn_bwd_dq_tuned, lambda bm, bn: (triton.cdiv(Lq, bm), B * H),
+                   (q, k, v, do, lse, delta, dq, *common_ptrs, *in_strides, *_bhm_strides(dq, varlen),
+                    *mask_strides, *scalars), cfg, flags, q.device)
+    return dq, dk, dv
