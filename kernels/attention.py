@@ -12,7 +12,7 @@ Scores are kept in base 2 (z * log2(e)) so each exponential is one exp2; the run
 running sum l_i and the accumulator are rescaled by exp2(m_old - m_new) as the maximum grows. The
 block loop runs in two stages: blocks wholly visible to every query of the tile (no bounds or causal
 test), then the blocks on the causal diagonal or the sequence end (per-element test). A key padding
-mask also bounds the loop at the last real key, so trailing padding costs nothing.
+mask also bounds the loop to its first and last real keys, so leading and trailing padding cost nothing.
 
 Backward, with P = exp(z - lse) recomputed from the saved lse, dO the output gradient and
 delta_i = sum_e dO_ie * out_ie (minus the gradient reaching lse_i, when lse is used):
@@ -124,6 +124,18 @@ def _seq_bounds(CU_Q, CU_K, b, Lq, Lk, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _real_keys(KV_RANGE, b, k_len, HAS_KPM: tl.constexpr):
+    """[begin, end) of batch b's real keys under a key padding mask (begin > end when it has none)."""
+    if HAS_KPM:
+        kv_begin = tl.load(KV_RANGE + 2 * b)
+        kv_end = tl.minimum(k_len, tl.load(KV_RANGE + 2 * b + 1))
+    else:
+        kv_begin = 0
+        kv_end = k_len
+    return kv_begin, kv_end
+
+
+@triton.jit
 def _key_range(start_m, q_len, k_len, kv_end, shift, CAUSAL: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(n_full, hi): key blocks [0, n_full) are visible to every query of the tile, [n_full, hi) partly."""
@@ -139,7 +151,7 @@ def _key_range(start_m, q_len, k_len, kv_end, shift, CAUSAL: tl.constexpr,
 @triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE,  # q, k, v (last dim contiguous), out, lse (float32, natural log)
-    MASK, KPM, KV_END, CU_Q, CU_K, SEED,  # optional: attn mask, key padding (uint8), per-batch key bound, cu_seqlens, seed
+    MASK, KPM, KV_RANGE, CU_Q, CU_K, SEED,  # optional: attn mask, key padding (uint8), per-batch real-key range, cu_seqlens, seed
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om, stride_lb, stride_lh, stride_lm,
     stride_mb, stride_mh, stride_mm, stride_mn, stride_kpb,  # mask strides (0 where broadcast)
@@ -172,19 +184,21 @@ def _attn_fwd(
     q = tl.load(Q + offs_m[:, None].to(tl.int64) * stride_qm + offs_e[None, :],
                 mask=(offs_m[:, None] < q_len) & (offs_e[None, :] < E), other=0.0)
     shift = k_len - q_len if BOTTOM_RIGHT else 0
-    kv_end = tl.minimum(k_len, tl.load(KV_END + b)) if HAS_KPM else k_len
+    kv_begin, kv_end = _real_keys(KV_RANGE, b, k_len, HAS_KPM)
     n_full, hi = _key_range(start_m, q_len, k_len, kv_end, shift, CAUSAL, BLOCK_M, BLOCK_N)
+    lo = kv_begin // BLOCK_N * BLOCK_N  # blocks before the first real key are padding only
     seed = tl.load(SEED) if DROPOUT else 0
     qk_scale = sm_scale * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_EV], dtype=tl.float32)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_e, offs_ev, E, EV,
-                                0, n_full, q_len, k_len, shift, qk_scale, MASK, stride_mm, stride_mn, KPM,
+                                lo, n_full, q_len, k_len, shift, qk_scale, MASK, stride_mm, stride_mn, KPM,
                                 seed, bh, Lq, Lk, dropout_p,
                                 HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, False, DROPOUT, BLOCK_N, PRECISION)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_e, offs_ev, E, EV,
-                                n_full, hi, q_len, k_len, shift, qk_scale, MASK, stride_mm, stride_mn, KPM,
+                                tl.maximum(n_full, lo), hi, q_len, k_len, shift, qk_scale, MASK, stride_mm,
+                                stride_mn, KPM,
                                 seed, bh, Lq, Lk, dropout_p,
                                 HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, True, DROPOUT, BLOCK_N, PRECISION)
     empty = l_i == 0.0  # no visible key: zeros out, lse = -inf
@@ -212,7 +226,7 @@ def _probs(q, k, offs_m, offs_n, q_len, k_len, shift, qk_scale, lse2,
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV,
-    MASK, KPM, KV_END, CU_Q, CU_K, SEED,
+    MASK, KPM, KV_RANGE, CU_Q, CU_K, SEED,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm,  # LSE and DELTA share strides
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
@@ -250,12 +264,12 @@ def _attn_bwd_dkdv(
     dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_EV], dtype=tl.float32)
     shift = k_len - q_len if BOTTOM_RIGHT else 0
-    kv_end = tl.minimum(k_len, tl.load(KV_END + b)) if HAS_KPM else k_len
+    kv_begin, kv_end = _real_keys(KV_RANGE, b, k_len, HAS_KPM)
     seed = tl.load(SEED) if DROPOUT else 0
     qk_scale = sm_scale * 1.4426950408889634
     # Queries that can see this key block: with causal, i >= start_n - shift.
     lo = tl.maximum(start_n - shift, 0) // BLOCK_M * BLOCK_M if CAUSAL else 0
-    if start_n < kv_end:  # a block of padding only: its gradients are zeros
+    if (start_n < kv_end) & (start_n + BLOCK_N > kv_begin):  # else padding only: zero gradients
         for g in range(0, GROUP):
             h = kvh * GROUP + g
             bh = b * H + h
@@ -298,7 +312,7 @@ def _attn_bwd_dkdv(
 @triton.jit
 def _attn_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ,
-    MASK, KPM, KV_END, CU_Q, CU_K, SEED,
+    MASK, KPM, KV_RANGE, CU_Q, CU_K, SEED,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm,
     stride_dqb, stride_dqh, stride_dqm,
@@ -342,12 +356,12 @@ def _attn_bwd_dq(
     delta = tl.load(DELTA + row0 + offs_m.to(tl.int64) * stride_lm, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     shift = k_len - q_len if BOTTOM_RIGHT else 0
-    kv_end = tl.minimum(k_len, tl.load(KV_END + b)) if HAS_KPM else k_len
+    kv_begin, kv_end = _real_keys(KV_RANGE, b, k_len, HAS_KPM)
     _, hi = _key_range(start_m, q_len, k_len, kv_end, shift, CAUSAL, BLOCK_M, BLOCK_N)
     seed = tl.load(SEED) if DROPOUT else 0
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
-    for start_n in range(0, hi, BLOCK_N):
+    for start_n in range(kv_begin // BLOCK_N * BLOCK_N, hi, BLOCK_N):
         offs_n = start_n + offs_nb
         kv_ok = offs_n < k_len
         kT = tl.load(K + offs_n[None, :].to(tl.int64) * stride_kn + offs_e[:, None],
@@ -464,7 +478,7 @@ def _precision(q):
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
-def _mask_args(attn_mask, key_padding_mask, kv_end, B, H, Lq, Lk, dummy):
+def _mask_args(attn_mask, key_padding_mask, kv_range, B, H, Lq, Lk, dummy):
     """Pointers and strides for the optional masks, with flags. Bool masks are read as uint8 views."""
     if attn_mask is not None:
         m = attn_mask.expand(B, H, Lq, Lk)  # broadcast dims get stride 0: nothing materialised
@@ -476,19 +490,22 @@ def _mask_args(attn_mask, key_padding_mask, kv_end, B, H, Lq, Lk, dummy):
         is_bool, mask_ptr, mask_strides = False, dummy, (0, 0, 0, 0)
     if key_padding_mask is not None:
         kpm = key_padding_mask.view(torch.uint8)
-        kpm_ptr, kpm_stride, kv_end_ptr = kpm, kpm.stride(0), kv_end
+        kpm_ptr, kpm_stride, kv_range_ptr = kpm, kpm.stride(0), kv_range
     else:
-        kpm_ptr, kpm_stride, kv_end_ptr = dummy, 0, dummy
-    return (mask_ptr, kpm_ptr, kv_end_ptr), (*mask_strides, kpm_stride), dict(
+        kpm_ptr, kpm_stride, kv_range_ptr = dummy, 0, dummy
+    return (mask_ptr, kpm_ptr, kv_range_ptr), (*mask_strides, kpm_stride), dict(
         HAS_MASK=attn_mask is not None, MASK_BOOL=is_bool, HAS_KPM=key_padding_mask is not None)
 
 
-def key_padding_end(key_padding_mask):
-    """Per batch, one past the last real key (int32): the forward's key loop stops there."""
-    S = key_padding_mask.shape[1]
-    pos = torch.arange(1, S + 1, device=key_padding_mask.device, dtype=torch.int32)
-    return (key_padding_mask.to(torch.int32) * pos).amax(dim=1).to(torch.int32) if S > 0 else \
-        torch.zeros(key_padding_mask.shape[0], device=key_padding_mask.device, dtype=torch.int32)
+def key_padding_range(key_padding_mask):
+    """(B, 2) int32: per batch, the first real key and one past the last (S and 0 when there is none).
+    The kernels' key loops run only over the blocks in between: leading and trailing padding cost nothing."""
+    B, S = key_padding_mask.shape
+    pos = torch.arange(S, device=key_padding_mask.device, dtype=torch.int32)
+    m = key_padding_mask.to(torch.int32)
+    end = (m * (pos + 1)).amax(dim=1) if S > 0 else m.new_zeros(B)
+    begin = (m * pos + (1 - m) * S).amin(dim=1) if S > 0 else m.new_zeros(B)
+    return torch.stack((begin, end), dim=1).to(torch.int32).contiguous()
 
 
 def _geometry(q, k, v, cu_seqlens_q, max_q, max_k):
@@ -524,8 +541,8 @@ def attention_fwd(launch, q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu
     if Lk == 0 or B == 0:
         return out.zero_(), lse.fill_(float("-inf"))
     dummy = lse
-    kv_end = key_padding_end(key_padding_mask) if key_padding_mask is not None else None
-    mask_ptrs, mask_strides, mask_flags = _mask_args(attn_mask, key_padding_mask, kv_end, B, H, Lq, Lk, dummy)
+    kv_range = key_padding_range(key_padding_mask) if key_padding_mask is not None else None
+    mask_ptrs, mask_strides, mask_flags = _mask_args(attn_mask, key_padding_mask, kv_range, B, H, Lq, Lk, dummy)
     cfg = block_config(E, Ev, causal, q.dtype, q.device)
     args = (q, k, v, out, lse, *mask_ptrs,
             cu_seqlens_q if varlen else dummy, cu_seqlens_k if varlen else dummy, seed if seed is not None else dummy,
@@ -557,8 +574,8 @@ def attention_bwd(launch, do, dlse, q, k, v, out, lse, attn_mask, key_padding_ma
         delta = delta.contiguous()
     lse_strides = (0, 1, H) if varlen else lse.stride()  # delta is laid out as lse
     dummy = lse
-    kv_end = key_padding_end(key_padding_mask) if key_padding_mask is not None else None
-    mask_ptrs, mask_strides, mask_flags = _mask_args(attn_mask, key_padding_mask, kv_end, B, H, Lq, Lk, dummy)
+    kv_range = key_padding_range(key_padding_mask) if key_padding_mask is not None else None
+    mask_ptrs, mask_strides, mask_flags = _mask_args(attn_mask, key_padding_mask, kv_range, B, H, Lq, Lk, dummy)
     cfg = block_config(E, Ev, causal, q.dtype, q.device, backward=True)
     common_ptrs = (*mask_ptrs, cu_seqlens_q if varlen else dummy, cu_seqlens_k if varlen else dummy,
                    seed if seed is not None else dummy)

@@ -893,3 +893,18 @@ def test_gradient_through_lse(backend, device, dtype):
         return ref(query, key, value)[1]
 
     assert_within(check_case(lse_only, lse_only_ref, inputs, dtype=dtype, device=device, grad=("query", "key")), dtype)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_long_leading_and_trailing_padding(backend, device, dtype, causal):
+    """Whole key blocks of padding before the first and after the last real key are skipped by the
+    kernels' loops (forward, dQ and dK/dV): the result must not change."""
+    gen = torch.Generator().manual_seed(11)
+    B, H, L, S = 3, 2, 40, 150
+    inputs = qkv(B, H, H, L, S, 32, 32, gen)
+    kpm = torch.zeros(B, S, dtype=torch.bool)
+    kpm[0, 70:] = True  # left padding over two key blocks and more
+    kpm[1, 65:80] = True  # a window in the middle: padding on both sides
+    kpm[1, 100] = True
+    kpm[2, :3] = True  # right padding
+    run_dense(backend, device, dtype, inputs, key_padding_mask=kpm, is_causal=causal)
