@@ -42,6 +42,28 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def _tile(PTR, pos, n_pos, stride, feat, n_feat):
+    """[len(pos), len(feat)] tile of rows ``pos`` (< n_pos) and features ``feat`` (< n_feat), zeros outside."""
+    return tl.load(PTR + pos[:, None].to(tl.int64) * stride + feat[None, :],
+                   mask=(pos[:, None] < n_pos) & (feat[None, :] < n_feat), other=0.0)
+
+
+@triton.jit
+def _tile_t(PTR, pos, n_pos, stride, feat, n_feat):
+    """The same tile transposed: [len(feat), len(pos)] (keys and values as the right operand of a dot)."""
+    return tl.load(PTR + pos[None, :].to(tl.int64) * stride + feat[:, None],
+                   mask=(pos[None, :] < n_pos) & (feat[:, None] < n_feat), other=0.0)
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, pos, n_pos, stride):
+    """Saved lse in base 2 (+inf for a row with nothing visible, so its P is 0) and delta of rows ``pos``."""
+    lse = tl.load(LSE + pos.to(tl.int64) * stride, mask=pos < n_pos, other=float("-inf"))
+    delta = tl.load(DELTA + pos.to(tl.int64) * stride, mask=pos < n_pos, other=0.0)
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634), delta
+
+
+@triton.jit
 def _scores(q, k, offs_m, offs_n, q_len, k_len, shift, qk_scale,
             MASK, stride_mm, stride_mn, KPM,
             HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -87,9 +109,7 @@ def _fwd_blocks(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_e, of
     offs_nb = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_nb
-        kv_ok = offs_n < k_len
-        k = tl.load(K + offs_n[None, :].to(tl.int64) * stride_kn + offs_e[:, None],
-                    mask=kv_ok[None, :] & (offs_e[:, None] < E), other=0.0)
+        k = _tile_t(K, offs_n, k_len, stride_kn, offs_e, E)
         qk = _scores(q, k, offs_m, offs_n, q_len, k_len, shift, qk_scale, MASK, stride_mm, stride_mn, KPM,
                      HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, CHECK_BOUNDS, PRECISION)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -100,8 +120,7 @@ def _fwd_blocks(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_e, of
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, max_q, max_k, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = tl.load(V + offs_n[:, None].to(tl.int64) * stride_vn + offs_ev[None, :],
-                    mask=kv_ok[:, None] & (offs_ev[None, :] < EV), other=0.0)
+        v = _tile(V, offs_n, k_len, stride_vn, offs_ev, EV)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -181,8 +200,7 @@ def _attn_fwd(
     V += b64 * stride_vb + kvh * stride_vh + k_start.to(tl.int64) * stride_vn
     MASK += b64 * stride_mb + h.to(tl.int64) * stride_mh
     KPM += b64 * stride_kpb
-    q = tl.load(Q + offs_m[:, None].to(tl.int64) * stride_qm + offs_e[None, :],
-                mask=(offs_m[:, None] < q_len) & (offs_e[None, :] < E), other=0.0)
+    q = _tile(Q, offs_m, q_len, stride_qm, offs_e, E)
     shift = k_len - q_len if BOTTOM_RIGHT else 0
     kv_begin, kv_end = _real_keys(KV_RANGE, b, k_len, HAS_KPM)
     n_full, hi = _key_range(start_m, q_len, k_len, kv_end, shift, CAUSAL, BLOCK_M, BLOCK_N)
@@ -257,10 +275,8 @@ def _attn_bwd_dkdv(
     kv_ok = offs_n < k_len
     K += b64 * stride_kb + kvh.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
     V += b64 * stride_vb + kvh.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
-    kT = tl.load(K + offs_n[None, :].to(tl.int64) * stride_kn + offs_e[:, None],
-                 mask=kv_ok[None, :] & (offs_e[:, None] < E), other=0.0)  # [BLOCK_E, BLOCK_N]
-    vT = tl.load(V + offs_n[None, :].to(tl.int64) * stride_vn + offs_ev[:, None],
-                 mask=kv_ok[None, :] & (offs_ev[:, None] < EV), other=0.0)  # [BLOCK_EV, BLOCK_N]
+    kT = _tile_t(K, offs_n, k_len, stride_kn, offs_e, E)  # [BLOCK_E, BLOCK_N]
+    vT = _tile_t(V, offs_n, k_len, stride_vn, offs_ev, EV)  # [BLOCK_EV, BLOCK_N]
     dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_EV], dtype=tl.float32)
     shift = k_len - q_len if BOTTOM_RIGHT else 0
@@ -279,14 +295,9 @@ def _attn_bwd_dkdv(
             MASKh = MASK + b64 * stride_mb + h.to(tl.int64) * stride_mh
             for start_m in range(lo, q_len, BLOCK_M):
                 offs_m = start_m + offs_mb
-                row_ok = offs_m < q_len
-                q = tl.load(Qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_e[None, :],
-                            mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)
-                do = tl.load(DOh + offs_m[:, None].to(tl.int64) * stride_dom + offs_ev[None, :],
-                             mask=row_ok[:, None] & (offs_ev[None, :] < EV), other=0.0)
-                lse = tl.load(LSE + row0 + offs_m.to(tl.int64) * stride_lm, mask=row_ok, other=float("-inf"))
-                delta = tl.load(DELTA + row0 + offs_m.to(tl.int64) * stride_lm, mask=row_ok, other=0.0)
-                lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+                q = _tile(Qh, offs_m, q_len, stride_qm, offs_e, E)
+                do = _tile(DOh, offs_m, q_len, stride_dom, offs_ev, EV)
+                lse2, delta = _row_stats(LSE + row0, DELTA + row0, offs_m, q_len, stride_lm)
                 p = _probs(q, kT, offs_m, offs_n, q_len, k_len, shift, qk_scale, lse2,
                            MASKh, stride_mm, stride_mn, KPM + b64 * stride_kpb,
                            HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, PRECISION)
@@ -348,13 +359,9 @@ def _attn_bwd_dq(
     MASK += b64 * stride_mb + h.to(tl.int64) * stride_mh
     KPM += b64 * stride_kpb
     row0 = b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start.to(tl.int64) * stride_lm
-    q = tl.load(Q + offs_m[:, None].to(tl.int64) * stride_qm + offs_e[None, :],
-                mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)
-    do = tl.load(DO + offs_m[:, None].to(tl.int64) * stride_dom + offs_ev[None, :],
-                 mask=row_ok[:, None] & (offs_ev[None, :] < EV), other=0.0)
-    lse = tl.load(LSE + row0 + offs_m.to(tl.int64) * stride_lm, mask=row_ok, other=float("-inf"))
-    delta = tl.load(DELTA + row0 + offs_m.to(tl.int64) * stride_lm, mask=row_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    q = _tile(Q, offs_m, q_len, stride_qm, offs_e, E)
+    do = _tile(DO, offs_m, q_len, stride_dom, offs_ev, EV)
+    lse2, delta = _row_stats(LSE + row0, DELTA + row0, offs_m, q_len, stride_lm)
     shift = k_len - q_len if BOTTOM_RIGHT else 0
     kv_begin, kv_end = _real_keys(KV_RANGE, b, k_len, HAS_KPM)
     _, hi = _key_range(start_m, q_len, k_len, kv_end, shift, CAUSAL, BLOCK_M, BLOCK_N)
@@ -363,11 +370,8 @@ def _attn_bwd_dq(
     dq = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
     for start_n in range(kv_begin // BLOCK_N * BLOCK_N, hi, BLOCK_N):
         offs_n = start_n + offs_nb
-        kv_ok = offs_n < k_len
-        kT = tl.load(K + offs_n[None, :].to(tl.int64) * stride_kn + offs_e[:, None],
-                     mask=kv_ok[None, :] & (offs_e[:, None] < E), other=0.0)
-        vT = tl.load(V + offs_n[None, :].to(tl.int64) * stride_vn + offs_ev[:, None],
-                     mask=kv_ok[None, :] & (offs_ev[:, None] < EV), other=0.0)
+        kT = _tile_t(K, offs_n, k_len, stride_kn, offs_e, E)
+        vT = _tile_t(V, offs_n, k_len, stride_vn, offs_ev, EV)
         p = _probs(q, kT, offs_m, offs_n, q_len, k_len, shift, qk_scale, lse2, MASK, stride_mm, stride_mn, KPM,
                    HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, PRECISION)
         dp = tl.dot(do, vT, input_precision=PRECISION)
