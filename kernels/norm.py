@@ -134,6 +134,18 @@ def _norm_bwd_row_terms(S, DY, W, mean, rstd, c, N, offset, IS_RMS: tl.constexpr
 
 
 @triton.jit
+def _norm_bwd_store_ds(DS, DSUM, c, N, xhat, g, mean_gx, mean_g, rstd, IS_RMS: tl.constexpr, HAS_DSUM: tl.constexpr):
+    """ds = rstd * (g - xhat * <g xhat> (- <g> for LN)) (+ d(sum)) for columns ``c`` of one row, stored."""
+    ds = g - xhat * mean_gx
+    if not IS_RMS:
+        ds = ds - mean_g
+    ds = ds * rstd
+    if HAS_DSUM:
+        ds += tl.load(DSUM + c, mask=c < N, other=0.0).to(tl.float32)
+    tl.store(DS + c, ds.to(DS.dtype.element_ty), mask=c < N)
+
+
+@triton.jit
 def _norm_bwd_kernel(
     DY, S, W, DSUM, MEAN, RSTD,  # inputs: dy rows, normalised input s rows, weight, d(s) rows, saved stats
     DS, DW, DB,  # outputs: ds rows; per-program partial dweight / dbias rows (G, N) float32, summed on the host
@@ -162,13 +174,9 @@ def _norm_bwd_kernel(
             mean = 0.0 if IS_RMS else tl.load(MEAN + r)
             xhat, g, dy = _norm_bwd_row_terms(S + r * stride_s, DY + r * stride_dy, W, mean, rstd,
                                               cols, N, offset, IS_RMS, HAS_W)
-            ds = g - xhat * (tl.sum(g * xhat, axis=0) / N)
-            if not IS_RMS:
-                ds = ds - tl.sum(g, axis=0) / N
-            ds = ds * rstd
-            if HAS_DSUM:
-                ds += tl.load(DSUM + r * stride_dsum + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(DS + r * stride_ds + cols, ds.to(DS.dtype.element_ty), mask=mask)
+            _norm_bwd_store_ds(DS + r * stride_ds, DSUM + r * stride_dsum, cols, N, xhat, g,
+                               tl.sum(g * xhat, axis=0) / N, 0.0 if IS_RMS else tl.sum(g, axis=0) / N, rstd,
+                               IS_RMS, HAS_DSUM)
             if NEED_DW:
                 dw += dy * xhat
             if NEED_DB:
@@ -205,13 +213,8 @@ def _norm_bwd_kernel(
                 mean = 0.0 if IS_RMS else tl.load(MEAN + r)
                 xhat, g, dy = _norm_bwd_row_terms(S + r * stride_s, DY + r * stride_dy, W, mean, rstd,
                                                   c, N, offset, IS_RMS, HAS_W)
-                ds = g - xhat * tl.load(C1 + r)
-                if not IS_RMS:
-                    ds = ds - tl.load(C2 + r)
-                ds = ds * rstd
-                if HAS_DSUM:
-                    ds += tl.load(DSUM + r * stride_dsum + c, mask=m, other=0.0).to(tl.float32)
-                tl.store(DS + r * stride_ds + c, ds.to(DS.dtype.element_ty), mask=m)
+                _norm_bwd_store_ds(DS + r * stride_ds, DSUM + r * stride_dsum, c, N, xhat, g,
+                                   tl.load(C1 + r), 0.0 if IS_RMS else tl.load(C2 + r), rstd, IS_RMS, HAS_DSUM)
                 if NEED_DW:
                     dw += dy * xhat
                 if NEED_DB:
