@@ -1,46 +1,45 @@
-"""Benchmarks of the memory-bound ops, and the harness every fusedlm benchmark shares.
+"""The benchmark harness of fusedlm's ops: memory-bound and compute-bound, each against its peers.
 
-Ops: rms_norm, rms_norm with the fused residual add, layer_norm, swiglu, rope (apply_rotary_pos_emb).
+What the ops are, their inputs, the work each counts and their providers: fusedlm/bench_ops.py.
+This module times them, measures the two ceilings, and writes the rows (JSON, markdown, a summary).
 
 What is measured, and why
 -------------------------
-These ops do a few FLOPs per byte: memory bandwidth is their limit, not arithmetic. So, for each op and
-mode, we count the fewest bytes it must move (``OpSpec.bytes_doc`` states the formula, ``OpSpec.nbytes``
-computes it), measure the device's copy bandwidth in the same run (a 1 GiB ``Tensor.copy_``, read + write
-counted) as the practical ceiling, and report
+memory-bound ops (rms_norm, rms_norm_residual, layer_norm, swiglu, rope) do a few FLOPs per byte:
+bandwidth is their limit. Each counts the fewest bytes it must move, and the run measures the device's
+copy bandwidth (a 1 GiB ``Tensor.copy_``, read + write counted) as the practical ceiling:
 
     gbps            = counted bytes / median time
     frac_of_copy_bw = gbps / copy bandwidth      (1.0: as fast as copying the bytes the op cannot avoid)
 
-Bytes an implementation moves beyond the count (a saved rstd, a float32 partial-sum buffer, a second
-pass over x) show up as a lower fraction: the count is the floor, not what a given kernel does.
-Every provider runs on the same input values, in the same process, right after each other; a row's
-``speedup_vs_compile`` is torch.compile's median time over its own (torch.compile of the plain PyTorch
-code is the strongest peer that needs no hand-written kernel). ``rel_err_vs_eager`` is
-||out - out_eager|| / ||out_eager|| (the gradients, for bwd rows), so a fast wrong kernel cannot pass
-unnoticed.
+compute-bound ops (attention, attention_padded, lora_linear) are matmuls: each counts its FLOPs (the
+formulas are in bench_ops and benchmarks/README.md), and the run measures a bf16 matmul
+(``torch.matmul`` of two 8192 x 8192 matrices, 2 * 8192^3 FLOPs) as the practical ceiling:
+
+    tflops          = counted FLOPs / median time
+    frac_of_matmul  = tflops / matmul TFLOP/s    (1.0: as fast as cuBLAS on a large square GEMM)
+
+Every provider of a case runs on the same input values, in the same process, right after each other.
+``rel_err`` is max over the compared tensors of ||x - x_ref|| / ||x_ref||, against ``rel_err_vs``: the
+outputs (fwd) or gradients (bwd, fwd+bwd) of torch-eager for the memory-bound ops, of a PyTorch SDPA
+backend for attention (flash first), of PEFT for LoRA. So a fast wrong kernel cannot pass unnoticed.
+``vs_baseline`` (LoRA) is a row's median time over the base linear's, same mode.
 
 Modes
-  fwd  the training forward: the inputs require grad, so autograd records the graph and each
-       implementation saves what its backward needs, as in a training step.
-  bwd  the backward alone: the forward runs once, then
-       ``torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=True)`` is timed.
-
-Providers
-  fusedlm-triton  fusedlm.<op>(..., backend="triton")      (fusedlm-cuda too, where fusedlm._C is built)
-  torch-eager     the plain PyTorch code the models run: Hugging Face's LlamaRMSNorm formula,
-                  F.layer_norm (nn.LayerNorm), F.silu(gate) * up (LlamaMLP), HF's rotate_half RoPE
-  torch-native    F.rms_norm, PyTorch's own fused RMSNorm kernel (rms_norm only)
-  torch-compile   torch.compile (default mode) of the torch-eager function
-  liger           Liger-Kernel's module/function for the op, when ``liger_kernel`` imports
-A provider that is missing or fails leaves a row with ``error`` set and the run goes on.
+  fwd      the training forward: the inputs require grad, so autograd records the graph and each
+           implementation saves what its backward needs, as in a training step.
+  bwd      the backward alone: the forward runs once, then
+           ``torch.autograd.grad(outputs, inputs, grad_outputs, retain_graph=True)`` is timed.
+  fwd+bwd  forward then ``torch.autograd.grad`` (default for the compute-bound ops, with fwd and bwd).
 
 Timing: on CUDA, ``triton.testing.do_bench`` (median; it flushes L2 before every repetition, so inputs
 come from HBM as in a model whose working set dwarfs L2). ``--cpu-smoke`` runs the same code path on
 tiny CPU tensors timed with time.perf_counter: a check of the harness, never a performance figure.
+``--autotune`` sets FUSEDLM_AUTOTUNE=1 (fusedlm's attention kernels then autotune their block shapes
+on the first call of each kind, untimed); every compute row records whether it was on.
 
-Run:  python -m fusedlm.bench [--ops norm,swiglu,rope] [--out DIR] [--quick]      (or: fusedlm bench)
-      TRITON_INTERPRET=1 python -m fusedlm.bench --cpu-smoke                     (no GPU needed)
+Run:  python -m fusedlm.bench [--ops memory|attention|lora|<op>,...] [--out DIR] [--quick]  (or: fusedlm bench)
+      TRITON_INTERPRET=1 python -m fusedlm.bench --cpu-smoke                              (no GPU needed)
 """
 import argparse
 import dataclasses
@@ -54,332 +53,24 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 import fusedlm
 from fusedlm import _backend
+from fusedlm.bench_ops import (  # noqa: F401  (re-exported: the op definitions used to live here)
+    ALL_OPS, COMPUTE_OPS, FAMILIES, MEMORY_PROVIDERS, OP_BY_NAME, OPS, SMOKE_SIZES, Bound, Case,
+    ProviderUnavailable, Sizes, select_ops)
 
-RMS_EPS = 1e-6
-LN_EPS = 1e-5
 COPY_BYTES_GPU = 1 << 30      # 1 GiB per buffer: far beyond L2 (50 MiB on H100/H200), many waves of SMs
 COPY_BYTES_SMOKE = 8 << 20
-# A row whose outputs differ from torch-eager's by more than this is flagged in the markdown table.
+MATMUL_N_GPU = 8192           # the matmul ceiling: (n, n) @ (n, n) in the run's dtype
+MATMUL_N_SMOKE = 256
+# A row whose outputs differ from the reference's by more than this is flagged in the markdown table.
 # Two correct bf16 implementations differ by about one output rounding (u = 2^-8 ~ 4e-3).
 REL_ERR_FLAG = 2e-2
-
-
-# --------------------------------------------------------------------------------------------------
-# Plain PyTorch versions of each op: the torch-eager provider and what torch.compile compiles.
-# --------------------------------------------------------------------------------------------------
-
-def rms_norm_torch(x, weight):
-    """Hugging Face LlamaRMSNorm.forward: statistics in float32, scaled in the input dtype."""
-    dtype = x.dtype
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + RMS_EPS)
-    return weight * h.to(dtype)
-
-
-def rms_norm_native(x, weight):
-    """PyTorch's own RMSNorm (a fused kernel in recent releases)."""
-    return F.rms_norm(x, (x.shape[-1],), weight, RMS_EPS)
-
-
-def rms_norm_residual_torch(x, residual, weight):
-    """The pre-norm residual add as a decoder layer writes it: s = x + residual; (norm(s), s)."""
-    s = x + residual
-    return rms_norm_torch(s, weight), s
-
-
-def layer_norm_torch(x, weight, bias):
-    """nn.LayerNorm's forward."""
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, LN_EPS)
-
-
-def swiglu_torch(gate, up):
-    """LlamaMLP's act_fn(gate_proj(x)) * up_proj(x), in the input dtype."""
-    return F.silu(gate) * up
-
-
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def rope_torch(q, k, cos, sin):
-    """Hugging Face Llama's apply_rotary_pos_emb (unsqueeze_dim=1), in the input dtype."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-# --------------------------------------------------------------------------------------------------
-# Liger-Kernel peers. Each builder takes the provider's own input tensors and returns a zero-argument
-# callable. Liger writes into buffers it is given (its RoPE rotates q/k in place when their storage is
-# (B, S, H, D); its SwiGLU backward writes da/db over the saved inputs): harmless for timing, and every
-# provider gets its own clone of the inputs, whose first outputs are the ones checked.
-# --------------------------------------------------------------------------------------------------
-
-def _bind(module, **tensors):
-    """Make ``module`` use our tensors as its parameters (same values and dtype for every provider)."""
-    for name, value in tensors.items():
-        delattr(module, name)          # drop the module's own float32 Parameter ...
-        setattr(module, name, value)   # ... a plain attribute now: gradients flow to our leaf
-    return module
-
-
-def _liger_rms_norm(t):
-    from liger_kernel.transformers.rms_norm import LigerRMSNorm
-
-    n = t["x"].shape[-1]
-    try:
-        # in_place=False: by default Liger writes dx over dy, and the timing loop reuses dy.
-        mod = LigerRMSNorm(n, eps=RMS_EPS, in_place=False)
-    except TypeError:  # releases without the in_place switch
-        mod = LigerRMSNorm(n, eps=RMS_EPS)
-    _bind(mod, weight=t["weight"])
-    return lambda: mod(t["x"])
-
-
-def _liger_rms_norm_residual(t):
-    from liger_kernel.transformers.fused_add_rms_norm import LigerFusedAddRMSNorm
-
-    mod = _bind(LigerFusedAddRMSNorm(t["x"].shape[-1], eps=RMS_EPS), weight=t["weight"])
-    return lambda: mod(t["x"], t["residual"])
-
-
-def _liger_layer_norm(t):
-    from liger_kernel.transformers.layer_norm import LigerLayerNorm
-
-    mod = _bind(LigerLayerNorm(t["x"].shape[-1], eps=LN_EPS, bias=True), weight=t["weight"], bias=t["bias"])
-    return lambda: mod(t["x"])
-
-
-def _liger_swiglu(t):
-    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
-
-    return lambda: LigerSiLUMulFunction.apply(t["gate"], t["up"])
-
-
-def _liger_rope(t):
-    from liger_kernel.transformers.rope import liger_rotary_pos_emb
-
-    return lambda: liger_rotary_pos_emb(t["q"], t["k"], t["cos"], t["sin"])
-
-
-# --------------------------------------------------------------------------------------------------
-# The ops: inputs, byte counts, providers.
-# --------------------------------------------------------------------------------------------------
-
-def _nbytes(*tensors):
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-@dataclasses.dataclass
-class Sizes:
-    tokens: int = 16384        # rows of the 2-D ops; B * S for rope
-    hidden: int = 4096         # norm hidden size, swiglu intermediate size
-    rope_batch: int = 4
-    rope_heads: int = 32
-    rope_kv_heads: int = 8
-    rope_head_dim: int = 128
-
-
-SMOKE_SIZES = Sizes(tokens=24, hidden=200, rope_batch=2, rope_heads=4, rope_kv_heads=2, rope_head_dim=32)
-
-
-@dataclasses.dataclass
-class OpSpec:
-    name: str
-    family: str                               # what --ops and the thin scripts select by: norm/swiglu/rope
-    fusedlm_attr: str                         # the public function; the op is skipped if it is missing
-    make: Callable[[Sizes, torch.device, torch.dtype, torch.Generator], dict]
-    grad: tuple                               # inputs that get gradients in bwd mode
-    describe: Callable[[dict], str]           # the shape string of a row
-    bytes_doc: dict                           # mode -> the formula nbytes computes, in words
-    nbytes: Callable[[dict, str], int]        # (inputs, mode) -> fewest bytes moved
-    fusedlm_call: Callable                    # (backend, **inputs) -> outputs
-    torch_fn: Callable                        # torch-eager, and what torch.compile compiles
-    extra_torch: dict = dataclasses.field(default_factory=dict)  # more plain-torch providers
-    liger: Optional[Callable] = None
-
-
-def _make_norm(with_bias=False, with_residual=False):
-    def make(sz, device, dtype, gen):
-        def randn(*shape):
-            return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device, dtype)
-        t = {"x": randn(sz.tokens, sz.hidden)}
-        if with_residual:
-            t["residual"] = randn(sz.tokens, sz.hidden)
-        t["weight"] = 1.0 + 0.1 * randn(sz.hidden)
-        if with_bias:
-            t["bias"] = 0.1 * randn(sz.hidden)
-        return t
-    return make
-
-
-def _make_swiglu(sz, device, dtype, gen):
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device, dtype)
-    return {"gate": randn(sz.tokens, sz.hidden), "up": randn(sz.tokens, sz.hidden)}
-
-
-def _make_rope(sz, device, dtype, gen):
-    b, d = sz.rope_batch, sz.rope_head_dim
-    if sz.tokens % b:
-        raise ValueError(f"--tokens {sz.tokens} is not a multiple of the rope batch {b}")
-    s = sz.tokens // b
-
-    def heads(h):
-        # The layout a Hugging Face attention layer hands to apply_rotary_pos_emb:
-        # q_proj(x).view(B, S, H, D).transpose(1, 2), a (B, H, S, D) view of (B, S, H, D) storage.
-        x = torch.randn(b, s, h, d, generator=gen, dtype=torch.float32).to(device, dtype)
-        return x.transpose(1, 2)
-
-    # Real rotary tables (LlamaRotaryEmbedding, base 10000): cos[..., i] == cos[..., i + D/2].
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-    freqs = torch.outer(torch.arange(s, dtype=torch.float32), inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    cos = emb.cos().expand(b, s, d).contiguous().to(device, dtype)
-    sin = emb.sin().expand(b, s, d).contiguous().to(device, dtype)
-    return {"q": heads(sz.rope_heads), "k": heads(sz.rope_kv_heads), "cos": cos, "sin": sin}
-
-
-def _shape(t):
-    return "(" + ",".join(str(n) for n in t.shape) + ")"
-
-
-OPS = [
-    OpSpec(
-        name="rms_norm", family="norm", fusedlm_attr="rms_norm",
-        make=_make_norm(), grad=("x", "weight"),
-        describe=lambda t: f"x{_shape(t['x'])} w{_shape(t['weight'])}",
-        # M x N rows, element size e:  fwd = (2MN + N) e,  bwd = (3MN + 2N) e.
-        # rstd (M floats) is left out: it can be recomputed from x in the backward.
-        bytes_doc={"fwd": "read x + write y + read w",
-                   "bwd": "read x, dy + write dx + read w + write dw"},
-        nbytes=lambda t, mode: (_nbytes(t["x"]) * 2 + _nbytes(t["weight"]) if mode == "fwd"
-                                else _nbytes(t["x"]) * 3 + _nbytes(t["weight"]) * 2),
-        fusedlm_call=lambda backend, x, weight: fusedlm.rms_norm(x, weight, RMS_EPS, backend=backend),
-        torch_fn=rms_norm_torch, extra_torch={"torch-native": rms_norm_native},
-        liger=_liger_rms_norm,
-    ),
-    OpSpec(
-        name="rms_norm_residual", family="norm", fusedlm_attr="rms_norm",
-        make=_make_norm(with_residual=True), grad=("x", "residual", "weight"),
-        describe=lambda t: f"x,residual{_shape(t['x'])} w{_shape(t['weight'])}",
-        # fwd = (4MN + N) e.  bwd: the gradient reaching s = x + residual is dy through the norm plus
-        # ds from s's other use (the next residual); dx and dresidual are that same tensor, written
-        # once:  bwd = (4MN + 2N) e.
-        bytes_doc={"fwd": "read x, residual + write y, s + read w",
-                   "bwd": "read s, dy, ds + write dx (= dresidual) + read w + write dw"},
-        nbytes=lambda t, mode: _nbytes(t["x"]) * 4 + _nbytes(t["weight"]) * (1 if mode == "fwd" else 2),
-        fusedlm_call=lambda backend, x, residual, weight: fusedlm.rms_norm(
-            x, weight, RMS_EPS, residual=residual, backend=backend),
-        torch_fn=rms_norm_residual_torch, liger=_liger_rms_norm_residual,
-    ),
-    OpSpec(
-        name="layer_norm", family="norm", fusedlm_attr="layer_norm",
-        make=_make_norm(with_bias=True), grad=("x", "weight", "bias"),
-        describe=lambda t: f"x{_shape(t['x'])} w,b{_shape(t['weight'])}",
-        # fwd = (2MN + 2N) e,  bwd = (3MN + 3N) e  (mean and rstd recomputable, left out).
-        bytes_doc={"fwd": "read x + write y + read w, b",
-                   "bwd": "read x, dy + write dx + read w + write dw, db"},
-        nbytes=lambda t, mode: (_nbytes(t["x"]) * 2 + _nbytes(t["weight"], t["bias"]) if mode == "fwd"
-                                else _nbytes(t["x"]) * 3 + _nbytes(t["weight"]) + _nbytes(t["weight"], t["bias"])),
-        fusedlm_call=lambda backend, x, weight, bias: fusedlm.layer_norm(x, weight, bias, LN_EPS, backend=backend),
-        torch_fn=layer_norm_torch, liger=_liger_layer_norm,
-    ),
-    OpSpec(
-        name="swiglu", family="swiglu", fusedlm_attr="swiglu",
-        make=_make_swiglu, grad=("gate", "up"),
-        describe=lambda t: f"gate,up{_shape(t['gate'])}",
-        # fwd = 3MI e,  bwd = 5MI e  (silu(gate) recomputed from gate, never stored).
-        bytes_doc={"fwd": "read gate, up + write h",
-                   "bwd": "read gate, up, dh + write dgate, dup"},
-        nbytes=lambda t, mode: _nbytes(t["gate"]) * (3 if mode == "fwd" else 5),
-        fusedlm_call=lambda backend, gate, up: fusedlm.swiglu(gate, up, backend=backend),
-        torch_fn=swiglu_torch, liger=_liger_swiglu,
-    ),
-    OpSpec(
-        name="rope", family="rope", fusedlm_attr="apply_rotary_pos_emb",
-        make=_make_rope, grad=("q", "k"),
-        describe=lambda t: (f"q{_shape(t['q'])} k{_shape(t['k'])} cos,sin{_shape(t['cos'])} "
-                            f"tokens={t['q'].shape[0] * t['q'].shape[2]}, q/k in (B,S,H,D) storage"),
-        # fwd = 2(|q| + |k|) e + |cos| e: q and k are read and written once; cos and sin are each
-        # read at half their size, since the API guarantees cos[..., i] == cos[..., i + D/2].
-        # bwd: the same traffic on dq_out/dk_out -> dq/dk (cos, sin are constants: no gradient).
-        bytes_doc={"fwd": "read q, k + write q_out, k_out + read half of cos, sin",
-                   "bwd": "read dq_out, dk_out + write dq, dk + read half of cos, sin"},
-        nbytes=lambda t, mode: 2 * _nbytes(t["q"], t["k"]) + _nbytes(t["cos"], t["sin"]) // 2,
-        fusedlm_call=lambda backend, q, k, cos, sin: fusedlm.apply_rotary_pos_emb(q, k, cos, sin, backend=backend),
-        torch_fn=rope_torch, liger=_liger_rope,
-    ),
-]
-OP_BY_NAME = {op.name: op for op in OPS}
-FAMILIES = sorted({op.family for op in OPS})
-PROVIDERS = ["torch-eager", "fusedlm-triton", "fusedlm-cuda", "torch-native", "torch-compile", "liger"]
-
-
-def select_ops(spec):
-    """'all', or a comma list of op names and family names -> [OpSpec] in OPS order."""
-    if spec in (None, "", "all"):
-        return list(OPS)
-    wanted = {w.strip() for w in spec.split(",") if w.strip()}
-    unknown = wanted - set(OP_BY_NAME) - set(FAMILIES)
-    if unknown:
-        raise ValueError(f"--ops: unknown {sorted(unknown)}; expected op names {list(OP_BY_NAME)} "
-                         f"or families {FAMILIES}")
-    return [op for op in OPS if op.name in wanted or op.family in wanted]
-
-
-def provider_builders(op, run):
-    """name -> builder(inputs) -> zero-argument callable; torch-eager first (the others' yardstick)."""
-    builders = {"torch-eager": lambda t: (lambda: op.torch_fn(**t))}
-    for backend in ("triton", "cuda"):
-        why = _backend.why_unavailable(backend)
-        if backend == "cuda" and why is not None:
-            continue  # the extension is not built here: no row at all, `fusedlm info` says why
-        builders[f"fusedlm-{backend}"] = _fusedlm_builder(op, backend, why)
-    for name, fn in op.extra_torch.items():
-        builders[name] = (lambda f: lambda t: (lambda: f(**t)))(fn)
-    compiled = run.compiled(op.torch_fn)
-    builders["torch-compile"] = lambda t: (lambda: compiled(**t))
-    if op.liger is not None:
-        builders["liger"] = _liger_builder(op.liger)
-    return {k: v for k, v in builders.items() if run.wants_provider(k)}
-
-
-def _fusedlm_builder(op, backend, why_unavailable):
-    def builder(t):
-        if why_unavailable is not None:  # e.g. Triton on a CPU without TRITON_INTERPRET=1
-            raise ProviderUnavailable(f"backend {backend!r} is not usable here: {why_unavailable}")
-        if backend == "cuda":
-            # The extension may not cover every op yet: a backend that says it cannot serve the
-            # call is a gap to report, not a failure of the run. (A Triton gap is a failure.)
-            try:
-                op.fusedlm_call(backend, **t)
-            except ValueError as e:
-                if "cannot serve" in str(e):
-                    raise ProviderUnavailable(str(e)) from None
-        return lambda: op.fusedlm_call(backend, **t)
-    return builder
-
-
-def _liger_builder(build):
-    def builder(t):
-        try:
-            import liger_kernel  # noqa: F401
-        except Exception as e:  # noqa: BLE001 - any import failure means "not available", reason kept
-            raise ProviderUnavailable(f"liger_kernel is not importable ({type(e).__name__}: {e})") from None
-        return build(t)
-    return builder
-
-
-class ProviderUnavailable(RuntimeError):
-    """A peer that is not installed here: recorded as a row's error, not a failure of the run."""
+DEFAULT_MODES = {"memory": ("fwd", "bwd"), "compute": ("fwd", "bwd", "fwd+bwd")}
+MODES = ("fwd", "bwd", "fwd+bwd")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -424,6 +115,7 @@ def environment(device):
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
         "liger_kernel": _version("liger-kernel") or _version("liger_kernel"),
+        "peft": _version("peft"),
         "fusedlm": getattr(fusedlm, "__version__", None),
         "python": platform.python_version(),
         "git_commit": _git_commit(),
@@ -497,12 +189,26 @@ def measure_copy_bandwidth(run):
     return 2 * n / (ms * 1e6), ms
 
 
+def measure_matmul_tflops(run):
+    """TFLOP/s of torch.matmul on two (n, n) matrices of the run's dtype: 2 n^3 FLOPs."""
+    n = run.matmul_n
+    gen = torch.Generator(device=run.device).manual_seed(run.seed)
+    a = torch.randn(n, n, generator=gen, device=run.device, dtype=torch.float32).to(run.dtype)
+    b = torch.randn(n, n, generator=gen, device=run.device, dtype=torch.float32).to(run.dtype)
+    fn = lambda: torch.matmul(a, b)  # noqa: E731
+    fn()
+    ms = run.time(fn) if run.device.type == "cuda" else time_cpu(fn, reps=3)
+    del a, b
+    return 2 * n ** 3 / (ms * 1e9), ms
+
+
 # --------------------------------------------------------------------------------------------------
 # One run.
 # --------------------------------------------------------------------------------------------------
 
 class Run:
-    """Settings and shared state of one benchmark run."""
+    """Settings and shared state of one benchmark run (what the op definitions read: device, dtype,
+    sizes, seqlens, seed, smoke, compiled)."""
 
     def __init__(self, args):
         self.smoke = args.cpu_smoke
@@ -513,19 +219,29 @@ class Run:
             self.sizes = dataclasses.replace(self.sizes, tokens=args.tokens)
         if args.hidden:
             self.sizes = dataclasses.replace(self.sizes, hidden=args.hidden)
-        self.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-        bad = set(self.modes) - {"fwd", "bwd"}
-        if bad:
-            raise ValueError(f"--modes: expected fwd and/or bwd, got {sorted(bad)}")
+        self.quick = args.quick
+        self.seqlens = tuple(args.seqlens or (self.sizes.attn_quick_seqlens if self.quick else self.sizes.attn_seqlens))
+        self.padded_seqlens = tuple(args.seqlens or (self.sizes.attn_padded_quick_seqlens if self.quick
+                                                     else self.sizes.attn_seqlens))
+        self.modes = None  # None: each kind's DEFAULT_MODES
+        if args.modes:
+            self.modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+            bad = set(self.modes) - set(MODES)
+            if bad or not self.modes:
+                raise ValueError(f"--modes: expected a comma list of {list(MODES)}, got {args.modes!r}")
         self.providers = None if args.providers in (None, "", "all") else {
             p.strip() for p in args.providers.split(",") if p.strip()}
-        self.quick = args.quick
         self.copy_bytes = COPY_BYTES_SMOKE if self.smoke else COPY_BYTES_GPU
+        self.matmul_n = MATMUL_N_SMOKE if self.smoke else MATMUL_N_GPU
         self.deadline = time.monotonic() + args.budget_s if args.budget_s else None
         self.seed = args.seed
         self.env = environment(self.device)
         self.copy_gbps = None
+        self.matmul_tflops = None
         self._compiled = {}
+
+    def modes_for(self, kind):
+        return self.modes or DEFAULT_MODES[kind]
 
     def wants_provider(self, name):
         return self.providers is None or name in self.providers
@@ -536,10 +252,19 @@ class Run:
     def time(self, fn):
         return time_cuda(fn, self.quick) if self.device.type == "cuda" else time_cpu(fn)
 
-    def compiled(self, fn):
-        if fn not in self._compiled:
-            self._compiled[fn] = torch.compile(fn)
-        return self._compiled[fn]
+    def compiled(self, fn, **options):
+        """torch.compile(fn, **options), one per (fn, options) for the whole run."""
+        key = (fn, tuple(sorted(options.items())))
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(fn, **options)
+        return self._compiled[key]
+
+    def autotune(self):
+        """Whether fusedlm's attention kernels autotune here (FUSEDLM_AUTOTUNE=1 on a CUDA device)."""
+        if _backend.why_unavailable("triton") is not None:
+            return False
+        from fusedlm.kernels.attention import autotune_enabled
+        return bool(autotune_enabled(self.device))
 
     def sync(self):
         if self.device.type == "cuda":
@@ -576,77 +301,113 @@ def _rel_err(got, want):
     return worst
 
 
-def _short(e, limit=300):
+def _short(e, limit=400):
     msg = f"{type(e).__name__}: {e}".strip().replace("\n", " ")
     return msg if len(msg) <= limit else msg[:limit] + "..."
 
 
-def bench_op(op, run, emit):
-    """Measure every provider of ``op`` in every mode; calls ``emit(row)`` for each result."""
-    gen = torch.Generator().manual_seed(run.seed)
-    base = op.make(run.sizes, run.device, run.dtype, gen)
-    shape = op.describe(base)
-    reference = {}  # torch-eager's outputs and gradients: the yardstick of rel_err_vs_eager
+def _row(run, case, shape, base, mode, provider, ms=None, peak=None, rel=None, rel_vs=None, error=None,
+         status=None, host=None, vs_baseline=None):
+    """One JSON row: every row has every key (None where it does not apply)."""
+    work, formula = case.work(base, mode, provider)
+    memory = case.kind == "memory"
+    rate = (work / (ms * 1e6) if memory else work / (ms * 1e9)) if ms else None  # GB/s or TFLOP/s
+    ceiling = run.copy_gbps if memory else run.matmul_tflops
+    return {
+        "kind": case.kind, "op": case.op, "case": case.label, "shape": shape,
+        "dtype": str(run.dtype).replace("torch.", ""), "mode": mode, "provider": provider,
+        "median_ms": ms, "host_ms": host, "peak_mem_bytes": peak,
+        "bytes": work if memory else None, "bytes_formula": formula if memory else None,
+        "gbps": rate if memory else None,
+        "frac_of_copy_bw": rate / ceiling if memory and rate and ceiling else None,
+        "flops": None if memory else work, "flops_formula": None if memory else formula,
+        "tflops": None if memory else rate,
+        "frac_of_matmul": rate / ceiling if not memory and rate and ceiling else None,
+        "baseline": case.baseline, "vs_baseline": vs_baseline,
+        "rel_err": rel, "rel_err_vs": rel_vs,
+        "autotune": None if memory else run.autotune(), "params": case.params,
+        "error": error, "status": status or ("failed" if error else "ok"),
+        "copy_gbps": run.copy_gbps, "matmul_tflops": run.matmul_tflops, "smoke": run.smoke, **run.env,
+    }
 
-    def row(mode, provider, ms=None, peak=None, rel=None, error=None, status=None, host=None):
-        nbytes = op.nbytes(base, mode)
-        gbps = nbytes / (ms * 1e6) if ms else None  # bytes / (ms * 1e-3 s) / 1e9
-        emit({
-            "op": op.name, "shape": shape, "dtype": str(run.dtype).replace("torch.", ""), "mode": mode,
-            "provider": provider, "median_ms": ms, "host_ms": host, "gbps": gbps,
-            "frac_of_copy_bw": gbps / run.copy_gbps if gbps and run.copy_gbps else None,
-            "peak_mem_bytes": peak, "bytes": nbytes, "bytes_formula": op.bytes_doc[mode],
-            "rel_err_vs_eager": rel, "error": error, "status": status or ("failed" if error else "ok"),
-            "copy_gbps": run.copy_gbps, "smoke": run.smoke, **run.env,
-        })
 
-    for provider, build in provider_builders(op, run).items():
+def bench_case(case, run, emit):
+    """Measure every provider of ``case`` in every mode; calls ``emit(row)`` for each result."""
+    base = case.make()
+    shape = case.describe(base)
+    modes = run.modes_for(case.kind)
+    state = {"ref_name": None, "ref": None, "baseline_ms": {}}
+
+    def row(mode, provider, **kw):
+        ms = kw.get("ms")
+        if provider == case.baseline and ms:
+            state["baseline_ms"][mode] = ms
+        base_ms = state["baseline_ms"].get(mode)
+        emit(_row(run, case, shape, base, mode, provider, vs_baseline=ms / base_ms if ms and base_ms else None, **kw))
+
+    for provider, build in case.providers.items():
+        if not run.wants_provider(provider):
+            continue
         if run.out_of_time():
-            for mode in run.modes:
+            for mode in modes:
                 row(mode, provider, error="the --budget-s time budget ran out", status="skipped")
             continue
-        _bench_provider(op, run, provider, build, base, reference, row)
+        _bench_provider(case, run, modes, provider, build, base, state, row)
         _free(run)
 
 
-def _bench_provider(op, run, provider, build, base, reference, row):
-    """One provider of one op: build, run once (checked against torch-eager), then time each mode."""
+def _bench_provider(case, run, modes, provider, build, base, state, row):
+    """One provider of one case: build, run once (checked against the reference), then time each mode."""
     try:
         # Each provider gets its own copy of the inputs (same values, same strides): some peers write
         # into their inputs, which must not leak into the next provider's measurement.
-        t = {k: v.detach().clone().requires_grad_(k in op.grad) for k, v in base.items()}
-        fn = build(t)
+        t = {k: v.detach().clone().requires_grad_(k in case.grad) if isinstance(v, torch.Tensor) else v
+             for k, v in base.items()}
+        bound = build(t)
+        if not isinstance(bound, Bound):
+            bound = Bound(bound, [t[k] for k in case.grad])
+        fn, leaves = bound.fn, bound.leaves
         outs = _as_tuple(fn())  # first call: compiles / autotunes; these outputs are the ones checked
         timed = {"fwd": fn}
         results = {"fwd": outs}
-        if "bwd" in run.modes:
-            leaves = [t[k] for k in op.grad]
+        if set(modes) & {"bwd", "fwd+bwd"}:
             diff_outs = [o for o in outs if o.requires_grad]
-            cots = _cotangents(diff_outs, run.seed + 1)
+            cots = bound.cotangents(diff_outs) if bound.cotangents else _cotangents(diff_outs, run.seed + 1)
             timed["bwd"] = lambda: torch.autograd.grad(diff_outs, leaves, cots, retain_graph=True)
-            results["bwd"] = timed["bwd"]()  # first backward: compiles; these gradients are checked
+            timed["fwd+bwd"] = lambda: torch.autograd.grad(
+                [o for o in _as_tuple(fn()) if o.requires_grad], leaves, cots)
+            for m in ("bwd", "fwd+bwd"):
+                if m in modes:
+                    results[m] = timed[m]()  # first backward: compiles; these gradients are checked
         run.sync()
-        if provider == "torch-eager":
-            reference.update({m: [x.detach() for x in results[m]] for m in run.modes})
-        rel = {m: _rel_err(results[m], reference[m]) if m in reference else None for m in run.modes}
-        del results
+        rel, rel_vs = {m: None for m in modes}, None
+        if bound.compare:
+            canon = bound.canon or list
+            mine = {m: [x.detach() for x in canon(list(results[m]))] for m in modes}
+            if state["ref_name"] is None and provider in case.reference:
+                state["ref_name"], state["ref"] = provider, mine
+            if state["ref_name"] is not None:
+                rel_vs = state["ref_name"]
+                rel = {m: _rel_err(mine[m], state["ref"][m]) for m in modes}
+            del mine
+        del results, outs
     except ProviderUnavailable as e:
-        for mode in run.modes:
-            row(mode, provider, error=str(e), status="unavailable")
+        for mode in modes:
+            row(mode, provider, error=str(e), status=e.status)
         return
     except Exception as e:  # noqa: BLE001 - one provider failing must not stop the others
-        for mode in run.modes:
+        for mode in modes:
             row(mode, provider, error=_short(e))
         return
-    for mode in run.modes:
+    for mode in modes:
         try:
             peak = peak_extra_bytes(timed[mode], run.device)
             ms = run.time(timed[mode])
             host = host_ms(timed[mode], run.device)
         except Exception as e:  # noqa: BLE001
-            row(mode, provider, rel=rel[mode], error=_short(e))
+            row(mode, provider, rel=rel[mode], rel_vs=rel_vs, error=_short(e))
             continue
-        row(mode, provider, ms=ms, peak=peak, rel=rel[mode], host=host)
+        row(mode, provider, ms=ms, peak=peak, rel=rel[mode], rel_vs=rel_vs, host=host)
 
 
 def _free(run):
@@ -655,7 +416,7 @@ def _free(run):
 
 
 # --------------------------------------------------------------------------------------------------
-# Output: JSON rows, a markdown table, a summary, a plot.
+# Output: JSON rows, markdown tables, a summary, plots.
 # --------------------------------------------------------------------------------------------------
 
 def _slug(text):
@@ -666,15 +427,23 @@ def _fmt(x, spec):
     return "—" if x is None else format(x, spec)
 
 
+def _missing(r):
+    """A summary cell for a row without a time."""
+    return {None: "—", "unavailable": "n/a", "unsupported": "unsupported", "skipped": "skipped"}.get(
+        r and r["status"], "error")
+
+
 def _compile_ms(rows):
     return {(r["op"], r["mode"]): r["median_ms"] for r in rows
-            if r["provider"] == "torch-compile" and r["median_ms"]}
+            if r["kind"] == "memory" and r["provider"] == "torch-compile" and r["median_ms"]}
 
 
 def summary_table(rows):
-    """One line per (op, mode): each provider's median ms and fraction of copy bandwidth."""
-    measured = [r for r in rows if r["op"] != "copy"]
-    providers = [p for p in PROVIDERS if any(r["provider"] == p for r in measured)]
+    """Memory-bound ops: one line per (op, mode), each provider's median ms and % of copy bandwidth."""
+    measured = [r for r in rows if r["kind"] == "memory"]
+    if not measured:
+        return ""
+    providers = [p for p in MEMORY_PROVIDERS if any(r["provider"] == p for r in measured)]
     keys = list(dict.fromkeys((r["op"], r["mode"]) for r in measured))
     cell = {(r["op"], r["mode"], r["provider"]): r for r in measured}
     comp = _compile_ms(rows)
@@ -685,8 +454,7 @@ def summary_table(rows):
         for p in providers:
             r = cell.get((op, mode, p))
             if r is None or r["median_ms"] is None:
-                cells.append({None: "—", "unavailable": "n/a", "skipped": "skipped"}.get(
-                    r and r["status"], "error"))
+                cells.append(_missing(r))
             else:
                 cells.append(f"{r['median_ms']:.3f} ms ({100 * (r['frac_of_copy_bw'] or 0):.0f}%)")
         ours = cell.get((op, mode, "fusedlm-triton"))
@@ -696,84 +464,220 @@ def summary_table(rows):
     return "\n".join(lines)
 
 
+def compute_summary(rows):
+    """Compute-bound ops: a table per op, one line per (case, mode), each provider's median ms and
+    TFLOP/s; then fusedlm's speedup over the fastest peer, and each provider's time over the baseline."""
+    measured = [r for r in rows if r["kind"] == "compute"]
+    tables = []
+    for op in dict.fromkeys(r["op"] for r in measured):
+        rs = [r for r in measured if r["op"] == op]
+        providers = list(dict.fromkeys(r["provider"] for r in rs))
+        baseline = next((r["baseline"] for r in rs if r["baseline"]), None)
+        keys = list(dict.fromkeys((r["case"], r["mode"]) for r in rs))
+        cell = {(r["case"], r["mode"], r["provider"]): r for r in rs}
+        head = ["case", "mode"] + providers + ["fusedlm vs fastest peer"]
+        if baseline:
+            head.append(f"time / {baseline}")
+        lines = [f"**{op}**: median ms (TFLOP/s)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for case, mode in keys:
+            cells = [case, mode]
+            timed = {}
+            for p in providers:
+                r = cell.get((case, mode, p))
+                if r is None or r["median_ms"] is None:
+                    cells.append(_missing(r))
+                else:
+                    timed[p] = r["median_ms"]
+                    flag = " **check**" if r["rel_err"] is not None and r["rel_err"] > REL_ERR_FLAG else ""
+                    cells.append(f"{r['median_ms']:.3f} ({_tf(r['tflops'])}){flag}")
+            ours = {p: ms for p, ms in timed.items() if p.startswith("fusedlm-")}
+            peers = {p: ms for p, ms in timed.items() if not p.startswith("fusedlm-") and p != baseline}
+            if ours and peers:
+                peer = min(peers, key=peers.get)
+                cells.append(f"{peers[peer] / min(ours.values()):.2f}x ({peer})")
+            else:
+                cells.append("—")
+            if baseline:
+                b = timed.get(baseline)
+                cells.append(", ".join(f"{p} {ms / b:.2f}x" for p, ms in timed.items() if p != baseline)
+                             if b else "—")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += _target_lines(rs, baseline)
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
+
+
+def _target_lines(rs, baseline):
+    """LoRA: whether fusedlm's fwd+bwd is within the target ratio to the baseline (params target_vs_baseline)."""
+    out = []
+    for r in rs:
+        target = r["params"].get("target_vs_baseline")
+        if target and r["mode"] == "fwd+bwd" and r["provider"].startswith("fusedlm-") and r["vs_baseline"]:
+            verdict = "met" if r["vs_baseline"] <= target else "NOT met"
+            out.append(f"{r['case']}: {r['provider']} fwd+bwd = {r['vs_baseline']:.2f}x {baseline} "
+                       f"(target <= {target}x: {verdict})")
+    return [""] + out if out else []
+
+
+def summaries(rows):
+    """The summary tables of both kinds (the *_summary.md file, and the end of the console output)."""
+    parts = []
+    if any(r["kind"] == "memory" for r in rows):
+        parts.append("**memory-bound ops**: median ms (% of copy bandwidth)\n\n" + summary_table(rows))
+    if any(r["kind"] == "compute" for r in rows):
+        parts.append(compute_summary(rows))
+    return "\n\n".join(parts)
+
+
+def _ceilings_line(run):
+    return (f"Copy bandwidth (`Tensor.copy_` of {run.copy_bytes / 2**20:.0f} MiB, read + write counted): "
+            f"**{_fmt(run.copy_gbps, '.0f')} GB/s**. Matmul (`torch.matmul` {run.matmul_n}^3, "
+            f"{str(run.dtype).replace('torch.', '')}): **{_fmt(run.matmul_tflops, '.0f')} TFLOP/s**.")
+
+
 def markdown(rows, run, skipped):
     env = run.env
     comp = _compile_ms(rows)
-    lines = ["# fusedlm memory-bound op benchmarks", ""]
+    mem = [r for r in rows if r["kind"] == "memory"]
+    cmp_rows = [r for r in rows if r["kind"] == "compute"]
+    lines = ["# fusedlm benchmarks", ""]
     if run.smoke:
         lines += ["**CPU SMOKE TEST: tiny tensors, time.perf_counter, one call. These times check the "
                   "harness; they are not performance figures.**", ""]
     lines += [
         f"{env['gpu']} · torch {env['torch']} · triton {env['triton']} · CUDA {env['cuda']} · "
-        f"liger-kernel {env['liger_kernel'] or 'not installed'} · fusedlm {env['fusedlm']} · "
-        f"commit {env['git_commit'] or 'unknown'} · {env['date']}",
+        f"liger-kernel {env['liger_kernel'] or 'not installed'} · peft {env['peft'] or 'not installed'} · "
+        f"fusedlm {env['fusedlm']} · commit {env['git_commit'] or 'unknown'} · {env['date']}",
         "",
-        f"Copy bandwidth (`Tensor.copy_` of {run.copy_bytes / 2**20:.0f} MiB, read + write counted): "
-        f"**{_fmt(run.copy_gbps, '.0f')} GB/s**. dtype {str(run.dtype).replace('torch.', '')}. "
-        "Timing: " + ("time.perf_counter" if run.smoke else "triton.testing.do_bench median, L2 flushed")
-        + ". fwd = training forward (inputs require grad); bwd = `torch.autograd.grad` alone. "
-        "`% copy BW` = (fewest bytes the op must move / time) / copy bandwidth. "
-        "`vs compile` = torch.compile's time / this row's time. `host ms` = time to issue one call on "
-        "the host; near `median ms`, the row is launch-bound. `peak MiB` = memory one call allocates "
-        "beyond its inputs.",
-        "",
-        "## Summary: median ms (% of copy bandwidth)",
-        "",
-        summary_table(rows),
-        "",
-        "## All rows",
-        "",
-        "| op | mode | shape | provider | median ms | host ms | GB/s | % copy BW | peak MiB | vs compile "
-        "| rel err vs eager |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        _ceilings_line(run) + f" dtype {str(run.dtype).replace('torch.', '')}. Timing: "
+        + ("time.perf_counter" if run.smoke else "triton.testing.do_bench median, L2 flushed")
+        + ". fwd = training forward (inputs require grad); bwd = `torch.autograd.grad` alone; fwd+bwd = both. "
+        "`host ms` = time to issue one call on the host; near `median ms`, the row is launch-bound. "
+        "`peak MiB` = memory one call allocates beyond its inputs. `rel err` = max ‖x − x_ref‖ / ‖x_ref‖ "
+        "over the outputs (fwd) or gradients, against the provider named.",
     ]
-    errors = []
-    for r in rows:
-        if r["op"] == "copy":
-            continue
-        if r["median_ms"] is None:
-            errors.append(r)
-            continue
-        c = comp.get((r["op"], r["mode"]))
-        rel = r["rel_err_vs_eager"]
-        rel_s = _fmt(rel, ".1e") + (" **check**" if rel is not None and rel > REL_ERR_FLAG else "")
-        peak = r["peak_mem_bytes"]
-        lines.append(
-            f"| {r['op']} | {r['mode']} | {r['shape']} | {r['provider']} | {r['median_ms']:.4f} | "
-            f"{_fmt(r['host_ms'], '.4f')} | "
-            f"{r['gbps']:.0f} | {100 * (r['frac_of_copy_bw'] or 0):.1f}% | "
-            f"{_fmt(None if peak is None else peak / 2**20, '.0f')} | "
-            f"{_fmt(None if not c else c / r['median_ms'], '.2f')}{'x' if c else ''} | {rel_s} |")
+    if mem:
+        lines += [
+            "", "## Memory-bound ops: median ms (% of copy bandwidth)", "",
+            "`% copy BW` = (fewest bytes the op must move / time) / copy bandwidth. "
+            "`vs compile` = torch.compile's time / this row's time.", "",
+            summary_table(rows), "", "### All rows", "",
+            "| op | mode | shape | provider | median ms | host ms | GB/s | % copy BW | peak MiB | vs compile "
+            "| rel err |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in mem:
+            if r["median_ms"] is None:
+                continue
+            c = comp.get((r["op"], r["mode"]))
+            peak = r["peak_mem_bytes"]
+            lines.append(
+                f"| {r['op']} | {r['mode']} | {r['shape']} | {r['provider']} | {r['median_ms']:.4f} | "
+                f"{_fmt(r['host_ms'], '.4f')} | {r['gbps']:.0f} | {100 * (r['frac_of_copy_bw'] or 0):.1f}% | "
+                f"{_fmt(None if peak is None else peak / 2**20, '.0f')} | "
+                f"{_fmt(None if not c else c / r['median_ms'], '.2f')}{'x' if c else ''} | {_rel_cell(r)} |")
+    if cmp_rows:
+        autotune = sorted({"on" if r["autotune"] else "off" for r in cmp_rows})
+        lines += [
+            "", "## Compute-bound ops: median ms (TFLOP/s)", "",
+            "`% matmul` = (FLOPs counted / time) / the matmul rate above. `fusedlm vs fastest peer` = the "
+            "fastest peer's time / fusedlm's fastest (above 1: fusedlm is faster). `time / base-linear` = "
+            "each provider's time over the frozen base projection's (LoRA). fusedlm autotune (FUSEDLM_AUTOTUNE): "
+            + " / ".join(autotune) + ".", "",
+            compute_summary(rows), "", "### All rows", "",
+            "| op | case | mode | provider | median ms | host ms | TFLOP/s | % matmul | peak MiB | vs baseline "
+            "| rel err | autotune |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in cmp_rows:
+            if r["median_ms"] is None:
+                continue
+            peak = r["peak_mem_bytes"]
+            lines.append(
+                f"| {r['op']} | {r['case']} | {r['mode']} | {r['provider']} | {r['median_ms']:.4f} | "
+                f"{_fmt(r['host_ms'], '.4f')} | {r['tflops']:.1f} | {100 * (r['frac_of_matmul'] or 0):.1f}% | "
+                f"{_fmt(None if peak is None else peak / 2**20, '.0f')} | "
+                f"{_fmt(r['vs_baseline'], '.2f')}{'x' if r['vs_baseline'] else ''} | {_rel_cell(r)} | "
+                f"{'on' if r['autotune'] else 'off'} |")
+        lines += ["", "Shapes:", ""]
+        lines += [f"- {op} {case}: {shape}" for op, case, shape in
+                  dict.fromkeys((r["op"], r["case"], r["shape"]) for r in cmp_rows)]
+    errors = [r for r in rows if r["median_ms"] is None and r["kind"] != "ceiling"]
     if errors or skipped:
         lines += ["", "## Not measured", ""]
         seen = {}
         for r in errors:
-            seen.setdefault((r["provider"], r["error"]), []).append(f"{r['op']} {r['mode']}")
+            seen.setdefault((r["provider"], r["error"]), []).append(r)
         for (provider, error), where in seen.items():
-            lines.append(f"- {provider} ({', '.join(where)}): {error}")
+            lines.append(f"- {provider} ({_where(where, rows)}): {error}")
         for name, why in skipped:
             lines.append(f"- {name}: skipped, {why}")
-    lines += ["", "## Bytes counted (the fewest each op must move; element size e, weights in e)", ""]
-    for op in OPS:
-        if any(r["op"] == op.name for r in rows):
-            for mode in ("fwd", "bwd"):
-                lines.append(f"- {op.name} {mode}: {op.bytes_doc[mode]}")
+    if mem:
+        lines += ["", "## Bytes counted (the fewest each op must move; element size e, weights in e)", ""]
+        for op in OPS:
+            if any(r["op"] == op.name for r in mem):
+                for mode in ("fwd", "bwd"):
+                    lines.append(f"- {op.name} {mode}: {op.bytes_doc[mode]}")
+    if cmp_rows:
+        lines += ["", "## FLOPs counted", ""]
+        for op in COMPUTE_OPS:
+            if any(r["op"] == op.name for r in cmp_rows):
+                for mode, doc in op.work_doc.items():
+                    lines.append(f"- {op.name} {mode}: {doc}")
+        if any(r["provider"] == "base-linear" for r in cmp_rows):
+            lines.append("- lora_linear, provider base-linear: 2MNK fwd, 2MNK bwd (dx only), 4MNK fwd+bwd")
     return "\n".join(lines) + "\n"
 
 
-def plot(rows, path):
-    """Bar chart of the fraction of copy bandwidth per (op, mode) and provider; None without matplotlib."""
+def _where(missing, rows):
+    """Which (op, case, mode) a list of unmeasured rows covers, compactly: "attention: all", or per case
+    ("attention S=1024 B=16: fwd, bwd")."""
+    parts = []
+    for op in dict.fromkeys(r["op"] for r in missing):
+        got = {(r["case"], r["mode"]) for r in missing if r["op"] == op}
+        every = {(r["case"], r["mode"]) for r in rows if r["op"] == op}
+        if got == every:
+            parts.append(f"{op}: all")
+            continue
+        got_cases = {c for c, _ in got}
+        for case in [c for c in dict.fromkeys(r["case"] for r in rows if r["op"] == op) if c in got_cases]:
+            modes = [m for m in MODES if (case, m) in got]
+            name = op if case == op else f"{op} {case}"
+            parts.append(f"{name}: {', '.join(modes)}")
+    return "; ".join(parts)
+
+
+def _tf(x):
+    """TFLOP/s for a table cell: three significant figures at most, no exponent."""
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 1 else f"{x:.2g}"
+
+
+def _rel_cell(r):
+    rel = r["rel_err"]
+    if rel is None:
+        return "—"
+    flag = " **check**" if rel > REL_ERR_FLAG else ""
+    return f"{rel:.1e}{flag}" + ("" if r["rel_err_vs"] == r["provider"] else f" vs {r['rel_err_vs']}")
+
+
+def _pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except Exception:  # noqa: BLE001 - the plot is optional
+        return plt
+    except Exception:  # noqa: BLE001 - the plots are optional
         return None
-    measured = [r for r in rows if r["op"] != "copy" and r["frac_of_copy_bw"]]
-    if not measured:
+
+
+def plot(rows, path):
+    """Bar chart of the fraction of copy bandwidth per (op, mode) and provider; None without matplotlib."""
+    measured = [r for r in rows if r["kind"] == "memory" and r["frac_of_copy_bw"]]
+    plt = _pyplot() if measured else None
+    if plt is None:
         return None
     keys = list(dict.fromkeys(f"{r['op']}\n{r['mode']}" for r in measured))
-    providers = [p for p in PROVIDERS if any(r["provider"] == p for r in measured)]
+    providers = [p for p in MEMORY_PROVIDERS if any(r["provider"] == p for r in measured)]
     width = 0.8 / len(providers)
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(keys)), 4))
     for i, p in enumerate(providers):
@@ -791,18 +695,56 @@ def plot(rows, path):
     return path
 
 
+def plot_attention(rows, path):
+    """TFLOP/s against S per provider for the dense attention op: a row of panels (one per mode) for
+    non-causal, one for causal."""
+    measured = [r for r in rows if r["op"] == "attention" and r["tflops"]]
+    plt = _pyplot() if measured else None
+    if plt is None:
+        return None
+    modes = [m for m in MODES if any(r["mode"] == m for r in measured)]
+    causals = sorted({r["params"]["causal"] for r in measured})
+    fig, axes = plt.subplots(len(causals), len(modes), figsize=(3.8 * len(modes), 3.2 * len(causals)),
+                             squeeze=False)
+    for i, causal in enumerate(causals):
+        for j, mode in enumerate(modes):
+            ax = axes[i][j]
+            sel = [r for r in measured if r["params"]["causal"] == causal and r["mode"] == mode]
+            for p in dict.fromkeys(r["provider"] for r in measured):
+                pts = sorted((r["params"]["seqlen"], r["tflops"]) for r in sel if r["provider"] == p)
+                if pts:
+                    ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", ms=3, label=p)
+            ax.set_xscale("log", base=2)
+            seqlens = sorted({r["params"]["seqlen"] for r in measured})
+            ax.set_xticks(seqlens, [str(x) for x in seqlens], fontsize=7)
+            ax.minorticks_off()
+            ax.set_title(f"{mode}{', causal' if causal else ''}", fontsize=9)
+            ax.axhline(measured[0]["matmul_tflops"] or 0, color="gray", lw=0.8, ls="--")
+            ax.set_ylim(bottom=0)
+            if i == len(causals) - 1:
+                ax.set_xlabel("S (B = tokens / S)", fontsize=8)
+        axes[i][0].set_ylabel("TFLOP/s (dashed: matmul)", fontsize=8)
+    axes[0][-1].legend(fontsize=6)
+    fig.suptitle(f"attention, {measured[0]['gpu']}, {measured[0]['dtype']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_outputs(rows, run, out_dir, stem, skipped, final=False):
-    """Rewrite the JSON, markdown and summary files (after every op, so a killed run keeps its rows)."""
+    """Rewrite the JSON, markdown and summary files (after every case, so a killed run keeps its rows)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md",
              "summary": out_dir / f"{stem}_summary.md"}
     paths["json"].write_text(json.dumps(rows, indent=1) + "\n")
     paths["md"].write_text(markdown(rows, run, skipped))
-    paths["summary"].write_text(summary_table(rows) + "\n")
+    paths["summary"].write_text(summaries(rows) + "\n")
     if final:
-        png = plot(rows, out_dir / f"{stem}.png")
-        if png:
-            paths["png"] = png
+        for key, fn, suffix in (("png", plot, ""), ("attention_png", plot_attention, "_attention")):
+            png = fn(rows, out_dir / f"{stem}{suffix}.png")
+            if png:
+                paths[key] = png
     return paths
 
 
@@ -818,25 +760,53 @@ def _default_out():
     return Path("benchmarks") / "results"
 
 
+def _int_list(text):
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="fusedlm bench",
-        description="Throughput of fusedlm's memory-bound ops (rms_norm, rms_norm+residual, layer_norm, "
-                    "swiglu, rope) against PyTorch eager, torch.compile and Liger-Kernel, as GB/s and the "
-                    "fraction of the measured copy bandwidth. Needs a CUDA device (or --cpu-smoke).")
+        description="Throughput of fusedlm's ops against their peers, in the same run on the same inputs: "
+                    "the memory-bound ops (rms_norm, rms_norm+residual, layer_norm, swiglu, rope) as GB/s and "
+                    "the fraction of the measured copy bandwidth, against PyTorch eager, torch.compile and "
+                    "Liger-Kernel; the compute-bound ones (attention, attention on a padded batch, LoRA "
+                    "linear) as TFLOP/s and the fraction of a measured bf16 matmul, against PyTorch's SDPA "
+                    "backends, FlexAttention, PEFT. Needs a CUDA device (or --cpu-smoke).")
     p.add_argument("--ops", default="all",
                    help=f"comma list of ops {list(OP_BY_NAME)} or families {FAMILIES} (default: all)")
-    p.add_argument("--providers", default="all", help=f"comma list of {PROVIDERS} (default: all)")
-    p.add_argument("--modes", default="fwd,bwd", help="fwd, bwd or both (default: fwd,bwd)")
+    p.add_argument("--providers", default="all",
+                   help="comma list of provider names, e.g. fusedlm-triton,sdpa-flash,flex,peft (default: all)")
+    p.add_argument("--modes", default=None,
+                   help=f"comma list of {list(MODES)} (default: fwd,bwd for the memory-bound ops, "
+                        "fwd,bwd,fwd+bwd for the compute-bound ones)")
     p.add_argument("--out", type=Path, default=None,
                    help="results directory (default: benchmarks/results/; a temp dir with --cpu-smoke)")
-    p.add_argument("--tag", default=None, help="file name prefix (default: memory_bound, or the ops chosen)")
-    p.add_argument("--quick", action="store_true", help="shorter timing loops (do_bench warmup 10 ms, rep 40 ms)")
+    p.add_argument("--tag", default=None,
+                   help="file name prefix (default: memory_bound, attention, lora, all, or the ops chosen)")
+    p.add_argument("--quick", action="store_true",
+                   help="shorter timing loops (do_bench warmup 10 ms, rep 40 ms) and fewer attention lengths "
+                        f"(S = {','.join(map(str, Sizes.attn_quick_seqlens))}; padded: "
+                        f"{','.join(map(str, Sizes.attn_padded_quick_seqlens))})")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="run each op once on tiny CPU tensors through the same code path (checks the "
                         "harness, no GPU needed; set TRITON_INTERPRET=1 for the triton provider)")
-    p.add_argument("--tokens", type=int, default=None, help="rows of the 2-D ops, B*S for rope (default 16384)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="rows of the 2-D ops, B*S for rope and attention, M for lora (default 16384)")
     p.add_argument("--hidden", type=int, default=None, help="norm hidden / swiglu width (default 4096)")
+    p.add_argument("--seqlens", type=_int_list, default=None,
+                   help=f"attention sequence lengths S, comma list (default "
+                        f"{','.join(map(str, Sizes.attn_seqlens))}); B = tokens // S")
+    p.add_argument("--autotune", action="store_true",
+                   help="set FUSEDLM_AUTOTUNE=1: fusedlm's attention kernels autotune their block shapes "
+                        "(on the first, untimed call of each kind; slow to start). Default: the environment's "
+                        "value, normally off. Recorded in every compute row")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                    help="default bfloat16 (float32 with --cpu-smoke)")
     p.add_argument("--budget-s", type=float, default=None,
@@ -845,11 +815,51 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def _default_tag(ops):
+    if len(ops) == len(ALL_OPS):
+        return "all"
+    if ops == OPS:
+        return "memory_bound"
+    for family in FAMILIES:
+        if ops == [op for op in ALL_OPS if op.family == family or op.kind == family]:
+            return family
+    return "-".join(op.name for op in ops)
+
+
+def _print_row(r):
+    rel = r["rel_err"]
+    rel_s = f"  rel err {rel:.1e}" if rel is not None else ""
+    if r["median_ms"] is None:
+        if r["status"] not in ("unavailable", "unsupported"):
+            what = r["op"] if r["kind"] == "memory" else f"{r['op']} {r['case']}"
+            print(f"  {what:18s} {r['mode']:7s} {r['provider']:15s} not measured: {r['error']}", flush=True)
+        return
+    if r["kind"] == "memory":
+        print(f"  {r['op']:18s} {r['mode']:7s} {r['provider']:15s} {r['median_ms']:9.4f} ms "
+              f"{r['gbps']:7.0f} GB/s {100 * r['frac_of_copy_bw']:5.1f}% of copy" + rel_s, flush=True)
+    else:
+        base = f"  {r['vs_baseline']:.2f}x {r['baseline']}" if r["vs_baseline"] and r["provider"] != r["baseline"] else ""
+        print(f"  {r['case']:26s} {r['mode']:7s} {r['provider']:21s} {r['median_ms']:9.4f} ms "
+              f"{r['tflops']:7.1f} TFLOP/s {100 * (r['frac_of_matmul'] or 0):5.1f}% of matmul" + base + rel_s,
+              flush=True)
+
+
+def _ceiling_row(run, op, shape, dtype, ms, bytes_=None, gbps=None, flops=None, tflops=None):
+    return {"kind": "ceiling", "op": op, "case": op, "shape": shape, "dtype": dtype, "mode": "fwd",
+            "provider": "torch", "median_ms": ms, "host_ms": None, "peak_mem_bytes": None,
+            "bytes": bytes_, "bytes_formula": "read src + write dst" if bytes_ else None, "gbps": gbps,
+            "frac_of_copy_bw": 1.0 if gbps else None, "flops": flops,
+            "flops_formula": "2 n^3" if flops else None, "tflops": tflops,
+            "frac_of_matmul": 1.0 if tflops else None, "baseline": None, "vs_baseline": None,
+            "rel_err": None, "rel_err_vs": None, "autotune": None, "params": {}, "error": None, "status": "ok",
+            "copy_gbps": run.copy_gbps, "matmul_tflops": run.matmul_tflops, "smoke": run.smoke, **run.env}
+
+
 def main(argv=None) -> int:
     """Entry point of ``fusedlm bench`` / ``python -m fusedlm.bench``.
 
-    Returns 0 when every fusedlm provider measured ran, 1 when one failed, 2 when it cannot run here
-    (no CUDA device without --cpu-smoke, bad arguments).
+    Returns 0 when every fusedlm provider measured ran and agreed with the reference, 1 when one
+    failed or disagreed, 2 when it cannot run here (no CUDA device without --cpu-smoke, bad arguments).
     """
     try:
         args = parse_args(argv)
@@ -863,6 +873,8 @@ def main(argv=None) -> int:
               "throughput; run them on a GPU machine (scripts/gpu_run.sh), or use --cpu-smoke to check "
               "the harness on tiny CPU tensors.", file=sys.stderr)
         return 2
+    if args.autotune:
+        os.environ["FUSEDLM_AUTOTUNE"] = "1"  # read by fusedlm.kernels.attention at every launch
     try:
         run = Run(args)
     except ValueError as e:
@@ -872,58 +884,60 @@ def main(argv=None) -> int:
         print(f"note: the fusedlm-triton provider is unavailable: {_backend.why_unavailable('triton')} "
               "(run with TRITON_INTERPRET=1 to include it)", flush=True)
 
-    tag = args.tag or ("memory_bound" if len(ops) == len(OPS) else "-".join(op.name for op in ops))
+    tag = args.tag or _default_tag(ops)
     stem = f"{tag}_{'cpu-smoke' if run.smoke else _slug(run.env['gpu'])}"
     out_dir = args.out or (Path(tempfile.gettempdir()) / "fusedlm_bench_smoke" if run.smoke else _default_out())
 
     env = run.env
     print(f"fusedlm bench on {env['gpu']}: torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
-          f"liger-kernel {env['liger_kernel'] or 'not installed'}, commit {env['git_commit'] or 'unknown'}",
-          flush=True)
-    gbps, ms = measure_copy_bandwidth(run)
+          f"liger-kernel {env['liger_kernel'] or 'not installed'}, peft {env['peft'] or 'not installed'}, "
+          f"commit {env['git_commit'] or 'unknown'}", flush=True)
+    gbps, copy_ms = measure_copy_bandwidth(run)
     run.copy_gbps = gbps
-    print(f"copy bandwidth: {gbps:.0f} GB/s ({run.copy_bytes / 2**20:.0f} MiB copy_ in {ms:.4f} ms, "
+    print(f"copy bandwidth: {gbps:.0f} GB/s ({run.copy_bytes / 2**20:.0f} MiB copy_ in {copy_ms:.4f} ms, "
           "read + write counted)", flush=True)
-    rows = [{"op": "copy", "shape": f"({run.copy_bytes},) uint8", "dtype": "uint8", "mode": "fwd",
-             "provider": "torch copy_", "median_ms": ms, "host_ms": None, "gbps": gbps, "frac_of_copy_bw": 1.0,
-             "peak_mem_bytes": None, "bytes": 2 * run.copy_bytes, "bytes_formula": "read src + write dst",
-             "rel_err_vs_eager": None, "error": None, "status": "ok", "copy_gbps": gbps, "smoke": run.smoke,
-             **env}]
+    tflops, mm_ms = measure_matmul_tflops(run)
+    run.matmul_tflops = tflops
+    dtype = str(run.dtype).replace("torch.", "")
+    print(f"matmul: {tflops:.1f} TFLOP/s (torch.matmul {run.matmul_n}^3 {dtype} in {mm_ms:.4f} ms)", flush=True)
+    if any(op.kind == "compute" for op in ops):
+        print(f"fusedlm attention autotune (FUSEDLM_AUTOTUNE): {'on' if run.autotune() else 'off'}", flush=True)
+    rows = [_ceiling_row(run, "copy", f"({run.copy_bytes},) uint8", "uint8", copy_ms,
+                         bytes_=2 * run.copy_bytes, gbps=gbps),
+            _ceiling_row(run, "matmul", f"({run.matmul_n},{run.matmul_n})@({run.matmul_n},{run.matmul_n})", dtype,
+                         mm_ms, flops=2 * run.matmul_n ** 3, tflops=tflops)]
     skipped = []
 
     def emit(r):
         rows.append(r)
-        if r["median_ms"] is not None:
-            rel = r["rel_err_vs_eager"]
-            print(f"  {r['op']:18s} {r['mode']} {r['provider']:15s} {r['median_ms']:9.4f} ms "
-                  f"{r['gbps']:7.0f} GB/s {100 * r['frac_of_copy_bw']:5.1f}% of copy"
-                  + (f"  rel err {rel:.1e}" if rel is not None else ""), flush=True)
-        elif r["status"] != "unavailable":
-            print(f"  {r['op']:18s} {r['mode']} {r['provider']:15s} not measured: {r['error']}", flush=True)
+        _print_row(r)
 
     for op in ops:
-        if getattr(fusedlm, op.fusedlm_attr, None) is None:
-            why = f"fusedlm.{op.fusedlm_attr} does not exist in this build"
+        missing = [a for a in op.fusedlm_attrs if getattr(fusedlm, a, None) is None]
+        if missing:
+            why = f"fusedlm.{missing[0]} does not exist in this build"
             print(f"{op.name}: skipped, {why}", flush=True)
             skipped.append((op.name, why))
             continue
         print(f"{op.name}:", flush=True)
-        bench_op(op, run, emit)
-        write_outputs(rows, run, out_dir, stem, skipped)
-    for why in dict.fromkeys(f"{r['provider']}: {r['error']}" for r in rows if r["status"] == "unavailable"):
+        for case in op.cases(run):
+            bench_case(case, run, emit)
+            write_outputs(rows, run, out_dir, stem, skipped)
+    for why in dict.fromkeys(f"{r['provider']}: {r['error']}" for r in rows
+                             if r["status"] in ("unavailable", "unsupported")):
         print(f"not measured: {why}", flush=True)
     paths = write_outputs(rows, run, out_dir, stem, skipped, final=True)
 
-    print("\n" + summary_table(rows) + "\n")
+    print("\n" + _ceilings_line(run) + "\n\n" + summaries(rows) + "\n")
     print("results: " + ", ".join(str(p) for p in paths.values()))
-    failed = [r for r in rows if r["provider"].startswith("fusedlm-") and r["status"] == "failed"]
-    flagged = [r for r in rows if r["provider"].startswith("fusedlm-") and r["rel_err_vs_eager"] is not None
-               and not r["rel_err_vs_eager"] <= REL_ERR_FLAG]
+    ours = [r for r in rows if r["provider"].startswith("fusedlm-")]
+    failed = [r for r in ours if r["status"] == "failed"]
+    flagged = [r for r in ours if r["rel_err"] is not None and not r["rel_err"] <= REL_ERR_FLAG]
     for r in failed:
-        print(f"FAILED {r['op']} {r['mode']} {r['provider']}: {r['error']}", file=sys.stderr)
+        print(f"FAILED {r['op']} {r['case']} {r['mode']} {r['provider']}: {r['error']}", file=sys.stderr)
     for r in flagged:
-        print(f"CHECK {r['op']} {r['mode']} {r['provider']}: rel err vs torch-eager "
-              f"{r['rel_err_vs_eager']:.2e} > {REL_ERR_FLAG}", file=sys.stderr)
+        print(f"CHECK {r['op']} {r['case']} {r['mode']} {r['provider']}: rel err vs {r['rel_err_vs']} "
+              f"{r['rel_err']:.2e} > {REL_ERR_FLAG}", file=sys.stderr)
     return 1 if failed or flagged else 0
 
 

@@ -182,6 +182,7 @@ def cases(gpu=False):
                 lambda x, weight, lora_a, lora_b, bias=None: lora_linear_ref(x, weight, bias, lora_a, lora_b, 0.5),
                 ("x", "lora_a", "lora_b") + (("weight",) + (("bias",) if bias else ()) if train_base else ())))
     out += _attention_cases(gpu)
+    out += _deberta_cases(gpu)
     return out
 
 
@@ -264,3 +265,41 @@ def run(backends, dtypes, device, gpu=False, ops=None, log=print):
                 rows.append(row)
                 log(row)
     return rows
+
+
+def _deberta_cases(gpu):
+    from fusedlm.ops.deberta import deberta_attention, deberta_attention_ref
+
+    out = []
+    # (B, H, S, D, position_buckets, max_relative_positions, terms, padded)
+    deberta = [(2, 2, 67, 64, 256, 512, "c2p,p2c", True), (1, 1, 300, 16, 256, 512, "c2p,p2c", True),
+               (2, 2, 67, 40, 16, 40, "c2p", False), (2, 2, 67, 40, 16, 40, "p2c", True),
+               (2, 2, 67, 32, -1, 20, "c2p,p2c", False), (2, 1, 1, 16, 256, 512, "c2p,p2c", False)]
+    if gpu:
+        deberta.append((4, 12, 2048, 64, 256, 512, "c2p,p2c", True))
+    for B, H, S, D, pb, mr, terms, padded in deberta:
+        span = pb if pb > 0 else mr
+
+        def make_deb(g, B=B, H=H, S=S, D=D, span=span, terms=terms, padded=padded):
+            d = dict(query=_randn(g, B, H, S, D), key=_randn(g, B, H, S, D), value=_randn(g, B, H, S, D))
+            if "c2p" in terms:
+                d["pos_key"] = _randn(g, H, 2 * span, D)
+            if "p2c" in terms:
+                d["pos_query"] = _randn(g, H, 2 * span, D)
+            if padded:  # real lengths from S down to a batch row with a single real key
+                d["key_padding_mask"] = torch.arange(S)[None, :] < torch.linspace(S, 1, B).long()[:, None]
+            return d
+
+        def run_deb(b, pb=pb, mr=mr):
+            return lambda query, key, value, pos_key=None, pos_query=None, key_padding_mask=None: deberta_attention(
+                query, key, value, pos_key, pos_query, key_padding_mask=key_padding_mask, position_buckets=pb,
+                max_relative_positions=mr, backend=b)
+
+        def ref_deb(query, key, value, pos_key=None, pos_query=None, key_padding_mask=None, pb=pb, mr=mr):
+            return deberta_attention_ref(query, key, value, pos_key, pos_query, key_padding_mask, pb, mr)
+
+        grads = ("query", "key", "value") + (("pos_key",) if "c2p" in terms else ()) + \
+            (("pos_query",) if "p2c" in terms else ())
+        label = f"deberta_attention({terms},{'buckets' if pb > 0 else 'distance'}{',kpm' if padded else ''})"
+        out.append(Case(label, (B, H, S, D, pb, mr), make_deb, run_deb, ref_deb, grads))
+    return out

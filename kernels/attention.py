@@ -477,7 +477,7 @@ def _launch_blocks(launch, kernel, tuned, grid_of, args, cfg, flags, device):
         launch(kernel, grid_of(cfg["BLOCK_M"], cfg["BLOCK_N"]), *args, **cfg, **flags)
 
 
-def _precision(q):
+def precision(q):
     """float32 inputs multiply in full float32 (TF32 would cost ~1e-3 relative error); half types as they are."""
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
@@ -554,7 +554,7 @@ def attention_fwd(launch, q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu
             *lse_strides, *mask_strides,
             H, H // Hkv, Lq, Lk, E, Ev, float(scale), float(dropout_p))
     flags = dict(CAUSAL=causal, BOTTOM_RIGHT=bottom_right, VARLEN=varlen, DROPOUT=dropout_p > 0, **mask_flags,
-                 PRECISION=_precision(q))
+                 PRECISION=precision(q))
     _launch_blocks(launch, _attn_fwd, _attn_fwd_tuned, lambda bm, bn: (triton.cdiv(Lq, bm), B * H), args, cfg,
                    flags, q.device)
     return out, lse
@@ -587,7 +587,7 @@ def attention_bwd(launch, do, dlse, q, k, v, out, lse, attn_mask, key_padding_ma
                   *_bhm_strides(do, varlen), *lse_strides)
     scalars = (H, H // Hkv, Lq, Lk, E, Ev, float(scale), float(dropout_p))
     flags = dict(CAUSAL=causal, BOTTOM_RIGHT=bottom_right, VARLEN=varlen, DROPOUT=dropout_p > 0, **mask_flags,
-                 PRECISION=_precision(q))
+                 PRECISION=precision(q))
     _launch_blocks(launch, _attn_bwd_dkdv, _attn_bwd_dkdv_tuned, lambda bm, bn: (triton.cdiv(Lk, bn), B * Hkv),
                    (q, k, v, do, lse, delta, dk, dv, *common_ptrs, *in_strides, *_bhm_strides(dk, varlen),
                     *_bhm_strides(dv, varlen), *mask_strides, *scalars), cfg, flags, q.device)

@@ -1,20 +1,36 @@
 #!/usr/bin/env bash
 # The one script a GPU session runs, from the repository root, in one call:
 #
-#   env      nvidia-smi, versions of python, torch, triton, CUDA, nvcc, transformers, peft, liger-kernel
-#   wheels   carried wheels in .whl/ (liger-kernel, ...) into /tmp/site, put on PYTHONPATH  (if any)
-#   install  pip install --no-build-isolation --no-deps -e .  (builds fusedlm._C where nvcc is found;
-#            if that build fails, installs again without it so the Triton paths still get tested)
-#   info     python -m fusedlm info
-#   verify   python -m fusedlm verify --json $OUT/verify.json
-#   tests    python -m pytest -x -q tests
-#   bench    python -m fusedlm.bench -> $OUT/bench/, copied to benchmarks/results/
-#   then a status table per step and the benchmark summary table, last.
+#   env        nvidia-smi, versions of python, torch, triton, CUDA, nvcc, transformers, peft, liger-kernel
+#   wheels     carried wheels in .whl/ (liger-kernel, ...) into /tmp/site, put on PYTHONPATH  (if any)
+#   install    pip install --no-build-isolation --no-deps -e .  (builds fusedlm._C where nvcc is found;
+#              if that build fails, installs again without it so the Triton paths still get tested)
+#   info       python -m fusedlm info
+#   verify     python -m fusedlm verify --json $OUT/verify.json
+#   tests      python -m pytest -x -q tests
+#   memory     python -m fusedlm.bench --ops memory --quick      (rms_norm, layer_norm, swiglu, rope)
+#   attention  python -m fusedlm.bench --ops attention --quick   (every provider but FlexAttention)
+#   lora       python -m fusedlm.bench --ops lora --quick
+#   flex       python -m fusedlm.bench --ops attention --quick --providers sdpa-flash,sdpa-efficient,fusedlm-triton,flex
+#              (last, on what is left of the budget: FlexAttention compiles per shape, tens of seconds)
+#   then a status table per step and the benchmark summary tables, last.
+#
+# The benchmark results go to $OUT/bench/ (memory_bound_*, attention_*, lora_*, attention_flex_*: .json,
+# .md, _summary.md, .png) and are copied to benchmarks/results/.
 #
 # No network is used. Every step logs to $OUT/<step>.log (OUT defaults to ./gpu_out) and runs under a
 # time cap drawn from one overall budget (GPU_RUN_BUDGET_S, default 480 s), so the whole run ends well
-# within 9 minutes; the tests are capped so that GPU_RUN_BENCH_RESERVE_S (default 210 s) stays for the
-# benchmarks. A failing step does not stop the later ones. Exit status 0 if every step passed, else 1.
+# within 9 minutes. Each benchmark step has a reserve (GPU_RUN_MEMORY_S 90, GPU_RUN_ATTENTION_S 120,
+# GPU_RUN_LORA_S 45): the tests are capped so that the reserves of all three stay, and each benchmark
+# step so that those of the later ones stay; time a step leaves unused goes to the next. Inside a
+# benchmark step the harness starts no new measurement after --budget-s (its cap less a margin), so a
+# step cut short still writes the rows it measured. A failing step does not stop the later ones.
+# Exit status 0 if every step passed, else 1.
+#
+# Knobs:  GPU_RUN_STEPS=install,attention  only these steps, plus env and wheels (default all; e.g. a
+#                                          second call for the benchmarks; install is needed on a fresh machine)
+#         GPU_RUN_QUICK=0                  full benchmark sizes (S = 1024..16384, longer timing loops)
+#         GPU_RUN_AUTOTUNE=1               --autotune for the attention benches (FUSEDLM_AUTOTUNE=1)
 #
 # Usage:  bash scripts/gpu_run.sh          OUT=/path bash scripts/gpu_run.sh
 set -u -o pipefail
@@ -28,7 +44,13 @@ export PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 export MAX_JOBS="${MAX_JOBS:-16}"                       # parallel nvcc jobs for the extension build
 BUDGET_S="${GPU_RUN_BUDGET_S:-480}"
-BENCH_RESERVE_S="${GPU_RUN_BENCH_RESERVE_S:-210}"
+MEMORY_S="${GPU_RUN_MEMORY_S:-90}"
+ATTENTION_S="${GPU_RUN_ATTENTION_S:-120}"
+LORA_S="${GPU_RUN_LORA_S:-45}"
+export STEPS="${GPU_RUN_STEPS:-all}"
+QUICK=(); [[ ${GPU_RUN_QUICK:-1} == 1 ]] && QUICK=(--quick)
+AUTOTUNE=(); [[ ${GPU_RUN_AUTOTUNE:-0} == 1 ]] && AUTOTUNE=(--autotune)
+export BENCH_FLAGS="${QUICK[*]}" ATTN_FLAGS="${QUICK[*]} ${AUTOTUNE[*]}"
 unset TRITON_INTERPRET FUSEDLM_BACKEND                  # the real GPU paths, the "auto" backend
 
 STEP_NAMES=() STEP_STATUS=() STEP_SECS=() STEP_NOTE=()
@@ -38,6 +60,8 @@ STEP_NAMES=() STEP_STATUS=() STEP_SECS=() STEP_NOTE=()
 # pass / FAIL(rc) / TIMEOUT / SKIPPED. The function sees its cap as $STEP_CAP.
 run_step() {
   local name=$1 cap=$2 fn=$3
+  # Not selected by GPU_RUN_STEPS: no row at all (env and wheels always run: cheap, and needed).
+  [[ $STEPS == all || $name == env || $name == wheels || ",$STEPS," == *",$name,"* ]] || return 0
   local left=$(( BUDGET_S - SECONDS - 5 ))
   (( cap > left )) && cap=$left
   local t0=$SECONDS rc status
@@ -111,15 +135,36 @@ step_tests() {
   "$PY" -m pytest -x -q tests -p no:cacheprovider --junitxml="$OUT/pytest.xml"
 }
 
-step_bench() {
-  # The harness stops starting new measurements after --budget-s; the margin (a third of the cap, at
-  # most 60 s) covers the one running then: a cold torch.compile of a forward and backward takes
-  # tens of seconds.
+# bench_args TAG: the harness's --out/--tag/--budget-s for a benchmark step. It stops starting new
+# measurements after --budget-s; the margin (a third of the cap, at most 60 s) covers the one running
+# then: a cold torch.compile of a forward and backward takes tens of seconds.
+bench_args() {
   local margin=$(( STEP_CAP / 3 < 60 ? STEP_CAP / 3 : 60 ))
-  "$PY" -m fusedlm.bench --out "$OUT/bench" --budget-s $(( STEP_CAP - margin ))
+  echo --out "$OUT/bench" --tag "$1" --budget-s $(( STEP_CAP - margin ))
 }
 
-export -f step_env step_wheels step_install step_info step_verify step_tests step_bench
+step_memory() {
+  "$PY" -m fusedlm.bench --ops memory $BENCH_FLAGS $(bench_args memory_bound)
+}
+
+step_attention() {
+  # Every provider but FlexAttention (its compiles are the flex step's, after lora).
+  "$PY" -m fusedlm.bench --ops attention $ATTN_FLAGS $(bench_args attention) \
+    --providers sdpa-flash,sdpa-math,fusedlm-triton,fusedlm-cuda,fusedlm-triton-varlen,sdpa-cudnn,sdpa-efficient
+}
+
+step_lora() {
+  "$PY" -m fusedlm.bench --ops lora $BENCH_FLAGS $(bench_args lora)
+}
+
+step_flex() {
+  # FlexAttention next to the SDPA flash yardstick and fusedlm (the padded case: SDPA efficient).
+  "$PY" -m fusedlm.bench --ops attention $ATTN_FLAGS $(bench_args attention_flex) \
+    --providers sdpa-flash,sdpa-efficient,fusedlm-triton,flex
+}
+
+export -f step_env step_wheels step_install step_info step_verify step_tests bench_args step_memory \
+  step_attention step_lora step_flex
 
 echo "fusedlm GPU run: repo $REPO, logs and results in $OUT, budget ${BUDGET_S}s"
 run_step env 60 step_env
@@ -130,8 +175,11 @@ fi
 run_step install 300 step_install
 run_step info 60 step_info
 run_step verify 150 step_verify
-run_step tests $(( BUDGET_S - SECONDS - BENCH_RESERVE_S )) step_tests
-run_step bench $(( BUDGET_S - SECONDS )) step_bench
+run_step tests $(( BUDGET_S - SECONDS - MEMORY_S - ATTENTION_S - LORA_S )) step_tests
+run_step memory $(( BUDGET_S - SECONDS - ATTENTION_S - LORA_S )) step_memory
+run_step attention $(( BUDGET_S - SECONDS - LORA_S )) step_attention
+run_step lora $(( BUDGET_S - SECONDS > 2 * LORA_S ? 2 * LORA_S : BUDGET_S - SECONDS )) step_lora
+run_step flex $(( BUDGET_S - SECONDS )) step_flex
 # Keep the measured files in the tree too (also those of a run cut short: they are rewritten per op).
 for f in "$OUT"/bench/*; do
   [[ -f $f && $f != *cpu-smoke* ]] && cp -f "$f" benchmarks/results/
@@ -144,19 +192,32 @@ for st in "${STEP_STATUS[@]}"; do [[ $st == pass ]] || failed=1; done
 print_summary() {
   echo
   echo "== summary: $(date -u +%Y-%m-%dT%H:%M:%SZ), ${SECONDS}s in all, logs in $OUT"
-  printf '%-8s %-16s %5s  %s\n' step status secs "last line of the log"
+  printf '%-10s %-16s %5s  %s\n' step status secs "last line of the log"
   for i in "${!STEP_NAMES[@]}"; do
-    printf '%-8s %-16s %5s  %s\n' "${STEP_NAMES[$i]}" "${STEP_STATUS[$i]}" "${STEP_SECS[$i]}" "${STEP_NOTE[$i]}"
+    printf '%-10s %-16s %5s  %s\n' "${STEP_NAMES[$i]}" "${STEP_STATUS[$i]}" "${STEP_SECS[$i]}" "${STEP_NOTE[$i]}"
   done
   echo
-  local summaries=("$OUT"/bench/*_summary.md)
-  if [[ -f ${summaries[0]} ]]; then
-    echo "benchmarks: median ms (% of copy bandwidth); every row in $OUT/bench/*.md"
-    grep -h "^copy bandwidth" "$OUT/bench.log" 2>/dev/null
-    cat "${summaries[@]}"
-  else
-    echo "benchmarks: no results"
-  fi
+  local f found=0 log
+  for log in memory attention lora flex; do   # the ceilings, as this run's first benchmark step measured them
+    [[ " ${STEP_NAMES[*]} " == *" $log "* ]] || continue   # a log of an earlier call: stale
+    if grep -q "^matmul:" "$OUT/$log.log" 2>/dev/null; then
+      grep -h "^copy bandwidth\|^matmul:" "$OUT/$log.log"
+      break
+    fi
+  done
+  local tag
+  for tag in memory_bound attention lora attention_flex; do
+    for f in "$OUT/bench/${tag}_"*_summary.md; do
+      [[ -f $f ]] || continue
+      [[ $tag == attention && $f == */attention_flex_* ]] && continue
+      (( found++ == 0 )) && echo "benchmarks: memory-bound median ms (% of copy bandwidth), compute-bound" \
+        "median ms (TFLOP/s); every row in $OUT/bench/*.md"
+      echo
+      echo "-- $(basename "$f" _summary.md)"
+      cat "$f"
+    done
+  done
+  (( found > 0 )) || echo "benchmarks: no results"
 }
 print_summary 2>&1 | tee "$OUT/summary.txt"
 exit "$failed"

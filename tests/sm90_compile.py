@@ -172,9 +172,37 @@ def lora_variants():
         lora._config = cpu_config
 
 
+def deberta_variants():
+    """Forward and both backward kernels: every position-term combination, key padding, the dtypes."""
+    from fusedlm.kernels import deberta
+
+    cpu_config = deberta.block_config
+    deberta.block_config = lambda d, dtype, device, backward=False: cpu_config(d, dtype, torch.device("cuda"),
+                                                                               backward)
+    try:
+        B, H, S = 2, 2, 64
+        for dt, d, terms, kpm in [(torch.bfloat16, 64, "c2p,p2c", True), (torch.bfloat16, 64, "c2p,p2c", False),
+                                  (torch.bfloat16, 64, "c2p", False), (torch.bfloat16, 64, "p2c", True),
+                                  (torch.bfloat16, 64, "", False), (torch.float16, 128, "c2p,p2c", True),
+                                  (torch.float32, 64, "c2p,p2c", True), (torch.float32, 128, "c2p,p2c", False),
+                                  (torch.bfloat16, 256, "c2p,p2c", True), (torch.bfloat16, 40, "c2p,p2c", False)]:
+            q, k, v = (torch.randn(B, H, S, d, dtype=dt) for _ in range(3))
+            pk = torch.randn(H, 512, d, dtype=dt) if "c2p" in terms else None
+            pq = torch.randn(H, 512, d, dtype=dt) if "p2c" in terms else None
+            mask = torch.ones(B, S, dtype=torch.bool) if kpm else None
+            idx = torch.zeros(2 * S - 1, dtype=torch.int32)
+            out, lse = deberta.deberta_fwd(aot_launch, q, k, v, pk, pq, mask, idx, 0.1)
+            deberta.deberta_bwd(aot_launch, torch.randn_like(out), q, k, v, pk, pq, out, torch.zeros_like(lse), mask,
+                                idx, 0.1)
+    finally:
+        deberta.block_config = cpu_config
+
+
+
 if __name__ == "__main__":
     variants()
     attention_variants()
     lora_variants()
+    deberta_variants()
     print(f"{len(seen)} variants compiled for sm_90, {len(failures)} failed")
     sys.exit(1 if failures or not seen else 0)

@@ -30,7 +30,7 @@ def test_verify_runs_every_op_and_writes_json(tmp_path):
     rows = json.loads((tmp_path / "v.json").read_text())["rows"]
     ops = {r["op"].split("(")[0].split("+")[0] for r in rows}
     assert {"rms_norm", "layer_norm", "swiglu", "apply_rotary_pos_emb", "scaled_dot_product_attention",
-            "varlen_attention", "lora_linear"} <= ops
+            "varlen_attention", "lora_linear", "deberta_attention"} <= ops
     assert {r["backend"] for r in rows} >= {"torch", "triton"}
     assert {r["dtype"] for r in rows} >= {"float32", "float16"}
     assert all(r["ok"] and r["max_rel_err"] <= r["bound"] for r in rows)
