@@ -442,8 +442,11 @@ def _tile_bytes(bm, bn, stages, be, bev, itemsize, backward):
 
 
 def _prune(configs, named_args, backward=False, **kwargs):
-    be, bev = named_args["BLOCK_E"], named_args["BLOCK_EV"]
-    itemsize = named_args["Q"].element_size()
+    """Drop the candidates whose tiles would not fit shared memory. Triton hands the positional
+    arguments in ``named_args`` and the keyword ones (the head-dim blocks) in ``kwargs``."""
+    args = {**named_args, **kwargs}
+    be, bev = args["BLOCK_E"], args["BLOCK_EV"]
+    itemsize = args["Q"].element_size()
     fit = [c for c in configs if _tile_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, be, bev,
                                              itemsize, backward) <= SHARED_LIMIT * 0.9]
     return fit or configs[-1:]
@@ -501,15 +504,23 @@ def _mask_args(attn_mask, key_padding_mask, kv_range, B, H, Lq, Lk, dummy):
         HAS_MASK=attn_mask is not None, MASK_BOOL=is_bool, HAS_KPM=key_padding_mask is not None)
 
 
-def key_padding_range(key_padding_mask):
-    """(B, 2) int32: per batch, the first real key and one past the last (S and 0 when there is none).
-    The kernels' key loops run only over the blocks in between: leading and trailing padding cost nothing."""
+def key_padding_bounds(key_padding_mask):
+    """Per batch, int32 (B,) each: the first real key and one past the last (S and 0 when there is none)."""
     B, S = key_padding_mask.shape
+    if S == 0:
+        zeros = torch.zeros(B, device=key_padding_mask.device, dtype=torch.int32)
+        return zeros, zeros.clone()
     pos = torch.arange(S, device=key_padding_mask.device, dtype=torch.int32)
     m = key_padding_mask.to(torch.int32)
-    end = (m * (pos + 1)).amax(dim=1) if S > 0 else m.new_zeros(B)
-    begin = (m * pos + (1 - m) * S).amin(dim=1) if S > 0 else m.new_zeros(B)
-    return torch.stack((begin, end), dim=1).to(torch.int32).contiguous()
+    begin = (m * pos + (1 - m) * S).amin(dim=1).to(torch.int32)
+    end = (m * (pos + 1)).amax(dim=1).to(torch.int32)
+    return begin, end
+
+
+def key_padding_range(key_padding_mask):
+    """(B, 2) int32 [first real key, one past the last]: the kernels' key loops run only over the blocks
+    in between, so leading and trailing padding cost nothing."""
+    return torch.stack(key_padding_bounds(key_padding_mask), dim=1).contiguous()
 
 
 def _geometry(q, k, v, cu_seqlens_q, max_q, max_k):

@@ -357,7 +357,7 @@ def _common(q, c2p, p2c, key_padding_mask, dummy):
     ps = p2c.stride()[:3] if p2c is not None else (0, 0, 0)
     if key_padding_mask is not None:
         kpm, kpb = key_padding_mask.view(torch.uint8), key_padding_mask.stride(0)
-        kv_end = attention.key_padding_range(key_padding_mask)[:, 1].contiguous()  # one past the last real key
+        _, kv_end = attention.key_padding_bounds(key_padding_mask)  # one past the last real key
     else:
         kpm, kv_end, kpb = dummy, dummy, 0
     flags = dict(HAS_C2P=c2p is not None, HAS_P2C=p2c is not None, HAS_KPM=key_padding_mask is not None,

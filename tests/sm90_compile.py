@@ -44,9 +44,9 @@ def aot_launch(kernel, grid, *args, **meta):
     from triton.runtime.autotuner import Autotuner
 
     if isinstance(kernel, Autotuner):  # every candidate config that survives the pruning
-        named = dict(zip(kernel.fn.arg_names, args), **meta)
+        named = dict(zip(kernel.fn.arg_names, args))  # as Triton's Autotuner calls the pruner
         prune = getattr(kernel, "early_config_prune", None)
-        for c in (prune(kernel.configs, named) if prune else kernel.configs):
+        for c in (prune(kernel.configs, named, **meta) if prune else kernel.configs):
             aot_launch(kernel.fn, grid, *args, **meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
         return
     options = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
