@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from . import attention
+from .attention import _row_stats, _tile, _tile_t
 
 
 
@@ -93,9 +94,7 @@ def _fwd_blocks(acc, l_i, m_i, q, K, V, C2P, P2C, IDX, KPM, stride_kn, stride_vn
     offs_nb = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_nb
-        kv_ok = offs_n < S
-        kT = tl.load(K + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None],
-                     mask=kv_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+        kT = _tile_t(K, offs_n, S, stride_kn, offs_d, D)
         idx = 0
         if HAS_C2P or HAS_P2C:
             idx = _rel_idx(IDX, offs_m[:, None], offs_n[None, :], S)
@@ -106,8 +105,7 @@ def _fwd_blocks(acc, l_i, m_i, q, K, V, C2P, P2C, IDX, KPM, stride_kn, stride_vn
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :],
-                    mask=kv_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        v = _tile(V, offs_n, S, stride_vn, offs_d, D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -141,8 +139,7 @@ def _deberta_fwd(
     C2P += b * stride_cb + h * stride_ch
     P2C += b * stride_pb + h * stride_ph
     KPM += b * stride_kpb
-    q = tl.load(Q + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    q = _tile(Q, offs_m, S, stride_qm, offs_d, D)
     kv_end = tl.minimum(S, tl.load(KV_END + b)) if HAS_KPM else S
     n_full = kv_end // BLOCK_N * BLOCK_N
     qk_scale = sm_scale * 1.4426950408889634
@@ -199,10 +196,8 @@ def _deberta_bwd_dkdv(
     P2C += b * stride_pb + h * stride_ph
     DP2C += b * stride_pb + h * stride_ph
     KPM += b * stride_kpb
-    kT = tl.load(K + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None],
-                 mask=kv_ok[None, :] & (offs_d[:, None] < D), other=0.0)  # [BLOCK_D, BLOCK_N]
-    vT = tl.load(V + offs_n[None, :].to(tl.int64) * stride_vn + offs_d[:, None],
-                 mask=kv_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+    kT = _tile_t(K, offs_n, S, stride_kn, offs_d, D)  # [BLOCK_D, BLOCK_N]
+    vT = _tile_t(V, offs_n, S, stride_vn, offs_d, D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     carry = tl.zeros([BLOCK_N], dtype=tl.float32)  # partial sum of each column's open run (dP2C)
@@ -212,14 +207,9 @@ def _deberta_bwd_dkdv(
     if start_n < kv_end:  # a block of padding only: its gradients are zeros
         for start_m in range(0, S, BLOCK_M):
             offs_m = start_m + offs_mb
-            row_ok = offs_m < S
-            q = tl.load(Q + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
-                        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-            do = tl.load(DO + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :],
-                         mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-            lse = tl.load(LSE + offs_m.to(tl.int64) * stride_lm, mask=row_ok, other=float("-inf"))
-            delta = tl.load(DELTA + offs_m.to(tl.int64) * stride_lm, mask=row_ok, other=0.0)
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            q = _tile(Q, offs_m, S, stride_qm, offs_d, D)
+            do = _tile(DO, offs_m, S, stride_dom, offs_d, D)
+            lse2, delta = _row_stats(LSE, DELTA, offs_m, S, stride_lm)
             idx = 0
             if HAS_C2P or HAS_P2C:
                 idx = _rel_idx(IDX, offs_m[:, None], offs_n[None, :], S)
@@ -284,13 +274,9 @@ def _deberta_bwd_dq(
     DC2P += b * stride_cb + h * stride_ch
     P2C += b * stride_pb + h * stride_ph
     KPM += b * stride_kpb
-    q = tl.load(Q + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :],
-                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    lse = tl.load(LSE + offs_m.to(tl.int64) * stride_lm, mask=row_ok, other=float("-inf"))
-    delta = tl.load(DELTA + offs_m.to(tl.int64) * stride_lm, mask=row_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    q = _tile(Q, offs_m, S, stride_qm, offs_d, D)
+    do = _tile(DO, offs_m, S, stride_dom, offs_d, D)
+    lse2, delta = _row_stats(LSE, DELTA, offs_m, S, stride_lm)
     kv_end = tl.minimum(S, tl.load(KV_END + b)) if HAS_KPM else S
     last_col = tl.cdiv(kv_end, BLOCK_N) * BLOCK_N - 1  # the last key the loop visits closes every open run
     qk_scale = sm_scale * 1.4426950408889634
@@ -298,11 +284,8 @@ def _deberta_bwd_dq(
     carry = tl.zeros([BLOCK_M], dtype=tl.float32)  # partial sum of each row's open run (dC2P)
     for start_n in range(0, kv_end, BLOCK_N):
         offs_n = start_n + offs_nb
-        kv_ok = offs_n < S
-        kT = tl.load(K + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None],
-                     mask=kv_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-        vT = tl.load(V + offs_n[None, :].to(tl.int64) * stride_vn + offs_d[:, None],
-                     mask=kv_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+        kT = _tile_t(K, offs_n, S, stride_kn, offs_d, D)
+        vT = _tile_t(V, offs_n, S, stride_vn, offs_d, D)
         idx = 0
         if HAS_C2P or HAS_P2C:
             idx = _rel_idx(IDX, offs_m[:, None], offs_n[None, :], S)
