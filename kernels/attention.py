@@ -234,11 +234,39 @@ def _attn_fwd(
 def _probs(q, k, offs_m, offs_n, q_len, k_len, shift, qk_scale, lse2,
            MASK, stride_mm, stride_mn, KPM,
            HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-           PRECISION: tl.constexpr):
+           CHECK_BOUNDS: tl.constexpr, PRECISION: tl.constexpr):
     """P of a tile recomputed from the saved lse (base 2, +inf for rows with nothing visible)."""
     qk = _scores(q, k, offs_m, offs_n, q_len, k_len, shift, qk_scale, MASK, stride_mm, stride_mn, KPM,
-                 HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, True, PRECISION)
+                 HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, CHECK_BOUNDS, PRECISION)
     return tl.math.exp2(qk - lse2[:, None])
+
+
+@triton.jit
+def _dkdv_blocks(dk, dv, kT, vT, Q, DO, LSE, DELTA, MASK, KPM, offs_n, offs_e, offs_ev, E, EV,
+                 m_lo, m_hi, q_len, k_len, shift, qk_scale, stride_qm, stride_dom, stride_lm, stride_mm, stride_mn,
+                 seed, bh, max_q, max_k, dropout_p,
+                 HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+                 DROPOUT: tl.constexpr, CHECK_BOUNDS: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one key block over the query blocks [m_lo, m_hi) of one query head."""
+    offs_mb = tl.arange(0, BLOCK_M)
+    for start_m in range(m_lo, m_hi, BLOCK_M):
+        offs_m = start_m + offs_mb
+        q = _tile(Q, offs_m, q_len, stride_qm, offs_e, E)
+        do = _tile(DO, offs_m, q_len, stride_dom, offs_ev, EV)
+        lse2, delta = _row_stats(LSE, DELTA, offs_m, q_len, stride_lm)
+        p = _probs(q, kT, offs_m, offs_n, q_len, k_len, shift, qk_scale, lse2, MASK, stride_mm, stride_mn, KPM,
+                   HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, CHECK_BOUNDS, PRECISION)
+        dp = tl.dot(do, vT, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, max_q, max_k, dropout_p)
+            pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        else:
+            pd = p
+        dv += tl.dot(tl.trans(pd).to(do.dtype), do, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -269,7 +297,6 @@ def _attn_bwd_dkdv(
     dropout_p = tl.cast(dropout_p, tl.float32)
     b64 = b.to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_mb = tl.arange(0, BLOCK_M)
     offs_e = tl.arange(0, BLOCK_E)
     offs_ev = tl.arange(0, BLOCK_EV)
     kv_ok = offs_n < k_len
@@ -283,8 +310,16 @@ def _attn_bwd_dkdv(
     kv_begin, kv_end = _real_keys(KV_RANGE, b, k_len, HAS_KPM)
     seed = tl.load(SEED) if DROPOUT else 0
     qk_scale = sm_scale * 1.4426950408889634
-    # Queries that can see this key block: with causal, i >= start_n - shift.
+    # Queries that can see this key block: with causal, i >= start_n - shift. From m_masked on, every
+    # query of a block sees every key of this one (i >= start_n + BLOCK_N - 1 - shift), unless the key
+    # block runs past the sequence end.
     lo = tl.maximum(start_n - shift, 0) // BLOCK_M * BLOCK_M if CAUSAL else 0
+    if start_n + BLOCK_N > k_len:
+        m_masked = q_len
+    elif CAUSAL:
+        m_masked = tl.maximum(start_n + BLOCK_N - 1 - shift + BLOCK_M - 1, 0) // BLOCK_M * BLOCK_M
+    else:
+        m_masked = 0
     if (start_n < kv_end) & (start_n + BLOCK_N > kv_begin):  # else padding only: zero gradients
         for g in range(0, GROUP):
             h = kvh * GROUP + g
@@ -293,24 +328,18 @@ def _attn_bwd_dkdv(
             DOh = DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + q_start.to(tl.int64) * stride_dom
             row0 = b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start.to(tl.int64) * stride_lm
             MASKh = MASK + b64 * stride_mb + h.to(tl.int64) * stride_mh
-            for start_m in range(lo, q_len, BLOCK_M):
-                offs_m = start_m + offs_mb
-                q = _tile(Qh, offs_m, q_len, stride_qm, offs_e, E)
-                do = _tile(DOh, offs_m, q_len, stride_dom, offs_ev, EV)
-                lse2, delta = _row_stats(LSE + row0, DELTA + row0, offs_m, q_len, stride_lm)
-                p = _probs(q, kT, offs_m, offs_n, q_len, k_len, shift, qk_scale, lse2,
-                           MASKh, stride_mm, stride_mn, KPM + b64 * stride_kpb,
-                           HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, PRECISION)
-                dp = tl.dot(do, vT, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
-                if DROPOUT:
-                    keep = _dropout_keep(seed, bh, offs_m, offs_n, Lq, Lk, dropout_p)
-                    pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-                    dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-                else:
-                    pd = p
-                dv += tl.dot(tl.trans(pd).to(do.dtype), do, input_precision=PRECISION)
-                ds = p * (dp - delta[:, None])
-                dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+            # Query blocks on the causal diagonal (or facing a partial key block) need the per-element
+            # test; the ones wholly below it do not.
+            dk, dv = _dkdv_blocks(dk, dv, kT, vT, Qh, DOh, LSE + row0, DELTA + row0, MASKh, KPM + b64 * stride_kpb,
+                                  offs_n, offs_e, offs_ev, E, EV, lo, tl.minimum(m_masked, q_len), q_len, k_len,
+                                  shift, qk_scale, stride_qm, stride_dom, stride_lm, stride_mm, stride_mn,
+                                  seed, bh, Lq, Lk, dropout_p, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, DROPOUT,
+                                  True, BLOCK_M, PRECISION)
+            dk, dv = _dkdv_blocks(dk, dv, kT, vT, Qh, DOh, LSE + row0, DELTA + row0, MASKh, KPM + b64 * stride_kpb,
+                                  offs_n, offs_e, offs_ev, E, EV, tl.maximum(m_masked, lo), q_len, q_len, k_len,
+                                  shift, qk_scale, stride_qm, stride_dom, stride_lm, stride_mm, stride_mn,
+                                  seed, bh, Lq, Lk, dropout_p, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, DROPOUT,
+                                  False, BLOCK_M, PRECISION)
     dk = dk * sm_scale
     DK += b64 * stride_dkb + kvh.to(tl.int64) * stride_dkh + k_start.to(tl.int64) * stride_dkn
     DV += b64 * stride_dvb + kvh.to(tl.int64) * stride_dvh + k_start.to(tl.int64) * stride_dvn
@@ -318,6 +347,28 @@ def _attn_bwd_dkdv(
              mask=kv_ok[:, None] & (offs_e[None, :] < E))
     tl.store(DV + offs_n[:, None].to(tl.int64) * stride_dvn + offs_ev[None, :], dv.to(DV.dtype.element_ty),
              mask=kv_ok[:, None] & (offs_ev[None, :] < EV))
+
+
+@triton.jit
+def _dq_blocks(dq, q, do, lse2, delta, K, V, MASK, KPM, offs_m, offs_e, offs_ev, E, EV, n_lo, n_hi, q_len, k_len,
+               shift, qk_scale, stride_kn, stride_vn, stride_mm, stride_mn, seed, bh, max_q, max_k, dropout_p,
+               HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+               DROPOUT: tl.constexpr, CHECK_BOUNDS: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dQ of one query block over the key blocks [n_lo, n_hi)."""
+    offs_nb = tl.arange(0, BLOCK_N)
+    for start_n in range(n_lo, n_hi, BLOCK_N):
+        offs_n = start_n + offs_nb
+        kT = _tile_t(K, offs_n, k_len, stride_kn, offs_e, E)
+        vT = _tile_t(V, offs_n, k_len, stride_vn, offs_ev, EV)
+        p = _probs(q, kT, offs_m, offs_n, q_len, k_len, shift, qk_scale, lse2, MASK, stride_mm, stride_mn, KPM,
+                   HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, CHECK_BOUNDS, PRECISION)
+        dp = tl.dot(do, vT, input_precision=PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, bh, offs_m, offs_n, max_q, max_k, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
+    return dq
 
 
 @triton.jit
@@ -348,7 +399,6 @@ def _attn_bwd_dq(
     b64 = b.to(tl.int64)
     kvh = (h // GROUP).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_nb = tl.arange(0, BLOCK_N)
     offs_e = tl.arange(0, BLOCK_E)
     offs_ev = tl.arange(0, BLOCK_EV)
     row_ok = offs_m < q_len
@@ -364,22 +414,18 @@ def _attn_bwd_dq(
     lse2, delta = _row_stats(LSE + row0, DELTA + row0, offs_m, q_len, stride_lm)
     shift = k_len - q_len if BOTTOM_RIGHT else 0
     kv_begin, kv_end = _real_keys(KV_RANGE, b, k_len, HAS_KPM)
-    _, hi = _key_range(start_m, q_len, k_len, kv_end, shift, CAUSAL, BLOCK_M, BLOCK_N)
+    n_full, hi = _key_range(start_m, q_len, k_len, kv_end, shift, CAUSAL, BLOCK_M, BLOCK_N)
+    lo = kv_begin // BLOCK_N * BLOCK_N
     seed = tl.load(SEED) if DROPOUT else 0
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
-    for start_n in range(kv_begin // BLOCK_N * BLOCK_N, hi, BLOCK_N):
-        offs_n = start_n + offs_nb
-        kT = _tile_t(K, offs_n, k_len, stride_kn, offs_e, E)
-        vT = _tile_t(V, offs_n, k_len, stride_vn, offs_ev, EV)
-        p = _probs(q, kT, offs_m, offs_n, q_len, k_len, shift, qk_scale, lse2, MASK, stride_mm, stride_mn, KPM,
-                   HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, PRECISION)
-        dp = tl.dot(do, vT, input_precision=PRECISION)
-        if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, Lq, Lk, dropout_p)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
+    # As in the forward: key blocks every query of the tile sees, then the diagonal / last blocks.
+    dq = _dq_blocks(dq, q, do, lse2, delta, K, V, MASK, KPM, offs_m, offs_e, offs_ev, E, EV, lo, n_full, q_len,
+                    k_len, shift, qk_scale, stride_kn, stride_vn, stride_mm, stride_mn, seed, bh, Lq, Lk, dropout_p,
+                    HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, DROPOUT, False, BLOCK_N, PRECISION)
+    dq = _dq_blocks(dq, q, do, lse2, delta, K, V, MASK, KPM, offs_m, offs_e, offs_ev, E, EV, tl.maximum(n_full, lo),
+                    hi, q_len, k_len, shift, qk_scale, stride_kn, stride_vn, stride_mm, stride_mn, seed, bh, Lq, Lk,
+                    dropout_p, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, DROPOUT, True, BLOCK_N, PRECISION)
     dq = dq * sm_scale
     DQ += b64 * stride_dqb + h.to(tl.int64) * stride_dqh + q_start.to(tl.int64) * stride_dqm
     tl.store(DQ + offs_m[:, None].to(tl.int64) * stride_dqm + offs_e[None, :], dq.to(DQ.dtype.element_ty),
