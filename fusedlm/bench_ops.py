@@ -126,12 +126,21 @@ class Sizes:
     lora_out: int = 4096
     lora_rank: int = 16
     lora_alpha: int = 32       # PEFT's scaling = alpha / r
+    deberta_heads: int = 12    # deberta-v3-base: H = 12, D = 64, 256 buckets, max_relative_positions 512
+    deberta_head_dim: int = 64
+    deberta_buckets: int = 256
+    deberta_max_rel: int = 512
+    deberta_seqlens: tuple = (512, 2048, 8192)               # B = tokens // S (8192: B = 2)
+    deberta_quick_seqlens: tuple = (512, 2048)               # with --quick
+    deberta_ref_max_seqlen: int = 2048  # the float32 eager yardstick (S x S fp32 scores): up to this S
 
 
 SMOKE_SIZES = Sizes(tokens=48, hidden=200, rope_batch=2, rope_heads=4, rope_kv_heads=2, rope_head_dim=32,
                     attn_heads=2, attn_head_dim=16, attn_seqlens=(16, 48), attn_quick_seqlens=(16, 48),
                     attn_padded_quick_seqlens=(48,),
-                    attn_math_max_seqlen=48, lora_in=72, lora_out=80, lora_rank=4, lora_alpha=8)
+                    attn_math_max_seqlen=48, lora_in=72, lora_out=80, lora_rank=4, lora_alpha=8,
+                    deberta_heads=2, deberta_head_dim=16, deberta_buckets=8, deberta_max_rel=16,
+                    deberta_seqlens=(16, 48), deberta_quick_seqlens=(16, 48), deberta_ref_max_seqlen=48)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -720,12 +729,239 @@ def lora_cases(run):
                          "target_vs_baseline": LORA_TARGET})]
 
 
+# --------------------------------------------------------------------------------------------------
+# DeBERTa disentangled attention: fusedlm against transformers' DisentangledSelfAttention and FlashDeBERTa.
+# Every provider is the whole self-attention module: q/k/v projections of the hidden states, the
+# (shared) key/query projections of rel_embeddings into pos_key/pos_query, the attention; the output
+# projection (DebertaV2SelfOutput) is not included. Same weights (frozen), gradients for hidden states
+# and rel_embeddings.
+# --------------------------------------------------------------------------------------------------
+
+class ProviderOOM(ProviderUnavailable):
+    """A peer that runs out of device memory on this case: a row with status "oom", not a crash."""
+    status = "oom"
+
+
+DEBERTA_SCOPE = ("attention module: q/k/v projections + pos projections of rel_embeddings (share_att_key) + "
+                 "disentangled attention; output projection excluded; weights frozen")
+DEBERTA_FLOPS_DOC = {
+    "fwd": "core + proj: core = B H (4 S^2 D + 8 S span D) (QK^T, PV, Q pos_key^T, K pos_query^T); "
+           "proj = 6 B S C^2 + 8 span C^2 (q, k, v of hidden; k, q of rel_embeddings), C = H D",
+    "bwd": "2.5 core + proj (frozen weights: d hidden, d rel_embeddings only)",
+    "fwd+bwd": "3.5 core + 2 proj",
+}
+DEBERTA_TIME_TARGET = 0.25     # fwd+bwd time <= 1/4 of hf-eager's at S = 2048 (>= 4x faster)
+DEBERTA_MEM_TARGET = 0.25      # attention peak memory <= 1/4 of hf-eager's at S = 2048
+DEBERTA_FLASH_TARGET = 1 / 1.5  # fwd+bwd >= 1.5x FlashDeBERTa at S = 2048
+DEBERTA_TARGET_S = 2048
+
+
+def _deberta_config(sz):
+    from transformers import DebertaV2Config
+
+    return DebertaV2Config(
+        hidden_size=sz.deberta_heads * sz.deberta_head_dim, num_attention_heads=sz.deberta_heads,
+        intermediate_size=4 * sz.deberta_heads * sz.deberta_head_dim, relative_attention=True,
+        pos_att_type=["c2p", "p2c"], position_buckets=sz.deberta_buckets,
+        max_relative_positions=sz.deberta_max_rel, share_att_key=True, norm_rel_ebd="layer_norm",
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def _oom_guard(fn, leaves):
+    """Run fn and its backward once (as the harness's first call does): out of memory -> ProviderOOM."""
+    try:
+        out = fn()
+        torch.autograd.grad([out], leaves, [torch.ones_like(out)])
+        del out
+    except torch.OutOfMemoryError as e:
+        raise ProviderOOM(f"out of memory ({str(e).splitlines()[0][:200]})") from None
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _hf_module(cls, t, sz, dtype):
+    """transformers' (or FlashDeBERTa's) self-attention module, eval mode, using the case's weights."""
+    mod = cls(_deberta_config(sz)).eval().to(device=t["hidden"].device, dtype=dtype)
+    for name in ("query", "key", "value"):
+        lin = getattr(mod, f"{name}_proj")
+        _bind(lin, weight=t[f"w{name[0]}"].to(dtype), bias=t[f"b{name[0]}"].to(dtype))
+    return mod
+
+
+def _hf_builder(sz, float32=False, flash=False):
+    def build(t):
+        if flash:
+            if t["hidden"].device.type != "cuda":
+                raise ProviderUnavailable("FlashDeBERTa's Triton kernels are benchmarked on a CUDA device only")
+            try:
+                from flashdeberta.model import FlashDisentangledSelfAttention as cls
+            except Exception as e:  # noqa: BLE001
+                raise ProviderUnavailable(f"flashdeberta is not installed or not importable "
+                                          f"({type(e).__name__}: {e}); pip install flashdeberta") from None
+        else:
+            try:
+                from transformers.models.deberta_v2.modeling_deberta_v2 import DisentangledSelfAttention as cls
+            except Exception as e:  # noqa: BLE001
+                raise ProviderUnavailable(f"transformers' deberta_v2 is not importable "
+                                          f"({type(e).__name__}: {e})") from None
+        h, rel = t["hidden"], t["rel"]
+        B, S, _ = h.shape
+        if float32 and S > sz.deberta_ref_max_seqlen:
+            raise ProviderUnsupported(f"the float32 yardstick runs up to S = {sz.deberta_ref_max_seqlen} only")
+        dtype = torch.float32 if float32 else h.dtype
+        mod = _hf_module(cls, t, sz, dtype)
+        mask = torch.ones(B, 1, 1, S, dtype=torch.bool, device=h.device)   # no padding
+
+        def fn():
+            hh, rr = (h.float(), rel.float()) if float32 else (h, rel)
+            return mod(hh, mask, output_attentions=False, rel_embeddings=rr)[0]
+        _oom_guard(fn, [h, rel])
+        return Bound(fn, [h, rel])
+    return build
+
+
+def _deberta_fusedlm_bind(sz):
+    def bind(backend, t):
+        h, rel = t["hidden"], t["rel"]
+        B, S, C = h.shape
+        H, D = sz.deberta_heads, sz.deberta_head_dim
+
+        def heads(w, b):  # (B, S, C) -> (B, H, S, D), a view of (B, S, H, D) storage
+            return F.linear(h, w, b).view(B, S, H, D).transpose(1, 2)
+
+        def pos(w, b):    # (2 span, C) -> (H, 2 span, D)
+            return F.linear(rel, w, b).view(-1, H, D).transpose(0, 1).contiguous()
+
+        def fn():
+            out = fusedlm.deberta_attention(
+                heads(t["wq"], t["bq"]), heads(t["wk"], t["bk"]), heads(t["wv"], t["bv"]),
+                pos_key=pos(t["wk"], t["bk"]), pos_query=pos(t["wq"], t["bq"]),
+                position_buckets=sz.deberta_buckets, max_relative_positions=sz.deberta_max_rel, backend=backend)
+            return out.transpose(1, 2).reshape(B, S, C)
+        return Bound(fn, [h, rel])
+    return bind
+
+
+def deberta_cases(run):
+    """bf16 DeBERTa-v2/v3 self-attention (deberta-v3-base: H = 12, D = 64, 256 buckets, max relative
+    positions 512, c2p + p2c, share_att_key) at B * S = tokens for each S; no padding."""
+    sz = run.sizes
+    H, D, span = sz.deberta_heads, sz.deberta_head_dim, sz.deberta_buckets
+    C = H * D
+    default_attn = sz.attn_quick_seqlens if run.quick else sz.attn_seqlens
+    seqlens = (sz.deberta_quick_seqlens if run.quick else sz.deberta_seqlens) \
+        if tuple(run.seqlens) == tuple(default_attn) else run.seqlens   # --seqlens given: those
+    cases = []
+    for S in seqlens:
+        B = max(1, sz.tokens // S)
+        core = B * H * (4 * S * S * D + 8 * S * span * D)
+        proj = 6 * B * S * C * C + 8 * span * C * C
+        flops = {"fwd": core + proj, "bwd": int(2.5 * core) + proj, "fwd+bwd": int(3.5 * core) + 2 * proj}
+
+        def make(B=B, S=S):
+            gen = _device_generator(run, 11 + S)
+            t = {"hidden": _randn(gen, run.device, run.dtype, B, S, C),
+                 "rel": _randn(gen, run.device, run.dtype, 2 * span, C)}
+            for n in "qkv":
+                t[f"w{n}"] = _randn(gen, run.device, run.dtype, C, C, scale=C ** -0.5)
+                t[f"b{n}"] = _randn(gen, run.device, run.dtype, C, scale=0.02)
+            return t
+
+        providers = {"hf-eager-fp32": _hf_builder(sz, float32=True), "hf-eager": _hf_builder(sz)}
+        providers.update(fusedlm_providers(_deberta_fusedlm_bind(sz)))
+        providers["flashdeberta"] = _hf_builder(sz, flash=True)
+        params = {"batch": B, "heads": H, "seqlen": S, "head_dim": D, "position_buckets": span,
+                  "max_relative_positions": sz.deberta_max_rel, "scope": DEBERTA_SCOPE}
+        if S == DEBERTA_TARGET_S:
+            params["target_vs_baseline"] = DEBERTA_TIME_TARGET
+        cases.append(Case(
+            op="deberta_attention", kind="compute", label=f"S={S} B={B}", make=make,
+            describe=lambda t: (f"hidden{_shape(t['hidden'])} rel_embeddings{_shape(t['rel'])}, "
+                                f"pos_key/pos_query ({H},{2 * span},{D}), no padding; " + DEBERTA_SCOPE),
+            grad=("hidden", "rel"),
+            work=lambda t, mode, provider, f=flops: (f[mode], DEBERTA_FLOPS_DOC[mode]),
+            providers=providers, reference=("hf-eager-fp32", "hf-eager"), baseline="hf-eager",
+            params=params))
+    return cases
+
+
+def deberta_report(rows):
+    """Markdown: per (case, mode), each provider's time and peak memory over hf-eager's, and the issue's
+    targets at S = 2048 (fwd+bwd >= 4x hf-eager and >= 1.5x FlashDeBERTa, peak memory <= 1/4 of
+    hf-eager's) and S = 8192 running. '' when there are no deberta rows."""
+    rs = [r for r in rows if r["op"] == "deberta_attention"]
+    if not rs:
+        return ""
+
+    def status(r):
+        if r is None:
+            return "—"
+        if r["median_ms"] is not None:
+            return "ok"
+        err = (r["error"] or "").lower()
+        return "OOM" if r["status"] == "oom" or "out of memory" in err else r["status"]
+
+    cell = {(r["case"], r["mode"], r["provider"]): r for r in rs}
+    providers = [p for p in dict.fromkeys(r["provider"] for r in rs) if p not in ("hf-eager", "hf-eager-fp32")]
+    lines = ["**deberta_attention vs hf-eager** (" + DEBERTA_SCOPE + "): speedup = hf-eager ms / ms; "
+             "mem = peak MiB (x of hf-eager's)", "",
+             "| case | mode | hf-eager ms | hf-eager peak MiB | " + " | ".join(
+                 f"{p} speedup | {p} mem" for p in providers) + " |",
+             "|" + "---|" * (4 + 2 * len(providers))]
+    verdicts = []
+    for case, mode in dict.fromkeys((r["case"], r["mode"]) for r in rs):
+        hf = cell.get((case, mode, "hf-eager"))
+        hf_ok = hf is not None and hf["median_ms"] is not None
+        cells = [case, mode, f"{hf['median_ms']:.3f}" if hf_ok else status(hf),
+                 _mib(hf["peak_mem_bytes"]) if hf_ok else status(hf)]
+        for p in providers:
+            r = cell.get((case, mode, p))
+            if r is None or r["median_ms"] is None:
+                cells += [status(r), "—"]
+                continue
+            cells.append(f"{hf['median_ms'] / r['median_ms']:.2f}x" if hf_ok else f"{r['median_ms']:.3f} ms")
+            mem = _mib(r["peak_mem_bytes"])
+            if hf_ok and r["peak_mem_bytes"] and hf["peak_mem_bytes"]:
+                mem += f" ({r['peak_mem_bytes'] / hf['peak_mem_bytes']:.2f}x)"
+            cells.append(mem)
+        lines.append("| " + " | ".join(cells) + " |")
+        ours = cell.get((case, mode, "fusedlm-triton"))
+        if mode != "fwd+bwd" or ours is None:
+            continue
+        S = ours["params"]["seqlen"]
+        if S == DEBERTA_TARGET_S and ours["median_ms"] and hf_ok:
+            speed = hf["median_ms"] / ours["median_ms"]
+            verdicts.append(f"S={S} fwd+bwd: fusedlm-triton {speed:.2f}x hf-eager (target >= "
+                            f"{1 / DEBERTA_TIME_TARGET:.0f}x: {'met' if speed >= 1 / DEBERTA_TIME_TARGET else 'NOT met'})")
+            if ours["peak_mem_bytes"] and hf["peak_mem_bytes"]:
+                m = ours["peak_mem_bytes"] / hf["peak_mem_bytes"]
+                verdicts.append(f"S={S} fwd+bwd: fusedlm-triton peak memory {m:.3f}x hf-eager's (target <= "
+                                f"{DEBERTA_MEM_TARGET}: {'met' if m <= DEBERTA_MEM_TARGET else 'NOT met'})")
+            fd = cell.get((case, mode, "flashdeberta"))
+            if fd is not None and fd["median_ms"]:
+                x = fd["median_ms"] / ours["median_ms"]
+                verdicts.append(f"S={S} fwd+bwd: fusedlm-triton {x:.2f}x FlashDeBERTa (target >= 1.5x: "
+                                f"{'met' if x >= 1 / DEBERTA_FLASH_TARGET else 'NOT met'})")
+            else:
+                verdicts.append(f"S={S}: FlashDeBERTa not measured ({status(fd)}"
+                                + (f": {fd['error']}" if fd is not None and fd["error"] else "") + ")")
+        if S == 8192:
+            verdicts.append(f"S=8192 fwd+bwd: fusedlm-triton {status(ours)}, hf-eager {status(hf)}")
+    return "\n".join(lines + ([""] + verdicts if verdicts else []))
+
+
+def _mib(n):
+    return "—" if n is None else f"{n / 2**20:.0f}"
+
+
 COMPUTE_OPS = [
     ComputeOp("attention", "attention", ("scaled_dot_product_attention",),
               lambda run: attention_cases(run, padded=False), ATTN_FLOPS_DOC),
     ComputeOp("attention_padded", "attention", ("scaled_dot_product_attention", "varlen_attention", "unpad_input"),
               lambda run: attention_cases(run, padded=True), ATTN_PADDED_FLOPS_DOC),
     ComputeOp("lora_linear", "lora", ("lora_linear",), lora_cases, LORA_FLOPS_DOC),
+    ComputeOp("deberta_attention", "deberta", ("deberta_attention",), deberta_cases, DEBERTA_FLOPS_DOC),
 ]
 
 ALL_OPS = [*OPS, *COMPUTE_OPS]

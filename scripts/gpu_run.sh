@@ -11,17 +11,20 @@
 #   memory     python -m fusedlm.bench --ops memory --quick      (rms_norm, layer_norm, swiglu, rope)
 #   attention  python -m fusedlm.bench --ops attention --quick   (every provider but FlexAttention)
 #   lora       python -m fusedlm.bench --ops lora --quick
+#   deberta    python benchmarks/bench_deberta.py --quick --seqlens 512,2048 --modes fwd,fwd+bwd
+#              (fusedlm.deberta_attention vs transformers' eager DisentangledSelfAttention and FlashDeBERTa
+#              if installed; speedup, peak memory ratio and the S = 2048 targets appended to its summary)
 #   flex       python -m fusedlm.bench --ops attention --quick --providers sdpa-flash,sdpa-efficient,fusedlm-triton,flex
 #              (last, on what is left of the budget: FlexAttention compiles per shape, tens of seconds)
 #   then a status table per step and the benchmark summary tables, last.
 #
-# The benchmark results go to $OUT/bench/ (memory_bound_*, attention_*, lora_*, attention_flex_*: .json,
+# The benchmark results go to $OUT/bench/ (memory_bound_*, attention_*, lora_*, deberta_*, attention_flex_*: .json,
 # .md, _summary.md, .png) and are copied to benchmarks/results/.
 #
 # No network is used. Every step logs to $OUT/<step>.log (OUT defaults to ./gpu_out) and runs under a
 # time cap drawn from one overall budget (GPU_RUN_BUDGET_S, default 480 s), so the whole run ends well
 # within 9 minutes. Each benchmark step has a reserve (GPU_RUN_MEMORY_S 90, GPU_RUN_ATTENTION_S 120,
-# GPU_RUN_LORA_S 45): the tests are capped so that the reserves of all three stay, and each benchmark
+# GPU_RUN_LORA_S 45, GPU_RUN_DEBERTA_S 75): the tests are capped so that the reserves of all four stay, and each benchmark
 # step so that those of the later ones stay; time a step leaves unused goes to the next. Inside a
 # benchmark step the harness starts no new measurement after --budget-s (its cap less a margin), so a
 # step cut short still writes the rows it measured. A failing step does not stop the later ones.
@@ -47,6 +50,7 @@ BUDGET_S="${GPU_RUN_BUDGET_S:-480}"
 MEMORY_S="${GPU_RUN_MEMORY_S:-90}"
 ATTENTION_S="${GPU_RUN_ATTENTION_S:-120}"
 LORA_S="${GPU_RUN_LORA_S:-45}"
+DEBERTA_S="${GPU_RUN_DEBERTA_S:-75}"
 export STEPS="${GPU_RUN_STEPS:-all}"
 QUICK=(); [[ ${GPU_RUN_QUICK:-1} == 1 ]] && QUICK=(--quick)
 AUTOTUNE=(); [[ ${GPU_RUN_AUTOTUNE:-0} == 1 ]] && AUTOTUNE=(--autotune)
@@ -157,6 +161,12 @@ step_lora() {
   "$PY" -m fusedlm.bench --ops lora $BENCH_FLAGS $(bench_args lora)
 }
 
+step_deberta() {
+  # bf16 deberta-v3-base shapes, S = 512 and 2048 only (8192: a full run, benchmarks/bench_deberta.py).
+  PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PY" benchmarks/bench_deberta.py $BENCH_FLAGS \
+    --seqlens 512,2048 --modes fwd,fwd+bwd $(bench_args deberta)
+}
+
 step_flex() {
   # FlexAttention next to the SDPA flash yardstick and fusedlm (the padded case: SDPA efficient).
   "$PY" -m fusedlm.bench --ops attention $ATTN_FLAGS $(bench_args attention_flex) \
@@ -164,7 +174,7 @@ step_flex() {
 }
 
 export -f step_env step_wheels step_install step_info step_verify step_tests bench_args step_memory \
-  step_attention step_lora step_flex
+  step_attention step_lora step_deberta step_flex
 
 echo "fusedlm GPU run: repo $REPO, logs and results in $OUT, budget ${BUDGET_S}s"
 run_step env 60 step_env
@@ -175,10 +185,13 @@ fi
 run_step install 300 step_install
 run_step info 60 step_info
 run_step verify 150 step_verify
-run_step tests $(( BUDGET_S - SECONDS - MEMORY_S - ATTENTION_S - LORA_S )) step_tests
-run_step memory $(( BUDGET_S - SECONDS - ATTENTION_S - LORA_S )) step_memory
-run_step attention $(( BUDGET_S - SECONDS - LORA_S )) step_attention
-run_step lora $(( BUDGET_S - SECONDS > 2 * LORA_S ? 2 * LORA_S : BUDGET_S - SECONDS )) step_lora
+run_step tests $(( BUDGET_S - SECONDS - MEMORY_S - ATTENTION_S - LORA_S - DEBERTA_S )) step_tests
+run_step memory $(( BUDGET_S - SECONDS - ATTENTION_S - LORA_S - DEBERTA_S )) step_memory
+run_step attention $(( BUDGET_S - SECONDS - LORA_S - DEBERTA_S )) step_attention
+left=$(( BUDGET_S - SECONDS - DEBERTA_S ))
+run_step lora $(( left > 2 * LORA_S ? 2 * LORA_S : left )) step_lora
+left=$(( BUDGET_S - SECONDS ))
+run_step deberta $(( left > DEBERTA_S ? DEBERTA_S : left )) step_deberta
 run_step flex $(( BUDGET_S - SECONDS )) step_flex
 # Keep the measured files in the tree too (also those of a run cut short: they are rewritten per op).
 for f in "$OUT"/bench/*; do
@@ -198,7 +211,7 @@ print_summary() {
   done
   echo
   local f found=0 log
-  for log in memory attention lora flex; do   # the ceilings, as this run's first benchmark step measured them
+  for log in memory attention lora deberta flex; do   # the ceilings, as this run's first benchmark step measured them
     [[ " ${STEP_NAMES[*]} " == *" $log "* ]] || continue   # a log of an earlier call: stale
     if grep -q "^matmul:" "$OUT/$log.log" 2>/dev/null; then
       grep -h "^copy bandwidth\|^matmul:" "$OUT/$log.log"
@@ -206,7 +219,7 @@ print_summary() {
     fi
   done
   local tag
-  for tag in memory_bound attention lora attention_flex; do
+  for tag in memory_bound attention lora deberta attention_flex; do
     for f in "$OUT/bench/${tag}_"*_summary.md; do
       [[ -f $f ]] || continue
       [[ $tag == attention && $f == */attention_flex_* ]] && continue
