@@ -19,6 +19,10 @@ import os
 BACKENDS = ("cuda", "triton", "torch")
 _AUTO = "auto"
 
+# Ops the CUDA extension implements (names as passed to select()); the binding layer adds to it when
+# fusedlm._C registers a kernel. Every other op is one the "cuda" backend cannot serve.
+CUDA_OPS = set()
+
 
 def _env_flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
@@ -153,8 +157,9 @@ def select(op, backend, device, cannot_serve=None):
     """The backend that runs one call of ``op`` on tensors on ``device``.
 
     backend:      the call's ``backend=`` argument (None: the process default).
-    cannot_serve: optional dict backend -> reason, for cases a backend cannot handle (a feature it
-                  lacks); a backend missing from it serves every valid case on its devices.
+    cannot_serve: optional dict backend -> reason (or None), for cases a backend cannot handle (a
+                  feature it lacks); a backend missing from it serves every valid case on its devices.
+                  The "cuda" backend serves only the ops in CUDA_OPS.
     """
     name = _check_name(backend) if backend is not None else _default
     cannot_serve = cannot_serve or {}
@@ -163,6 +168,8 @@ def select(op, backend, device, cannot_serve=None):
         why = why_unavailable(b)
         if why is None and b == "cuda" and device.type != "cuda":
             why = f"the tensors are on {device}, not a CUDA device"
+        if why is None and b == "cuda" and op not in CUDA_OPS:
+            why = f"fusedlm._C has no kernel for {op}"
         if why is None and b == "triton" and device.type != "cuda" and not triton_interpret():
             why = f"the tensors are on {device} and TRITON_INTERPRET is not set"
         if why is None and b != "torch" and device.type not in ("cuda", "cpu"):

@@ -38,9 +38,15 @@ def launch(kernel, grid, *args, **meta):
     torch.library.wrap_triton(kernel)[grid](*args, **meta)
 
 
-def empty(device=None):
-    """A zero-size placeholder for an output slot that this call does not produce."""
-    return torch.empty(0, device=device)
+def empty(device, dtype=torch.float32):
+    """A zero-size placeholder for an output slot that this call does not produce (a new tensor each
+    time: an op may not return two aliased outputs)."""
+    return torch.empty(0, device=device, dtype=dtype)
+
+
+def unit_stride(t):
+    """``t`` with unit stride along its last dim (the kernels' contract), copied only if needed; None passes."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
 @functools.lru_cache(maxsize=None)

@@ -73,6 +73,19 @@ def number(name, value, *, positive=False, non_negative=False):
     return value
 
 
+def bool_mask(name, t):
+    """A bool mask tensor (True = real token)."""
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.bool:
+        what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+        raise TypeError(f"{name}: expected a bool tensor (True = real token), got {what}")
+
+
+def flag(name, value):
+    """A Python bool (not a tensor, not an int)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+
+
 def kernel_dtype_reason(*tensors):
     """Why a fused kernel cannot take these tensors (float64), or None."""
     for t in tensors:

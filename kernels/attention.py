@@ -242,6 +242,37 @@ def _probs(q, k, offs_m, offs_n, q_len, k_len, shift, qk_scale, lse2,
 
 
 @triton.jit
+def _attn_bwd_delta(
+    O, DO, DLSE, DELTA, CU_Q,  # out, dO, the gradient reaching lse (optional), delta (float32, lse's layout)
+    stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
+    stride_gb, stride_gh, stride_gm, stride_lb, stride_lh, stride_lm,  # dlse and delta (= lse) row strides
+    H, Lq, EV,
+    VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_EV: tl.constexpr,
+):
+    """delta_i = sum_e dO_ie * out_ie (- dlse_i) in float32, one program per query block and head: one
+    read of out and dO, no float32 copies of them."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = (bh % H).to(tl.int64)
+    q_start, q_len, _, _ = _seq_bounds(CU_Q, CU_Q, b, Lq, Lq, VARLEN)
+    if start_m >= q_len:
+        return
+    b64 = b.to(tl.int64)
+    q0 = q_start.to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    o = _tile(O + b64 * stride_ob + h * stride_oh + q0 * stride_om, offs_m, q_len, stride_om, offs_ev, EV)
+    do = _tile(DO + b64 * stride_dob + h * stride_doh + q0 * stride_dom, offs_m, q_len, stride_dom, offs_ev, EV)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    rows = offs_m.to(tl.int64)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + b64 * stride_gb + h * stride_gh + (q0 + rows) * stride_gm, mask=offs_m < q_len,
+                         other=0.0)
+    tl.store(DELTA + b64 * stride_lb + h * stride_lh + (q0 + rows) * stride_lm, delta, mask=offs_m < q_len)
+
+
+@triton.jit
 def _dkdv_blocks(dk, dv, kT, vT, Q, DO, LSE, DELTA, MASK, KPM, offs_n, offs_e, offs_ev, E, EV,
                  m_lo, m_hi, q_len, k_len, shift, qk_scale, stride_qm, stride_dom, stride_lm, stride_mm, stride_mn,
                  seed, bh, max_q, max_k, dropout_p,
@@ -443,6 +474,11 @@ def _bhm_strides(t, varlen):
     return (0, t.stride(1), t.stride(0)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
 
 
+def _row_strides(t, varlen):
+    """(batch, head, position) strides of a per-row tensor: dense (B, H, L) or packed (total, H)."""
+    return (0, t.stride(1), t.stride(0)) if varlen else t.stride()
+
+
 def block_config(e, ev, causal, dtype, device, backward=False):
     """Block shapes and warps, keyed on head dim, causal and dtype: the default when not autotuning.
 
@@ -588,7 +624,7 @@ def attention_fwd(launch, q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu
     if varlen:
         out = q.new_empty(q.shape[0], H, Ev)
         lse = torch.empty(q.shape[0], H, device=q.device, dtype=torch.float32)
-        lse_strides = (0, 1, H)
+        lse_strides = _row_strides(lse, varlen)
     else:
         # The layout of q ((B, L, H, E) memory, as Hugging Face models produce it, or (B, H, L, E)).
         if q.transpose(1, 2).is_contiguous():
@@ -626,18 +662,20 @@ def attention_bwd(launch, do, dlse, q, k, v, out, lse, attn_mask, key_padding_ma
         return dq, dk, dv
     if B == 0 or Lq == 0 or Lk == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    # delta_i = sum_e dO_ie * out_ie: one cheap pass, in float32. A gradient reaching lse adds
-    # dlse_i * P_ij to dz_ij (d lse_i / d z_ij = P_ij), i.e. dS = P * (dP - (delta - dlse)).
-    delta = (do.float() * out.float()).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.float()
-    if not varlen:
-        delta = delta.contiguous()
-    lse_strides = (0, 1, H) if varlen else lse.stride()  # delta is laid out as lse
+    lse_strides = _row_strides(lse, varlen)
     dummy = lse
+    cfg = block_config(E, Ev, causal, q.dtype, q.device, backward=True)
+    # delta_i = sum_e dO_ie * out_ie. A gradient reaching lse adds dlse_i * P_ij to dz_ij
+    # (d lse_i / d z_ij = P_ij), i.e. dS = P * (dP - (delta - dlse)): folded into delta.
+    delta = torch.empty_like(lse)
+    launch(_attn_bwd_delta, (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H),
+           out, do, dlse if dlse is not None else lse, delta, cu_seqlens_q if varlen else lse,
+           *_bhm_strides(out, varlen), *_bhm_strides(do, varlen),
+           *(_row_strides(dlse, varlen) if dlse is not None else (0, 0, 0)), *lse_strides,
+           H, Lq, Ev, VARLEN=varlen, HAS_DLSE=dlse is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_EV=cfg["BLOCK_EV"],
+           num_warps=4)
     kv_range = key_padding_range(key_padding_mask) if key_padding_mask is not None else None
     mask_ptrs, mask_strides, mask_flags = _mask_args(attn_mask, key_padding_mask, kv_range, B, H, Lq, Lk, dummy)
-    cfg = block_config(E, Ev, causal, q.dtype, q.device, backward=True)
     common_ptrs = (*mask_ptrs, cu_seqlens_q if varlen else dummy, cu_seqlens_k if varlen else dummy,
                    seed if seed is not None else dummy)
     in_strides = (*_bhm_strides(q, varlen), *_bhm_strides(k, varlen), *_bhm_strides(v, varlen),

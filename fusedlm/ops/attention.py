@@ -10,7 +10,6 @@ import torch
 
 from .. import _backend, _validate, reference
 
-_NO_CUDA_KERNEL = "fusedlm._C has no kernel for this op yet"
 HEAD_DIMS = (16, 256)  # head dims the fused kernels take (E and Ev)
 
 
@@ -21,7 +20,7 @@ def _triton_ops():
         return _fwd_op
     from fusedlm.kernels import attention as K
 
-    from .._triton import launch, register_op
+    from .._triton import launch, register_op, unit_stride
 
     def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
                       key_padding_mask: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
@@ -29,19 +28,19 @@ def _triton_ops():
                       causal: bool, bottom_right: bool, dropout_p: float, seed: Optional[torch.Tensor]
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense (B, H, L, E) or packed (total, H, E) attention -> (out, lse float32)."""
-        return K.attention_fwd(launch, _unit(q), _unit(k), _unit(v), attn_mask, key_padding_mask, cu_seqlens_q,
-                               cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, bottom_right, dropout_p,
-                               seed)
+        return K.attention_fwd(launch, unit_stride(q), unit_stride(k), unit_stride(v), attn_mask, key_padding_mask,
+                               cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, bottom_right,
+                               dropout_p, seed)
 
-    def attention_bwd(do: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                      lse: torch.Tensor, attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
+    def attention_bwd(do: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
                       cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
                       max_seqlen_q: int, max_seqlen_k: int, scale: float, causal: bool, bottom_right: bool,
                       dropout_p: float, seed: Optional[torch.Tensor]
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (dq, dk, dv); dlse: the gradient reaching lse (None when lse is unused)."""
-        return K.attention_bwd(launch, _unit(do), dlse, _unit(q), _unit(k), _unit(v), out, lse, attn_mask,
-                               key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+        return K.attention_bwd(launch, unit_stride(do), dlse, unit_stride(q), unit_stride(k), unit_stride(v), out,
+                               lse, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                                causal, bottom_right, dropout_p, seed)
 
     fwd = register_op("attention_fwd", attention_fwd)
@@ -73,16 +72,12 @@ def _triton_ops():
 _fwd_op = None
 
 
-def _unit(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _seed(dropout_p, device):
-    """A dropout seed drawn from torch's generator (torch.manual_seed reproduces it), as a tensor so that
-    no host sync or graph break is needed."""
+    """A dropout seed drawn from torch's generator of ``device`` (torch.manual_seed reproduces it), made
+    on the device as a tensor: no host-to-device copy, no sync, no graph break."""
     if dropout_p == 0.0:
         return None
-    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64).to(device)
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
 
 
 def _head_dim_reason(e, ev):
@@ -103,11 +98,6 @@ def _check_probability(name, p):
     if not 0.0 <= p < 1.0:
         raise ValueError(f"{name}: expected a probability in [0, 1), got {p}")
     return p
-
-
-def _check_bool(name, value):
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
 
 
 def _check_scale(scale, e):
@@ -156,17 +146,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             raise ValueError(f"attn_mask: expected a shape broadcastable to (B, H, L, S) = {(B, H, L, S)}, "
                              f"got {tuple(attn_mask.shape)}") from None
     if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-            what = key_padding_mask.dtype if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__
-            raise TypeError(f"key_padding_mask: expected a bool tensor (True = real token), got {what}")
+        _validate.bool_mask("key_padding_mask", key_padding_mask)
         _validate.shape("key_padding_mask", key_padding_mask, (B, S), "(batch, key length)")
     _validate.same_device(query=query, key=key, value=value, attn_mask=attn_mask, key_padding_mask=key_padding_mask)
     dropout_p = _check_probability("dropout_p", dropout_p)
-    _check_bool("is_causal", is_causal)
-    _check_bool("enable_gqa", enable_gqa)
+    _validate.flag("is_causal", is_causal)
+    _validate.flag("enable_gqa", enable_gqa)
     scale = _check_scale(scale, E)
     name = _backend.select("scaled_dot_product_attention", backend, query.device, {
-        "cuda": _NO_CUDA_KERNEL,
         "triton": _triton_reason((query, key, value), E, Ev, attn_mask),
     })
     if name == "torch":
@@ -229,10 +216,9 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     _validate.same_device(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     _check_max_seqlen("max_seqlen_q", max_seqlen_q, cu_seqlens_q)
     _check_max_seqlen("max_seqlen_k", max_seqlen_k, cu_seqlens_k)
-    _check_bool("causal", causal)
+    _validate.flag("causal", causal)
     scale = _check_scale(scale, E)
     name = _backend.select("varlen_attention", backend, q.device, {
-        "cuda": _NO_CUDA_KERNEL,
         "triton": _triton_reason((q, k, v), E, Ev, None),
     })
     if name == "torch":

@@ -24,7 +24,6 @@ import torch
 
 from .. import _backend, _validate
 
-_NO_CUDA_KERNEL = "fusedlm._C has no kernel for this op yet"
 HEAD_DIMS = (16, 256)  # head dims the fused kernels take
 
 
@@ -114,10 +113,6 @@ def deberta_attention_ref(query, key, value, pos_key=None, pos_query=None, key_p
 # Triton ops
 
 
-def _unit(t):
-    return t if t is None or t.stride(-1) == 1 else t.contiguous()
-
-
 def _triton_ops():
     """Register fusedlm::deberta_fwd / deberta_bwd once, with autograd."""
     global _fwd_op
@@ -125,13 +120,14 @@ def _triton_ops():
         return _fwd_op
     from fusedlm.kernels import deberta as K
 
-    from .._triton import launch, register_op
+    from .._triton import empty, launch, register_op, unit_stride
 
     def deberta_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_key: Optional[torch.Tensor],
                     pos_query: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
                     rel_idx: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, H, S, D) q, k, v; (H, 2 span, D) pos_key / pos_query or None -> (out, lse float32 (B, H, S))."""
-        return K.deberta_fwd(launch, _unit(q), _unit(k), _unit(v), pos_key, pos_query, key_padding_mask,
+        return K.deberta_fwd(launch, unit_stride(q), unit_stride(k), unit_stride(v), pos_key, pos_query,
+                             key_padding_mask,
                              rel_idx, scale)
 
     def deberta_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -139,12 +135,12 @@ def _triton_ops():
                     lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor], rel_idx: torch.Tensor,
                     scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (dq, dk, dv, dpos_key, dpos_query); an empty tensor for an absent position term."""
-        dq, dk, dv, dpk, dpq = K.deberta_bwd(launch, _unit(do), _unit(q), _unit(k), _unit(v), pos_key, pos_query,
+        dq, dk, dv, dpk, dpq = K.deberta_bwd(launch, unit_stride(do), unit_stride(q), unit_stride(k),
+                                             unit_stride(v), pos_key, pos_query,
                                              out, lse, key_padding_mask, rel_idx, scale)
 
-        def empty():  # a distinct placeholder per unused output (ops may not return aliased outputs)
-            return torch.empty(0, device=q.device, dtype=q.dtype)
-        return dq, dk, dv, dpk if dpk is not None else empty(), dpq if dpq is not None else empty()
+        return (dq, dk, dv, dpk if dpk is not None else empty(q.device, q.dtype),
+                dpq if dpq is not None else empty(q.device, q.dtype))
 
     fwd = register_op("deberta_fwd", deberta_fwd)
     bwd = register_op("deberta_bwd", deberta_bwd)
@@ -239,10 +235,7 @@ def deberta_attention(query, key, value, pos_key=None, pos_query=None, *, key_pa
             which = "position_buckets" if position_buckets > 0 else "max_relative_positions"
             _validate.shape(name, t, (H, 2 * span, D), f"(H, 2*span, D) with span = {which} = {span}")
     if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-            what = key_padding_mask.dtype if isinstance(key_padding_mask, torch.Tensor) else \
-                type(key_padding_mask).__name__
-            raise TypeError(f"key_padding_mask: expected a bool tensor (True = real token), got {what}")
+        _validate.bool_mask("key_padding_mask", key_padding_mask)
         _validate.shape("key_padding_mask", key_padding_mask, (B, S), "(batch, sequence length)")
     _validate.same_device(query=query, key=key, value=value, pos_key=pos_key, pos_query=pos_query,
                           key_padding_mask=key_padding_mask)
@@ -250,7 +243,6 @@ def deberta_attention(query, key, value, pos_key=None, pos_query=None, *, key_pa
         raise ValueError(f"dropout_p: deberta_attention has no dropout on the attention probabilities "
                          f"(not implemented); expected 0.0, got {dropout_p}")
     name = _backend.select("deberta_attention", backend, query.device, {
-        "cuda": _NO_CUDA_KERNEL,
         "triton": _validate.kernel_dtype_reason(query, pos_key, pos_query) or _head_dim_reason(D),
     })
     if name == "torch":

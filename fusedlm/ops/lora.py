@@ -18,9 +18,6 @@ import torch
 
 from .. import _backend, _validate
 
-_NO_CUDA_KERNEL = "fusedlm._C has no kernel for this op yet"
-
-
 def lora_linear_ref(x, weight, bias, lora_a, lora_b, scaling, keep=None):
     """y = x W^T + b + scaling * ((x * keep) A^T) B^T, computed in float32 (float64 for float64 input),
     returned in x's dtype. ``scaling`` already includes dropout's 1 / (1 - p) when ``keep`` is given."""
@@ -41,7 +38,7 @@ def _triton_ops():
         return _fwd_op
     from fusedlm.kernels import lora as K
 
-    from .._triton import launch, register_op
+    from .._triton import empty, launch, register_op
 
     def lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
                  lora_b: torch.Tensor, scaling: float, keep: Optional[torch.Tensor]
@@ -57,18 +54,17 @@ def _triton_ops():
                  need_dx: bool, need_dweight: bool, need_dbias: bool, need_da: bool, need_db: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (dx, dweight, dbias, dlora_a, dlora_b), each an empty tensor when not asked for."""
-        def empty():  # a distinct placeholder per unused output (ops may not return aliased outputs)
-            return torch.empty(0, device=dy.device, dtype=dy.dtype)
 
         dyb = torch.mm(dy, lora_b) if (need_dx or need_da) else None  # (M, r)
-        dx = K.lora_dx(launch, dy, weight, dyb, lora_a, keep, scaling) if need_dx else empty()
+        dx = K.lora_dx(launch, dy, weight, dyb, lora_a, keep, scaling) if need_dx else \
+            empty(dy.device, dy.dtype)
         if need_da:
             da = torch.mm(dyb.t(), x if keep is None else x * keep).mul_(scaling)
         else:
-            da = empty()
-        db = torch.mm(dy.t(), xa).mul_(scaling) if need_db else empty()
-        dweight = torch.mm(dy.t(), x) if need_dweight else empty()
-        dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if need_dbias else empty()
+            da = empty(dy.device, dy.dtype)
+        db = torch.mm(dy.t(), xa).mul_(scaling) if need_db else empty(dy.device, dy.dtype)
+        dweight = torch.mm(dy.t(), x) if need_dweight else empty(dy.device, dy.dtype)
+        dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if need_dbias else empty(dy.device, dy.dtype)
         return dx, dweight, dbias, da, db
 
     fwd = register_op("lora_fwd", lora_fwd)
@@ -153,7 +149,6 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling, *, dropout_p=0.0, back
         keep = torch.rand(x.shape, device=x.device) >= dropout_p
         scaling = scaling / (1.0 - dropout_p)
     name = _backend.select("lora_linear", backend, x.device, {
-        "cuda": _NO_CUDA_KERNEL,
         "triton": _validate.kernel_dtype_reason(x),
     })
     if name == "torch":

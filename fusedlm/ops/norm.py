@@ -10,9 +10,6 @@ import torch
 
 from .. import _backend, _validate, reference
 
-_NO_CUDA_KERNEL = "fusedlm._C has no kernel for this op yet"
-
-
 def _triton_ops():
     """Register the Triton ops once, on first use (importing Triton only where it is usable)."""
     global _fwd_op
@@ -20,13 +17,13 @@ def _triton_ops():
         return _fwd_op
     from fusedlm.kernels import norm as K
 
-    from .._triton import launch, num_programs, register_op
+    from .._triton import launch, num_programs, register_op, unit_stride
 
     def norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                  bias: Optional[torch.Tensor], eps: float, offset: float, is_rms: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(M, N) rows -> (y, s, mean, rstd); s empty without residual, mean empty for RMSNorm."""
-        return K.norm_fwd(launch, _unit_stride(x), _unit_stride(residual), _contig(weight), _contig(bias),
+        return K.norm_fwd(launch, unit_stride(x), unit_stride(residual), unit_stride(weight), unit_stride(bias),
                           eps, offset, is_rms)
 
     def norm_bwd(dy: torch.Tensor, s: torch.Tensor, weight: Optional[torch.Tensor],
@@ -34,8 +31,8 @@ def _triton_ops():
                  is_rms: bool, need_dw: bool, need_db: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (ds, dweight, dbias); dweight/dbias float32 (N,), empty when not asked for."""
-        return K.norm_bwd(launch, num_programs, _unit_stride(dy), _unit_stride(s), _contig(weight),
-                          _unit_stride(dsum), mean, rstd, offset, is_rms, need_dw, need_db)
+        return K.norm_bwd(launch, num_programs, unit_stride(dy), unit_stride(s), unit_stride(weight),
+                          unit_stride(dsum), mean, rstd, offset, is_rms, need_dw, need_db)
 
     fwd = register_op("norm_fwd", norm_fwd)
     bwd = register_op("norm_bwd", norm_bwd)
@@ -70,14 +67,6 @@ def _triton_ops():
 _fwd_op = None
 
 
-def _unit_stride(t):
-    return t if t is None or t.stride(-1) == 1 else t.contiguous()
-
-
-def _contig(t):
-    return t if t is None else t.contiguous()
-
-
 def _validate_norm(op, x, weight, bias, residual, eps):
     _validate.tensor("x", x, min_ndim=1)
     n = x.shape[-1]
@@ -95,7 +84,6 @@ def _validate_norm(op, x, weight, bias, residual, eps):
 
 def _dispatch(op, x, weight, bias, residual, eps, offset, is_rms, backend):
     name = _backend.select(op, backend, x.device, {
-        "cuda": _NO_CUDA_KERNEL,
         "triton": _validate.kernel_dtype_reason(x, residual, weight, bias),
     })
     if name == "torch":

@@ -10,9 +10,6 @@ import torch
 
 from .. import _backend, _validate, reference
 
-_NO_CUDA_KERNEL = "fusedlm._C has no kernel for this op yet"
-
-
 def _triton_ops():
     """Register the Triton op once, on first use (importing Triton only where it is usable)."""
     global _rope_op
@@ -91,8 +88,7 @@ def _validate_rope(q, k, cos, sin, unsqueeze_dim, interleaved):
         raise ValueError(f"unsqueeze_dim: expected 1 ((B, H, S, D) inputs) or 2 ((B, S, H, D) inputs), "
                          f"got {unsqueeze_dim!r}")
     unsqueeze_dim = unsqueeze_dim + 4 if unsqueeze_dim < 0 else unsqueeze_dim  # of the 4-D (unsqueezed) cos
-    if not isinstance(interleaved, bool):
-        raise TypeError(f"interleaved: expected a bool, got {type(interleaved).__name__}")
+    _validate.flag("interleaved", interleaved)
     _validate.same_dtype(q=q, k=k)
     _validate.same_device(q=q, k=k, cos=cos, sin=sin)
     layout = "(B, H, S, D)" if unsqueeze_dim == 1 else "(B, S, H, D)"
@@ -132,7 +128,6 @@ def apply_rotary_pos_emb(q, k, cos, sin, *, unsqueeze_dim=1, interleaved=False, 
     """
     unsqueeze_dim = _validate_rope(q, k, cos, sin, unsqueeze_dim, interleaved)
     name = _backend.select("apply_rotary_pos_emb", backend, q.device, {
-        "cuda": _NO_CUDA_KERNEL,
         "triton": _validate.kernel_dtype_reason(q, k, cos, sin),
     })
     if name == "torch":

@@ -8,8 +8,9 @@ _fwd_op = None
 
 def _rows(t):
     """(..., N) -> (M, N) with unit stride along N, a view where the strides allow it."""
-    t = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
-    return t if t.stride(-1) == 1 else t.contiguous()
+    from .._triton import unit_stride
+
+    return unit_stride(t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t)
 
 
 def _triton_ops():
@@ -55,7 +56,6 @@ def swiglu(gate, up, *, backend=None):
     _validate.same_dtype(gate=gate, up=up)
     _validate.same_device(gate=gate, up=up)
     name = _backend.select("swiglu", backend, gate.device, {
-        "cuda": "fusedlm._C has no kernel for this op yet",
         "triton": _validate.kernel_dtype_reason(gate, up),
     })
     if name == "torch":
