@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import fusedlm
 from fusedlm.verify import BOUNDS, check_case, rel_err
+from helpers import RecordFusedOps, assert_within, detach_clone, triton_or_skip
 
 NEG_INF = float("-inf")
 
@@ -75,11 +76,6 @@ def varlen_oracle(q, k, v, cu_q, cu_k, causal=False, scale=None, return_lse=Fals
 
 # ----------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def assert_within(rows, dtype):
-    bad = [(q, e) for q, e in rows if not e <= BOUNDS[dtype]]
-    assert not bad, f"over the {dtype} bound {BOUNDS[dtype]:.1e}: {bad}"
 
 
 def randn(*shape, gen=None):
@@ -599,38 +595,10 @@ def test_backward_deterministic_and_inputs_untouched(backend, device):
     assert torch.equal(g, g_copy)
 
 
-def _triton_or_skip():
-    if fusedlm._backend.why_unavailable("triton") is not None:
-        pytest.skip("triton unavailable")
-
-
-class _RecordFusedOps(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records every fusedlm::attention* op call (op, args, kwargs) that reaches the dispatcher."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.namespace == "fusedlm" and "attention" in func.name():
-            self.calls.append((func, args, kwargs))
-        return func(*args, **kwargs)
-
-
-def _detach_clone(x, requires_grad=False):
-    if isinstance(x, torch.Tensor):
-        y = x.detach().clone()
-        return y.requires_grad_(True) if requires_grad and y.is_floating_point() else y
-    if isinstance(x, (list, tuple)):
-        return type(x)(_detach_clone(a, requires_grad) for a in x)
-    return x
-
-
 @pytest.mark.parametrize("config", ["dense_masks", "dropout", "varlen"])
 def test_opcheck(device, config):
     """torch.library.opcheck on the registered ops, with the arguments the public functions pass them."""
-    _triton_or_skip()
+    triton_or_skip()
     if not hasattr(torch.ops.fusedlm, "attention_fwd"):
         fusedlm.scaled_dot_product_attention(*(torch.randn(1, 1, 2, 16, device=device) for _ in range(3)),
                                              backend="triton")  # registers on first use
@@ -641,7 +609,7 @@ def test_opcheck(device, config):
     def t(*shape):
         return torch.randn(*shape, generator=gen).to(device).requires_grad_(True)
 
-    recorder = _RecordFusedOps()
+    recorder = RecordFusedOps("attention")
     with recorder:
         if config == "varlen":
             lq, lk = [3, 9], [5, 9]
@@ -661,10 +629,10 @@ def test_opcheck(device, config):
     assert any("attention_fwd" in n for n in names) and any("attention_bwd" in n for n in names), names
     for func, args, kwargs in recorder.calls:
         forward = "attention_fwd" in func.name()
-        args = _detach_clone(args, requires_grad=forward)
+        args = detach_clone(args, requires_grad=forward)
         if forward:  # only q, k, v are differentiable; masks, offsets and the seed are not
             args = tuple(a.detach() if isinstance(a, torch.Tensor) and i >= 3 else a for i, a in enumerate(args))
-        torch.library.opcheck(func, args, _detach_clone(kwargs))
+        torch.library.opcheck(func, args, detach_clone(kwargs))
 
 
 def test_torch_compile_fullgraph_equals_eager(backend, device):
@@ -792,17 +760,17 @@ class TestBadInput:
 
     @pytest.mark.parametrize("e", [8, 264])
     def test_head_dim_outside_kernel_range_on_triton(self, e):
-        _triton_or_skip()
+        triton_or_skip()
         with pytest.raises(ValueError, match=f"backend 'triton' cannot serve.*head dims 16..256.*E={e}"):
             fusedlm.scaled_dot_product_attention(*_qkv((1, 1, 3, e), (1, 1, 3, e), (1, 1, 3, e)), backend="triton")
 
     def test_value_head_dim_outside_kernel_range_on_triton(self):
-        _triton_or_skip()
+        triton_or_skip()
         with pytest.raises(ValueError, match="backend 'triton' cannot serve.*Ev=8"):
             fusedlm.scaled_dot_product_attention(*_qkv(v=(2, 4, 7, 8)), backend="triton")
 
     def test_triton_cannot_take_float64(self):
-        _triton_or_skip()
+        triton_or_skip()
         with pytest.raises(ValueError, match="float64"):
             fusedlm.scaled_dot_product_attention(*_qkv(dtype=torch.float64), backend="triton")
 
@@ -858,7 +826,7 @@ class TestBadInput:
             fusedlm.varlen_attention(q, k, v, cq, ck, 7, 8.0)
 
     def test_varlen_head_dim_outside_kernel_range_on_triton(self):
-        _triton_or_skip()
+        triton_or_skip()
         q, k, v, cq, ck = _packed(q=(12, 4, 8), k=(14, 2, 8), v=(14, 2, 8))
         with pytest.raises(ValueError, match="backend 'triton' cannot serve.*head dims"):
             fusedlm.varlen_attention(q, k, v, cq, ck, 7, 8, backend="triton")
@@ -908,3 +876,36 @@ def test_long_leading_and_trailing_padding(backend, device, dtype, causal):
     kpm[1, 100] = True
     kpm[2, :3] = True  # right padding
     run_dense(backend, device, dtype, inputs, key_padding_mask=kpm, is_causal=causal)
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_gradient_through_summed_lse(backend, device, varlen):
+    """lse.sum() hands the backward a broadcast (stride-0) lse gradient; it must be read as such."""
+    gen = torch.Generator().manual_seed(47)
+    if varlen:
+        lq = [7, 13]
+        t = {n: v.to(device) for n, v in varlen_inputs(lq, lq, 2, 2, 32, 32, gen).items()}
+
+        def run(q, k, v):
+            return varlen_fn(backend, lq, lq, causal=True, return_lse=True)(q, k, v)
+
+        def ref(q, k, v):
+            return varlen_oracle(q, k, v, cu(lq), cu(lq), causal=True, return_lse=True)
+    else:
+        t = {n: v.to(device) for n, v in qkv(2, 2, 2, 20, 20, 32, 32, gen).items()}
+
+        def run(query, key, value):
+            return fusedlm.scaled_dot_product_attention(query, key, value, is_causal=True, backend=backend,
+                                                        return_lse=True)
+
+        def ref(query, key, value):
+            return oracle(query, key, value, is_causal=True, return_lse=True)
+
+    low = {n: v.float().requires_grad_(True) for n, v in t.items()}
+    high = {n: v.double().cpu().requires_grad_(True) for n, v in t.items()}
+    out, lse = run(**low)
+    want_out, want_lse = ref(**high)
+    got = torch.autograd.grad(out.sum() + lse.sum(), list(low.values()))
+    want = torch.autograd.grad(want_out.sum() + want_lse.sum(), list(high.values()))
+    for g, w in zip(got, want):
+        assert rel_err(g, w) <= BOUNDS[torch.float32]

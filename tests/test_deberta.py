@@ -15,10 +15,10 @@ import math
 import pytest
 import torch
 
-import fusedlm
 from fusedlm.ops import deberta as ops
 from fusedlm.ops.deberta import deberta_attention
 from fusedlm.verify import BOUNDS, check_case, rel_err
+from helpers import RecordFusedOps, assert_within, detach_clone, triton_or_skip
 
 # ----------------------------------------------------------------------------------------------------
 # Oracle (float64, CPU)
@@ -104,16 +104,6 @@ def ref_for(pb, mr):
     def ref(query, key, value, pos_key=None, pos_query=None, key_padding_mask=None):
         return oracle(query, key, value, pos_key, pos_query, key_padding_mask, pb, mr)
     return ref
-
-
-def assert_within(rows, dtype):
-    bad = [(q, e) for q, e in rows if not e <= BOUNDS[dtype]]
-    assert not bad, f"over the {dtype} bound {BOUNDS[dtype]:.1e}: {bad}"
-
-
-def _triton_or_skip():
-    if fusedlm._backend.why_unavailable("triton") is not None:
-        pytest.skip("triton unavailable")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -323,7 +313,7 @@ class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
 def test_host_memory_linear_in_sequence_length():
     """At S = 8192 the launchers (run on meta tensors, kernels not launched) allocate nothing of S x S:
     the largest buffers are the (B, H, S, 2 span) position products."""
-    _triton_or_skip()
+    triton_or_skip()
     from fusedlm.kernels import deberta as K
 
     B, H, S, D, span = 1, 2, 8192, 64, 256
@@ -341,37 +331,14 @@ def test_host_memory_linear_in_sequence_length():
     assert recorder.largest == B * H * S * 2 * span < S * S
 
 
-class _RecordFusedOps(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records every fusedlm::deberta* op call (op, args, kwargs) that reaches the dispatcher."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.namespace == "fusedlm" and "deberta" in func.name():
-            self.calls.append((func, args, kwargs))
-        return func(*args, **kwargs)
-
-
-def _detach_clone(x, requires_grad=False):
-    if isinstance(x, torch.Tensor):
-        y = x.detach().clone()
-        return y.requires_grad_(True) if requires_grad and y.is_floating_point() else y
-    if isinstance(x, (list, tuple)):
-        return type(x)(_detach_clone(a, requires_grad) for a in x)
-    return x
-
-
 @pytest.mark.parametrize("terms", ["c2p,p2c", "p2c"])
 def test_opcheck(device, terms):
-    _triton_or_skip()
+    triton_or_skip()
     gen = torch.Generator().manual_seed(53)
     inputs = make_inputs(2, 2, 9, 16, 4, 6, terms, lengths=(9, 4), gen=gen)
     ts = {n: (t.float().to(device).requires_grad_(True) if t.is_floating_point() else t.to(device))
           for n, t in inputs.items()}
-    recorder = _RecordFusedOps()
+    recorder = RecordFusedOps("deberta")
     with recorder:
         out = deberta_attention(**ts, position_buckets=4, max_relative_positions=6, backend="triton")
         out.backward(torch.randn(out.shape, generator=gen).to(device))
@@ -380,10 +347,10 @@ def test_opcheck(device, terms):
     assert any("deberta_relative_index" in n for n in names), names
     for func, args, kwargs in recorder.calls:
         forward = "deberta_fwd" in func.name()
-        args = _detach_clone(args, requires_grad=forward)
+        args = detach_clone(args, requires_grad=forward)
         if forward:  # q, k, v, pos_key, pos_query are differentiable; the mask and index table are not
             args = tuple(a.detach() if isinstance(a, torch.Tensor) and i >= 5 else a for i, a in enumerate(args))
-        torch.library.opcheck(func, args, _detach_clone(kwargs))
+        torch.library.opcheck(func, args, detach_clone(kwargs))
 
 
 def test_torch_compile_fullgraph_equals_eager(backend, device):
@@ -518,13 +485,13 @@ class TestBadInput:
             deberta_attention(q, k, v, pk, pq, dropout_p=0.1)
 
     def test_triton_cannot_take_float64(self):
-        _triton_or_skip()
+        triton_or_skip()
         q, k, v, pk, pq = _args(dtype=torch.float64)
         with pytest.raises(ValueError, match="backend 'triton' cannot serve this call.*float64"):
             deberta_attention(q, k, v, pk, pq, backend="triton")
 
     def test_triton_head_dim_range(self):
-        _triton_or_skip()
+        triton_or_skip()
         q, k, v, pk, pq = _args(D=8)
         with pytest.raises(ValueError, match="head dims 16..256, got D=8"):
             deberta_attention(q, k, v, pk, pq, backend="triton")

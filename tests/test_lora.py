@@ -9,18 +9,14 @@ import pytest
 import torch
 
 import fusedlm
-from fusedlm.verify import BOUNDS, check_case, rel_err
+from fusedlm.verify import check_case, rel_err
+from helpers import assert_within, triton_or_skip
 
 
 def oracle(x, weight, bias, lora_a, lora_b, scaling, keep=None, p=0.0):
     xd = x if keep is None else x * keep / (1.0 - p)
     y = x @ weight.T + scaling * (xd @ lora_a.T) @ lora_b.T
     return y if bias is None else y + bias
-
-
-def assert_within(rows, dtype):
-    bad = [(q, e) for q, e in rows if not e <= BOUNDS[dtype]]
-    assert not bad, f"over the {dtype} bound {BOUNDS[dtype]:.1e}: {bad}"
 
 
 def make(lead, k, n, r, bias=True, gen=None):
@@ -34,8 +30,7 @@ def make(lead, k, n, r, bias=True, gen=None):
 
 
 def _triton_or_skip():
-    if fusedlm._backend.why_unavailable("triton") is not None:
-        pytest.skip("triton unavailable")
+    triton_or_skip()
     from fusedlm.ops import lora
 
     lora._triton_ops()  # registered at import by fusedlm; made sure of here for tests run alone

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import fusedlm
-from fusedlm.verify import BOUNDS, check_case
+from fusedlm.verify import check_case
+from helpers import assert_within, triton_or_skip
 
 
 def rms_oracle(x, weight=None, eps=1e-6, offset=0.0, residual=None):
@@ -22,11 +23,6 @@ def ln_oracle(x, weight=None, bias=None, eps=1e-5, residual=None):
     s = x if residual is None else x + residual
     y = F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
     return y if residual is None else (y, s)
-
-
-def assert_within(rows, dtype):
-    bad = [(q, e) for q, e in rows if not e <= BOUNDS[dtype]]
-    assert not bad, f"over the {dtype} bound {BOUNDS[dtype]:.1e}: {bad}"
 
 
 HIDDEN = [1, 123, 771, 4100]
@@ -240,15 +236,10 @@ def test_weight_gradient_in_weight_dtype(backend, device):
     assert w.grad.dtype == torch.float32
 
 
-def _triton_or_skip():
-    if fusedlm._backend.why_unavailable("triton") is not None:
-        pytest.skip("triton unavailable")
-
-
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("is_rms", [True, False])
 def test_opcheck(device, residual, is_rms):
-    _triton_or_skip()
+    triton_or_skip()
     x = torch.randn(3, 40, device=device, requires_grad=True)
     r = torch.randn(3, 40, device=device, requires_grad=True) if residual else None
     w = torch.randn(40, device=device, requires_grad=True)
@@ -330,6 +321,6 @@ class TestBadInput:
             fusedlm.rms_norm(torch.randn(2, 8), backend="cuda")
 
     def test_triton_cannot_take_float64(self):
-        _triton_or_skip()
+        triton_or_skip()
         with pytest.raises(ValueError, match="float64"):
             fusedlm.rms_norm(torch.randn(2, 8, dtype=torch.float64), backend="triton")

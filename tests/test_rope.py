@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import fusedlm
-from fusedlm.verify import BOUNDS, check_case
+from fusedlm.verify import check_case
+from helpers import assert_within, triton_or_skip
 
 
 def rotate_half(x):
@@ -34,11 +35,6 @@ def rope_oracle(q, k, cos, sin, unsqueeze_dim=1, interleaved=False):
         return torch.cat((x_rot * cos + rot(x_rot) * sin, x_pass), dim=-1)
 
     return embed(q), embed(k)
-
-
-def assert_within(rows, dtype):
-    bad = [(q, e) for q, e in rows if not e <= BOUNDS[dtype]]
-    assert not bad, f"over the {dtype} bound {BOUNDS[dtype]:.1e}: {bad}"
 
 
 def make_inputs(B, H, Hkv, S, D, R, cos_batch, unsqueeze_dim):
@@ -239,16 +235,11 @@ def test_negative_unsqueeze_dim(backend, device):
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5)
 
 
-def _triton_or_skip():
-    if fusedlm._backend.why_unavailable("triton") is not None:
-        pytest.skip("triton unavailable")
-
-
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["BHSD", "BSHD"])
 @pytest.mark.parametrize("interleaved", [False, True], ids=["rotate_half", "interleaved"])
 def test_opcheck(device, interleaved, transposed, backward):
-    _triton_or_skip()
+    triton_or_skip()
     B, H, Hkv, S, D, R = 2, 2, 1, 3, 24, 16
     qs, ks = ((B, S, H, D), (B, S, Hkv, D)) if transposed else ((B, H, S, D), (B, Hkv, S, D))
     q = torch.randn(qs, device=device, requires_grad=True)
@@ -260,7 +251,7 @@ def test_opcheck(device, interleaved, transposed, backward):
 
 def test_op_backward_flag_is_the_transpose(device):
     """<rope(x), y> == <x, rope_backward(y)>: the backward rotation is the adjoint of the forward one."""
-    _triton_or_skip()
+    triton_or_skip()
     from fusedlm.ops.rope import _triton_ops
 
     op = _triton_ops()
@@ -294,7 +285,7 @@ def rope_transposed_oracle(q, k, cos, sin, interleaved):
 @pytest.mark.parametrize("interleaved", [False, True], ids=["rotate_half", "interleaved"])
 def test_op_backward_mode_and_its_gradients(device, interleaved):
     """The op with backward=True (what autograd runs, and differentiates for a double backward)."""
-    _triton_or_skip()
+    triton_or_skip()
     from fusedlm.ops.rope import _triton_ops
 
     op = _triton_ops()
@@ -313,7 +304,7 @@ def test_op_backward_mode_and_its_gradients(device, interleaved):
 
 def test_many_head_blocks(device, monkeypatch):
     """More heads than one tile holds: the kernel loops over blocks of heads, the last one partial."""
-    _triton_or_skip()
+    triton_or_skip()
     from fusedlm.kernels import rope as K
 
     monkeypatch.setattr(K, "MAX_TILE", 32)  # width 16 (R/2 = 16 pairs) -> 2 heads per tile
@@ -420,6 +411,6 @@ class TestBadInput:
             fusedlm.apply_rotary_pos_emb(*_args(), backend="cuda")
 
     def test_triton_cannot_take_float64(self):
-        _triton_or_skip()
+        triton_or_skip()
         with pytest.raises(ValueError, match="float64"):
             fusedlm.apply_rotary_pos_emb(*_args(dtype=torch.float64), backend="triton")

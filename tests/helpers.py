@@ -1,0 +1,42 @@
+"""Helpers shared by the op test files (imported as ``helpers``: pytest puts tests/ on sys.path)."""
+import pytest
+import torch
+
+import fusedlm
+from fusedlm.verify import BOUNDS
+
+
+def assert_within(rows, dtype):
+    """Every (quantity, relative error) row of check_case within the dtype's bound."""
+    bad = [(q, e) for q, e in rows if not e <= BOUNDS[dtype]]
+    assert not bad, f"over the {dtype} bound {BOUNDS[dtype]:.1e}: {bad}"
+
+
+def triton_or_skip():
+    if fusedlm._backend.why_unavailable("triton") is not None:
+        pytest.skip("triton unavailable")
+
+
+class RecordFusedOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every fusedlm::<name containing ``part``> op call (op, args, kwargs) reaching the dispatcher."""
+
+    def __init__(self, part):
+        super().__init__()
+        self.part = part
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "fusedlm" and self.part in func.name():
+            self.calls.append((func, args, kwargs))
+        return func(*args, **kwargs)
+
+
+def detach_clone(x, requires_grad=False):
+    """Fresh leaves from a (nested) call's arguments, for opcheck."""
+    if isinstance(x, torch.Tensor):
+        y = x.detach().clone()
+        return y.requires_grad_(True) if requires_grad and y.is_floating_point() else y
+    if isinstance(x, (list, tuple)):
+        return type(x)(detach_clone(a, requires_grad) for a in x)
+    return x
