@@ -16,7 +16,7 @@ Environment:
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -70,7 +70,7 @@ setup(
     python_requires=">=3.9",
     # kernels/ is installed as the subpackage fusedlm.kernels, never as a top-level `kernels`
     # module: that name belongs to Hugging Face's kernels package, which transformers probes for.
-    packages=["fusedlm", "fusedlm.ops", "fusedlm.kernels"],
+    packages=find_packages(include=["fusedlm", "fusedlm.*"]) + ["fusedlm.kernels"],
     package_dir={"fusedlm": "fusedlm", "fusedlm.kernels": "kernels"},
     install_requires=[
         # Install torch first (README): an open-ended torch requirement met by nothing pulls a
