@@ -1,55 +1,26 @@
 #!/usr/bin/env python3
-"""Benchmark fusedlm.deberta_attention against transformers' DisentangledSelfAttention (eager) and FlashDeBERTa.
+"""Benchmark fusedlm's DeBERTa disentangled attention against transformers' DisentangledSelfAttention
+(eager), FlashDeBERTa and DisentangledFlash.
 
 bf16, deberta-v3-base shapes (H = 12, D = 64, 256 buckets, max_relative_positions 512, c2p + p2c,
-share_att_key), B x S = 16384 tokens at S = 512, 2048, 8192 (B = 2; --quick: 512, 2048); fwd, bwd and
-fwd+bwd, each provider being the whole self-attention module (q/k/v projections and the pos projections
-of rel_embeddings included, output projection excluded, weights frozen). hf-eager-fp32 (S <= 2048) is the
-rel_err yardstick, hf-eager the baseline. After the harness's tables this appends (to the
-deberta_*_summary.md and .md files, and prints) each provider's speedup and peak memory over hf-eager's,
-and the issue's targets at S = 2048 (>= 4x hf-eager and >= 1.5x FlashDeBERTa fwd+bwd, peak memory <= 1/4
-of hf-eager's). A thin front end of fusedlm.bench (inputs, FLOP counts and providers in
-fusedlm/bench_ops.py); see benchmarks/README.md.
+share_att_key), B x S = 16384 tokens at S = 128, 512, 2048, 8192 (--quick: 512, 2048); fwd, bwd and
+fwd+bwd, time and peak memory, each provider being the whole self-attention module (q/k/v projections
+and the pos projections of rel_embeddings included, output projection excluded, weights frozen). Two ops:
+deberta_attention (no padding) and deberta_attention_padded (half the tokens real: every provider on the
+padded batch, and "-varlen" providers on the packed real tokens: fusedlm.deberta_varlen_attention,
+FlashDeBERTa's varlen function, DisentangledFlash's forward_packed). hf-eager-fp32 (S <= 2048) is the
+rel_err yardstick, hf-eager the baseline. The summaries end with each provider's speedup and peak memory
+over hf-eager's and issue 8's targets (fwd+bwd >= 4x hf-eager and >= 1.5x DisentangledFlash at S = 512,
+2048, 8192; not slower than hf-eager at S = 128; peak memory <= 1/4 of hf-eager's at S = 2048). Peers
+that are not installed get a row saying so. A thin front end of fusedlm.bench (inputs, FLOP counts and
+providers in fusedlm/bench/ops_deberta.py and deberta_peers.py); see benchmarks/README.md.
 
-    python benchmarks/bench_deberta.py [--quick] [--out DIR] [--seqlens 2048]
+    python benchmarks/bench_deberta.py [--quick] [--out DIR] [--seqlens 2048] [--modes fwd,fwd+bwd]
     TRITON_INTERPRET=1 python benchmarks/bench_deberta.py --cpu-smoke      # harness check, no GPU
 """
-import argparse
-import json
 import sys
-import tempfile
-from pathlib import Path
 
-from fusedlm.bench import _default_out, main
-from fusedlm.bench_ops import deberta_report
-
-
-def report(argv):
-    """Append deberta_report to the newest <tag>_*.json's .md and _summary.md, and print it."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--tag", default="deberta")
-    p.add_argument("--cpu-smoke", action="store_true")
-    args, _ = p.parse_known_args(argv)
-    out = args.out or (Path(tempfile.gettempdir()) / "fusedlm_bench_smoke" if args.cpu_smoke else _default_out())
-    found = sorted(out.glob(f"{args.tag}_*.json"), key=lambda f: f.stat().st_mtime)
-    if not found:
-        return
-    js = found[-1]
-    text = deberta_report(json.loads(js.read_text()))
-    if not text:
-        return
-    print("\n" + text + "\n")
-    stem = js.with_suffix("")
-    for f in (Path(f"{stem}.md"), Path(f"{stem}_summary.md")):
-        if f.exists():
-            f.write_text(f.read_text().rstrip("\n") + "\n\n" + text + "\n")
-
+from fusedlm.bench import script_main
 
 if __name__ == "__main__":
-    # Arguments given on the command line come after these defaults, so they win.
-    argv = ["--ops", "deberta", "--tag", "deberta", *sys.argv[1:]]
-    rc = main(argv)
-    if rc != 2:
-        report(argv)
-    sys.exit(rc)
+    sys.exit(script_main("deberta"))  # --ops deberta --tag deberta, then the command line
