@@ -10,8 +10,8 @@
 //
 // Static switches (template parameters): the dtype T; VEC, the elements per access (16 bytes when the
 // row size, strides and pointers allow, else 1); NV, the vectors each thread keeps in registers. With
-// NV > 0 the row is read from memory once (up to 1024 * NV * VEC features: 65536 for 16-bit dtypes in
-// the forward); NV == 0 is the looped variant for wider rows, which re-reads the row per pass (from L2
+// NV > 0 the row is read from memory once (up to 512 * 16 vectors: 65536 features of a 16-bit dtype,
+// 32768 of float32 in the forward, half that in the backward, which holds dy and s); NV == 0 is the looped variant for wider rows, which re-reads the row per pass (from L2
 // on a GPU). Thread t always handles the vectors t, t + threads, t + 2 threads, ... of its row, in every
 // pass, so a pass only reads back what the same thread wrote (the stored sum s): no barrier needed.
 #include "simt.h"
@@ -55,7 +55,8 @@ FL_HD void load_affine(const float* w, const float* b, float offset, int64_t v, 
 template <class T, int VEC, int NV>
 struct NormFwd {
   using Params = NormFwdParams;
-  static constexpr int kMaxThreads = 1024, kSmemFloats = 0;
+  // 512 threads for the widest held rows leave 128 registers a thread (64 hold the row): no spills.
+  static constexpr int kMaxThreads = NV >= 8 ? 512 : 1024, kSmemFloats = 0;
   struct State {
     float red[2];
     float mean;
@@ -112,8 +113,10 @@ struct NormFwd {
         };
         if constexpr (NV > 0) {
 #pragma unroll
-          for (int i = 0; i < NV; ++i)
+          for (int i = 0; i < NV; ++i) {
+            keep_packed(st.s[i]);
             if (c.tid + int64_t(i) * c.nthreads < nvec) add(st.s[i]);
+          }
         } else {
           for (int64_t v = c.tid; v < nvec; v += c.nthreads) add(load<VEC>(src + v * VEC));
         }
@@ -138,6 +141,7 @@ struct NormFwd {
 #pragma unroll
         for (int i = 0; i < NV; ++i) {
           const int64_t v = c.tid + int64_t(i) * c.nthreads;
+          keep_packed(st.s[i]);
           if (v < nvec) out(st.s[i], v);
         }
       } else {
@@ -154,7 +158,7 @@ struct NormFwd {
 template <class T, int VEC, int NV>
 struct NormBwdRows {
   using Params = NormBwdParams;
-  static constexpr int kMaxThreads = 1024, kSmemFloats = 0;
+  static constexpr int kMaxThreads = NV >= 4 ? 512 : 1024, kSmemFloats = 0;
   struct State {
     float red[2];
     Vec<T, VEC> dy[NV > 0 ? NV : 1], s[NV > 0 ? NV : 1];
@@ -231,6 +235,8 @@ struct NormBwdRows {
 #pragma unroll
         for (int i = 0; i < NV; ++i) {
           const int64_t v = c.tid + int64_t(i) * c.nthreads;
+          keep_packed(st.dy[i]);
+          keep_packed(st.s[i]);
           if (v < nvec) out(st.dy[i], st.s[i], v);
         }
       } else {
@@ -309,11 +315,13 @@ template <class T, int VEC>
 void norm_fwd_sized(const NormFwdParams& p, Stream stream) {
   const int64_t nvec = p.n / VEC;
   const int rows = int(p.rows);
-  // Up to 128 threads hold 1, 2 or 4 vectors each; then up to 1024 threads hold 8; wider rows loop.
+  // Up to 128 threads hold 1, 2 or 4 vectors each; then up to 512 threads hold 8 or 16 (65536 features
+  // of a 16-bit dtype, 32768 of float32); wider rows loop.
   if (nvec <= 128) return launch<NormFwd<T, VEC, 1>>(rows, 1, round_up32(nvec), p, stream);
   if (nvec <= 256) return launch<NormFwd<T, VEC, 2>>(rows, 1, round_up32((nvec + 1) / 2), p, stream);
   if (nvec <= 512) return launch<NormFwd<T, VEC, 4>>(rows, 1, round_up32((nvec + 3) / 4), p, stream);
-  if (nvec <= 1024 * 8) return launch<NormFwd<T, VEC, 8>>(rows, 1, round_up32((nvec + 7) / 8), p, stream);
+  if (nvec <= 512 * 8) return launch<NormFwd<T, VEC, 8>>(rows, 1, round_up32((nvec + 7) / 8), p, stream);
+  if (nvec <= 512 * 16) return launch<NormFwd<T, VEC, 16>>(rows, 1, round_up32((nvec + 15) / 16), p, stream);
   launch<NormFwd<T, VEC, 0>>(rows, 1, 1024, p, stream);
 }
 
@@ -332,10 +340,11 @@ template <class T, int VEC>
 void norm_bwd_sized(const NormBwdParams& p, Stream stream) {
   const int64_t nvec = p.n / VEC;
   const int rows = int(p.rows);
-  // Two vectors (dy, s) per held slot: half the forward's register budget.
+  // Two vectors (dy, s) per held slot: half the forward's capacity (32768 features of a 16-bit dtype).
   if (nvec <= 128) launch<NormBwdRows<T, VEC, 1>>(rows, 1, round_up32(nvec), p, stream);
   else if (nvec <= 256) launch<NormBwdRows<T, VEC, 2>>(rows, 1, round_up32((nvec + 1) / 2), p, stream);
-  else if (nvec <= 1024 * 4) launch<NormBwdRows<T, VEC, 4>>(rows, 1, round_up32((nvec + 3) / 4), p, stream);
+  else if (nvec <= 512 * 4) launch<NormBwdRows<T, VEC, 4>>(rows, 1, round_up32((nvec + 3) / 4), p, stream);
+  else if (nvec <= 512 * 8) launch<NormBwdRows<T, VEC, 8>>(rows, 1, round_up32((nvec + 7) / 8), p, stream);
   else launch<NormBwdRows<T, VEC, 0>>(rows, 1, 1024, p, stream);
   if (p.dw_part || p.db_part) {
     const int64_t tiles = (p.n + 32 * VEC - 1) / (32 * VEC);
