@@ -39,13 +39,14 @@ def cuda_verified_ops():
         return frozenset()
 
 
-def _env_flag(name):
+def env_flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
 
 
 # Triton reads TRITON_INTERPRET when a kernel is decorated (when fusedlm.kernels is imported), so the
 # value at import time is the one that holds for the whole process.
-_INTERPRET = _env_flag("TRITON_INTERPRET")
+_INTERPRET = env_flag("TRITON_INTERPRET")
 
 
 def triton_interpret() -> bool:

@@ -51,6 +51,10 @@ def cmd_verify(args):
     from fusedlm import _backend, verify
 
     gpu = torch.cuda.is_available()
+    if args.backend and "cuda" in args.backend and not gpu and not _backend.env_flag("FUSEDLM_CUDA_CPU"):
+        import os
+
+        os.environ["FUSEDLM_CUDA_CPU"] = "1"  # asked for by name: run its kernels through the CPU harness
     interpreted = _backend.triton_interpret()
     if not gpu and not interpreted:
         interpreted = _backend.enable_interpreter()
@@ -58,9 +62,14 @@ def cmd_verify(args):
 
         _register_triton_ops()
     print(_header(interpreted))
+    if not gpu and _backend.why_unavailable("cuda") is None:
+        print("cuda kernels run on CPU through the SIMT harness (FUSEDLM_CUDA_CPU=1): correctness only, slow")
     backends = args.backend or _backend.available_backends()
-    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if gpu else [])
     device = "cuda" if gpu else "cpu"
+
+    def dtypes(backend):  # bfloat16 on CPU only through the harness (Triton's interpreter gets it wrong)
+        return [torch.float32, torch.float16] + ([torch.bfloat16] if gpu or backend == "cuda" else [])
+
     print()
     fmt = "{:<46} {:<7} {:<9} {:<24} {:>11} {:>8}  {:<8} {}"
     print(fmt.format("op", "backend", "dtype", "shape", "max rel err", "bound", "worst", "pass"))
