@@ -321,7 +321,9 @@ void norm_fwd_sized(const NormFwdParams& p, Stream stream) {
   if (nvec <= 256) return launch<NormFwd<T, VEC, 2>>(rows, 1, round_up32((nvec + 1) / 2), p, stream);
   if (nvec <= 512) return launch<NormFwd<T, VEC, 4>>(rows, 1, round_up32((nvec + 3) / 4), p, stream);
   if (nvec <= 512 * 8) return launch<NormFwd<T, VEC, 8>>(rows, 1, round_up32((nvec + 7) / 8), p, stream);
-  if (nvec <= 512 * 16) return launch<NormFwd<T, VEC, 16>>(rows, 1, round_up32((nvec + 15) / 16), p, stream);
+  if constexpr (VEC > 1) {  // the scalar fallback holds at most 8 (a 16-element array spills on sm_80)
+    if (nvec <= 512 * 16) return launch<NormFwd<T, VEC, 16>>(rows, 1, round_up32((nvec + 15) / 16), p, stream);
+  }
   launch<NormFwd<T, VEC, 0>>(rows, 1, 1024, p, stream);
 }
 

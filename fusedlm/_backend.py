@@ -107,7 +107,9 @@ def why_unavailable(name):
 
         why = _cuda.why_unavailable()
         if why is None and not (torch.cuda.is_available() or _cuda.harness_enabled()):
-            why = "no CUDA device (FUSEDLM_CUDA_CPU=1 runs the kernels on CPU through the SIMT harness)"
+            why = ("no CUDA device for fusedlm._C" if _cuda.has_cuda_build() else
+                   "the CUDA extension fusedlm._C is not built") + \
+                " (FUSEDLM_CUDA_CPU=1 runs its kernels on CPU through the SIMT harness)"
         if why is None:
             CUDA_OPS.update(_cuda.OPS)
     else:

@@ -14,6 +14,7 @@ The backend serves CUDA tensors where ``fusedlm._C`` is built and a device exist
 when ``FUSEDLM_CUDA_CPU=1`` (a test and verification mode: slow). Which public ops it serves is
 ``OPS``; "auto" picks it only for the ops listed in fusedlm/cuda_verified.json (written by the GPU run).
 """
+import functools
 import hashlib
 import os
 import pathlib
@@ -30,7 +31,8 @@ def harness_enabled():
     return os.environ.get("FUSEDLM_CUDA_CPU", "0").lower() in ("1", "true", "yes", "on")
 
 
-def _has_cuda_build():
+@functools.lru_cache(maxsize=None)
+def has_cuda_build():
     try:
         import fusedlm._C  # noqa: F401  (registers the ops, CUDA and CPU)
     except ImportError:
@@ -69,7 +71,7 @@ def why_unavailable():
     if _loaded.get("why", "") is None:
         return None
     why = None
-    if _has_cuda_build():
+    if has_cuda_build():
         pass
     elif harness_enabled():
         if not (CSRC / "cpu_harness.cpp").exists():
@@ -93,7 +95,7 @@ def why_not_device(device):
     if device.type == "cpu":
         return None if harness_enabled() else "CPU tensors run the cuda kernels only with FUSEDLM_CUDA_CPU=1"
     if device.type == "cuda":
-        if not _has_cuda_build():
+        if not has_cuda_build():
             return "only the CPU harness is built (fusedlm._C needs the CUDA build)"
         return None if torch.cuda.is_available() else "no CUDA device"
     return f"the tensors are on {device}"
