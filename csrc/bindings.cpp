@@ -8,8 +8,9 @@
 #include <torch/library.h>
 
 #if defined(FUSEDLM_WITH_CUDA)
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 #if defined(FUSEDLM_PY_MODULE)
 #include <Python.h>
@@ -62,7 +63,7 @@ void run(const Tensor& t, const P& params, Cpu cpu, Gpu gpu) {
 #if defined(FUSEDLM_WITH_CUDA)
   if (t.is_cuda()) {
     const c10::cuda::CUDAGuard guard(t.device());
-    gpu(params, at::cuda::getCurrentCUDAStream().stream());
+    gpu(params, c10::cuda::getCurrentCUDAStream().stream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
