@@ -52,6 +52,21 @@ FL_HD void load_affine(const float* w, const float* b, float offset, int64_t v, 
   }
 }
 
+// Calls f(i, v) for the vectors v = tid, tid + threads, ... (below nvec) of the row that this thread owns; i
+// is the register slot holding v when NV > 0 (the loop is unrolled, so slots stay registers), 0 otherwise.
+template <int NV, class F>
+FL_HD void for_my_vectors(const Ctx& c, int64_t nvec, F&& f) {
+  if constexpr (NV > 0) {
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      const int64_t v = c.tid + int64_t(i) * c.nthreads;
+      if (v < nvec) f(i, v);
+    }
+  } else {
+    for (int64_t v = c.tid; v < nvec; v += c.nthreads) f(0, v);
+  }
+}
+
 template <class T, int VEC, int NV>
 struct NormFwd {
   using Params = NormFwdParams;
@@ -62,6 +77,16 @@ struct NormFwd {
     float mean;
     Vec<T, VEC> s[NV > 0 ? NV : 1];  // the thread's part of the row (NV > 0)
   };
+
+  // The vector v of s: from its register slot i (NV > 0), else re-read from memory.
+  static FL_HD Vec<T, VEC> held_or_load(State& st, int i, const T* src, int64_t v) {
+    if constexpr (NV > 0) {
+      keep_packed(st.s[i]);
+      return st.s[i];
+    } else {
+      return load<VEC>(src + v * VEC);
+    }
+  }
 
   template <class B>
   static FL_BODY void body(B& b, const Params& p) {
@@ -83,18 +108,11 @@ struct NormFwd {
           acc += p.is_rms ? f * f : f;
         }
       };
-      if constexpr (NV > 0) {
-#pragma unroll
-        for (int i = 0; i < NV; ++i) {
-          const int64_t v = c.tid + int64_t(i) * c.nthreads;
-          if (v < nvec) {
-            st.s[i] = load_sum<T, VEC>(x, res, s_out, v);
-            add(st.s[i]);
-          }
-        }
-      } else {
-        for (int64_t v = c.tid; v < nvec; v += c.nthreads) add(load_sum<T, VEC>(x, res, s_out, v));
-      }
+      for_my_vectors<NV>(c, nvec, [&](int i, int64_t v) {
+        const Vec<T, VEC> sv = load_sum<T, VEC>(x, res, s_out, v);
+        if constexpr (NV > 0) st.s[i] = sv;
+        add(sv);
+      });
       st.red[0] = acc;
     });
     b.template block_sum<1>();
@@ -111,15 +129,7 @@ struct NormFwd {
             acc += d * d;
           }
         };
-        if constexpr (NV > 0) {
-#pragma unroll
-          for (int i = 0; i < NV; ++i) {
-            keep_packed(st.s[i]);
-            if (c.tid + int64_t(i) * c.nthreads < nvec) add(st.s[i]);
-          }
-        } else {
-          for (int64_t v = c.tid; v < nvec; v += c.nthreads) add(load<VEC>(src + v * VEC));
-        }
+        for_my_vectors<NV>(c, nvec, [&](int i, int64_t v) { add(held_or_load(st, i, src, v)); });
         st.red[0] = acc;
       });
       b.template block_sum<1>();
@@ -137,16 +147,7 @@ struct NormFwd {
         for (int e = 0; e < VEC; ++e) yv.v[e] = from_float<T>((to_float(sv.v[e]) - mean) * rstd * wv[e] + bv[e]);
         store<VEC>(y + v * VEC, yv);
       };
-      if constexpr (NV > 0) {
-#pragma unroll
-        for (int i = 0; i < NV; ++i) {
-          const int64_t v = c.tid + int64_t(i) * c.nthreads;
-          keep_packed(st.s[i]);
-          if (v < nvec) out(st.s[i], v);
-        }
-      } else {
-        for (int64_t v = c.tid; v < nvec; v += c.nthreads) out(load<VEC>(src + v * VEC), v);
-      }
+      for_my_vectors<NV>(c, nvec, [&](int i, int64_t v) { out(held_or_load(st, i, src, v), v); });
       if (c.tid == 0) {
         p.rstd[row] = rstd;
         if (p.mean != nullptr) p.mean[row] = mean;
@@ -196,19 +197,14 @@ struct NormBwdRows {
           sum_gx += g[e] * xhat[e];
         }
       };
-      if constexpr (NV > 0) {
-#pragma unroll
-        for (int i = 0; i < NV; ++i) {
-          const int64_t v = c.tid + int64_t(i) * c.nthreads;
-          if (v < nvec) {
-            st.dy[i] = load<VEC>(dy + v * VEC);
-            st.s[i] = load<VEC>(s + v * VEC);
-            add(st.dy[i], st.s[i], v);
-          }
+      for_my_vectors<NV>(c, nvec, [&](int i, int64_t v) {
+        const Vec<T, VEC> dyv = load<VEC>(dy + v * VEC), sv = load<VEC>(s + v * VEC);
+        if constexpr (NV > 0) {
+          st.dy[i] = dyv;
+          st.s[i] = sv;
         }
-      } else {
-        for (int64_t v = c.tid; v < nvec; v += c.nthreads) add(load<VEC>(dy + v * VEC), load<VEC>(s + v * VEC), v);
-      }
+        add(dyv, sv, v);
+      });
       st.red[0] = sum_g;
       st.red[1] = sum_gx;
     });
@@ -231,17 +227,15 @@ struct NormBwdRows {
         for (int e = 0; e < VEC; ++e) dv.v[e] = from_float<T>(rstd * (g[e] - mean_g - xhat[e] * mean_gx) + extra[e]);
         store<VEC>(ds + v * VEC, dv);
       };
-      if constexpr (NV > 0) {
-#pragma unroll
-        for (int i = 0; i < NV; ++i) {
-          const int64_t v = c.tid + int64_t(i) * c.nthreads;
+      for_my_vectors<NV>(c, nvec, [&](int i, int64_t v) {
+        if constexpr (NV > 0) {
           keep_packed(st.dy[i]);
           keep_packed(st.s[i]);
-          if (v < nvec) out(st.dy[i], st.s[i], v);
+          out(st.dy[i], st.s[i], v);
+        } else {
+          out(load<VEC>(dy + v * VEC), load<VEC>(s + v * VEC), v);
         }
-      } else {
-        for (int64_t v = c.tid; v < nvec; v += c.nthreads) out(load<VEC>(dy + v * VEC), load<VEC>(s + v * VEC), v);
-      }
+      });
     });
   }
 };
