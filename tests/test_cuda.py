@@ -251,3 +251,53 @@ def test_verify_cli_runs_cuda_rows(capsys):
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if " cuda " in line and line.rstrip().endswith("ok")]
     assert len(rows) == 18, out  # (3 swiglu + 3 rope cases) x (float32, float16, bfloat16)
+
+
+def _butterfly(lanes):
+    """The device's warp reduction (shfl_xor 16, 8, 4, 2, 1) on rows of 32 float32 lanes; lane 0's total."""
+    idx = torch.arange(32)
+    for offset in (16, 8, 4, 2, 1):
+        lanes = lanes + lanes[..., idx ^ offset]
+    return lanes[..., 0]
+
+
+def test_block_reduction_follows_the_device_order():
+    """LayerNorm's row statistics equal, bit for bit, sums taken in the device's order, written out here:
+    4096 float32 features = 1024 16-byte vectors over 128 threads holding 8 each (thread t: vectors
+    t, t + 128, ...), per-thread sums in that order, a butterfly per warp, then one over the 4 warp sums."""
+    if torch.cuda.is_available():
+        pytest.skip("the harness's order on CPU; a GPU's FMA contraction changes the last bits")
+    n, threads, held, vec = 4096, 128, 8, 4
+    x = torch.randn(1, n) * torch.logspace(-2, 2, n)[torch.randperm(n)]  # magnitudes apart: the order shows
+    _, _, mean, rstd = torch.ops.fusedlm_C.norm_fwd(x, None, None, None, 1e-5, 0.0, False)
+
+    def device_sum(values):  # values: (n,) float32 terms, one per feature
+        per_thread = values.view(held, threads, vec)  # [slot i][thread t][element e] = vector t + i * threads
+        acc = torch.zeros(threads)
+        for i in range(held):
+            for e in range(vec):
+                acc = acc + per_thread[i, :, e]  # float32, rounded at each step as on the host
+        warp_sums = _butterfly(acc.view(threads // 32, 32))
+        return _butterfly(torch.cat([warp_sums, torch.zeros(32 - len(warp_sums))]))
+
+    inv_n = torch.tensor(1.0 / n)
+    want_mean = device_sum(x[0]) * inv_n
+    want_rstd = 1.0 / torch.sqrt(device_sum((x[0] - want_mean) * (x[0] - want_mean)) * inv_n + torch.tensor(1e-5))
+    assert mean.item() == want_mean.item() and rstd.item() == want_rstd.item()
+    # The check tells orders apart: a left-to-right float32 sum of the same terms rounds differently.
+    assert x[0].cumsum(0)[-1].item() * (1.0 / n) != want_mean.item()
+
+
+def test_torch_compile_fullgraph(dev):
+    x = torch.randn(3, 130, device=dev, requires_grad=True)
+    w = torch.randn(130, device=dev, requires_grad=True)
+
+    def f(x, w):
+        y, s = fusedlm.rms_norm(x, w, residual=x, backend="cuda")
+        return fusedlm.swiglu(y, s, backend="cuda")
+
+    compiled = torch.compile(f, fullgraph=True, backend="inductor" if dev == "cuda" else "aot_eager")
+    got, want = compiled(x, w), f(x, w)
+    assert torch.equal(got, want)
+    (gx, gw), (wx, ww) = (torch.autograd.grad(o.sum(), (x, w)) for o in (got, want))
+    assert torch.equal(gx, wx) and torch.equal(gw, ww)
