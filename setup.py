@@ -56,7 +56,8 @@ def cuda_extension():
         extra_compile_args={
             "cxx": ["-O3"],
             # No --use_fast_math: rsqrtf and expf keep their accuracy (the kernels are held to float64).
-            "nvcc": ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr", "-Xptxas", "-v", "--threads", "2"],
+            "nvcc": ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr", "-Xptxas", "-v",
+                     "--threads", "2"],
         },
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}, None
