@@ -11,8 +11,8 @@
 // Static switches (template parameters): the dtype T; VEC, the elements per access (16 bytes when the
 // row size, strides and pointers allow, else 1); NV, the vectors each thread keeps in registers. With
 // NV > 0 the row is read from memory once (up to 512 * 16 vectors: 65536 features of a 16-bit dtype,
-// 32768 of float32 in the forward, half that in the backward, which holds dy and s); NV == 0 is the looped variant for wider rows, which re-reads the row per pass (from L2
-// on a GPU). Thread t always handles the vectors t, t + threads, t + 2 threads, ... of its row, in every
+// 32768 of float32 in the forward, half that in the backward, which holds dy and s); NV == 0 is the
+// looped variant for wider rows, which re-reads the row per pass (from L2 on a GPU). Thread t always handles the vectors t, t + threads, t + 2 threads, ... of its row, in every
 // pass, so a pass only reads back what the same thread wrote (the stored sum s): no barrier needed.
 #include "simt.h"
 
@@ -364,8 +364,8 @@ void norm_bwd_typed(const NormBwdParams& p, Stream stream) {
 
 #if defined(__CUDACC__)
 namespace cuda {
-void norm_fwd(const NormFwdParams& p, cudaStream_t stream) { FL_DISPATCH_DTYPE(p.dtype, T, norm_fwd_typed<T>(p, stream)) }
-void norm_bwd(const NormBwdParams& p, cudaStream_t stream) { FL_DISPATCH_DTYPE(p.dtype, T, norm_bwd_typed<T>(p, stream)) }
+void norm_fwd(const NormFwdParams& p, cudaStream_t s) { FL_DISPATCH_DTYPE(p.dtype, T, norm_fwd_typed<T>(p, s)) }
+void norm_bwd(const NormBwdParams& p, cudaStream_t s) { FL_DISPATCH_DTYPE(p.dtype, T, norm_bwd_typed<T>(p, s)) }
 }  // namespace cuda
 #else
 namespace cpu {

@@ -103,7 +103,8 @@ void rope_typed(const RopeParams& p, Stream stream) {
     return aligned<T>(ptr, V) && stride[0] % V == 0 && stride[1] % V == 0 && stride[2] % V == 0;
   };
   const bool vec_ok = p.head_dim % V == 0 && (p.interleaved ? p.rotary % V == 0 : p.rotary % (2 * V) == 0) &&
-                      ok(p.q, p.q_stride) && ok(p.k, p.k_stride) && ok(p.q_out, p.qo_stride) && ok(p.k_out, p.ko_stride);
+                      ok(p.q, p.q_stride) && ok(p.k, p.k_stride) && ok(p.q_out, p.qo_stride) &&
+                      ok(p.k_out, p.ko_stride);
   const int blocks = int(p.batch * p.seqlen);
   if (vec_ok) return launch<Rope<T, V>>(blocks, 1, Rope<T, V>::kThreads, p, stream);
   launch<Rope<T, 1>>(blocks, 1, Rope<T, 1>::kThreads, p, stream);
