@@ -18,6 +18,7 @@ import functools
 import hashlib
 import os
 import pathlib
+import sys
 
 import torch
 
@@ -60,6 +61,9 @@ def build_harness(verbose=False):
 
     build_dir = harness_build_dir()
     os.makedirs(build_dir, exist_ok=True)
+    if not os.path.exists(os.path.join(build_dir, "fusedlm_cpu_harness.so")):
+        print(f"fusedlm: compiling the CUDA kernels' CPU harness into {build_dir} (once; about a minute)",
+              file=sys.stderr, flush=True)
     cpp_extension.load(
         name="fusedlm_cpu_harness", sources=[str(s) for s in harness_sources()], build_directory=build_dir,
         extra_cflags=["-O2"], extra_include_paths=[str(CSRC)], is_python_module=False,
