@@ -20,7 +20,15 @@ def _header(interpreted):
         lines.append("Triton kernels run under the CPU interpreter (TRITON_INTERPRET=1): correctness only, slow")
     for b in _backend.BACKENDS:
         why = _backend.why_unavailable(b)
-        lines.append(f"backend {b:6s}: {'available' if why is None else 'unavailable: ' + why}")
+        state = "available" if why is None else "unavailable: " + why
+        if b == "cuda" and why is None:
+            where = "CUDA tensors" if torch.cuda.is_available() else ""
+            if _backend.env_flag("FUSEDLM_CUDA_CPU"):
+                where += (" and " if where else "") + "CPU tensors through the SIMT harness (FUSEDLM_CUDA_CPU=1)"
+            verified = sorted(_backend.cuda_verified_ops())
+            state += f" for {where}; auto uses it for {', '.join(verified) if verified else 'no op yet'} " \
+                "(GPU-verified, fusedlm/cuda_verified.json)"
+        lines.append(f"backend {b:6s}: {state}")
     return "\n".join(lines)
 
 
