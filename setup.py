@@ -7,10 +7,14 @@ isolated build environment on purpose, so the extension is built with
 
     FUSEDLM_FORCE_CUDA_BUILD=1 pip install --no-build-isolation -e .
 
+The extension holds the kernels of csrc/*.cu for CUDA tensors and, compiled from the same source by the
+host compiler (csrc/cpu_harness.cpp), the CPU harness that runs them on CPU tensors. Without it the
+harness alone is compiled on first use when FUSEDLM_CUDA_CPU=1 (fusedlm/_cuda.py); no install flag.
+
 Environment:
     FUSEDLM_SKIP_CUDA_BUILD=1   never build the extension
     FUSEDLM_FORCE_CUDA_BUILD=1  build it or fail loudly (instead of silently skipping)
-    TORCH_CUDA_ARCH_LIST        target architectures (default "9.0": Hopper)
+    TORCH_CUDA_ARCH_LIST        target architectures (default "8.0;9.0": Ampere and Hopper)
     MAX_JOBS                    parallel compile jobs (read by torch's ninja build)
 """
 import glob
@@ -41,15 +45,19 @@ def cuda_extension():
         return [], {}, f"torch {torch.__version__} is not a CUDA build"
     if CUDA_HOME is None:
         return [], {}, "no CUDA toolkit found (set CUDA_HOME)"
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     ext = CUDAExtension(
         name="fusedlm._C",
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
+        # FUSEDLM_WITH_CUDA: the binding layer registers the CUDA kernels too; FUSEDLM_PY_MODULE: it
+        # defines PyInit__C, so `import fusedlm._C` loads the library and its TORCH_LIBRARY registrations.
+        define_macros=[("FUSEDLM_WITH_CUDA", None), ("FUSEDLM_PY_MODULE", None)],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
-                     "--expt-relaxed-constexpr"],
+            "cxx": ["-O3"],
+            # No --use_fast_math: rsqrtf and expf keep their accuracy (the kernels are held to float64).
+            "nvcc": ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr", "-Xptxas", "-v",
+                     "--threads", "2"],
         },
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}, None
@@ -72,6 +80,7 @@ setup(
     # module: that name belongs to Hugging Face's kernels package, which transformers probes for.
     packages=find_packages(include=["fusedlm", "fusedlm.*"]) + ["fusedlm.kernels"],
     package_dir={"fusedlm": "fusedlm", "fusedlm.kernels": "kernels"},
+    package_data={"fusedlm": ["cuda_verified.json"]},
     install_requires=[
         # Install torch first (README): an open-ended torch requirement met by nothing pulls a
         # CUDA build of torch with gigabytes of dependencies.

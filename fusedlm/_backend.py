@@ -1,36 +1,52 @@
 """Backend selection: which implementation of an op runs.
 
 Three backends, best first:
-    "cuda"    the compiled C++ extension fusedlm._C (built by setup.py where CUDA is present);
+    "cuda"    the C++ kernels in csrc/ (fusedlm._cuda): the extension fusedlm._C built by setup.py where
+              CUDA is present, on CUDA tensors; on CPU tensors when FUSEDLM_CUDA_CPU=1, through the CPU
+              harness that runs the same kernel source on the host (for tests);
     "triton"  the Triton kernels in fusedlm.kernels, on CUDA tensors, or on CPU tensors when
               TRITON_INTERPRET=1 (Triton's interpreter: slow, for tests);
     "torch"   the plain PyTorch reference in fusedlm.reference (always there).
 
 The process default starts as the environment variable FUSEDLM_BACKEND (or "auto"), and is changed
 with set_backend() or, for a block, use_backend(). A per-call ``backend=`` wins over both. "auto"
-picks, per call, the first backend that can serve that call; a backend named explicitly that cannot
-serve the call raises ValueError saying why, never falls back silently.
+picks, per call, the first backend that can serve that call, and "cuda" only for the ops a GPU run
+has verified (fusedlm/cuda_verified.json); a backend named explicitly that cannot serve the call raises
+ValueError saying why, never falls back silently.
 """
 import contextlib
 import importlib
 import importlib.util
+import json
 import os
+import pathlib
 
 BACKENDS = ("cuda", "triton", "torch")
 _AUTO = "auto"
 
-# Ops the CUDA extension implements (names as passed to select()); the binding layer adds to it when
-# fusedlm._C registers a kernel. Every other op is one the "cuda" backend cannot serve.
+# Ops the CUDA extension implements (names as passed to select()); filled from fusedlm._cuda.OPS once
+# its ops are registered. Every other op is one the "cuda" backend cannot serve.
 CUDA_OPS = set()
 
 
-def _env_flag(name):
+def cuda_verified_ops():
+    """The ops "auto" may run on the cuda backend: those the GPU script found correct and at least as
+    fast as triton (fusedlm/cuda_verified.json, {"ops": [...]}); empty until a GPU run writes it."""
+    path = pathlib.Path(__file__).with_name("cuda_verified.json")
+    try:
+        return frozenset(json.loads(path.read_text()).get("ops", []))
+    except (OSError, ValueError):
+        return frozenset()
+
+
+def env_flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
 
 
 # Triton reads TRITON_INTERPRET when a kernel is decorated (when fusedlm.kernels is imported), so the
 # value at import time is the one that holds for the whole process.
-_INTERPRET = _env_flag("TRITON_INTERPRET")
+_INTERPRET = env_flag("TRITON_INTERPRET")
 
 
 def triton_interpret() -> bool:
@@ -70,8 +86,9 @@ def enable_interpreter():
 
 def why_unavailable(name):
     """None if backend ``name`` is usable in this process, else the reason it is not."""
-    if name in _why_not_cache:
-        return _why_not_cache[name]
+    key = (name, os.environ.get("FUSEDLM_CUDA_CPU", "")) if name == "cuda" else name
+    if key in _why_not_cache:
+        return _why_not_cache[key]
     import torch
 
     if name == "torch":
@@ -86,14 +103,18 @@ def why_unavailable(name):
         else:
             why = _import_error("triton") or _import_error("fusedlm.kernels")
     elif name == "cuda":
-        why = _import_error("fusedlm._C")
-        if why is not None:
-            why = f"the CUDA extension fusedlm._C is not built ({why})"
-        elif not torch.cuda.is_available():
-            why = "no CUDA device"
+        from . import _cuda
+
+        why = _cuda.why_unavailable()
+        if why is None and not (torch.cuda.is_available() or _cuda.harness_enabled()):
+            why = ("no CUDA device for fusedlm._C" if _cuda.has_cuda_build() else
+                   "the CUDA extension fusedlm._C is not built") + \
+                " (FUSEDLM_CUDA_CPU=1 runs its kernels on CPU through the SIMT harness)"
+        if why is None:
+            CUDA_OPS.update(_cuda.OPS)
     else:
         raise ValueError(f"backend: expected one of {BACKENDS + (_AUTO,)} or None, got {name!r}")
-    _why_not_cache[name] = why
+    _why_not_cache[key] = why
     return why
 
 
@@ -166,8 +187,10 @@ def select(op, backend, device, cannot_serve=None):
 
     def reason(b):
         why = why_unavailable(b)
-        if why is None and b == "cuda" and device.type != "cuda":
-            why = f"the tensors are on {device}, not a CUDA device"
+        if why is None and b == "cuda":
+            from . import _cuda
+
+            why = _cuda.why_not_device(device)
         if why is None and b == "cuda" and op not in CUDA_OPS:
             why = f"fusedlm._C has no kernel for {op}"
         if why is None and b == "triton" and device.type != "cuda" and not triton_interpret():
@@ -180,6 +203,8 @@ def select(op, backend, device, cannot_serve=None):
 
     if name == _AUTO:
         for b in BACKENDS:
+            if b == "cuda" and op not in cuda_verified_ops():
+                continue  # not yet checked on a GPU: auto keeps triton
             if reason(b) is None:
                 return b
         raise AssertionError("the torch backend serves every case")  # pragma: no cover

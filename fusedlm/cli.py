@@ -20,7 +20,15 @@ def _header(interpreted):
         lines.append("Triton kernels run under the CPU interpreter (TRITON_INTERPRET=1): correctness only, slow")
     for b in _backend.BACKENDS:
         why = _backend.why_unavailable(b)
-        lines.append(f"backend {b:6s}: {'available' if why is None else 'unavailable: ' + why}")
+        state = "available" if why is None else "unavailable: " + why
+        if b == "cuda" and why is None:
+            where = "CUDA tensors" if torch.cuda.is_available() else ""
+            if _backend.env_flag("FUSEDLM_CUDA_CPU"):
+                where += (" and " if where else "") + "CPU tensors through the SIMT harness (FUSEDLM_CUDA_CPU=1)"
+            verified = sorted(_backend.cuda_verified_ops())
+            state += f" for {where}; auto uses it for {', '.join(verified) if verified else 'no op yet'} " \
+                "(GPU-verified, fusedlm/cuda_verified.json)"
+        lines.append(f"backend {b:6s}: {state}")
     return "\n".join(lines)
 
 
@@ -51,6 +59,10 @@ def cmd_verify(args):
     from fusedlm import _backend, verify
 
     gpu = torch.cuda.is_available()
+    if args.backend and "cuda" in args.backend and not gpu and not _backend.env_flag("FUSEDLM_CUDA_CPU"):
+        import os
+
+        os.environ["FUSEDLM_CUDA_CPU"] = "1"  # asked for by name: run its kernels through the CPU harness
     interpreted = _backend.triton_interpret()
     if not gpu and not interpreted:
         interpreted = _backend.enable_interpreter()
@@ -58,9 +70,14 @@ def cmd_verify(args):
 
         _register_triton_ops()
     print(_header(interpreted))
+    if not gpu and _backend.why_unavailable("cuda") is None:
+        print("cuda kernels run on CPU through the SIMT harness (FUSEDLM_CUDA_CPU=1): correctness only, slow")
     backends = args.backend or _backend.available_backends()
-    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if gpu else [])
     device = "cuda" if gpu else "cpu"
+
+    def dtypes(backend):  # bfloat16 on CPU only through the harness (Triton's interpreter gets it wrong)
+        return [torch.float32, torch.float16] + ([torch.bfloat16] if gpu or backend == "cuda" else [])
+
     print()
     fmt = "{:<46} {:<7} {:<9} {:<24} {:>11} {:>8}  {:<8} {}"
     print(fmt.format("op", "backend", "dtype", "shape", "max rel err", "bound", "worst", "pass"))

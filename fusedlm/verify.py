@@ -241,13 +241,21 @@ def _attention_cases(gpu):
 
 
 def run(backends, dtypes, device, gpu=False, ops=None, log=print):
-    """Run the grid; returns a list of row dicts (op, backend, dtype, shape, max_rel_err, worst, bound, ok)."""
+    """Run the grid; returns a list of row dicts (op, backend, dtype, shape, max_rel_err, worst, bound, ok).
+
+    dtypes: a list, or a function backend -> list. The cuda backend runs only the ops it implements
+    (fusedlm._cuda.OPS); every other backend runs every op.
+    """
+    from fusedlm._cuda import OPS as CUDA_OPS
+
     rows = []
     for case in cases(gpu):
         if ops and not any(case.op.startswith(o) for o in ops):
             continue
         for backend in backends:
-            for dtype in dtypes:
+            if backend == "cuda" and not any(case.op.startswith(o) for o in CUDA_OPS):
+                continue
+            for dtype in (dtypes(backend) if callable(dtypes) else dtypes):
                 gen = torch.Generator().manual_seed(1234)
                 try:
                     errs = check_case(case.run(backend), case.ref, case.make(gen), dtype=dtype, device=device,

@@ -83,9 +83,12 @@ def _validate_norm(op, x, weight, bias, residual, eps):
 
 
 def _dispatch(op, x, weight, bias, residual, eps, offset, is_rms, backend):
-    name = _backend.select(op, backend, x.device, {
-        "triton": _validate.kernel_dtype_reason(x, residual, weight, bias),
-    })
+    kernel_dtype = _validate.kernel_dtype_reason(x, residual, weight, bias)
+    name = _backend.select(op, backend, x.device, {"triton": kernel_dtype, "cuda": kernel_dtype})
+    if name == "cuda":
+        from .. import _cuda
+
+        return _cuda.norm(x, weight, bias, residual, eps, offset, is_rms)
     if name == "torch":
         if is_rms:
             return reference.rms_norm_ref(x, weight, eps, offset, residual)

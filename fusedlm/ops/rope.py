@@ -127,9 +127,12 @@ def apply_rotary_pos_emb(q, k, cos, sin, *, unsqueeze_dim=1, interleaved=False, 
     to q, k, cos and sin.
     """
     unsqueeze_dim = _validate_rope(q, k, cos, sin, unsqueeze_dim, interleaved)
-    name = _backend.select("apply_rotary_pos_emb", backend, q.device, {
-        "triton": _validate.kernel_dtype_reason(q, k, cos, sin),
-    })
+    kernel_dtype = _validate.kernel_dtype_reason(q, k, cos, sin)
+    name = _backend.select("apply_rotary_pos_emb", backend, q.device, {"triton": kernel_dtype, "cuda": kernel_dtype})
+    if name == "cuda":
+        from .. import _cuda
+
+        return _cuda.rope(q, k, cos, sin, interleaved, unsqueeze_dim == 2)
     if name == "torch":
         return reference.rope_ref(q, k, cos, sin, unsqueeze_dim, interleaved)
     return _triton_ops()(q, k, cos, sin, interleaved, unsqueeze_dim == 2, False)

@@ -55,9 +55,12 @@ def swiglu(gate, up, *, backend=None):
     _validate.shape("up", up, gate.shape, "the shape of gate")
     _validate.same_dtype(gate=gate, up=up)
     _validate.same_device(gate=gate, up=up)
-    name = _backend.select("swiglu", backend, gate.device, {
-        "triton": _validate.kernel_dtype_reason(gate, up),
-    })
+    kernel_dtype = _validate.kernel_dtype_reason(gate, up)
+    name = _backend.select("swiglu", backend, gate.device, {"triton": kernel_dtype, "cuda": kernel_dtype})
+    if name == "cuda":
+        from .. import _cuda
+
+        return _cuda.swiglu(gate, up)
     if name == "torch":
         return reference.swiglu_ref(gate, up)
     return _triton_ops()(gate, up)

@@ -1,0 +1,316 @@
+// The binding layer of fusedlm's C++ kernels: checks inputs, fills the params structs of kernels.h, launches
+// on the current stream under a device guard, and registers the ops as fusedlm_C::* with TORCH_LIBRARY.
+// CPU tensors go to the CPU harness (the same kernel source run on the host, fl::cpu); CUDA tensors,
+// in the CUDA build (FUSEDLM_WITH_CUDA), to the device launchers (fl::cuda). Fake kernels and autograd
+// are registered from Python (fusedlm/_cuda.py). Public-API validation (names, messages) happens in
+// Python before these are called; the TORCH_CHECKs here guard the kernels' own assumptions.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#if defined(FUSEDLM_WITH_CUDA)
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+#if defined(FUSEDLM_PY_MODULE)
+#include <Python.h>
+#endif
+
+#include <optional>
+
+#include "kernels.h"
+
+namespace {
+
+using at::Tensor;
+
+fl::DType kernel_dtype(const Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return fl::DType::F32;
+    case at::kHalf: return fl::DType::F16;
+    case at::kBFloat16: return fl::DType::BF16;
+    default: TORCH_CHECK(false, name, ": expected float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+  return fl::DType::F32;  // not reached
+}
+
+void check_like(const Tensor& t, const Tensor& ref, const char* name, const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), name, ": expected device ", ref.device(), " (that of ", ref_name, "), got ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, ": expected dtype ", ref.scalar_type(), " (that of ",
+              ref_name, "), got ", t.scalar_type());
+}
+
+// (..., n) -> (rows, n) with unit stride along n (a view where the strides allow it).
+Tensor rows_of(const Tensor& t) {
+  Tensor r = t.reshape({-1, t.size(-1)});
+  return r.stride(1) == 1 ? r : r.contiguous();
+}
+
+// A (n,) float32 contiguous copy of a weight or bias (no copy when it already is one), or undefined.
+Tensor affine(const std::optional<Tensor>& t, const Tensor& x, const char* name) {
+  if (!t.has_value()) return Tensor();
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(-1), name, ": expected shape (", x.size(-1), ",), got ",
+              t->sizes());
+  TORCH_CHECK(t->device() == x.device(), name, ": expected device ", x.device(), ", got ", t->device());
+  return t->to(at::kFloat).contiguous();
+}
+
+// Runs `cpu(params)` or, for CUDA tensors, `gpu(params, stream)` on the current stream of t's device.
+template <class P, class Cpu, class Gpu>
+void run(const Tensor& t, const P& params, Cpu cpu, Gpu gpu) {
+  if (t.is_cpu()) return cpu(params);
+#if defined(FUSEDLM_WITH_CUDA)
+  if (t.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(t.device());
+    gpu(params, c10::cuda::getCurrentCUDAStream().stream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+#else
+  (void)gpu;
+#endif
+  TORCH_CHECK(false, "fusedlm_C: no kernel for tensors on ", t.device(),
+              " in this build (the CUDA kernels need the CUDA build of fusedlm._C)");
+}
+
+#if defined(FUSEDLM_WITH_CUDA)
+#define FL_GPU(fn) [](const auto& p, cudaStream_t s) { fl::cuda::fn(p, s); }
+#else
+#define FL_GPU(fn) [](const auto&, void*) {}
+#endif
+
+void check_grid(int64_t blocks, const char* what) {
+  TORCH_CHECK(blocks <= INT32_MAX, what, ": too many rows for one launch (", blocks, ")");
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd(const Tensor& x, const std::optional<Tensor>& residual,
+                                                    const std::optional<Tensor>& weight,
+                                                    const std::optional<Tensor>& bias, double eps, double offset,
+                                                    bool is_rms) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) >= 1, "x: expected (..., n) with n >= 1, got ", x.sizes());
+  const fl::DType dtype = kernel_dtype(x, "x");
+  const Tensor x2 = rows_of(x);
+  Tensor r2;
+  if (residual.has_value()) {
+    check_like(*residual, x, "residual", "x");
+    TORCH_CHECK(residual->sizes() == x.sizes(), "residual: expected shape ", x.sizes(), ", got ", residual->sizes());
+    r2 = rows_of(*residual);
+  }
+  const Tensor w = affine(weight, x, "weight"), b = affine(bias, x, "bias");
+  const int64_t rows = x2.size(0), n = x2.size(1);
+  check_grid(rows, "norm_fwd");
+  Tensor y = at::empty({rows, n}, x.options());
+  Tensor s = residual.has_value() ? at::empty({rows, n}, x.options()) : at::empty({0}, x.options());
+  Tensor mean = at::empty({is_rms ? 0 : rows}, x.options().dtype(at::kFloat));
+  Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
+  if (rows > 0) {
+    fl::NormFwdParams p{};
+    p.x = x2.data_ptr();
+    p.residual = r2.defined() ? r2.data_ptr() : nullptr;
+    p.weight = w.defined() ? w.data_ptr<float>() : nullptr;
+    p.bias = b.defined() ? b.data_ptr<float>() : nullptr;
+    p.y = y.data_ptr();
+    p.s = r2.defined() ? s.data_ptr() : nullptr;
+    p.mean = is_rms ? nullptr : mean.data_ptr<float>();
+    p.rstd = rstd.data_ptr<float>();
+    p.rows = rows;
+    p.n = n;
+    p.x_stride = x2.stride(0);
+    p.res_stride = r2.defined() ? r2.stride(0) : 0;
+    p.y_stride = n;
+    p.s_stride = n;
+    p.eps = float(eps);
+    p.offset = float(offset);
+    p.is_rms = is_rms;
+    p.dtype = dtype;
+    run(x, p, [](const auto& q) { fl::cpu::norm_fwd(q); }, FL_GPU(norm_fwd));
+  }
+  return {y.view(x.sizes()), residual.has_value() ? s.view(x.sizes()) : s, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& dy, const Tensor& s, const std::optional<Tensor>& weight,
+                                            const std::optional<Tensor>& dsum, const Tensor& mean, const Tensor& rstd,
+                                            double offset, bool is_rms, bool need_dw, bool need_db) {
+  const fl::DType dtype = kernel_dtype(s, "s");
+  check_like(dy, s, "dy", "s");
+  TORCH_CHECK(dy.sizes() == s.sizes(), "dy: expected shape ", s.sizes(), ", got ", dy.sizes());
+  const Tensor dy2 = rows_of(dy), s2 = rows_of(s);
+  Tensor dsum2;
+  if (dsum.has_value()) {
+    check_like(*dsum, s, "dsum", "s");
+    TORCH_CHECK(dsum->sizes() == s.sizes(), "dsum: expected shape ", s.sizes(), ", got ", dsum->sizes());
+    dsum2 = rows_of(*dsum);
+  }
+  const int64_t rows = s2.size(0), n = s2.size(1);
+  check_grid(rows, "norm_bwd");
+  TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.numel() == rows, "rstd: expected float32 (", rows, ",)");
+  TORCH_CHECK(is_rms || (mean.scalar_type() == at::kFloat && mean.numel() == rows), "mean: expected float32 (", rows,
+              ",)");
+  const Tensor w = affine(weight, s, "weight");
+  const Tensor mean_c = is_rms ? mean : mean.contiguous(), rstd_c = rstd.contiguous();
+  Tensor ds = at::empty({rows, n}, s.options());
+  const int64_t rows_per_chunk = 128, chunks = std::max<int64_t>(1, (rows + rows_per_chunk - 1) / rows_per_chunk);
+  const auto f32 = s.options().dtype(at::kFloat);
+  Tensor dw_part = need_dw ? at::empty({chunks, n}, f32) : Tensor();
+  Tensor db_part = need_db ? at::empty({chunks, n}, f32) : Tensor();
+  if (rows > 0) {
+    fl::NormBwdParams p{};
+    p.dy = dy2.data_ptr();
+    p.s = s2.data_ptr();
+    p.weight = w.defined() ? w.data_ptr<float>() : nullptr;
+    p.dsum = dsum2.defined() ? dsum2.data_ptr() : nullptr;
+    p.mean = is_rms ? nullptr : mean_c.data_ptr<float>();
+    p.rstd = rstd_c.data_ptr<float>();
+    p.ds = ds.data_ptr();
+    p.dw_part = need_dw ? dw_part.data_ptr<float>() : nullptr;
+    p.db_part = need_db ? db_part.data_ptr<float>() : nullptr;
+    p.rows = rows;
+    p.n = n;
+    p.rows_per_chunk = rows_per_chunk;
+    p.dy_stride = dy2.stride(0);
+    p.s_stride = s2.stride(0);
+    p.dsum_stride = dsum2.defined() ? dsum2.stride(0) : 0;
+    p.ds_stride = n;
+    p.offset = float(offset);
+    p.is_rms = is_rms;
+    p.dtype = dtype;
+    run(s, p, [](const auto& q) { fl::cpu::norm_bwd(q); }, FL_GPU(norm_bwd));
+  }
+  // The chunk partials summed in float32 (zeros for an empty batch).
+  Tensor dw = need_dw ? (rows > 0 ? dw_part.sum(0) : at::zeros({n}, f32)) : at::empty({0}, f32);
+  Tensor db = need_db ? (rows > 0 ? db_part.sum(0) : at::zeros({n}, f32)) : at::empty({0}, f32);
+  return {ds.view(s.sizes()), dw, db};
+}
+
+fl::SwigluParams swiglu_params(const Tensor& gate, const Tensor& up, const Tensor& g2, const Tensor& u2) {
+  check_like(up, gate, "up", "gate");
+  TORCH_CHECK(up.sizes() == gate.sizes(), "up: expected shape ", gate.sizes(), ", got ", up.sizes());
+  check_grid(g2.size(0), "swiglu");
+  TORCH_CHECK((g2.size(1) + 255) / 256 <= 65535, "swiglu: rows wider than 2^24 features are not supported");
+  fl::SwigluParams p{};
+  p.gate = g2.data_ptr();
+  p.up = u2.data_ptr();
+  p.rows = g2.size(0);
+  p.n = g2.size(1);
+  p.gate_stride = g2.stride(0);
+  p.up_stride = u2.stride(0);
+  p.dtype = kernel_dtype(gate, "gate");
+  return p;
+}
+
+Tensor swiglu_fwd(const Tensor& gate, const Tensor& up) {
+  TORCH_CHECK(gate.dim() >= 1, "gate: expected at least 1 dimension");
+  const Tensor g2 = rows_of(gate), u2 = rows_of(up);
+  fl::SwigluParams p = swiglu_params(gate, up, g2, u2);
+  Tensor out = at::empty(g2.sizes(), gate.options());
+  p.out = out.data_ptr();
+  p.out_stride = p.n;
+  if (out.numel() > 0) run(gate, p, [](const auto& q) { fl::cpu::swiglu(q); }, FL_GPU(swiglu));
+  return out.view(gate.sizes());
+}
+
+std::tuple<Tensor, Tensor> swiglu_bwd(const Tensor& dy, const Tensor& gate, const Tensor& up) {
+  const Tensor g2 = rows_of(gate), u2 = rows_of(up);
+  fl::SwigluParams p = swiglu_params(gate, up, g2, u2);
+  check_like(dy, gate, "dy", "gate");
+  TORCH_CHECK(dy.sizes() == gate.sizes(), "dy: expected shape ", gate.sizes(), ", got ", dy.sizes());
+  const Tensor d2 = rows_of(dy);
+  Tensor dgate = at::empty(g2.sizes(), gate.options()), dup = at::empty(g2.sizes(), gate.options());
+  p.dy = d2.data_ptr();
+  p.dy_stride = d2.stride(0);
+  p.dgate = dgate.data_ptr();
+  p.dup = dup.data_ptr();
+  p.dgate_stride = p.dup_stride = p.n;
+  p.backward = true;
+  if (dgate.numel() > 0) run(gate, p, [](const auto& q) { fl::cpu::swiglu(q); }, FL_GPU(swiglu));
+  return {dgate.view(gate.sizes()), dup.view(gate.sizes())};
+}
+
+// q (B, H, S, D), k (B, Hkv, S, D); (B, S, H, D) when `transposed`. cos, sin (S, R) or (B or 1, S, R).
+std::tuple<Tensor, Tensor> rope(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor& sin,
+                                bool interleaved, bool transposed, bool backward) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "q, k: expected 4-D tensors, got ", q.sizes(), " and ", k.sizes());
+  check_like(k, q, "k", "q");
+  const fl::DType dtype = kernel_dtype(q, "q");
+  const int sdim = transposed ? 1 : 2, hdim = transposed ? 2 : 1;
+  const int64_t B = q.size(0), S = q.size(sdim), D = q.size(3), R = cos.size(-1);
+  TORCH_CHECK(k.size(0) == B && k.size(sdim) == S && k.size(3) == D, "k: expected batch, length, head dim of q");
+  TORCH_CHECK(sin.sizes() == cos.sizes(), "sin: expected the shape of cos ", cos.sizes(), ", got ", sin.sizes());
+  TORCH_CHECK(R % 2 == 0 && R >= 2 && R <= D, "cos: expected an even rotary dim 2 <= R <= ", D, ", got ", R);
+  TORCH_CHECK((cos.dim() == 2 || cos.dim() == 3) && cos.size(-2) == S, "cos: expected (S, R) or (B, S, R), got ",
+              cos.sizes());
+  TORCH_CHECK(cos.dim() == 2 || cos.size(0) == 1 || cos.size(0) == B, "cos: batch must be 1 or ", B);
+  TORCH_CHECK(cos.device() == q.device() && sin.device() == q.device(), "cos, sin: expected device ", q.device());
+  check_grid(B * S, "rope");
+  const Tensor qc = q.stride(3) == 1 ? q : q.contiguous(), kc = k.stride(3) == 1 ? k : k.contiguous();
+  const Tensor c = cos.to(at::kFloat).contiguous(), sn = sin.to(at::kFloat).contiguous();
+  Tensor q_out = at::empty(q.sizes(), q.options()), k_out = at::empty(k.sizes(), k.options());
+  fl::RopeParams p{};
+  p.q = qc.data_ptr();
+  p.k = kc.data_ptr();
+  p.cos = c.data_ptr<float>();
+  p.sin = sn.data_ptr<float>();
+  p.q_out = q_out.data_ptr();
+  p.k_out = k_out.data_ptr();
+  p.batch = B;
+  p.seqlen = S;
+  p.heads_q = q.size(hdim);
+  p.heads_k = k.size(hdim);
+  p.head_dim = D;
+  p.rotary = R;
+  const Tensor* srcs[4] = {&qc, &kc, &q_out, &k_out};
+  int64_t* dsts[4] = {p.q_stride, p.k_stride, p.qo_stride, p.ko_stride};
+  for (int i = 0; i < 4; ++i) {
+    dsts[i][0] = srcs[i]->stride(0);
+    dsts[i][1] = srcs[i]->stride(hdim);
+    dsts[i][2] = srcs[i]->stride(sdim);
+  }
+  const bool shared = cos.dim() == 2 || cos.size(0) == 1;
+  p.cos_stride_b = shared ? 0 : S * R;
+  p.cos_stride_s = R;
+  p.interleaved = interleaved;
+  p.backward = backward;
+  p.dtype = dtype;
+  if (B * S > 0 && D > 0) run(q, p, [](const auto& x) { fl::cpu::rope(x); }, FL_GPU(rope));
+  return {q_out, k_out};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fusedlm_C, m) {
+  m.def("norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, float offset, bool is_rms)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("norm_bwd(Tensor dy, Tensor s, Tensor? weight, Tensor? dsum, Tensor mean, Tensor rstd, float offset,"
+        " bool is_rms, bool need_dw, bool need_db) -> (Tensor, Tensor, Tensor)");
+  m.def("swiglu_fwd(Tensor gate, Tensor up) -> Tensor");
+  m.def("swiglu_bwd(Tensor dy, Tensor gate, Tensor up) -> (Tensor, Tensor)");
+  m.def("rope(Tensor q, Tensor k, Tensor cos, Tensor sin, bool interleaved, bool transposed, bool backward)"
+        " -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fusedlm_C, CPU, m) {
+  m.impl("norm_fwd", &norm_fwd);
+  m.impl("norm_bwd", &norm_bwd);
+  m.impl("swiglu_fwd", &swiglu_fwd);
+  m.impl("swiglu_bwd", &swiglu_bwd);
+  m.impl("rope", &rope);
+}
+
+#if defined(FUSEDLM_WITH_CUDA)
+TORCH_LIBRARY_IMPL(fusedlm_C, CUDA, m) {
+  m.impl("norm_fwd", &norm_fwd);
+  m.impl("norm_bwd", &norm_bwd);
+  m.impl("swiglu_fwd", &swiglu_fwd);
+  m.impl("swiglu_bwd", &swiglu_bwd);
+  m.impl("rope", &rope);
+}
+#endif
+
+#if defined(FUSEDLM_PY_MODULE)
+// `import fusedlm._C` loads the library (and so the registrations above); the module itself is empty.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&def);
+}
+#endif

@@ -1,0 +1,6 @@
+// The CPU harness: the kernels' own source (the .cu files) compiled as plain C++, where simt.h runs
+// every block's threads phase by phase on the host (see simt.h and csrc/README.md). One translation
+// unit, so the harness builds with one compiler call.
+#include "norm.cu"
+#include "rope.cu"
+#include "swiglu.cu"

@@ -1,0 +1,214 @@
+"""The "cuda" backend: fusedlm's C++ kernels (csrc/) as torch ops, with their fake kernels and autograd.
+
+The ops ``fusedlm_C::{norm_fwd, norm_bwd, swiglu_fwd, swiglu_bwd, rope}`` are defined by the binding
+layer (csrc/bindings.cpp) with ``TORCH_LIBRARY``. Two builds provide them:
+
+* ``fusedlm._C``, built by setup.py where a CUDA toolkit and a CUDA torch exist: the kernels for CUDA
+  tensors, and the CPU harness for CPU tensors;
+* the CPU harness alone, compiled on first use with ``torch.utils.cpp_extension.load`` when the
+  environment sets ``FUSEDLM_CUDA_CPU=1`` (cached under ``~/.cache/fusedlm/cpu_harness/<source hash>``,
+  or ``$FUSEDLM_CACHE_DIR``). The harness runs the kernels' own source on the host, thread by thread
+  (csrc/simt.h), so the tests check the CUDA code on a machine without a GPU.
+
+The backend serves CUDA tensors where ``fusedlm._C`` is built and a device exists, and CPU tensors only
+when ``FUSEDLM_CUDA_CPU=1`` (a test and verification mode: slow). Which public ops it serves is
+``OPS``; "auto" picks it only for the ops listed in fusedlm/cuda_verified.json (written by the GPU run).
+"""
+import functools
+import hashlib
+import os
+import pathlib
+import sys
+
+import torch
+
+OPS = ("rms_norm", "layer_norm", "swiglu", "apply_rotary_pos_emb")
+CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
+_loaded = {}  # "why": None once the ops are registered, else the reason they are not
+
+
+def harness_enabled():
+    """True when FUSEDLM_CUDA_CPU=1: the cuda backend also serves CPU tensors, through the harness."""
+    return os.environ.get("FUSEDLM_CUDA_CPU", "0").lower() in ("1", "true", "yes", "on")
+
+
+@functools.lru_cache(maxsize=None)
+def has_cuda_build():
+    try:
+        import fusedlm._C  # noqa: F401  (registers the ops, CUDA and CPU)
+    except ImportError:
+        return False
+    return True
+
+
+def harness_sources():
+    return [CSRC / "bindings.cpp", CSRC / "cpu_harness.cpp"]
+
+
+def harness_build_dir():
+    """Where the harness is built: keyed by the hash of every file in csrc/ and the torch version."""
+    digest = hashlib.sha256(torch.__version__.encode())
+    for path in sorted(CSRC.glob("*")):
+        if path.suffix in (".cu", ".cpp", ".h"):
+            digest.update(path.name.encode() + path.read_bytes())
+    root = os.environ.get("FUSEDLM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fusedlm")
+    return os.path.join(root, "cpu_harness", digest.hexdigest()[:16])
+
+
+def build_harness(verbose=False):
+    """Compile (or reuse) the CPU harness and load it; registers the fusedlm_C ops for CPU tensors."""
+    from torch.utils import cpp_extension
+
+    build_dir = harness_build_dir()
+    os.makedirs(build_dir, exist_ok=True)
+    if not os.path.exists(os.path.join(build_dir, "fusedlm_cpu_harness.so")):
+        print(f"fusedlm: compiling the CUDA kernels' CPU harness into {build_dir} (once; about a minute)",
+              file=sys.stderr, flush=True)
+    cpp_extension.load(
+        name="fusedlm_cpu_harness", sources=[str(s) for s in harness_sources()], build_directory=build_dir,
+        extra_cflags=["-O2"], extra_include_paths=[str(CSRC)], is_python_module=False,
+        verbose=verbose)
+
+
+def why_unavailable():
+    """None when the fusedlm_C ops are registered here (loading or building them), else why not."""
+    if _loaded.get("why", "") is None:
+        return None
+    why = None
+    if has_cuda_build():
+        pass
+    elif harness_enabled():
+        if not (CSRC / "cpu_harness.cpp").exists():
+            why = f"FUSEDLM_CUDA_CPU=1 but the kernel sources are not at {CSRC} (install with pip install -e .)"
+        else:
+            try:
+                build_harness()
+            except Exception as e:  # noqa: BLE001 - a failed build is a reason, shown by `fusedlm info`
+                why = f"FUSEDLM_CUDA_CPU=1 but the CPU harness failed to build: {type(e).__name__}: {e}"
+    else:
+        why = ("the CUDA extension fusedlm._C is not built (set FUSEDLM_CUDA_CPU=1 to run its kernels on CPU "
+               "through the SIMT harness)")
+    if why is None:
+        _register_python_parts()
+    _loaded["why"] = why
+    return why
+
+
+def why_not_device(device):
+    """Why the loaded ops cannot take tensors on ``device`` here, or None."""
+    if device.type == "cpu":
+        return None if harness_enabled() else "CPU tensors run the cuda kernels only with FUSEDLM_CUDA_CPU=1"
+    if device.type == "cuda":
+        if not has_cuda_build():
+            return "only the CPU harness is built (fusedlm._C needs the CUDA build)"
+        return None if torch.cuda.is_available() else "no CUDA device"
+    return f"the tensors are on {device}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fake kernels (shapes for torch.compile / meta tensors) and autograd, registered once the ops exist.
+
+def _register_python_parts():
+    if _loaded.get("registered"):
+        return
+    lib = "fusedlm_C::"
+
+    @torch.library.register_fake(lib + "norm_fwd")
+    def _(x, residual, weight, bias, eps, offset, is_rms):
+        rows = x.numel() // x.shape[-1]
+        s = x.new_empty(x.shape) if residual is not None else x.new_empty(0)
+        return (x.new_empty(x.shape), s, x.new_empty(0 if is_rms else rows, dtype=torch.float32),
+                x.new_empty(rows, dtype=torch.float32))
+
+    @torch.library.register_fake(lib + "norm_bwd")
+    def _(dy, s, weight, dsum, mean, rstd, offset, is_rms, need_dw, need_db):
+        n = s.shape[-1]
+        return (s.new_empty(s.shape), s.new_empty(n if need_dw else 0, dtype=torch.float32),
+                s.new_empty(n if need_db else 0, dtype=torch.float32))
+
+    @torch.library.register_fake(lib + "swiglu_fwd")
+    def _(gate, up):
+        return gate.new_empty(gate.shape)
+
+    @torch.library.register_fake(lib + "swiglu_bwd")
+    def _(dy, gate, up):
+        return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+
+    @torch.library.register_fake(lib + "rope")
+    def _(q, k, cos, sin, interleaved, transposed, backward):
+        return q.new_empty(q.shape), k.new_empty(k.shape)
+
+    torch.library.register_autograd(lib + "norm_fwd", _norm_backward, setup_context=_norm_setup)
+    torch.library.register_autograd(lib + "swiglu_fwd", _swiglu_backward, setup_context=_swiglu_setup)
+    torch.library.register_autograd(lib + "rope", _rope_backward, setup_context=_rope_setup)
+    _loaded["registered"] = True
+
+
+def _norm_setup(ctx, inputs, output):
+    x, residual, weight, bias, eps, offset, is_rms = inputs
+    _, s, mean, rstd = output
+    ctx.save_for_backward(s if residual is not None else x, weight, mean, rstd)
+    ctx.offset, ctx.is_rms, ctx.has_residual = offset, is_rms, residual is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.set_materialize_grads(False)
+
+
+def _norm_backward(ctx, dy, dsum, _dmean, _drstd):
+    """ds (the gradient of x and of residual), dweight, dbias; see csrc/norm.cu for the math."""
+    s, weight, mean, rstd = ctx.saved_tensors
+    need_dw = weight is not None and ctx.needs_input_grad[2]
+    need_db = ctx.bias_dtype is not None and ctx.needs_input_grad[3]
+    if dy is None:  # only the returned sum is used downstream
+        ds, dw, db = dsum, None, None
+    else:
+        dsum = dsum if ctx.has_residual else None
+        ds, dw, db = torch.ops.fusedlm_C.norm_bwd(dy, s, weight, dsum, mean, rstd, ctx.offset, ctx.is_rms,
+                                                  need_dw, need_db)
+        dw = dw.to(weight.dtype) if need_dw else None
+        db = db.to(ctx.bias_dtype) if need_db else None
+    return ds, ds if ctx.has_residual else None, dw, db, None, None, None
+
+
+def _swiglu_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _swiglu_backward(ctx, dy):
+    gate, up = ctx.saved_tensors
+    return torch.ops.fusedlm_C.swiglu_bwd(dy, gate, up)
+
+
+def _rope_setup(ctx, inputs, output):
+    q, k, cos, sin, interleaved, transposed, backward = inputs
+    need_cos_sin = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+    ctx.save_for_backward(cos, sin, q if need_cos_sin else None, k if need_cos_sin else None)
+    ctx.interleaved, ctx.transposed, ctx.backward = interleaved, transposed, backward
+
+
+def _rope_backward(ctx, dq_out, dk_out):
+    """The transposed rotation of the output gradients (the same op, ``backward`` flipped)."""
+    from .ops.rope import _cos_sin_grads
+
+    cos, sin, q, k = ctx.saved_tensors
+    dq, dk = torch.ops.fusedlm_C.rope(dq_out, dk_out, cos, sin, ctx.interleaved, ctx.transposed, not ctx.backward)
+    dcos = dsin = None
+    if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+        dcos, dsin = _cos_sin_grads((dq_out, dk_out), (q, k), cos, sin, ctx.interleaved, ctx.transposed,
+                                    ctx.backward)
+    return dq, dk, dcos, dsin, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the public ops call once the "cuda" backend is selected (validation has happened already).
+
+def norm(x, weight, bias, residual, eps, offset, is_rms):
+    y, s, _, _ = torch.ops.fusedlm_C.norm_fwd(x, residual, weight, bias, eps, offset, is_rms)
+    return y if residual is None else (y, s)
+
+
+def swiglu(gate, up):
+    return torch.ops.fusedlm_C.swiglu_fwd(gate, up)
+
+
+def rope(q, k, cos, sin, interleaved, transposed):
+    return torch.ops.fusedlm_C.rope(q, k, cos, sin, interleaved, transposed, False)

@@ -1,0 +1,116 @@
+"""Every csrc/*.cu compiles with nvcc for sm_80 and sm_90a, with no register spills and 16-byte loads.
+
+ptxas reports (-Xptxas -v) registers, stack and spills per kernel; every kernel the launchers
+instantiate (all dtypes, vector widths and register-held variants) must show 0 bytes of spill stores
+and loads, and every kernel of the vectorized width must load its rows with 16-byte vector loads
+(ld.global.v4 in the PTX, LDG.E.128 in the SASS). Skipped, saying so, where nvcc is absent. The
+compiler output is cached under ~/.cache/fusedlm/nvcc (or $FUSEDLM_CACHE_DIR), keyed by the sources,
+the flags and the nvcc version, so only a changed kernel is compiled again (about a minute on 2 cores).
+"""
+import concurrent.futures
+import hashlib
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+
+import pytest
+
+CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
+ARCHS = ("sm_80", "sm_90a")
+FLAGS = ["-std=c++17", "-O3", "--expt-relaxed-constexpr", "-cubin", "-Xptxas", "-v", "-keep"]
+SOURCES = sorted(p.name for p in CSRC.glob("*.cu"))
+# Kernels per .cu file: 3 dtypes x 2 vector widths x variants (norm: 6 forward (5 for the scalar width),
+# 5 ds, 1 column-sum; swiglu: forward, backward; rope: 1).
+EXPECTED = {"norm.cu": 3 * (6 + 5 + 2 * 5 + 2 * 1), "swiglu.cu": 3 * 2 * 2, "rope.cu": 3 * 2}
+VEC16 = {"f": 4, "6__half": 8, "13__nv_bfloat16": 8}  # mangled dtype -> elements in 16 bytes
+
+
+def _nvcc():
+    nvcc = shutil.which("nvcc")
+    if nvcc is None and os.environ.get("CUDA_HOME"):
+        candidate = pathlib.Path(os.environ["CUDA_HOME"]) / "bin" / "nvcc"
+        nvcc = str(candidate) if candidate.exists() else None
+    return nvcc
+
+
+def _compile(nvcc, source, arch, cache):
+    """(ptxas log, ptx text) for one source and arch, from the cache or a fresh nvcc run."""
+    log_path, ptx_path = cache / f"{source}.{arch}.log", cache / f"{source}.{arch}.ptx"
+    if not (log_path.exists() and ptx_path.exists()):
+        work = cache / f"work_{source}_{arch}"
+        work.mkdir(parents=True, exist_ok=True)
+        cmd = [nvcc, *FLAGS, f"-arch={arch}", "-keep-dir", str(work), "-o", str(work / "out.cubin"),
+               str(CSRC / source)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}"
+        ptx = "".join(p.read_text() for p in sorted(work.glob("*.ptx")))
+        ptx_path.write_text(ptx)
+        log_path.write_text(done.stdout + done.stderr)  # written last: marks the entry complete
+        shutil.rmtree(work, ignore_errors=True)
+    return log_path.read_text(), ptx_path.read_text()
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (PATH or CUDA_HOME): the CUDA sources are not compiled on this machine")
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256((version + " ".join(FLAGS)).encode())
+    for path in sorted(CSRC.glob("*")):
+        if path.suffix in (".cu", ".h"):
+            key.update(path.name.encode() + path.read_bytes())
+    root = os.environ.get("FUSEDLM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fusedlm")
+    cache = pathlib.Path(root) / "nvcc" / key.hexdigest()[:16]
+    cache.mkdir(parents=True, exist_ok=True)
+    jobs = [(s, a) for s in SOURCES for a in ARCHS]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+        results = list(pool.map(lambda job: _compile(nvcc, *job, cache), jobs))
+    return dict(zip(jobs, results))
+
+
+def parse_ptxas(log):
+    """kernel (mangled) -> dict(registers, stack, spill_stores, spill_loads) from a -Xptxas -v log."""
+    kernels, current = {}, None
+    for line in log.splitlines():
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:
+            current = kernels.setdefault(m.group(1), {})
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and current is not None:
+            current.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        m = re.search(r"Used (\d+) registers", line)
+        if m and current is not None:
+            current["registers"] = int(m.group(1))
+    return {k: v for k, v in kernels.items() if "simt_kernel" in k}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("source", SOURCES)
+def test_compiles_without_spills(compiled, source, arch):
+    kernels = parse_ptxas(compiled[(source, arch)][0])
+    assert len(kernels) == EXPECTED[source], sorted(kernels)
+    spilled = {k: v for k, v in kernels.items() if v.get("spill_stores") or v.get("spill_loads")}
+    assert not spilled, f"{source} on {arch}: kernels that spill: {spilled}"
+    assert all("registers" in v for v in kernels.values())
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_vectorized_kernels_use_16_byte_loads(compiled, source):
+    ptx = compiled[(source, "sm_90a")][1]
+    entries = re.split(r"\.entry\s+", ptx)[1:]
+    checked = 0
+    for entry in entries:
+        name = entry.split("(", 1)[0]
+        m = re.search(r"(NormFwd|NormBwdRows|NormBwdCols|Swiglu|Rope)I(f|6__half|13__nv_bfloat16)Li(\d+)E", name)
+        assert m, name
+        body = entry.split("\n}", 1)[0]
+        if int(m.group(3)) == VEC16[m.group(2)]:
+            assert re.search(r"ld\.global(\.nc)?\.v4\.", body), f"{name}: no 16-byte load"
+            checked += 1
+        else:
+            assert int(m.group(3)) == 1, name
+    assert checked == {"norm.cu": 3 * 12}.get(source, EXPECTED[source] // 2)
