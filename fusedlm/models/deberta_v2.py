@@ -174,7 +174,7 @@ class DisentangledSelfAttention(nn.Module):
             setattr(ours, name, child)
         if not hasattr(ours, "pos_dropout"):
             ours.pos_dropout = nn.Dropout(0.0)
-        return ours
+        return ours.train(module.training)
 
     def _heads(self, x):  # (N, hidden) -> (N, H, D)
         return x.view(x.shape[0], self.num_attention_heads, self.attention_head_size)

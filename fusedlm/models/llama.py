@@ -177,7 +177,8 @@ class LlamaForCausalLM(nn.Module):
     padded positions. Packed sequences: a batch of one with ``cu_seqlens`` (int32 offsets, positions then
     restart at 0 in each sequence) or with ``position_ids`` that restart (a new sequence wherever a position
     is not the previous one + 1, as transformers detects packing). ``labels`` (B, S): the LM loss on
-    logits[:, :-1] against labels[:, 1:], -100 ignored, mean over the rest (Hugging Face's loss).
+    logits[:, :-1] against labels[:, 1:], -100 ignored, mean over the rest (Hugging Face's loss), and no
+    prediction from a padded position (Hugging Face would count the last left pad predicting the first token).
     """
 
     def __init__(self, config: LlamaConfig):
@@ -204,6 +205,8 @@ class LlamaForCausalLM(nn.Module):
         loss = None
         if labels is not None:
             shifted = F.pad(labels, (0, 1), value=-100)[:, 1:].to(logits.device)
+            if attention_mask is not None:  # a padded position predicts nothing (with left padding the
+                shifted = shifted.masked_fill(attention_mask.to(shifted.device) == 0, -100)  # last pad would)
             loss = F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(), ignore_index=-100)
         return C.CausalLMOutput(loss=loss, logits=logits)
 
