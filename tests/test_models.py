@@ -6,6 +6,13 @@ padded and packed batches. Bound: BOUNDS[float32] = 1e-5 relative; both sides co
 they differ by summation order only (~1e-7 seen); a wrong index, mask or missing term gives 1e-2 and more.
 Most tests run the torch backend; a few run the Triton kernels under the interpreter.
 """
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -14,7 +21,7 @@ from fusedlm.models import (BertConfig, BertModel, DebertaV2Config, DebertaV2Mod
                             LlamaConfig, LlamaForCausalLM)
 from fusedlm.verify import BOUNDS, rel_err
 
-from helpers import triton_or_skip
+from helpers import RecordFusedOps, triton_or_skip
 
 tf = pytest.importorskip("transformers")
 BOUND = BOUNDS[torch.float32]
@@ -138,9 +145,9 @@ def test_llama_greedy_generation_equals_transformers():
 # BERT
 
 
-def _hf_bert():
-    return tf.BertModel(tf.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      intermediate_size=96, max_position_embeddings=64)).eval()
+def _hf_bert(num_hidden_layers=2):
+    return tf.BertModel(tf.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=num_hidden_layers,
+                                      num_attention_heads=4, intermediate_size=96, max_position_embeddings=64)).eval()
 
 
 def _encoder_loss(hidden, mask, gen_seed=7):
@@ -193,8 +200,8 @@ DEBERTA_CONFIGS = {
 }
 
 
-def _hf_deberta(variant):
-    return tf.DebertaV2Model(tf.DebertaV2Config(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+def _hf_deberta(variant, num_hidden_layers=2):
+    return tf.DebertaV2Model(tf.DebertaV2Config(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=num_hidden_layers,
                                                 num_attention_heads=4, intermediate_size=96,
                                                 max_position_embeddings=64, **DEBERTA_CONFIGS[variant])).eval()
 
@@ -250,8 +257,13 @@ def test_deberta_attention_module_replaces_transformers(variant):
 # The Triton kernels (interpreter on CPU): one padded batch per model
 
 
+FUSED_OPS = {"llama": ("attention", "norm", "rope", "swiglu"), "bert": ("attention", "norm"),
+             "deberta": ("deberta", "norm")}
+
+
 @pytest.mark.parametrize("model", ["llama", "bert", "deberta"])
 def test_models_on_triton_backend(model):
+    """use_kernels=True runs the fused Triton ops (recorded at the dispatcher) and still equals transformers."""
     triton_or_skip()
     gen = torch.Generator().manual_seed(11)
     ids, mask = _padded_batch(gen)
@@ -261,16 +273,19 @@ def test_models_on_triton_backend(model):
         ours = LlamaForCausalLM.from_hf(hf)
         get = lambda m: m(ids, attention_mask=mask).logits  # noqa: E731
     else:
-        hf = _hf_bert() if model == "bert" else _hf_deberta("v3")
+        hf = _hf_bert(num_hidden_layers=1) if model == "bert" else _hf_deberta("v3", num_hidden_layers=1)
         ours = (BertModel if model == "bert" else DebertaV2Model).from_hf(hf)
         get = lambda m: m(ids, attention_mask=mask).last_hidden_state  # noqa: E731
-    with fusedlm.use_backend("triton"):
+    with fusedlm.use_backend("triton"), RecordFusedOps("") as recorded:
         out = get(ours)
         _encoder_loss(out, mask).backward()
     ref = get(hf)
     _encoder_loss(ref, mask).backward()
     _close(out[real], ref[real], "output")
     _compare_grads(ours, hf)
+    names = {func.name() for func, _, _ in recorded.calls}
+    for part in FUSED_OPS[model]:
+        assert any(part in n for n in names), f"no fusedlm op named *{part}* ran: {sorted(names)}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -299,3 +314,38 @@ def test_bad_input_raises():
         DebertaV2Config(conv_kernel_size=3)
     with pytest.raises(ValueError, match="hidden_act"):
         BertConfig(hidden_act="mish")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The training example: a few steps in process, and 2 processes under torchrun (DDP, gloo)
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "train_tiny.py"
+TINY = ["--steps", "3", "--seqlen", "16", "--batch", "2", "--hidden", "32", "--vocab", "40", "--backend", "torch"]
+
+
+def _load_example():
+    spec = importlib.util.spec_from_file_location("train_tiny", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_example_curves_agree():
+    results = _load_example().main(TINY)
+    for kind, res in results["models"].items():
+        assert res["max_rel_diff"] <= BOUND, (kind, res["kernels"], res["reference"])
+        assert res["kernels"][-1] < res["kernels"][0], (kind, res["kernels"])  # it learns
+
+
+def test_train_example_ddp_two_processes(tmp_path):
+    out = tmp_path / "ddp.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(EXAMPLE),
+           *TINY, "--steps", "2", "--json", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["world_size"] == 2
+    for kind, res in results["models"].items():
+        assert res["ranks_in_sync"], kind  # DDP averaged the gradients: the replicas stayed identical
+        assert res["max_rel_diff"] <= BOUND, (kind, res["kernels"], res["reference"])
