@@ -220,7 +220,7 @@ def _deberta_bwd_dq(
     C2P, P2C, POS_KEY, IDX, KPM, KV_END, CU, SEED,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
-    stride_lb, stride_lh, stride_lm,  # LSE, DELTA and DLSE share strides
+    stride_lb, stride_lh, stride_lm, stride_gb, stride_gh, stride_gm,  # LSE and DELTA; DLSE
     stride_dqb, stride_dqh, stride_dqm,
     stride_cb, stride_ch, stride_cm, stride_pb, stride_ph, stride_pn, stride_kpb,  # DC2P strides = C2P's
     stride_posh, stride_posr,
@@ -255,7 +255,8 @@ def _deberta_bwd_dq(
     o = _tile(O + b * stride_ob + h * stride_oh + start * stride_om, offs_m, L, stride_om, offs_d, D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if HAS_DLSE:
-        delta -= tl.load(DLSE + rows + offs_m.to(tl.int64) * stride_lm, mask=row_ok, other=0.0)
+        DLSE += b * stride_gb + h * stride_gh + start * stride_gm  # any strides (autograd may expand zeros)
+        delta -= tl.load(DLSE + offs_m.to(tl.int64) * stride_gm, mask=row_ok, other=0.0)
     tl.store(DELTA + rows + offs_m.to(tl.int64) * stride_lm, delta, mask=row_ok)
     lse2, _ = _row_stats(LSE + rows, DELTA + rows, offs_m, L, stride_lm)
     kv_end = tl.minimum(L, tl.load(KV_END + b)) if HAS_KPM else L
@@ -523,8 +524,8 @@ def deberta_bwd(launch, do, dlse, q, k, v, pos_key, pos_query, out, lse, key_pad
             launch(_deberta_bwd_dq, grid,
                    q, k, v, out, do, dlse if dlse is not None else lse, lse, delta, dq,
                    dc2p if dc2p is not None else lse, *ptrs, pos_key if pos_key is not None else lse, *common,
-                   *io, *_bhm(out, g.varlen), *_bhm(do, g.varlen), *_bhm(lse, g.varlen), *_bhm(dq, g.varlen),
-                   *cs, *ps, kpb, *pos_strides[0], *scalars, HAS_DLSE=dlse is not None, **flags)
+                   *io, *_bhm(out, g.varlen), *_bhm(do, g.varlen), *_bhm(lse, g.varlen),
+                   *(_bhm(dlse, g.varlen) if dlse is not None else (0, 0, 0)), *_bhm(dq, g.varlen), *cs, *ps, kpb, *pos_strides[0], *scalars, HAS_DLSE=dlse is not None, **flags)
             grid = (g.B * (h1 - h0), triton.cdiv(g.S, cfg["BLOCK_N"]))
             launch(_deberta_bwd_dkdv, grid,
                    q, k, v, do, lse, delta, dk, dv, dp2c if dp2c is not None else lse, *ptrs,
