@@ -48,8 +48,10 @@ _INDEX = {}
 
 
 def oracle(query, key, value, pos_key=None, pos_query=None, key_padding_mask=None, position_buckets=256,
-           max_relative_positions=512):
-    """Disentangled attention by the book, float64."""
+           max_relative_positions=512, keep=None, dropout_p=0.0, return_lse=False):
+    """Disentangled attention by the book, float64. keep: an optional (B, H, S, S) 0/1 dropout mask applied
+    to the probabilities (kept ones scaled by 1 / (1 - dropout_p)). return_lse: also the log-sum-exp of
+    the scaled scores, -inf on rows with no real key."""
     B, H, S, D = query.shape
     ikey = (S, position_buckets, max_relative_positions)
     if ikey not in _INDEX:
@@ -69,8 +71,14 @@ def oracle(query, key, value, pos_key=None, pos_query=None, key_padding_mask=Non
         allowed = key_padding_mask.cpu()[:, None, None, :]
     scores = scores.masked_fill(~allowed, float("-inf"))
     empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
-    probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
-    return torch.einsum("bhij,bhjd->bhid", probs, value)
+    safe = scores.masked_fill(empty, 0.0)
+    probs = torch.softmax(safe, dim=-1).masked_fill(empty, 0.0)
+    if keep is not None:
+        probs = probs * keep.cpu().to(probs.dtype) / (1.0 - dropout_p)
+    out = torch.einsum("bhij,bhjd->bhid", probs, value)
+    if not return_lse:
+        return out
+    return out, torch.logsumexp(safe, dim=-1).masked_fill(empty[..., 0], float("-inf"))
 
 
 # ----------------------------------------------------------------------------------------------------
