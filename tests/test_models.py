@@ -253,6 +253,34 @@ def test_deberta_attention_module_replaces_transformers(variant):
     _close(out[real], ref[real], "last_hidden_state")
 
 
+@pytest.mark.parametrize("model", ["bert", "deberta"])
+def test_attention_dropout_in_training(model):
+    """Attention-probability dropout on the kernels in train mode: the same seed gives the same output,
+    another seed another one, gradients flow; eval mode drops nothing (equals the reference)."""
+    cls, cfg = (BertModel, BertConfig) if model == "bert" else (DebertaV2Model, DebertaV2Config)
+    extra = {} if model == "bert" else dict(relative_attention=True, position_buckets=8, max_relative_positions=16,
+                                            pos_att_type=["c2p", "p2c"], share_att_key=True)
+    config = cfg(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.5, **extra)
+    fast = cls(config)
+    ids, mask = _padded_batch(torch.Generator().manual_seed(12))
+    fusedlm.set_backend("torch")
+    runs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        runs.append(fast(ids, attention_mask=mask).last_hidden_state)
+    real = mask.bool()
+    assert torch.equal(runs[0], runs[1]) and not torch.allclose(runs[0][real], runs[2][real])
+    _encoder_loss(runs[0], mask).backward()
+    assert all(torch.isfinite(p.grad).all() for p in fast.parameters() if p.grad is not None)
+    slow = cls(cfg(**{**config.__dict__, "use_kernels": False}))
+    slow.load_state_dict(fast.state_dict())
+    fast.eval(), slow.eval()
+    _close(fast(ids, attention_mask=mask).last_hidden_state[real], slow(ids, attention_mask=mask).last_hidden_state[real],
+           "eval output")
+    assert not torch.allclose(runs[0][real], fast(ids, attention_mask=mask).last_hidden_state[real])
+
+
 # ---------------------------------------------------------------------------------------------------
 # The Triton kernels (interpreter on CPU): one padded batch per model
 

@@ -11,6 +11,7 @@ False computes the same thing in plain PyTorch, the way Hugging Face's modules d
 their rounding matters (RMSNorm rounds to the input dtype before the weight). The False path is the
 reference the tests hold the True path to.
 """
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -186,10 +187,27 @@ def apply_rope(q, k, cos, sin, use_kernels):
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
+_VARLEN_HAS_DROPOUT = "dropout_p" in inspect.signature(fusedlm.varlen_attention).parameters
+
+
+def _padded_attention_with_dropout(q, k, v, packing, causal, scale, dropout_p):
+    """Attention dropout on builds whose varlen_attention has none: the sequences padded to (N, H, L, D)
+    for fusedlm.scaled_dot_product_attention with a key padding mask, then packed again."""
+    N, L = packing.cu_seqlens.numel() - 1, packing.max_seqlen
+    slot = packing.sequence_ids() * L + packing.positions_in_sequence()  # each token's place in (N, L)
+    qp, kp, vp = (fusedlm.pad_input(t, slot, N, L).transpose(1, 2) for t in (q, k, v))
+    kpm = fusedlm.pad_input(torch.ones_like(slot, dtype=torch.bool), slot, N, L)
+    out = fusedlm.scaled_dot_product_attention(qp, kp, vp, dropout_p=dropout_p, is_causal=causal, scale=scale,
+                                               enable_gqa=k.shape[1] != q.shape[1], key_padding_mask=kpm)
+    return out.transpose(1, 2).reshape(N * L, *out.shape[1:2], out.shape[-1])[slot]
+
+
 def attention(q, k, v, packing, *, causal, scale=None, dropout_p=0.0, use_kernels):
     """Attention within each packed sequence: q (T, H, D), k, v (T, Hkv, D) -> (T, H, D)."""
+    if use_kernels and dropout_p > 0 and not _VARLEN_HAS_DROPOUT:
+        return _padded_attention_with_dropout(q, k, v, packing, causal, scale, dropout_p)
     if use_kernels:
-        extra = {"dropout_p": dropout_p} if dropout_p > 0 else {}  # older builds have no varlen dropout
+        extra = {"dropout_p": dropout_p} if dropout_p > 0 else {}
         return fusedlm.varlen_attention(q, k, v, packing.cu_seqlens, packing.cu_seqlens, packing.max_seqlen,
                                         packing.max_seqlen, causal=causal, scale=scale, **extra)
     seq = packing.sequence_ids()

@@ -99,24 +99,6 @@ def deberta_attention_packed_ref(q, k, v, pos_key, pos_query, packing, position_
     return (probs @ v).transpose(0, 1)  # (T, H, D)
 
 
-def _deberta_attention_kernels(q, k, v, pos_key, pos_query, packing, position_buckets, max_relative_positions,
-                               dropout_p):
-    """fusedlm.deberta_varlen_attention; on builds without it, the padded kernel over the sequences."""
-    kw = dict(position_buckets=position_buckets, max_relative_positions=max_relative_positions)
-    if dropout_p > 0:
-        kw["dropout_p"] = dropout_p
-    varlen = getattr(fusedlm, "deberta_varlen_attention", None)
-    if varlen is not None:
-        return varlen(q, k, v, pos_key, pos_query, packing.cu_seqlens, packing.max_seqlen, **kw)
-    seq = packing.sequence_ids()
-    N, S = packing.cu_seqlens.numel() - 1, packing.max_seqlen
-    flat = seq * S + packing.positions_in_sequence()  # each token's slot in (N, S)
-    pad = [fusedlm.pad_input(t, flat, N, S).transpose(1, 2) for t in (q, k, v)]  # (N, H, S, D)
-    kpm = fusedlm.pad_input(torch.ones_like(seq, dtype=torch.bool), flat, N, S)
-    out = fusedlm.deberta_attention(*pad, pos_key, pos_query, key_padding_mask=kpm, **kw)
-    return out.transpose(1, 2).reshape(N * S, -1, out.shape[-1])[flat]  # (T, H, D)
-
-
 class DisentangledSelfAttention(nn.Module):
     """Disentangled self-attention, transformers' DisentangledSelfAttention's parameters and names.
 
@@ -197,8 +179,9 @@ class DisentangledSelfAttention(nn.Module):
             proj = self.query_proj if self.share_att_key else self.pos_query_proj
             pos_query = self._heads(proj(rel)).transpose(0, 1)
         if fast:
-            out = _deberta_attention_kernels(q, k, v, pos_key, pos_query, packing, self.position_buckets,
-                                             self.max_relative_positions, p)
+            out = fusedlm.deberta_varlen_attention(q, k, v, pos_key, pos_query, packing.cu_seqlens, packing.max_seqlen,
+                                                   position_buckets=self.position_buckets,
+                                                   max_relative_positions=self.max_relative_positions, dropout_p=p)
         else:
             out = deberta_attention_packed_ref(q, k, v, pos_key, pos_query, packing, self.position_buckets,
                                                self.max_relative_positions, C.scale_for(D, factor), p)
