@@ -232,45 +232,22 @@ class DebertaV2Embeddings(nn.Module):
         return self.dropout(self.LayerNorm(embeds))  # (T, hidden)
 
 
-class DebertaV2ResidualOutput(nn.Module):
-    """dense -> dropout -> LayerNorm(+ input): DebertaV2SelfOutput and DebertaV2Output."""
-
-    def __init__(self, config, in_features):
-        super().__init__()
-        self.dense = nn.Linear(in_features, config.hidden_size)
-        self.LayerNorm = C.LayerNorm(config.hidden_size, config.layer_norm_eps, config)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, h, input_tensor):
-        return self.LayerNorm(self.dropout(self.dense(h)), input_tensor)
-
-
 class DebertaV2Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.self = DisentangledSelfAttention(config)
-        self.output = DebertaV2ResidualOutput(config, config.hidden_size)
+        self.output = C.PostLNOutput(config, config.hidden_size)
 
     def forward(self, x, packing, rel_embeddings):
         return self.output(self.self.forward_packed(x, packing, rel_embeddings), x)
-
-
-class DebertaV2Intermediate(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.act = C.activation(config.hidden_act)
-
-    def forward(self, x):
-        return self.act(self.dense(x))
 
 
 class DebertaV2Layer(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.attention = DebertaV2Attention(config)
-        self.intermediate = DebertaV2Intermediate(config)
-        self.output = DebertaV2ResidualOutput(config, config.intermediate_size)
+        self.intermediate = C.Intermediate(config)
+        self.output = C.PostLNOutput(config, config.intermediate_size)
 
     def forward(self, x, packing, rel_embeddings):  # (T, hidden) -> (T, hidden)
         x = self.attention(x, packing, rel_embeddings)
@@ -318,12 +295,7 @@ class DebertaV2Model(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
                 cu_seqlens=None, inputs_embeds=None):
-        B, S = C._check_ids(input_ids, inputs_embeds)
-        device = self.embeddings.word_embeddings.weight.device
-        packing = C.make_packing(B, S, device, attention_mask, None, cu_seqlens)
-        positions = C.packed_positions(packing, position_ids, device, restart=cu_seqlens is not None)
-        types = torch.zeros(B, S, dtype=torch.long, device=device) if token_type_ids is None else token_type_ids
-        embeds = self.embeddings.word_embeddings(packing.pack(input_ids)) if input_ids is not None \
-            else packing.pack(inputs_embeds)
-        x = self.encoder(self.embeddings(embeds, packing.pack(types.to(device)), positions), packing)
+        packing, embeds, types, positions = C.encoder_inputs(self.embeddings.word_embeddings, input_ids, inputs_embeds,
+                                                             attention_mask, token_type_ids, position_ids, cu_seqlens)
+        x = self.encoder(self.embeddings(embeds, types, positions), packing)  # (T, hidden)
         return C.EncoderOutput(packing.unpack(x, self.config.use_kernels))
