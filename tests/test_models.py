@@ -276,8 +276,8 @@ def test_attention_dropout_in_training(model):
     slow = cls(cfg(**{**config.__dict__, "use_kernels": False}))
     slow.load_state_dict(fast.state_dict())
     fast.eval(), slow.eval()
-    _close(fast(ids, attention_mask=mask).last_hidden_state[real], slow(ids, attention_mask=mask).last_hidden_state[real],
-           "eval output")
+    hidden = [m(ids, attention_mask=mask).last_hidden_state[real] for m in (fast, slow)]
+    _close(hidden[0], hidden[1], "eval output")
     assert not torch.allclose(runs[0][real], fast(ids, attention_mask=mask).last_hidden_state[real])
 
 

@@ -71,7 +71,8 @@ class DebertaV2Config:
 
     @classmethod
     def from_hf(cls, hf_config, use_kernels=True):
-        if getattr(hf_config, "attention_head_size", None) not in (None, hf_config.hidden_size // hf_config.num_attention_heads):
+        head_size = hf_config.hidden_size // hf_config.num_attention_heads
+        if getattr(hf_config, "attention_head_size", None) not in (None, head_size):
             raise ValueError(f"hf_config: attention_head_size other than hidden_size / heads is not supported, "
                              f"got {hf_config.attention_head_size}")
         return C.hf_config_fields(cls, hf_config, use_kernels=use_kernels)
@@ -92,7 +93,8 @@ def deberta_attention_packed_ref(q, k, v, pos_key, pos_query, packing, position_
     if pos_key is not None:  # c2p: q_i . pos_key[idx(i, j)]
         scores = scores + torch.gather(q @ pos_key.transpose(-1, -2), -1, idx) * scale
     if pos_query is not None:  # p2c: k_j . pos_query[idx(i, j)] (idx(i, j) = idx of -bucket(j - i))
-        scores = scores + torch.gather(k @ pos_query.transpose(-1, -2), -1, idx.transpose(-1, -2)).transpose(-1, -2) * scale
+        p2c = torch.gather(k @ pos_query.transpose(-1, -2), -1, idx.transpose(-1, -2))  # [h, j, i]
+        scores = scores + p2c.transpose(-1, -2) * scale
     seq = packing.sequence_ids()
     scores = scores.masked_fill(seq[:, None] != seq[None, :], float("-inf"))
     probs = F.dropout(torch.softmax(scores, dim=-1), p=dropout_p, training=dropout_p > 0)
