@@ -147,17 +147,10 @@ class DisentangledSelfAttention(nn.Module):
             raise ValueError(f"module: attention_head_size * heads must equal hidden_size, got "
                              f"{module.attention_head_size} * {module.num_attention_heads} != "
                              f"{module.query_proj.in_features}")
-        ours = cls.__new__(cls)
-        nn.Module.__init__(ours)
-        ours.config, ours.num_attention_heads = cfg, cfg.num_attention_heads
-        ours.attention_head_size, ours.all_head_size = module.attention_head_size, module.all_head_size
-        ours.share_att_key, ours.pos_att_type = cfg.share_att_key, cfg.pos_att_type
-        ours.relative_attention = cfg.relative_attention
-        ours.position_buckets, ours.max_relative_positions = cfg.position_buckets, cfg.max_relative_positions
+        with torch.device("meta"):  # no weights of our own: the module's are put in their place below
+            ours = cls(cfg)
         for name, child in module.named_children():  # projections and dropouts, shared
             setattr(ours, name, child)
-        if not hasattr(ours, "pos_dropout"):
-            ours.pos_dropout = nn.Dropout(0.0)
         return ours.train(module.training)
 
     def _heads(self, x):  # (N, hidden) -> (N, H, D)
