@@ -199,7 +199,7 @@ def _padded_attention_with_dropout(q, k, v, packing, causal, scale, dropout_p):
     kpm = fusedlm.pad_input(torch.ones_like(slot, dtype=torch.bool), slot, N, L)
     out = fusedlm.scaled_dot_product_attention(qp, kp, vp, dropout_p=dropout_p, is_causal=causal, scale=scale,
                                                enable_gqa=k.shape[1] != q.shape[1], key_padding_mask=kpm)
-    return out.transpose(1, 2).reshape(N * L, *out.shape[1:2], out.shape[-1])[slot]
+    return out.transpose(1, 2).reshape(N * L, -1, out.shape[-1])[slot]  # (T, H, D)
 
 
 def attention(q, k, v, packing, *, causal, scale=None, dropout_p=0.0, use_kernels):
