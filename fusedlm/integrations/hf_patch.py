@@ -206,12 +206,16 @@ def _patch_decoder(model, modeling, prefix, counts, left):
             if isinstance(m.post_attention_layernorm, fused_nn.RMSNorm):
                 _swap_class(m, _PreNormDecoderLayer)
                 counts["residual_norm"] += 1
-        elif type(m) is attention_cls and m not in _ROTARY_COUNTED:
+    original = getattr(modeling, "apply_rotary_pos_emb", None)
+    if original is None:
+        left.append(f"{modeling.__name__} rotary (no apply_rotary_pos_emb function)")
+        return
+    if not hasattr(original, "_fusedlm_original"):
+        modeling.apply_rotary_pos_emb = _fused_rotary(original)
+    for m in model.modules():
+        if type(m) is attention_cls and m not in _ROTARY_COUNTED:
             _ROTARY_COUNTED.add(m)
             counts["rotary"] += 1
-    original = getattr(modeling, "apply_rotary_pos_emb", None)
-    if original is not None and not hasattr(original, "_fusedlm_original"):
-        modeling.apply_rotary_pos_emb = _fused_rotary(original)
 
 
 def _patch_post_norm_outputs(model, modeling, prefix, counts):
@@ -223,21 +227,29 @@ def _patch_post_norm_outputs(model, modeling, prefix, counts):
             counts["residual_norm"] += 1
 
 
-def _select_attention(hf_model, modeling, prefix, kind, counts):
+def _select_attention(hf_model, modeling, prefix, kind, counts, left):
     names = (f"{prefix}Attention",) if kind == "decoder" else (f"{prefix}SelfAttention", f"{prefix}CrossAttention")
     classes = tuple(c for c in (getattr(modeling, n, None) for n in names) if c is not None)
     if hf_model.config._attn_implementation == "fusedlm":
         return
-    hf_model.set_attn_implementation("fusedlm")
+    try:
+        hf_model.set_attn_implementation("fusedlm")
+    except (ValueError, ImportError) as e:
+        left.append(f"{type(hf_model).__name__} attention ({e})")
+        return
     counts["attention"] += sum(type(m) in classes for m in hf_model.modules())
 
 
-def _patch_deberta_attention(hf_model, modeling, counts):
+def _patch_deberta_attention(hf_model, modeling, counts, left):
     cls = getattr(modeling, "DisentangledSelfAttention", None)
-    for m in hf_model.modules():
-        if type(m) is cls:
+    for name, m in hf_model.named_modules():
+        if type(m) is not cls:
+            continue
+        if m.relative_attention:
             _swap_class(m, hf_deberta.DisentangledForward)
             counts["deberta_attention"] += 1
+        else:
+            left.append(f"{name} (DeBERTa attention without relative_attention)")
 
 
 def _patch_lora(model, counts, left):
@@ -278,9 +290,9 @@ def patch_model(model):
         else:
             _patch_post_norm_outputs(hf_model, modeling, prefix, counts)
         if kind == "deberta":
-            _patch_deberta_attention(hf_model, modeling, counts)
+            _patch_deberta_attention(hf_model, modeling, counts, left)
         else:
-            _select_attention(hf_model, modeling, prefix, kind, counts)
+            _select_attention(hf_model, modeling, prefix, kind, counts, left)
     _patch_lora(model, counts, left)
     if left:
         warnings.warn("fusedlm.integrations.hf.patch_model left these as they were (they still work): "
