@@ -334,3 +334,39 @@ def test_patch_model_names_what_it_leaves():
     assert all(v == 0 for v in counts.values())
     with pytest.raises(TypeError, match="model"):
         hf.patch_model("not a model")
+
+
+def test_dropout_scaling_and_full_masks_reach_the_kernels(monkeypatch):
+    """transformers' dropout (training only) and scaling arrive at the fused op; a (B, 1, L, S) mask a
+    caller builds (bool or additive) is applied as torch's sdpa applies it."""
+    from fusedlm.integrations import hf_attention
+
+    fusedlm.set_backend("torch")
+    seen = []
+    op = hf_attention.scaled_dot_product_attention
+
+    def record(*args, **kwargs):
+        seen.append((kwargs.get("dropout_p"), kwargs.get("scale")))
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(hf_attention, "scaled_dot_product_attention", record)
+    hf.register()
+    cfg, auto = _config("llama")
+    cfg.attention_dropout = 0.25
+    model = auto.from_config(cfg, attn_implementation="fusedlm")
+    ids, mask = _batch("right")
+    model.train()(input_ids=ids, attention_mask=mask)
+    model.eval()(input_ids=ids, attention_mask=mask)
+    scale = model.model.layers[0].self_attn.scaling
+    assert seen == [(0.25, scale)] * 2 + [(0.0, scale)] * 2
+
+    q, k, v = torch.randn(2, 4, 5, 16), torch.randn(2, 2, 7, 16), torch.randn(2, 2, 7, 16)
+    allowed = torch.rand(2, 1, 5, 7) > 0.3
+    allowed[..., 0] = True
+    module = model.model.layers[0].self_attn
+    for mask4 in (allowed, torch.zeros(2, 1, 5, 7).masked_fill(~allowed, -1e9)):
+        out, weights = hf_attention.fusedlm_attention_forward(module, q, k, v, mask4, scaling=0.3)
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask4, scale=0.3,
+                                                                    enable_gqa=True)
+        assert weights is None
+        _assert_close(out, expected.transpose(1, 2), f"{mask4.dtype} 4-D mask")
