@@ -6,7 +6,7 @@ unpad_input, pad_input, deberta_attention, lora_linear; modules in fusedlm.nn.
 """
 from ._backend import available_backends, get_backend, set_backend, use_backend
 from .ops.attention import scaled_dot_product_attention, varlen_attention
-from .ops.deberta import deberta_attention
+from .ops.deberta import deberta_attention, deberta_varlen_attention
 from .ops.lora import lora_linear
 from .ops.norm import layer_norm, rms_norm
 from .ops.padding import pad_input, unpad_input
@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "available_backends", "get_backend", "set_backend", "use_backend",
     "rms_norm", "layer_norm", "swiglu", "apply_rotary_pos_emb",
-    "scaled_dot_product_attention", "varlen_attention", "unpad_input", "pad_input", "deberta_attention",
+    "scaled_dot_product_attention", "varlen_attention", "unpad_input", "pad_input", "deberta_attention", "deberta_varlen_attention",
     "lora_linear", "nn",
 ]
 

@@ -171,3 +171,61 @@ def varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
         return out
     lse = torch.cat(lses) if lses else torch.zeros(0, H, dtype=_compute_dtype(q), device=q.device)
     return out, lse
+
+
+def deberta_ref(query, key, value, pos_key=None, pos_query=None, key_padding_mask=None, position_buckets=256,
+                max_relative_positions=512, dropout_p=0.0, return_lse=False):
+    """DeBERTa's disentangled attention by the book: (B, H, S, S) scores, then sdpa_ref.
+
+    query, key, value (B, H, S, D); pos_key / pos_query (H, 2 span, D) or None. For query i and key j,
+    with idx = clamp(bucket(i - j) + span, 0, 2 span - 1) (fusedlm.ops.deberta.relative_index) and
+    s = 1 / sqrt(D (1 + #position terms)):
+
+        score_ij = s * (q_i . k_j  +  q_i . pos_key[idx]  +  k_j . pos_query[idx])
+
+    The two position terms enter sdpa_ref as a float mask (differentiable, so pos_key / pos_query get
+    their gradients through it); key padding, rows with no real key (zeros, lse = -inf), dropout (torch's
+    generator) and lse are sdpa_ref's. Returns out in query's dtype (and lse as sdpa_ref's).
+    """
+    from .ops.deberta import relative_index  # the bucket table lives with the op (no import cycle)
+
+    ct = _compute_dtype(query)
+    B, H, S, D = query.shape
+    terms = (pos_key is not None) + (pos_query is not None)
+    scale = 1.0 / math.sqrt(D * (1 + terms))
+    bias = None
+    if terms:
+        idx = relative_index(S, position_buckets, max_relative_positions, query.device).expand(B, H, S, S)
+        bias = torch.zeros((), dtype=ct, device=query.device)
+        if pos_key is not None:  # c2p_ij = q_i . pos_key[idx(i, j)]
+            bias = bias + torch.gather(query.to(ct) @ pos_key.to(ct).transpose(-1, -2), -1, idx)
+        if pos_query is not None:  # p2c_ij = k_j . pos_query[idx(i, j)]: gather row j at idx(i, j), transpose
+            p2c = key.to(ct) @ pos_query.to(ct).transpose(-1, -2)
+            bias = bias + torch.gather(p2c, -1, idx.transpose(-1, -2)).transpose(-1, -2)
+        bias = bias * scale
+    return sdpa_ref(query, key, value, attn_mask=bias, dropout_p=dropout_p, scale=scale,
+                    key_padding_mask=key_padding_mask, return_lse=return_lse)
+
+
+def deberta_varlen_ref(q, k, v, pos_key, pos_query, cu_seqlens, position_buckets=256, max_relative_positions=512,
+                       dropout_p=0.0, return_lse=False):
+    """deberta_ref over packed sequences q, k, v (total, H, D): sequence b is rows
+    cu_seqlens[b]:cu_seqlens[b+1], positions counted from its start, nothing across sequences.
+    Returns (total, H, D) in q's dtype, and with ``return_lse`` the lse (total, H)."""
+    starts = cu_seqlens.tolist()
+    total, H, D = q.shape
+    out = q.new_zeros(total, H, D)
+    lse = torch.full((total, H), float("-inf"), dtype=_compute_dtype(q), device=q.device)
+    outs, lses = [], []
+    for s0, s1 in zip(starts[:-1], starts[1:]):
+        one = [t[s0:s1].transpose(0, 1)[None] for t in (q, k, v)]  # (1, H, L, D)
+        res = deberta_ref(*one, pos_key, pos_query, None, position_buckets, max_relative_positions, dropout_p,
+                          return_lse)
+        o, l = res if return_lse else (res, None)
+        outs.append(o[0].transpose(0, 1))
+        lses.append(l[0].transpose(0, 1) if return_lse else None)
+    if starts and starts[-1] > starts[0]:  # differentiable: the rows of every sequence, in order
+        out = torch.cat([out[:starts[0]], *outs, out[starts[-1]:]])
+        if return_lse:
+            lse = torch.cat([lse[:starts[0]], *lses, lse[starts[-1]:]])
+    return (out, lse) if return_lse else out

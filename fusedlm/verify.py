@@ -183,6 +183,7 @@ def cases(gpu=False):
                 ("x", "lora_a", "lora_b") + (("weight",) + (("bias",) if bias else ()) if train_base else ())))
     out += _attention_cases(gpu)
     out += _deberta_cases(gpu)
+    out += _model_cases(gpu)
     return out
 
 
@@ -303,3 +304,10 @@ def _deberta_cases(gpu):
         label = f"deberta_attention({terms},{'buckets' if pb > 0 else 'distance'}{',kpm' if padded else ''})"
         out.append(Case(label, (B, H, S, D, pb, mr), make_deb, run_deb, ref_deb, grads))
     return out
+
+
+def _model_cases(gpu):
+    """The reference models (fusedlm.models): kernels vs the plain PyTorch model in float64."""
+    from fusedlm.models.verify_cases import model_cases
+
+    return model_cases(gpu, Case, _randn)

@@ -42,8 +42,7 @@ import triton
 import triton.language as tl
 
 from . import attention
-from .attention import _row_stats, _tile, _tile_t
-
+from .attention import _tile, _tile_t
 
 
 @triton.jit
@@ -53,59 +52,86 @@ def _seg_sum(av, af, bv, bf):
 
 
 @triton.jit
-def _rel_idx(IDX, i, j, S):
-    """idx(i, j) for broadcastable position tensors i, j; positions are clamped into [0, S)."""
-    ic = tl.minimum(tl.maximum(i, 0), S - 1)
-    jc = tl.minimum(tl.maximum(j, 0), S - 1)
-    return tl.load(IDX + (ic - jc + S - 1))
+def _rel_idx(IDX, i, j, L, SMAX):
+    """idx(i, j) for broadcastable positions i, j in a sequence of length L; positions are clamped into
+    [0, L) (a row or column past the end repeats the last one's index). The table is centred on SMAX - 1."""
+    ic = tl.minimum(tl.maximum(i, 0), L - 1)
+    jc = tl.minimum(tl.maximum(j, 0), L - 1)
+    return tl.load(IDX + (ic - jc + SMAX - 1))
 
 
 @triton.jit
-def _scores(q, kT, idx, offs_m, offs_n, S, qk_scale, C2P, stride_cm, P2C, stride_pn, KPM,
+def _program(CU, H, H0, HC, SMAX, VARLEN: tl.constexpr):
+    """This program's (batch, head, head within the chunk, first row, length) from axis 0 of the grid:
+    batch x chunk heads there (axis 0 has no 65535 cap); packed sequences start at CU[b]."""
+    bhl = tl.program_id(0)
+    b = bhl // HC
+    hl = bhl % HC
+    if VARLEN:
+        start = tl.load(CU + b)
+        seq_len = tl.load(CU + b + 1) - start
+    else:
+        start = 0
+        seq_len = SMAX
+    return b.to(tl.int64), (H0 + hl).to(tl.int64), hl.to(tl.int64), start.to(tl.int64), seq_len
+
+
+@triton.jit
+def _keep(SEED, b, h, H, SMAX, offs_m, offs_n, dropout_p):
+    """Dropout's keep mask of a tile: Philox uniforms >= p at the element's 64-bit counter
+    ((b H + h) SMAX + i) SMAX + j (positions within the sequence), so the backward regenerates it."""
+    row = ((b * H + h) * SMAX + offs_m[:, None].to(tl.int64)) * SMAX
+    return tl.rand(tl.load(SEED), row + offs_n[None, :].to(tl.int64)) >= dropout_p
+
+
+@triton.jit
+def _scores(q, kT, idx, offs_m, offs_n, L, qk_scale, C2P, stride_cm, P2C, stride_pn, KPM,
             HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_KPM: tl.constexpr,
             CHECK_BOUNDS: tl.constexpr, PRECISION: tl.constexpr):
     """Base-2 scores of a [BLOCK_M, BLOCK_N] tile, -inf where the key is padding or past the end.
 
     q: [BLOCK_M, BLOCK_D], kT: [BLOCK_D, BLOCK_N]; idx: the tile's relative indices; C2P / P2C point at
-    this (batch, head)'s (S, 2 span) products, KPM at this batch's key padding row.
+    this sequence's (L, 2 span) products, KPM at this batch's key padding row.
     """
     s = tl.dot(q, kT, input_precision=PRECISION)
     if HAS_C2P or HAS_P2C:
-        inb = (offs_m[:, None] < S) & (offs_n[None, :] < S)
+        inb = (offs_m[:, None] < L) & (offs_n[None, :] < L)
         if HAS_C2P:
             s += tl.load(C2P + offs_m[:, None].to(tl.int64) * stride_cm + idx, mask=inb, other=0.0).to(tl.float32)
         if HAS_P2C:
             s += tl.load(P2C + offs_n[None, :].to(tl.int64) * stride_pn + idx, mask=inb, other=0.0).to(tl.float32)
     s = s * qk_scale
     if HAS_KPM:
-        real = tl.load(KPM + offs_n, mask=offs_n < S, other=0)
+        real = tl.load(KPM + offs_n, mask=offs_n < L, other=0)
         s = tl.where(real[None, :] != 0, s, float("-inf"))
     if CHECK_BOUNDS:
-        s = tl.where(offs_n[None, :] < S, s, float("-inf"))
+        s = tl.where(offs_n[None, :] < L, s, float("-inf"))
     return s
 
 
 @triton.jit
-def _fwd_blocks(acc, l_i, m_i, q, K, V, C2P, P2C, IDX, KPM, stride_kn, stride_vn, stride_cm, stride_pn,
-                offs_m, offs_d, D, S, lo, hi, qk_scale,
-                HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_KPM: tl.constexpr,
+def _fwd_blocks(acc, l_i, m_i, q, K, V, C2P, P2C, IDX, KPM, SEED, stride_kn, stride_vn, stride_cm, stride_pn,
+                offs_m, offs_d, D, L, SMAX, lo, hi, qk_scale, b, h, H, dropout_p,
+                HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
                 CHECK_BOUNDS: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax over key blocks [lo, hi): returns the updated (acc, l_i, m_i)."""
     offs_nb = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_nb
-        kT = _tile_t(K, offs_n, S, stride_kn, offs_d, D)
+        kT = _tile_t(K, offs_n, L, stride_kn, offs_d, D)
         idx = 0
         if HAS_C2P or HAS_P2C:
-            idx = _rel_idx(IDX, offs_m[:, None], offs_n[None, :], S)
-        s = _scores(q, kT, idx, offs_m, offs_n, S, qk_scale, C2P, stride_cm, P2C, stride_pn, KPM,
+            idx = _rel_idx(IDX, offs_m[:, None], offs_n[None, :], L, SMAX)
+        s = _scores(q, kT, idx, offs_m, offs_n, L, qk_scale, C2P, stride_cm, P2C, stride_pn, KPM,
                     HAS_C2P, HAS_P2C, HAS_KPM, CHECK_BOUNDS, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _tile(V, offs_n, S, stride_vn, offs_d, D)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser sums the undropped probabilities
+        if DROPOUT:
+            p = tl.where(_keep(SEED, b, h, H, SMAX, offs_m, offs_n, dropout_p), p / (1.0 - dropout_p), 0.0)
+        v = _tile(V, offs_n, L, stride_vn, offs_d, D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -113,192 +139,151 @@ def _fwd_blocks(acc, l_i, m_i, q, K, V, C2P, P2C, IDX, KPM, stride_kn, stride_vn
 
 @triton.jit
 def _deberta_fwd(
-    Q, K, V, O, LSE,  # q, k, v (B, H, S, D), last dim contiguous; out like q; lse float32 (B, H, S)
-    C2P, P2C, IDX,  # (B, H, S, 2 span) position products (or a dummy when absent), int32 index table
-    KPM, KV_END,  # key padding (uint8, True = real), per-batch end of the real keys (int32)
+    Q, K, V, O, LSE,  # q, k, v, out: (B, H, S, D) or packed (total, H, D), last dim contiguous; lse float32
+    C2P, P2C, IDX,  # this head chunk's (L, 2 span) position products per sequence (or a dummy), index table
+    KPM, KV_END, CU, SEED,  # key padding (uint8) and per-batch end of the real keys; cu_seqlens; dropout seed
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_om, stride_lb, stride_lh, stride_lm,
-    stride_cb, stride_ch, stride_cm, stride_pb, stride_ph, stride_pn, stride_kpb,
-    H, S, D,  # heads, sequence length, head dim
-    sm_scale,  # float32: 1 / sqrt(D (1 + #terms))
-    HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_KPM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_ob, stride_oh, stride_om, stride_lb, stride_lh, stride_lm,  # (batch, head, row); batch 0 if packed
+    stride_cb, stride_ch, stride_cm, stride_pb, stride_ph, stride_pn, stride_kpb,  # C2P / P2C: chunk-local head
+    H, H0, HC, SMAX, D,  # heads, this chunk's first head and head count, longest sequence, head dim
+    sm_scale, dropout_p,  # float32: 1 / sqrt(D (1 + #terms)); dropout rate
+    HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
+    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for float32 inputs (no TF32 rounding)
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b, h, hl, start, L = _program(CU, H, H0, HC, SMAX, VARLEN)
+    start_m = tl.program_id(1) * BLOCK_M
+    if start_m >= L:
+        return  # past this sequence's end (packed batches launch for the longest)
     sm_scale = tl.cast(sm_scale, tl.float32)
+    dropout_p = tl.cast(dropout_p, tl.float32)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < S
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    C2P += b * stride_cb + h * stride_ch
-    P2C += b * stride_pb + h * stride_ph
+    row_ok = offs_m < L
+    Q += b * stride_qb + h * stride_qh + start * stride_qm
+    K += b * stride_kb + h * stride_kh + start * stride_kn
+    V += b * stride_vb + h * stride_vh + start * stride_vn
+    C2P += b * stride_cb + hl * stride_ch + start * stride_cm
+    P2C += b * stride_pb + hl * stride_ph + start * stride_pn
     KPM += b * stride_kpb
-    q = _tile(Q, offs_m, S, stride_qm, offs_d, D)
-    kv_end = tl.minimum(S, tl.load(KV_END + b)) if HAS_KPM else S
+    q = _tile(Q, offs_m, L, stride_qm, offs_d, D)
+    kv_end = tl.minimum(L, tl.load(KV_END + b)) if HAS_KPM else L
     n_full = kv_end // BLOCK_N * BLOCK_N
     qk_scale = sm_scale * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, C2P, P2C, IDX, KPM, stride_kn, stride_vn, stride_cm,
-                                stride_pn, offs_m, offs_d, D, S, 0, n_full, qk_scale,
-                                HAS_C2P, HAS_P2C, HAS_KPM, False, BLOCK_N, PRECISION)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, C2P, P2C, IDX, KPM, stride_kn, stride_vn, stride_cm,
-                                stride_pn, offs_m, offs_d, D, S, n_full, kv_end, qk_scale,
-                                HAS_C2P, HAS_P2C, HAS_KPM, True, BLOCK_N, PRECISION)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, C2P, P2C, IDX, KPM, SEED, stride_kn, stride_vn, stride_cm,
+                                stride_pn, offs_m, offs_d, D, L, SMAX, 0, n_full, qk_scale, b, h, H, dropout_p,
+                                HAS_C2P, HAS_P2C, HAS_KPM, DROPOUT, False, BLOCK_N, PRECISION)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, C2P, P2C, IDX, KPM, SEED, stride_kn, stride_vn, stride_cm,
+                                stride_pn, offs_m, offs_d, D, L, SMAX, n_full, kv_end, qk_scale, b, h, H, dropout_p,
+                                HAS_C2P, HAS_P2C, HAS_KPM, DROPOUT, True, BLOCK_N, PRECISION)
     empty = l_i == 0.0  # no real key: zeros out, lse = -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    O += b * stride_ob + h * stride_oh
+    O += b * stride_ob + h * stride_oh + start * stride_om
     tl.store(O + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < D))
-    LSE += b * stride_lb + h * stride_lh
+    LSE += b * stride_lb + h * stride_lh + start * stride_lm
     tl.store(LSE + offs_m.to(tl.int64) * stride_lm, lse, mask=row_ok)
 
 
 @triton.jit
-def _deberta_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DP2C,  # DK float32, DV like v, DP2C float32 zeros (B, H, S, 2 span)
-    C2P, P2C, IDX, KPM, KV_END,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm,  # LSE and DELTA share strides
-    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-    stride_cb, stride_ch, stride_cm, stride_pb, stride_ph, stride_pn, stride_kpb,  # DP2C strides = P2C's
-    H, S, D,
-    sm_scale,
-    HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_KPM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """dK, dV and the dP2C rows of one key block of one head, over every query block in order."""
-    start_n = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    sm_scale = tl.cast(sm_scale, tl.float32)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_mb = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    kv_ok = offs_n < S
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    DO += b * stride_dob + h * stride_doh
-    LSE += b * stride_lb + h * stride_lh
-    DELTA += b * stride_lb + h * stride_lh
-    C2P += b * stride_cb + h * stride_ch
-    P2C += b * stride_pb + h * stride_ph
-    DP2C += b * stride_pb + h * stride_ph
-    KPM += b * stride_kpb
-    kT = _tile_t(K, offs_n, S, stride_kn, offs_d, D)  # [BLOCK_D, BLOCK_N]
-    vT = _tile_t(V, offs_n, S, stride_vn, offs_d, D)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    carry = tl.zeros([BLOCK_N], dtype=tl.float32)  # partial sum of each column's open run (dP2C)
-    kv_end = tl.minimum(S, tl.load(KV_END + b)) if HAS_KPM else S
-    qk_scale = sm_scale * 1.4426950408889634
-    last_row = tl.cdiv(S, BLOCK_M) * BLOCK_M - 1  # the last query the loop visits closes every open run
-    if start_n < kv_end:  # a block of padding only: its gradients are zeros
-        for start_m in range(0, S, BLOCK_M):
-            offs_m = start_m + offs_mb
-            q = _tile(Q, offs_m, S, stride_qm, offs_d, D)
-            do = _tile(DO, offs_m, S, stride_dom, offs_d, D)
-            lse2, delta = _row_stats(LSE, DELTA, offs_m, S, stride_lm)
-            idx = 0
-            if HAS_C2P or HAS_P2C:
-                idx = _rel_idx(IDX, offs_m[:, None], offs_n[None, :], S)
-            s = _scores(q, kT, idx, offs_m, offs_n, S, qk_scale, C2P, stride_cm, P2C, stride_pn, KPM,
-                        HAS_C2P, HAS_P2C, HAS_KPM, True, PRECISION)
-            p = tl.math.exp2(s - lse2[:, None])
-            dp = tl.dot(do, vT, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
-            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
-            if HAS_P2C:
-                # Column j's queries with one index form a run (idx non-decreasing in i): segmented sum.
-                prev = _rel_idx(IDX, offs_m[:, None] - 1, offs_n[None, :], S)
-                nxt = _rel_idx(IDX, offs_m[:, None] + 1, offs_n[None, :], S)
-                first = (idx != prev) | (offs_m[:, None] == 0)
-                last = (idx != nxt) | (offs_m[:, None] == last_row)
-                val = ds + tl.where((offs_mb[:, None] == 0) & (first == 0), carry[None, :], 0.0)
-                seg, _ = tl.associative_scan((val, first.to(tl.int32)), 0, _seg_sum)
-                tl.store(DP2C + offs_n[None, :].to(tl.int64) * stride_pn + idx, seg * sm_scale,
-                         mask=last & kv_ok[None, :])
-                carry = tl.sum(tl.where(offs_mb[:, None] == BLOCK_M - 1, seg, 0.0), 0)
-    dk = dk * sm_scale
-    DK += b * stride_dkb + h * stride_dkh
-    DV += b * stride_dvb + h * stride_dvh
-    tl.store(DK + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty),
-             mask=kv_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(DV + offs_n[:, None].to(tl.int64) * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=kv_ok[:, None] & (offs_d[None, :] < D))
+def _row_stats(LSE, DELTA, pos, n_pos, stride):
+    """Saved lse in base 2 (+inf for a row with no real key, so its P is 0) and delta of rows ``pos``."""
+    lse = tl.load(LSE + pos.to(tl.int64) * stride, mask=pos < n_pos, other=float("-inf"))
+    delta = tl.load(DELTA + pos.to(tl.int64) * stride, mask=pos < n_pos, other=0.0)
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634), delta
+
+
+@triton.jit
+def _add_pos_product(acc, DBUF, stride_row, offs_rows, rows_ok, POS, stride_pos, offs_d, D,
+                     TWO_SPAN, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += DBUF[rows, :] @ POS: the rows' (already complete) float32 position-gradient rows times the
+    (2 span, D) embeddings, BLOCK_R columns at a time. The rows were stored by this program: the barrier
+    makes every thread's stores visible to the others first."""
+    tl.debug_barrier()
+    offs_r = tl.arange(0, BLOCK_R)
+    for r0 in range(0, TWO_SPAN, BLOCK_R):
+        r = r0 + offs_r
+        g = tl.load(DBUF + offs_rows[:, None].to(tl.int64) * stride_row + r[None, :],
+                    mask=rows_ok[:, None] & (r[None, :] < TWO_SPAN), other=0.0)
+        pos = _tile(POS, r, TWO_SPAN, stride_pos, offs_d, D)
+        acc += tl.dot(g.to(pos.dtype), pos, input_precision=PRECISION)
+    return acc
 
 
 @triton.jit
 def _deberta_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, DC2P,  # DQ float32, DC2P float32 zeros (B, H, S, 2 span)
-    C2P, P2C, IDX, KPM, KV_END,
+    Q, K, V, O, DO, DLSE, LSE, DELTA, DQ, DC2P,  # DELTA: written here (float32, lse's layout); DC2P zeros
+    C2P, P2C, POS_KEY, IDX, KPM, KV_END, CU, SEED,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm,
+    stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
+    stride_lb, stride_lh, stride_lm, stride_gb, stride_gh, stride_gm,  # LSE and DELTA; DLSE
     stride_dqb, stride_dqh, stride_dqm,
     stride_cb, stride_ch, stride_cm, stride_pb, stride_ph, stride_pn, stride_kpb,  # DC2P strides = C2P's
-    H, S, D,
-    sm_scale,
-    HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_KPM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    stride_posh, stride_posr,
+    H, H0, HC, SMAX, D, TWO_SPAN,
+    sm_scale, dropout_p,
+    HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
+    DROPOUT: tl.constexpr, HAS_DLSE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dQ and the dC2P rows of one query block of one head, over the key blocks in order."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    """delta, dQ and the dC2P rows of one query block of one head, over the key blocks in order."""
+    b, h, hl, start, L = _program(CU, H, H0, HC, SMAX, VARLEN)
+    start_m = tl.program_id(1) * BLOCK_M
+    if start_m >= L:
+        return
     sm_scale = tl.cast(sm_scale, tl.float32)
+    dropout_p = tl.cast(dropout_p, tl.float32)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_nb = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < S
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    DO += b * stride_dob + h * stride_doh
-    LSE += b * stride_lb + h * stride_lh
-    DELTA += b * stride_lb + h * stride_lh
-    C2P += b * stride_cb + h * stride_ch
-    DC2P += b * stride_cb + h * stride_ch
-    P2C += b * stride_pb + h * stride_ph
+    row_ok = offs_m < L
+    Q += b * stride_qb + h * stride_qh + start * stride_qm
+    K += b * stride_kb + h * stride_kh + start * stride_kn
+    V += b * stride_vb + h * stride_vh + start * stride_vn
+    rows = b * stride_lb + h * stride_lh + start * stride_lm
+    C2P += b * stride_cb + hl * stride_ch + start * stride_cm
+    DC2P += b * stride_cb + hl * stride_ch + start * stride_cm
+    P2C += b * stride_pb + hl * stride_ph + start * stride_pn
     KPM += b * stride_kpb
-    q = _tile(Q, offs_m, S, stride_qm, offs_d, D)
-    do = _tile(DO, offs_m, S, stride_dom, offs_d, D)
-    lse2, delta = _row_stats(LSE, DELTA, offs_m, S, stride_lm)
-    kv_end = tl.minimum(S, tl.load(KV_END + b)) if HAS_KPM else S
+    q = _tile(Q, offs_m, L, stride_qm, offs_d, D)
+    do = _tile(DO + b * stride_dob + h * stride_doh + start * stride_dom, offs_m, L, stride_dom, offs_d, D)
+    # delta_i = sum_d dO_id out_id (- dlse_i: a gradient reaching lse adds dlse_i P_ij to dz_ij).
+    o = _tile(O + b * stride_ob + h * stride_oh + start * stride_om, offs_m, L, stride_om, offs_d, D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        DLSE += b * stride_gb + h * stride_gh + start * stride_gm  # any strides (autograd may expand zeros)
+        delta -= tl.load(DLSE + offs_m.to(tl.int64) * stride_gm, mask=row_ok, other=0.0)
+    tl.store(DELTA + rows + offs_m.to(tl.int64) * stride_lm, delta, mask=row_ok)
+    lse2, _ = _row_stats(LSE + rows, DELTA + rows, offs_m, L, stride_lm)
+    kv_end = tl.minimum(L, tl.load(KV_END + b)) if HAS_KPM else L
     last_col = tl.cdiv(kv_end, BLOCK_N) * BLOCK_N - 1  # the last key the loop visits closes every open run
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     carry = tl.zeros([BLOCK_M], dtype=tl.float32)  # partial sum of each row's open run (dC2P)
     for start_n in range(0, kv_end, BLOCK_N):
         offs_n = start_n + offs_nb
-        kT = _tile_t(K, offs_n, S, stride_kn, offs_d, D)
-        vT = _tile_t(V, offs_n, S, stride_vn, offs_d, D)
+        kT = _tile_t(K, offs_n, L, stride_kn, offs_d, D)
+        vT = _tile_t(V, offs_n, L, stride_vn, offs_d, D)
         idx = 0
         if HAS_C2P or HAS_P2C:
-            idx = _rel_idx(IDX, offs_m[:, None], offs_n[None, :], S)
-        s = _scores(q, kT, idx, offs_m, offs_n, S, qk_scale, C2P, stride_cm, P2C, stride_pn, KPM,
+            idx = _rel_idx(IDX, offs_m[:, None], offs_n[None, :], L, SMAX)
+        s = _scores(q, kT, idx, offs_m, offs_n, L, qk_scale, C2P, stride_cm, P2C, stride_pn, KPM,
                     HAS_C2P, HAS_P2C, HAS_KPM, True, PRECISION)
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, vT, input_precision=PRECISION)
+        if DROPOUT:
+            keep = _keep(SEED, b, h, H, SMAX, offs_m, offs_n, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
         if HAS_C2P:
             # Row i's keys with one index form a run (idx non-increasing in j): segmented sum.
-            prev = _rel_idx(IDX, offs_m[:, None], offs_n[None, :] - 1, S)
-            nxt = _rel_idx(IDX, offs_m[:, None], offs_n[None, :] + 1, S)
+            prev = _rel_idx(IDX, offs_m[:, None], offs_n[None, :] - 1, L, SMAX)
+            nxt = _rel_idx(IDX, offs_m[:, None], offs_n[None, :] + 1, L, SMAX)
             first = (idx != prev) | (offs_n[None, :] == 0)
             last = (idx != nxt) | (offs_n[None, :] == last_col)
             val = ds + tl.where((offs_nb[None, :] == 0) & (first == 0), carry[:, None], 0.0)
@@ -307,14 +292,111 @@ def _deberta_bwd_dq(
                      mask=last & row_ok[:, None])
             carry = tl.sum(tl.where(offs_nb[None, :] == BLOCK_N - 1, seg, 0.0), 1)
     dq = dq * sm_scale
-    DQ += b * stride_dqb + h * stride_dqh
+    if HAS_C2P:  # dQ += dC2P pos_key, the rows just completed
+        dq = _add_pos_product(dq, DC2P, stride_cm, offs_m, row_ok, POS_KEY + h * stride_posh, stride_posr,
+                              offs_d, D, TWO_SPAN, BLOCK_N, PRECISION)
+    DQ += b * stride_dqb + h * stride_dqh + start * stride_dqm
     tl.store(DQ + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
+@triton.jit
+def _deberta_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DP2C,  # DP2C float32 zeros, P2C's layout
+    C2P, P2C, POS_QUERY, IDX, KPM, KV_END, CU, SEED,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm,  # LSE and DELTA share strides
+    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+    stride_cb, stride_ch, stride_cm, stride_pb, stride_ph, stride_pn, stride_kpb,  # DP2C strides = P2C's
+    stride_posh, stride_posr,
+    H, H0, HC, SMAX, D, TWO_SPAN,
+    sm_scale, dropout_p,
+    HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dK, dV and the dP2C rows of one key block of one head, over every query block in order."""
+    b, h, hl, start, L = _program(CU, H, H0, HC, SMAX, VARLEN)
+    start_n = tl.program_id(1) * BLOCK_N
+    if start_n >= L:
+        return
+    sm_scale = tl.cast(sm_scale, tl.float32)
+    dropout_p = tl.cast(dropout_p, tl.float32)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_mb = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_ok = offs_n < L
+    Q += b * stride_qb + h * stride_qh + start * stride_qm
+    K += b * stride_kb + h * stride_kh + start * stride_kn
+    V += b * stride_vb + h * stride_vh + start * stride_vn
+    DO += b * stride_dob + h * stride_doh + start * stride_dom
+    rows = b * stride_lb + h * stride_lh + start * stride_lm
+    C2P += b * stride_cb + hl * stride_ch + start * stride_cm
+    P2C += b * stride_pb + hl * stride_ph + start * stride_pn
+    DP2C += b * stride_pb + hl * stride_ph + start * stride_pn
+    KPM += b * stride_kpb
+    kT = _tile_t(K, offs_n, L, stride_kn, offs_d, D)  # [BLOCK_D, BLOCK_N]
+    vT = _tile_t(V, offs_n, L, stride_vn, offs_d, D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    carry = tl.zeros([BLOCK_N], dtype=tl.float32)  # partial sum of each column's open run (dP2C)
+    kv_end = tl.minimum(L, tl.load(KV_END + b)) if HAS_KPM else L
+    qk_scale = sm_scale * 1.4426950408889634
+    last_row = tl.cdiv(L, BLOCK_M) * BLOCK_M - 1  # the last query the loop visits closes every open run
+    if start_n < kv_end:  # a block of padding only: its gradients are zeros
+        for start_m in range(0, L, BLOCK_M):
+            offs_m = start_m + offs_mb
+            q = _tile(Q, offs_m, L, stride_qm, offs_d, D)
+            do = _tile(DO, offs_m, L, stride_dom, offs_d, D)
+            lse2, delta = _row_stats(LSE + rows, DELTA + rows, offs_m, L, stride_lm)
+            idx = 0
+            if HAS_C2P or HAS_P2C:
+                idx = _rel_idx(IDX, offs_m[:, None], offs_n[None, :], L, SMAX)
+            s = _scores(q, kT, idx, offs_m, offs_n, L, qk_scale, C2P, stride_cm, P2C, stride_pn, KPM,
+                        HAS_C2P, HAS_P2C, HAS_KPM, True, PRECISION)
+            p = tl.math.exp2(s - lse2[:, None])
+            dp = tl.dot(do, vT, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+            if DROPOUT:
+                keep = _keep(SEED, b, h, H, SMAX, offs_m, offs_n, dropout_p)
+                pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            else:
+                pd = p
+            dv += tl.dot(tl.trans(pd).to(do.dtype), do, input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+            if HAS_P2C:
+                # Column j's queries with one index form a run (idx non-decreasing in i): segmented sum.
+                prev = _rel_idx(IDX, offs_m[:, None] - 1, offs_n[None, :], L, SMAX)
+                nxt = _rel_idx(IDX, offs_m[:, None] + 1, offs_n[None, :], L, SMAX)
+                first = (idx != prev) | (offs_m[:, None] == 0)
+                last = (idx != nxt) | (offs_m[:, None] == last_row)
+                val = ds + tl.where((offs_mb[:, None] == 0) & (first == 0), carry[None, :], 0.0)
+                seg, _ = tl.associative_scan((val, first.to(tl.int32)), 0, _seg_sum)
+                tl.store(DP2C + offs_n[None, :].to(tl.int64) * stride_pn + idx, seg * sm_scale,
+                         mask=last & kv_ok[None, :])
+                carry = tl.sum(tl.where(offs_mb[:, None] == BLOCK_M - 1, seg, 0.0), 0)
+    dk = dk * sm_scale
+    if HAS_P2C:  # dK += dP2C pos_query, the columns just completed
+        dk = _add_pos_product(dk, DP2C, stride_pn, offs_n, kv_ok, POS_QUERY + h * stride_posh, stride_posr,
+                              offs_d, D, TWO_SPAN, BLOCK_M, PRECISION)
+    DK += b * stride_dkb + h * stride_dkh + start * stride_dkn
+    DV += b * stride_dvb + h * stride_dvh + start * stride_dvn
+    tl.store(DK + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=kv_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(DV + offs_n[:, None].to(tl.int64) * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
+             mask=kv_ok[:, None] & (offs_d[None, :] < D))
+
+
 # ---------------------------------------------------------------------------------------------------
-# Host launchers. q, k, v are (B, H, S, D) with unit stride in the last dim; pos_key / pos_query
-# (H, 2 span, D) or None; rel_idx the int32 (2 S - 1,) table; key_padding_mask bool (B, S) or None.
+# Host launchers. Dense tensors are (B, H, S, D), packed ones (total, H, D) with int32 cu_seqlens; both
+# are seen by the kernels through (batch, head, row) strides (batch stride 0 when packed, rows from
+# cu_seqlens[b]). pos_key / pos_query are (H, 2 span, D) or None; rel_idx the int32 (2 max_seqlen - 1,)
+# table; key_padding_mask bool (B, S) or None (dense only).
+
+# The position products (and their float32 gradients) live for one chunk of heads at a time: a chunk is
+# as many heads as fit this many bytes (at least one), so their memory stays near that of one input.
+CHUNK_BYTES = 64 * 2**20
 
 
 def block_config(d, dtype, device, backward=False):
@@ -325,83 +407,135 @@ def block_config(d, dtype, device, backward=False):
     return cfg
 
 
-def _products(q, k, pos_key, pos_query):
-    """C2P = Q pos_key^T and P2C = K pos_query^T, (B, H, S, 2 span) in the inputs' dtype (as Hugging Face)."""
-    c2p = torch.matmul(q, pos_key.transpose(-1, -2)) if pos_key is not None else None
-    p2c = torch.matmul(k, pos_query.transpose(-1, -2)) if pos_query is not None else None
-    return c2p, p2c
+def _bhm(t, varlen):
+    """(batch, head, row) strides of a dense (B, H, S, ...) / (B, H, S) or packed (total, H, ...) tensor."""
+    return (0, t.stride(1), t.stride(0)) if varlen else tuple(t.stride()[:3])
 
 
-def _common(q, c2p, p2c, key_padding_mask, dummy):
-    """Pointers, strides and flags shared by the three kernels."""
-    c = c2p if c2p is not None else dummy
-    p = p2c if p2c is not None else dummy
-    cs = c2p.stride()[:3] if c2p is not None else (0, 0, 0)
-    ps = p2c.stride()[:3] if p2c is not None else (0, 0, 0)
-    if key_padding_mask is not None:
-        kpm, kpb = key_padding_mask.view(torch.uint8), key_padding_mask.stride(0)
-        _, kv_end = attention.key_padding_bounds(key_padding_mask)  # one past the last real key
-    else:
-        kpm, kv_end, kpb = dummy, dummy, 0
-    flags = dict(HAS_C2P=c2p is not None, HAS_P2C=p2c is not None, HAS_KPM=key_padding_mask is not None,
-                 PRECISION=attention.precision(q))
-    return (c, p, kpm, kv_end), (*cs, *ps, kpb), flags
+class _Geometry:
+    """Batch, heads, longest sequence and head dim of a dense or packed call, and its head chunks."""
+
+    def __init__(self, q, pos_key, pos_query, cu_seqlens, max_seqlen, backward):
+        self.varlen = cu_seqlens is not None
+        if self.varlen:
+            self.B, (total, self.H, self.D) = cu_seqlens.shape[0] - 1, q.shape
+            rows = total
+        else:
+            self.B, self.H, _, self.D = q.shape
+            rows = self.B * max_seqlen
+        self.S = max_seqlen
+        self.two_span = next((t.shape[1] for t in (pos_key, pos_query) if t is not None), 0)
+        terms = (pos_key is not None) + (pos_query is not None)
+        per_head = rows * self.two_span * terms * (q.element_size() + (4 if backward else 0))
+        self.chunk = self.H if per_head == 0 else max(1, min(self.H, CHUNK_BYTES // per_head))
+
+    def chunks(self):
+        return [(h0, min(self.H, h0 + self.chunk)) for h0 in range(0, self.H, self.chunk)]
+
+    def products(self, q, pos, h0, h1):
+        """(rows, 2 span) products of q's (or k's) heads h0:h1 with pos (C2P = Q pos_key^T, P2C = K
+        pos_query^T) in the inputs' dtype (as Hugging Face), and their (batch, head, row) strides."""
+        if pos is None:
+            return None, (0, 0, 0)
+        pos = pos[h0:h1].transpose(-1, -2)
+        if self.varlen:
+            c = torch.matmul(q[:, h0:h1].transpose(0, 1), pos)  # (heads, total, 2 span)
+            return c, (0, c.stride(0), c.stride(1))
+        c = torch.matmul(q[:, h0:h1], pos)  # (B, heads, S, 2 span)
+        return c, tuple(c.stride()[:3])
 
 
-def _new_like_layout(q, dtype=None):
-    """A new (B, H, S, D) tensor laid out like q ((B, S, H, D) memory, as Hugging Face produces, or not)."""
-    B, H, S, D = q.shape
-    dtype = dtype or q.dtype
-    if q.transpose(1, 2).is_contiguous():
-        return torch.empty(B, S, H, D, device=q.device, dtype=dtype).transpose(1, 2)
-    return torch.empty(B, H, S, D, device=q.device, dtype=dtype)
+def _masks(key_padding_mask, dummy):
+    """Key padding as a contiguous uint8 row per batch and the end of each row's real keys, or dummies."""
+    if key_padding_mask is None:
+        return dummy, dummy, 0
+    kpm = key_padding_mask.contiguous().view(torch.uint8)
+    _, kv_end = attention.key_padding_bounds(key_padding_mask)  # one past the last real key
+    return kpm, kv_end, kpm.stride(0)
 
 
-def deberta_fwd(launch, q, k, v, pos_key, pos_query, key_padding_mask, rel_idx, scale):
-    """-> (out like q, lse float32 (B, H, S))."""
-    B, H, S, D = q.shape
-    out = _new_like_layout(q)
-    lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
-    if out.numel() == 0:
-        return out, lse.fill_(float("-inf"))
-    c2p, p2c = _products(q, k, pos_key, pos_query)
-    (c, p, kpm, kv_end), pstrides, flags = _common(q, c2p, p2c, key_padding_mask, lse)
-    cfg = block_config(D, q.dtype, q.device)
-    launch(_deberta_fwd, (triton.cdiv(S, cfg["BLOCK_M"]), B * H),
-           q, k, v, out, lse, c, p, rel_idx, kpm, kv_end,
-           *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride(), *pstrides,
-           H, S, D, float(scale), **flags, **cfg)
+def _new_out(q, varlen):
+    """A new tensor shaped like q, laid out like it ((B, S, H, D) memory, as Hugging Face produces, or not)."""
+    if not varlen and q.transpose(1, 2).is_contiguous():
+        B, H, S, D = q.shape
+        return q.new_empty(B, S, H, D).transpose(1, 2)
+    return torch.empty_like(q)
+
+
+def deberta_fwd(launch, q, k, v, pos_key, pos_query, key_padding_mask, cu_seqlens, rel_idx, max_seqlen, scale,
+                dropout_p, seed):
+    """-> (out like q, lse float32 (B, H, S) or (total, H))."""
+    g = _Geometry(q, pos_key, pos_query, cu_seqlens, max_seqlen, backward=False)
+    out = _new_out(q, g.varlen)
+    lse = torch.empty(q.shape[:-1] if g.varlen else q.shape[:-1], device=q.device, dtype=torch.float32)
+    if out.numel() == 0 or g.B == 0 or g.S == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    kpm, kv_end, kpb = _masks(key_padding_mask, lse)
+    cfg = block_config(g.D, q.dtype, q.device)
+    for h0, h1 in g.chunks():
+        c2p, cs = g.products(q, pos_key, h0, h1)
+        p2c, ps = g.products(k, pos_query, h0, h1)
+        launch(_deberta_fwd, (g.B * (h1 - h0), triton.cdiv(g.S, cfg["BLOCK_M"])),
+               q, k, v, out, lse, c2p if c2p is not None else lse, p2c if p2c is not None else lse, rel_idx,
+               kpm, kv_end, cu_seqlens if g.varlen else lse, seed if seed is not None else lse,
+               *_bhm(q, g.varlen), *_bhm(k, g.varlen), *_bhm(v, g.varlen), *_bhm(out, g.varlen),
+               *_bhm(lse, g.varlen), *cs, *ps, kpb, g.H, h0, h1 - h0, g.S, g.D, float(scale), float(dropout_p),
+               HAS_C2P=c2p is not None, HAS_P2C=p2c is not None, HAS_KPM=key_padding_mask is not None,
+               VARLEN=g.varlen, DROPOUT=dropout_p > 0, PRECISION=attention.precision(q), **cfg)
+        del c2p, p2c
     return out, lse
 
 
-def deberta_bwd(launch, do, q, k, v, pos_key, pos_query, out, lse, key_padding_mask, rel_idx, scale):
-    """-> (dq, dk, dv, dpos_key or None, dpos_query or None), in the inputs' dtypes."""
-    B, H, S, D = q.shape
-    dq, dk = _new_like_layout(q, torch.float32), _new_like_layout(k, torch.float32)
-    dv = torch.empty_like(v)
-    if q.numel() == 0:
-        zeros = [torch.zeros_like(t) if t is not None else None for t in (pos_key, pos_query)]
-        return dq.to(q.dtype), dk.to(k.dtype), dv, *zeros
-    # delta_i = sum_e dO_ie out_ie, one cheap pass in float32, laid out as lse.
-    delta = (do.float() * out.float()).sum(-1).contiguous()
-    c2p, p2c = _products(q, k, pos_key, pos_query)
-    two_span = next((t.shape[1] for t in (pos_key, pos_query) if t is not None), 0)
-    dc2p = torch.zeros(B, H, S, two_span, device=q.device, dtype=torch.float32) if c2p is not None else None
-    dp2c = torch.zeros(B, H, S, two_span, device=q.device, dtype=torch.float32) if p2c is not None else None
-    (c, p, kpm, kv_end), pstrides, flags = _common(q, c2p, p2c, key_padding_mask, lse)
-    cfg = block_config(D, q.dtype, q.device, backward=True)
-    io_strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *lse.stride())
-    launch(_deberta_bwd_dkdv, (triton.cdiv(S, cfg["BLOCK_N"]), B * H),
-           q, k, v, do, lse, delta, dk, dv, dp2c if dp2c is not None else lse, c, p, rel_idx, kpm, kv_end,
-           *io_strides, *dk.stride()[:3], *dv.stride()[:3], *pstrides, H, S, D, float(scale), **flags, **cfg)
-    launch(_deberta_bwd_dq, (triton.cdiv(S, cfg["BLOCK_M"]), B * H),
-           q, k, v, do, lse, delta, dq, dc2p if dc2p is not None else lse, c, p, rel_idx, kpm, kv_end,
-           *io_strides, *dq.stride()[:3], *pstrides, H, S, D, float(scale), **flags, **cfg)
-    dpos_key = dpos_query = None
-    if dc2p is not None:  # dQ += dC2P pos_key; dpos_key = sum over batch and queries of dC2P^T Q
-        dq += torch.matmul(dc2p, pos_key.float())
-        dpos_key = torch.matmul(dc2p.transpose(-1, -2), q.float()).sum(0).to(pos_key.dtype)
-    if dp2c is not None:
-        dk += torch.matmul(dp2c, pos_query.float())
-        dpos_query = torch.matmul(dp2c.transpose(-1, -2), k.float()).sum(0).to(pos_query.dtype)
-    return dq.to(q.dtype), dk.to(k.dtype), dv, dpos_key, dpos_query
+def _pos_grad(dbuf, x, g, h0, h1):
+    """sum over batch and rows of dbuf^T x for heads h0:h1 in float32: (heads, 2 span, D)."""
+    if g.varlen:  # dbuf (heads, total, 2 span), x (total, H, D)
+        return torch.matmul(dbuf.transpose(-1, -2), x[:, h0:h1].transpose(0, 1).float())
+    return torch.matmul(dbuf.transpose(-1, -2), x[:, h0:h1].float()).sum(0)
+
+
+def deberta_bwd(launch, do, dlse, q, k, v, pos_key, pos_query, out, lse, key_padding_mask, cu_seqlens, rel_idx,
+                max_seqlen, scale, dropout_p, seed, grad_pos_key, grad_pos_query):
+    """-> (dq, dk, dv, dpos_key or None, dpos_query or None), in the inputs' dtypes. ``dlse``: the gradient
+    reaching lse, or None. The position gradients are computed only when asked for."""
+    g = _Geometry(q, pos_key, pos_query, cu_seqlens, max_seqlen, backward=True)
+    dq, dk, dv = _new_out(q, g.varlen), _new_out(k, g.varlen), _new_out(v, g.varlen)
+    dpk = torch.zeros_like(pos_key, dtype=torch.float32) if grad_pos_key else None
+    dpq = torch.zeros_like(pos_query, dtype=torch.float32) if grad_pos_query else None
+    if q.numel() == 0 or g.B == 0 or g.S == 0:
+        dq.zero_(), dk.zero_(), dv.zero_()
+    else:
+        delta = torch.empty_like(lse)  # written by the dQ kernel, read by the dK/dV kernel
+        kpm, kv_end, kpb = _masks(key_padding_mask, lse)
+        cfg = block_config(g.D, q.dtype, q.device, backward=True)
+        io = (*_bhm(q, g.varlen), *_bhm(k, g.varlen), *_bhm(v, g.varlen))
+        flags = dict(HAS_C2P=pos_key is not None, HAS_P2C=pos_query is not None,
+                     HAS_KPM=key_padding_mask is not None, VARLEN=g.varlen, DROPOUT=dropout_p > 0,
+                     PRECISION=attention.precision(q), **cfg)
+        pos_strides = tuple((t.stride(0), t.stride(1)) if t is not None else (0, 0) for t in (pos_key, pos_query))
+        common = (rel_idx, kpm, kv_end, cu_seqlens if g.varlen else lse, seed if seed is not None else lse)
+        for h0, h1 in g.chunks():
+            c2p, cs = g.products(q, pos_key, h0, h1)
+            p2c, ps = g.products(k, pos_query, h0, h1)
+            dc2p = torch.zeros_like(c2p, dtype=torch.float32) if c2p is not None else None
+            dp2c = torch.zeros_like(p2c, dtype=torch.float32) if p2c is not None else None
+            ptrs = (c2p if c2p is not None else lse, p2c if p2c is not None else lse)
+            scalars = (g.H, h0, h1 - h0, g.S, g.D, g.two_span, float(scale), float(dropout_p))
+            grid = (g.B * (h1 - h0), triton.cdiv(g.S, cfg["BLOCK_M"]))
+            launch(_deberta_bwd_dq, grid,
+                   q, k, v, out, do, dlse if dlse is not None else lse, lse, delta, dq,
+                   dc2p if dc2p is not None else lse, *ptrs, pos_key if pos_key is not None else lse, *common,
+                   *io, *_bhm(out, g.varlen), *_bhm(do, g.varlen), *_bhm(lse, g.varlen),
+                   *(_bhm(dlse, g.varlen) if dlse is not None else (0, 0, 0)), *_bhm(dq, g.varlen), *cs, *ps, kpb, *pos_strides[0], *scalars, HAS_DLSE=dlse is not None, **flags)
+            grid = (g.B * (h1 - h0), triton.cdiv(g.S, cfg["BLOCK_N"]))
+            launch(_deberta_bwd_dkdv, grid,
+                   q, k, v, do, lse, delta, dk, dv, dp2c if dp2c is not None else lse, *ptrs,
+                   pos_query if pos_query is not None else lse, *common,
+                   *io, *_bhm(do, g.varlen), *_bhm(lse, g.varlen), *_bhm(dk, g.varlen), *_bhm(dv, g.varlen),
+                   *cs, *ps, kpb, *pos_strides[1], *scalars, **flags)
+            if dpk is not None:  # dpos_key = sum over batch and queries of dC2P^T Q
+                dpk[h0:h1] = _pos_grad(dc2p, q, g, h0, h1)
+            if dpq is not None:  # dpos_query = sum over batch and keys of dP2C^T K
+                dpq[h0:h1] = _pos_grad(dp2c, k, g, h0, h1)
+            del c2p, p2c, dc2p, dp2c
+    return (dq, dk, dv, dpk.to(pos_key.dtype) if dpk is not None else None,
+            dpq.to(pos_query.dtype) if dpq is not None else None)

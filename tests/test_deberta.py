@@ -48,8 +48,10 @@ _INDEX = {}
 
 
 def oracle(query, key, value, pos_key=None, pos_query=None, key_padding_mask=None, position_buckets=256,
-           max_relative_positions=512):
-    """Disentangled attention by the book, float64."""
+           max_relative_positions=512, keep=None, dropout_p=0.0, return_lse=False):
+    """Disentangled attention by the book, float64. keep: an optional (B, H, S, S) 0/1 dropout mask applied
+    to the probabilities (kept ones scaled by 1 / (1 - dropout_p)). return_lse: also the log-sum-exp of
+    the scaled scores, -inf on rows with no real key."""
     B, H, S, D = query.shape
     ikey = (S, position_buckets, max_relative_positions)
     if ikey not in _INDEX:
@@ -69,8 +71,14 @@ def oracle(query, key, value, pos_key=None, pos_query=None, key_padding_mask=Non
         allowed = key_padding_mask.cpu()[:, None, None, :]
     scores = scores.masked_fill(~allowed, float("-inf"))
     empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
-    probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
-    return torch.einsum("bhij,bhjd->bhid", probs, value)
+    safe = scores.masked_fill(empty, 0.0)
+    probs = torch.softmax(safe, dim=-1).masked_fill(empty, 0.0)
+    if keep is not None:
+        probs = probs * keep.cpu().to(probs.dtype) / (1.0 - dropout_p)
+    out = torch.einsum("bhij,bhjd->bhid", probs, value)
+    if not return_lse:
+        return out
+    return out, torch.logsumexp(safe, dim=-1).masked_fill(empty[..., 0], float("-inf"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -312,7 +320,7 @@ class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
 
 def test_host_memory_linear_in_sequence_length():
     """At S = 8192 the launchers (run on meta tensors, kernels not launched) allocate nothing of S x S:
-    the largest buffers are the (B, H, S, 2 span) position products."""
+    the largest buffers are one head chunk's (B, heads, S, 2 span) position products."""
     triton_or_skip()
     from fusedlm.kernels import deberta as K
 
@@ -324,11 +332,13 @@ def test_host_memory_linear_in_sequence_length():
     launched = []
     recorder = _LargestTensor()
     with recorder:
-        out, lse = K.deberta_fwd(lambda kernel, grid, *a, **m: launched.append(grid), q, k, v, pk, pq, kpm, idx, 0.1)
-        grads = K.deberta_bwd(lambda kernel, grid, *a, **m: launched.append(grid), out, q, k, v, pk, pq, out, lse,
-                              kpm, idx, 0.1)
-    assert len(launched) == 3 and [g.shape for g in grads] == [q.shape, k.shape, v.shape, pk.shape, pq.shape]
-    assert recorder.largest == B * H * S * 2 * span < S * S
+        out, lse = K.deberta_fwd(lambda kernel, grid, *a, **m: launched.append(grid), q, k, v, pk, pq, kpm, None,
+                                 idx, S, 0.1, 0.0, None)
+        grads = K.deberta_bwd(lambda kernel, grid, *a, **m: launched.append(grid), out, None, q, k, v, pk, pq, out,
+                              lse, kpm, None, idx, S, 0.1, 0.0, None, True, True)
+    assert len(launched) >= 3 and [g.shape for g in grads] == [q.shape, k.shape, v.shape, pk.shape, pq.shape]
+    # position products are made per chunk of heads, as many as fit K.CHUNK_BYTES (float32 here)
+    assert B * S * 2 * span <= recorder.largest <= max(K.CHUNK_BYTES // 4, B * S * 2 * span) < S * S
 
 
 @pytest.mark.parametrize("terms", ["c2p,p2c", "p2c"])
@@ -479,10 +489,11 @@ class TestBadInput:
         with pytest.raises(ValueError, match="max_relative_positions: expected >= 1"):
             deberta_attention(q, k, v, pk, pq, position_buckets=0, max_relative_positions=0)
 
-    def test_dropout_not_implemented(self):
+    @pytest.mark.parametrize("p", [-0.1, 1.0])
+    def test_dropout_out_of_range(self, p):
         q, k, v, pk, pq = _args()
-        with pytest.raises(ValueError, match="dropout_p: .*not implemented.*got 0.1"):
-            deberta_attention(q, k, v, pk, pq, dropout_p=0.1)
+        with pytest.raises(ValueError, match="dropout_p: expected a probability"):
+            deberta_attention(q, k, v, pk, pq, dropout_p=p)
 
     def test_triton_cannot_take_float64(self):
         triton_or_skip()

@@ -1,12 +1,13 @@
-"""deberta_attention: DeBERTa's disentangled attention. Validation, dispatch, the Triton ops with their
-autograd, the relative-position buckets and the torch reference.
+"""deberta_attention and deberta_varlen_attention: DeBERTa's disentangled attention. Validation, dispatch,
+the Triton ops with their autograd and the relative-position buckets. The torch backend is
+fusedlm.reference.deberta_ref / deberta_varlen_ref.
 
 The kernels and the math are in fusedlm/kernels/deberta.py. Three ops are registered:
 fusedlm::deberta_relative_index (the int32 table idx(d) = clamp(bucket(d) + span, 0, 2 span - 1) over
-relative distances d = -(S-1)..(S-1), computed on the CPU and copied to the device; an opaque op so that
-torch.compile never re-derives the buckets with another logarithm), and for the Triton backend
-fusedlm::deberta_fwd -> (out, lse) and fusedlm::deberta_bwd -> (dq, dk, dv, dpos_key, dpos_query);
-autograd on the first calls the second. The torch backend is deberta_attention_ref below.
+relative distances d = -(S-1)..(S-1), built once per size class on the CPU and cached on the device; an
+opaque op so that torch.compile never re-derives the buckets with another logarithm), and for the Triton
+backend fusedlm::deberta_fwd -> (out, lse) and fusedlm::deberta_bwd -> (dq, dk, dv, dpos_key, dpos_query),
+serving dense and packed batches; autograd on the first calls the second.
 
 Buckets. make_log_bucket_position below is Hugging Face's function, operation for operation and in the
 same float32 arithmetic (tests/test_deberta.py checks it equals transformers' for every distance up to
@@ -14,7 +15,8 @@ well past 8192), so that the index equals the reference code's bit for bit: a ce
 off an integer could go the other way in another implementation. transformers is not imported here.
 The table is always built on the CPU: the buckets are those of Hugging Face's function run on the CPU.
 
-Dropout on the attention probabilities is not implemented: ``dropout_p`` other than 0 raises ValueError.
+Dropout on the attention probabilities: as scaled_dot_product_attention (a seed drawn from torch's
+generator of the device; the Triton kernels regenerate the Philox mask in the backward).
 """
 import functools
 import math
@@ -22,7 +24,8 @@ from typing import Optional
 
 import torch
 
-from .. import _backend, _validate
+from .. import _backend, _validate, reference
+from .attention import _check_cu_seqlens, _check_max_seqlen, _check_probability, _seed
 
 HEAD_DIMS = (16, 256)  # head dims the fused kernels take
 
@@ -50,21 +53,25 @@ def attention_span(position_buckets: int, max_relative_positions: int) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def _index_table_cpu(seq_len: int, position_buckets: int, max_relative_positions: int) -> torch.Tensor:
+def _index_table(half: int, position_buckets: int, max_relative_positions: int, device: torch.device) -> torch.Tensor:
+    """The int32 table over d = -(half-1)..(half-1), built on the CPU once per (half, params, device) and
+    kept on ``device``: later calls copy nothing from the host (no sync, CUDA-graph capturable)."""
     span = attention_span(position_buckets, max_relative_positions)
-    d = torch.arange(-(seq_len - 1), seq_len, dtype=torch.long)
+    d = torch.arange(-(half - 1), half, dtype=torch.long)
     if position_buckets > 0:
         d = make_log_bucket_position(d, position_buckets, max_relative_positions).to(torch.long)
-    return torch.clamp(d + span, 0, 2 * span - 1).to(torch.int32)
+    return torch.clamp(d + span, 0, 2 * span - 1).to(torch.int32).to(device)
 
 
 @torch.library.custom_op("fusedlm::deberta_relative_index", mutates_args=())
 def relative_index_table(seq_len: int, position_buckets: int, max_relative_positions: int,
                          device: torch.device) -> torch.Tensor:
     """int32 (2 seq_len - 1,): entry d + seq_len - 1 is idx(d) = clamp(bucket(d) + span, 0, 2 span - 1),
-    for query i and key j at distance d = i - j. Cached per size on the CPU, copied to ``device``."""
-    table = _index_table_cpu(seq_len, position_buckets, max_relative_positions)
-    return table.to(device, copy=True)
+    for query i and key j at distance d = i - j. A slice of a table cached on ``device`` for the next power
+    of two of seq_len, copied on the device (an op returns a new tensor: the cache must not be handed out)."""
+    half = max(64, 1 << max(seq_len - 1, 0).bit_length())
+    table = _index_table(half, position_buckets, max_relative_positions, torch.device(device))
+    return table[half - seq_len:half + seq_len - 1].clone() if seq_len > 0 else table[:0].clone()
 
 
 @relative_index_table.register_fake
@@ -80,41 +87,12 @@ def relative_index(seq_len, position_buckets, max_relative_positions, device):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Reference (the torch backend)
-
-
-def deberta_attention_ref(query, key, value, pos_key=None, pos_query=None, key_padding_mask=None,
-                          position_buckets=256, max_relative_positions=512):
-    """The textbook computation in float32 (float64 for float64 input), an (S, S) score matrix, returned
-    in query's dtype. A query row with no real key outputs zeros."""
-    ct = torch.float64 if query.dtype == torch.float64 else torch.float32
-    q, k, v = query.to(ct), key.to(ct), value.to(ct)
-    B, H, S, D = q.shape
-    terms = (pos_key is not None) + (pos_query is not None)
-    scores = q @ k.transpose(-1, -2)
-    if terms:
-        idx = relative_index(S, position_buckets, max_relative_positions, q.device).expand(B, H, S, S)
-    if pos_key is not None:  # c2p_ij = q_i . pos_key[idx(i, j)]
-        scores = scores + torch.gather(q @ pos_key.to(ct).transpose(-1, -2), -1, idx)
-    if pos_query is not None:  # p2c_ij = k_j . pos_query[idx(i, j)]: gather row j at idx(i, j), transpose
-        p2c = k @ pos_query.to(ct).transpose(-1, -2)
-        scores = scores + torch.gather(p2c, -1, idx.transpose(-1, -2)).transpose(-1, -2)
-    scores = scores / math.sqrt(D * (1 + terms))
-    if key_padding_mask is not None:
-        scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
-        empty = ~key_padding_mask.any(dim=-1)[:, None, None, None]
-        probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
-    else:
-        probs = torch.softmax(scores, dim=-1)
-    return (probs @ v).to(query.dtype)
-
-
-# ---------------------------------------------------------------------------------------------------
 # Triton ops
 
 
 def _triton_ops():
-    """Register fusedlm::deberta_fwd / deberta_bwd once, with autograd."""
+    """Register fusedlm::deberta_fwd / deberta_bwd once, with autograd. Dense (B, H, S, D) and packed
+    (total, H, D) batches share them: cu_seqlens is None for dense ones."""
     global _fwd_op
     if _fwd_op is not None:
         return _fwd_op
@@ -124,21 +102,24 @@ def _triton_ops():
 
     def deberta_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_key: Optional[torch.Tensor],
                     pos_query: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
-                    rel_idx: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, H, S, D) q, k, v; (H, 2 span, D) pos_key / pos_query or None -> (out, lse float32 (B, H, S))."""
-        return K.deberta_fwd(launch, unit_stride(q), unit_stride(k), unit_stride(v), pos_key, pos_query,
-                             key_padding_mask,
-                             rel_idx, scale)
+                    cu_seqlens: Optional[torch.Tensor], rel_idx: torch.Tensor, max_seqlen: int, scale: float,
+                    dropout_p: float, seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (out like q, lse float32 (B, H, S) or (total, H))."""
+        return K.deberta_fwd(launch, unit_stride(q), unit_stride(k), unit_stride(v), unit_stride(pos_key),
+                             unit_stride(pos_query), key_padding_mask, cu_seqlens, rel_idx, max_seqlen, scale,
+                             dropout_p, seed)
 
-    def deberta_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    pos_key: Optional[torch.Tensor], pos_query: Optional[torch.Tensor], out: torch.Tensor,
-                    lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor], rel_idx: torch.Tensor,
-                    scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (dq, dk, dv, dpos_key, dpos_query); an empty tensor for an absent position term."""
-        dq, dk, dv, dpk, dpq = K.deberta_bwd(launch, unit_stride(do), unit_stride(q), unit_stride(k),
-                                             unit_stride(v), pos_key, pos_query,
-                                             out, lse, key_padding_mask, rel_idx, scale)
-
+    def deberta_bwd(do: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor, pos_key: Optional[torch.Tensor], pos_query: Optional[torch.Tensor],
+                    out: torch.Tensor, lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                    cu_seqlens: Optional[torch.Tensor], rel_idx: torch.Tensor, max_seqlen: int, scale: float,
+                    dropout_p: float, seed: Optional[torch.Tensor], grad_pos_key: bool, grad_pos_query: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (dq, dk, dv, dpos_key, dpos_query); an empty tensor for a position gradient not asked for."""
+        dq, dk, dv, dpk, dpq = K.deberta_bwd(
+            launch, unit_stride(do), dlse, unit_stride(q), unit_stride(k), unit_stride(v), unit_stride(pos_key),
+            unit_stride(pos_query), out, lse, key_padding_mask, cu_seqlens, rel_idx, max_seqlen, scale, dropout_p,
+            seed, grad_pos_key, grad_pos_query)
         return (dq, dk, dv, dpk if dpk is not None else empty(q.device, q.dtype),
                 dpq if dpq is not None else empty(q.device, q.dtype))
 
@@ -146,19 +127,23 @@ def _triton_ops():
     bwd = register_op("deberta_bwd", deberta_bwd)
 
     def setup_context(ctx, inputs, output):
-        q, k, v, pos_key, pos_query, kpm, rel_idx, scale = inputs
+        q, k, v, pos_key, pos_query, kpm, cu, rel_idx, max_seqlen, scale, dropout_p, seed = inputs
         out, lse = output
-        ctx.save_for_backward(q, k, v, pos_key, pos_query, out, lse, kpm, rel_idx)
-        ctx.scale = scale
+        ctx.save_for_backward(q, k, v, pos_key, pos_query, out, lse, kpm, cu, rel_idx, seed)
+        ctx.args = (max_seqlen, scale, dropout_p)
         ctx.set_materialize_grads(False)
 
     def backward(ctx, dout, dlse):
-        q, k, v, pos_key, pos_query, out, lse, kpm, rel_idx = ctx.saved_tensors
-        if dout is None:  # lse is internal: only out carries a gradient
-            return (None,) * 8
-        dq, dk, dv, dpk, dpq = bwd(dout, q, k, v, pos_key, pos_query, out, lse, kpm, rel_idx, ctx.scale)
-        return (dq, dk, dv, dpk if pos_key is not None else None, dpq if pos_query is not None else None,
-                None, None, None)
+        q, k, v, pos_key, pos_query, out, lse, kpm, cu, rel_idx, seed = ctx.saved_tensors
+        if dout is None and dlse is None:
+            return (None,) * 12
+        if dout is None:  # only lse was used
+            dout = torch.zeros_like(out)
+        grad_pk = pos_key is not None and ctx.needs_input_grad[3]
+        grad_pq = pos_query is not None and ctx.needs_input_grad[4]
+        dq, dk, dv, dpk, dpq = bwd(dout, dlse, q, k, v, pos_key, pos_query, out, lse, kpm, cu, rel_idx, *ctx.args,
+                                   seed, grad_pk, grad_pq)
+        return (dq, dk, dv, dpk if grad_pk else None, dpq if grad_pq else None) + (None,) * 7
 
     fwd.register_autograd(backward, setup_context=setup_context)
     _fwd_op = fwd
@@ -169,7 +154,7 @@ _fwd_op = None
 
 
 # ---------------------------------------------------------------------------------------------------
-# Public function
+# Public functions
 
 
 def _check_int(name, value):
@@ -195,15 +180,30 @@ def _check_positions(position_buckets, max_relative_positions):
     return position_buckets
 
 
-def _head_dim_reason(d):
+def _check_pos(query, heads, head_dim, pos_key, pos_query, position_buckets, max_relative_positions):
+    """pos_key / pos_query: None or (H, 2 span, D) in query's dtype."""
+    span = _check_positions(position_buckets, max_relative_positions)
+    for name, t in (("pos_key", pos_key), ("pos_query", pos_query)):
+        _validate.tensor(name, t, ndim=3, optional=True)
+        if t is not None:
+            _validate.same_dtype(query=query, **{name: t})
+            which = "position_buckets" if position_buckets > 0 else "max_relative_positions"
+            _validate.shape(name, t, (heads, 2 * span, head_dim), f"(H, 2*span, D) with span = {which} = {span}")
+
+
+def _select(op, backend, query, pos_key, pos_query, head_dim):
     lo, hi = HEAD_DIMS
-    return None if lo <= d <= hi else f"the fused kernels take head dims {lo}..{hi}, got D={d}"
+    dim_reason = None if lo <= head_dim <= hi else f"the fused kernels take head dims {lo}..{hi}, got D={head_dim}"
+    return _backend.select(op, backend, query.device, {
+        "triton": _validate.kernel_dtype_reason(query, pos_key, pos_query) or dim_reason,
+    })
 
 
 def deberta_attention(query, key, value, pos_key=None, pos_query=None, *, key_padding_mask=None,
-                      position_buckets=256, max_relative_positions=512, backend=None, dropout_p=0.0):
+                      position_buckets=256, max_relative_positions=512, dropout_p=0.0, return_lse=False,
+                      backend=None):
     """DeBERTa-v2/v3 disentangled self-attention (Hugging Face ``DisentangledSelfAttention`` with
-    ``relative_attention=True``, dropout off), fused: no (S, S) matrix on the triton backend.
+    ``relative_attention=True``), fused: no (S, S) matrix on the triton backend.
 
     query, key, value: (B, H, S, D), float16 / bfloat16 / float32 (float64 on the torch backend).
     pos_key, pos_query: (H, 2 * span, D) per-head projected relative embeddings (Hugging Face:
@@ -218,7 +218,10 @@ def deberta_attention(query, key, value, pos_key=None, pos_query=None, *, key_pa
     key_padding_mask: bool (B, S), True = real token; padded keys get no attention, a query row with no
     real key outputs zeros (and gets zero gradient). Padded query rows are computed like any other
     (Hugging Face gives them uniform attention: compare on real rows only).
-    dropout_p: must be 0 (dropout on the probabilities is not implemented).
+    dropout_p: dropout on the attention probabilities (kept ones scaled by 1 / (1 - p)), seeded from
+    torch's generator of the device: the same seed gives the same mask, the backward uses it too.
+    return_lse: also return the float32 log-sum-exp of the scaled scores, (B, H, S), -inf for a row with
+    no real key; differentiable.
     Returns (B, H, S, D) in query's dtype. Gradients for query, key, value, pos_key and pos_query.
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -227,29 +230,61 @@ def deberta_attention(query, key, value, pos_key=None, pos_query=None, *, key_pa
     B, H, S, D = query.shape
     _validate.shape("key", key, (B, H, S, D), "that of query")
     _validate.shape("value", value, (B, H, S, D), "that of query")
-    span = _check_positions(position_buckets, max_relative_positions)
-    for name, t in (("pos_key", pos_key), ("pos_query", pos_query)):
-        _validate.tensor(name, t, ndim=3, optional=True)
-        if t is not None:
-            _validate.same_dtype(query=query, **{name: t})
-            which = "position_buckets" if position_buckets > 0 else "max_relative_positions"
-            _validate.shape(name, t, (H, 2 * span, D), f"(H, 2*span, D) with span = {which} = {span}")
+    _check_pos(query, H, D, pos_key, pos_query, position_buckets, max_relative_positions)
     if key_padding_mask is not None:
         _validate.bool_mask("key_padding_mask", key_padding_mask)
         _validate.shape("key_padding_mask", key_padding_mask, (B, S), "(batch, sequence length)")
     _validate.same_device(query=query, key=key, value=value, pos_key=pos_key, pos_query=pos_query,
                           key_padding_mask=key_padding_mask)
-    if _validate.number("dropout_p", dropout_p) != 0.0:
-        raise ValueError(f"dropout_p: deberta_attention has no dropout on the attention probabilities "
-                         f"(not implemented); expected 0.0, got {dropout_p}")
-    name = _backend.select("deberta_attention", backend, query.device, {
-        "triton": _validate.kernel_dtype_reason(query, pos_key, pos_query) or _head_dim_reason(D),
-    })
+    dropout_p = _check_probability("dropout_p", dropout_p)
+    _validate.flag("return_lse", return_lse)
+    name = _select("deberta_attention", backend, query, pos_key, pos_query, D)
     if name == "torch":
-        return deberta_attention_ref(query, key, value, pos_key, pos_query, key_padding_mask, position_buckets,
-                                     max_relative_positions)
+        return reference.deberta_ref(query, key, value, pos_key, pos_query, key_padding_mask, position_buckets,
+                                     max_relative_positions, dropout_p, return_lse)
     terms = (pos_key is not None) + (pos_query is not None)
     rel_idx = relative_index_table(S, position_buckets, max_relative_positions, query.device)
-    out, _ = _triton_ops()(query, key, value, pos_key, pos_query, key_padding_mask, rel_idx,
-                           1.0 / math.sqrt(D * (1 + terms)))
-    return out
+    out, lse = _triton_ops()(query, key, value, pos_key, pos_query, key_padding_mask, None, rel_idx, S,
+                             1.0 / math.sqrt(D * (1 + terms)), dropout_p, _seed(dropout_p, query.device))
+    return (out, lse) if return_lse else out
+
+
+def deberta_varlen_attention(q, k, v, pos_key, pos_query, cu_seqlens, max_seqlen, *, position_buckets=256,
+                             max_relative_positions=512, dropout_p=0.0, return_lse=False, backend=None):
+    """deberta_attention over packed sequences with no padding (FlashAttention's varlen layout).
+
+    q, k, v: (total, H, D); sequence b is rows cu_seqlens[b]:cu_seqlens[b+1] (int32 (B + 1,) offsets from
+    0, as for varlen_attention) and attends only within itself, positions i, j counted from its start.
+    max_seqlen: Python int, at least the longest sequence. pos_key, pos_query: (H, 2 span, D) or None,
+    shared by every sequence. dropout_p, return_lse as in deberta_attention; lse is (total, H).
+    Offsets on a CUDA device are trusted (checking them would cost a device sync); on CPU they are checked.
+    Returns (total, H, D) in q's dtype; equal to deberta_attention on the padded batch, row for row.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _validate.tensor(name, t, ndim=3)
+    _validate.same_dtype(q=q, k=k, v=v)
+    total, H, D = q.shape
+    _validate.shape("k", k, (total, H, D), "that of q")
+    _validate.shape("v", v, (total, H, D), "that of q")
+    _check_pos(q, H, D, pos_key, pos_query, position_buckets, max_relative_positions)
+    _check_cu_seqlens("cu_seqlens", cu_seqlens, total)
+    _validate.same_device(q=q, k=k, v=v, pos_key=pos_key, pos_query=pos_query, cu_seqlens=cu_seqlens)
+    _check_max_seqlen("max_seqlen", max_seqlen, cu_seqlens)
+    dropout_p = _check_probability("dropout_p", dropout_p)
+    _validate.flag("return_lse", return_lse)
+    name = _select("deberta_varlen_attention", backend, q, pos_key, pos_query, D)
+    if name == "torch":
+        return reference.deberta_varlen_ref(q, k, v, pos_key, pos_query, cu_seqlens, position_buckets,
+                                            max_relative_positions, dropout_p, return_lse)
+    terms = (pos_key is not None) + (pos_query is not None)
+    rel_idx = relative_index_table(max_seqlen, position_buckets, max_relative_positions, q.device)
+    out, lse = _triton_ops()(q, k, v, pos_key, pos_query, None, cu_seqlens, rel_idx, max_seqlen,
+                             1.0 / math.sqrt(D * (1 + terms)), dropout_p, _seed(dropout_p, q.device))
+    return (out, lse) if return_lse else out
+
+
+def deberta_attention_ref(query, key, value, pos_key=None, pos_query=None, key_padding_mask=None,
+                          position_buckets=256, max_relative_positions=512):
+    """The torch backend (fusedlm.reference.deberta_ref), without dropout: kept for callers of the old name."""
+    return reference.deberta_ref(query, key, value, pos_key, pos_query, key_padding_mask, position_buckets,
+                                 max_relative_positions)

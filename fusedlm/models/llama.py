@@ -1,0 +1,224 @@
+"""Llama (Llama 2 / 3 and the models shaped like it) as a causal LM on fusedlm's ops.
+
+Pre-norm decoder: RMSNorm with the residual add fused into it, rotary position embedding (rope_theta,
+"linear" and "llama3" scaling), grouped-query causal attention over packed sequences, SwiGLU MLP.
+Module and parameter names are transformers' LlamaForCausalLM's, so its state dict loads unchanged.
+
+Shapes: B batch, S padded length, T real (packed) tokens, H / Hkv query / key-value heads, D head dim.
+"""
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _common as C
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: Optional[int] = None  # None: as many as query heads (no GQA)
+    head_dim: Optional[int] = None             # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None        # {"rope_type": "linear" | "llama3", "factor": ..., ...}
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    pad_token_id: Optional[int] = None
+    use_kernels: bool = True
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_key_value_heads: expected a divisor of num_attention_heads "
+                             f"({self.num_attention_heads}), got {self.num_key_value_heads}")
+        if self.hidden_act not in ("silu", "swish"):
+            raise ValueError(f"hidden_act: expected 'silu' (the SwiGLU MLP), got {self.hidden_act!r}")
+        rope_type = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type", "default"))
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"rope_scaling: expected rope_type 'default', 'linear' or 'llama3', got {rope_type!r}")
+
+    @classmethod
+    def from_hf(cls, hf_config, use_kernels=True):
+        rope = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
+        theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(f"rope_parameters: partial_rotary_factor 1.0 expected for Llama, got {rope}")
+        scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
+        return C.hf_config_fields(cls, hf_config, rope_theta=theta, rope_scaling=scaling, use_kernels=use_kernels)
+
+
+def rope_inv_freq(config):
+    """(D/2,) float32 inverse frequencies, Hugging Face's for the rope types supported."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "linear":  # positions divided by factor
+        return inv_freq / scaling["factor"]
+    if rope_type == "llama3":  # long wavelengths divided by factor, short ones kept, a smooth blend between
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        return torch.where(medium, blended, scaled)
+    return inv_freq
+
+
+class LlamaRotaryEmbedding(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.inv_freq = nn.Buffer(rope_inv_freq(config), persistent=False)
+
+    def forward(self, positions, dtype):  # positions (T,) -> cos, sin (T, D) in dtype
+        freqs = positions[:, None].float() * self.inv_freq.float()[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class LlamaRMSNorm(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(config.hidden_size))
+        self.variance_epsilon, self.config = config.rms_norm_eps, config
+
+    def forward(self, x, residual=None):  # -> (normed, x + residual)
+        return C.rms_norm(x, self.weight, self.variance_epsilon, residual, self.config.use_kernels)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config, H, Hkv, D = config, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, H * D, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, Hkv * D, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, Hkv * D, bias=config.attention_bias)
+        self.o_proj = nn.Linear(H * D, config.hidden_size, bias=config.attention_bias)
+
+    def forward(self, x, cos, sin, packing):  # x (T, hidden), cos / sin (T, D)
+        T, D, fast = x.shape[0], self.config.head_dim, self.config.use_kernels
+        q = self.q_proj(x).view(T, -1, D)  # (T, H, D)
+        k = self.k_proj(x).view(T, -1, D)  # (T, Hkv, D)
+        v = self.v_proj(x).view(T, -1, D)
+        q, k = C.apply_rope(q, k, cos, sin, fast)
+        p = self.config.attention_dropout if self.training else 0.0
+        out = C.attention(q, k, v, packing, causal=True, dropout_p=p, use_kernels=fast)  # (T, H, D)
+        return self.o_proj(out.reshape(T, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config, bias = config, config.mlp_bias
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+
+    def forward(self, x):  # (T, hidden) -> (T, hidden)
+        return self.down_proj(C.swiglu(self.gate_proj(x), self.up_proj(x), self.config.use_kernels))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.self_attn = LlamaAttention(config)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = LlamaRMSNorm(config)
+        self.post_attention_layernorm = LlamaRMSNorm(config)
+
+    def forward(self, x, residual, cos, sin, packing):
+        """x: the previous block's output (T, hidden); residual: the stream before it (None in layer 0).
+        Returns (this block's output, the stream before it): each add is fused into the next norm."""
+        h, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(h, cos, sin, packing)
+        h, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(h), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = LlamaRMSNorm(config)
+        self.rotary_emb = LlamaRotaryEmbedding(config)
+
+    def forward(self, x, positions, packing):  # x (T, hidden) embedded tokens, positions (T,)
+        cos, sin = self.rotary_emb(positions, x.dtype)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(x, residual, cos, sin, packing)
+        return self.norm(x, residual)[0]  # (T, hidden)
+
+
+class LlamaForCausalLM(nn.Module):
+    """forward(input_ids (B, S), attention_mask=None, position_ids=None, labels=None, *, cu_seqlens=None,
+    inputs_embeds=None) -> CausalLMOutput(loss, logits (B, S, vocab)).
+
+    Padded batches: ``attention_mask`` (B, S), 1 = real token; left or right padding; logits are zeros at
+    padded positions. Packed sequences: a batch of one with ``cu_seqlens`` (int32 offsets, positions then
+    restart at 0 in each sequence) or with ``position_ids`` that restart (a new sequence wherever a position
+    is not the previous one + 1, as transformers detects packing). ``labels`` (B, S): the LM loss on
+    logits[:, :-1] against labels[:, 1:], -100 ignored, mean over the rest (Hugging Face's loss), and no
+    prediction from a padded position (Hugging Face would count the last left pad predicting the first token).
+    """
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @classmethod
+    def from_hf(cls, hf_model, use_kernels=True):
+        """A model with ``hf_model``'s config (a transformers LlamaForCausalLM) and weights."""
+        return C.load_from_hf(cls(LlamaConfig.from_hf(hf_model.config, use_kernels)), hf_model)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, *, cu_seqlens=None,
+                inputs_embeds=None):
+        B, S = C._check_ids(input_ids, inputs_embeds)
+        device = self.lm_head.weight.device
+        packing = C.make_packing(B, S, device, attention_mask, position_ids, cu_seqlens, split_on_positions=True)
+        positions = C.packed_positions(packing, position_ids, device, restart=cu_seqlens is not None)
+        x = self.model.embed_tokens(packing.pack(input_ids)) if input_ids is not None else packing.pack(inputs_embeds)
+        logits = packing.unpack(self.lm_head(self.model(x, positions, packing)), self.config.use_kernels)
+        loss = None
+        if labels is not None:
+            shifted = F.pad(labels, (0, 1), value=-100)[:, 1:].to(logits.device)
+            if attention_mask is not None:  # a padded position predicts nothing (with left padding the
+                shifted = shifted.masked_fill(attention_mask.to(shifted.device) == 0, -100)  # last pad would)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(), ignore_index=-100)
+        return C.CausalLMOutput(loss=loss, logits=logits)
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens, attention_mask=None):
+        """Greedy decoding without a cache (each step reruns the whole sequence): (B, S + max_new_tokens).
+        Left-padded prompts take ``attention_mask``; positions count real tokens, as transformers' generate."""
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
+        for _ in range(max_new_tokens):
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = self(input_ids, attention_mask=mask, position_ids=positions).logits
+            next_token = logits[:, -1].argmax(-1, keepdim=True)
+            input_ids = torch.cat([input_ids, next_token], dim=1)
+            mask = torch.cat([mask, torch.ones_like(next_token)], dim=1)
+        return input_ids
