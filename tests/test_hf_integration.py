@@ -57,11 +57,13 @@ def _config(family):
     raise ValueError(family)
 
 
-def _models(family, **kw):
-    """(reference on transformers' eager attention, an identical copy to patch)."""
+def _models(family, **config):
+    """(reference on transformers' eager attention, an identical copy to patch); ``config`` overrides."""
     cfg, auto = _config(family)
+    for name, value in config.items():
+        setattr(cfg, name, value)
     torch.manual_seed(0)
-    ref = auto.from_config(cfg, attn_implementation="eager", **kw).eval()
+    ref = auto.from_config(cfg, attn_implementation="eager").eval()
     return ref, copy.deepcopy(ref)
 
 
@@ -370,3 +372,35 @@ def test_dropout_scaling_and_full_masks_reach_the_kernels(monkeypatch):
                                                                     enable_gqa=True)
         assert weights is None
         _assert_close(out, expected.transpose(1, 2), f"{mask4.dtype} 4-D mask")
+
+
+def test_deberta_attention_runs_packed_fused_and_falls_back_for_probabilities(monkeypatch):
+    """Patched DeBERTa attention calls deberta_varlen_attention on the real tokens only (with the
+    attention dropout in training); asking for attention probabilities runs transformers' forward."""
+    fusedlm.set_backend("torch")
+    calls = []
+    op = fusedlm.deberta_varlen_attention
+
+    def record(q, *args, **kwargs):
+        calls.append((q.shape[0], kwargs.get("dropout_p")))
+        return op(q, *args, **kwargs)
+
+    monkeypatch.setattr(fusedlm, "deberta_varlen_attention", record)
+    ref, model = _models("deberta_v3", attention_probs_dropout_prob=0.1)
+    hf.patch_model(model)
+    layer = model.encoder.layer[0].attention.self
+    assert isinstance(layer, type(ref.encoder.layer[0].attention.self))  # still transformers' class
+    ids, mask = _batch("right")
+    real = mask.bool()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        assert calls == [(int(real.sum()), 0.0)] * 2
+        model.train()(input_ids=ids, attention_mask=mask)
+        assert calls[2:] == [(int(real.sum()), 0.1)] * 2
+        model.eval()
+        expected = ref(input_ids=ids, attention_mask=mask, output_attentions=True)
+        got = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    assert len(calls) == 4  # the probabilities came from transformers' forward
+    _assert_close(got.last_hidden_state[real], expected.last_hidden_state[real], "output")
+    for a, e in zip(got.attentions, expected.attentions):
+        _assert_close(a.transpose(1, 2)[real], e.transpose(1, 2)[real], "attention probabilities")

@@ -1,10 +1,10 @@
 """patch_model: a loaded transformers model's modules swapped for fused ones, in place.
 
 How modules are swapped: by changing the *class* of the module object to a subclass made once per
-original class (``Fused<Name>``, whose forward calls the fused op), never by building a new module. So
-parameters stay the same objects (an optimizer built before keeps working), state-dict keys, hooks
-(accelerate's device hooks, transformers' output capturing) and ``isinstance`` checks against the
-original class all stay as they were. Norm subclasses also derive from ``fusedlm.nn.RMSNorm`` /
+original class (``Fused<Name>``, whose forward calls the fused op), not by building a new module
+(DeBERTa's attention, below, is the one exception). So parameters stay the same objects (an optimizer
+built before keeps working), state-dict keys, hooks (accelerate's device hooks, transformers' output
+capturing) and ``isinstance`` checks against the original class all stay as they were. Norm subclasses also derive from ``fusedlm.nn.RMSNorm`` /
 ``fusedlm.nn.LayerNorm`` (and take their forward, which accepts ``residual``); the MLP one derives from
 ``fusedlm.nn.SwiGLUMLP``. A module whose class is already a ``Fused`` one is left alone: a second
 ``patch_model`` changes nothing more.
@@ -17,8 +17,9 @@ Per family (``config.model_type``), what is replaced:
                             into it; the modeling module's apply_rotary_pos_emb -> fused rotary
     bert, roberta           attention: "fusedlm" through the registry; every torch.nn.LayerNorm -> fused
                             layer_norm; <P>SelfOutput / <P>Output -> residual add fused into their LayerNorm
-    deberta-v2              DisentangledSelfAttention -> the fused DeBERTa attention module (hf_deberta.py);
-                            LayerNorms and DebertaV2SelfOutput / DebertaV2Output as for BERT
+    deberta-v2              DisentangledSelfAttention -> fusedlm.models' fused module (a new module object
+                            sharing the projections: hf_deberta.py); LayerNorms and DebertaV2SelfOutput /
+                            DebertaV2Output as for BERT
     any model               PEFT LoRA ``Linear`` layers -> fused lora_linear
 
 The residual add after the MLP (and after attention in the encoders' *next* sub-layer) is not fused:
@@ -240,16 +241,13 @@ def _select_attention(hf_model, modeling, prefix, kind, counts, left):
     counts["attention"] += sum(type(m) in classes for m in hf_model.modules())
 
 
-def _patch_deberta_attention(hf_model, modeling, counts, left):
+def _patch_deberta_attention(hf_model, modeling, counts):
     cls = getattr(modeling, "DisentangledSelfAttention", None)
-    for name, m in hf_model.named_modules():
-        if type(m) is not cls:
-            continue
-        if m.relative_attention:
-            _swap_class(m, hf_deberta.DisentangledForward)
-            counts["deberta_attention"] += 1
-        else:
-            left.append(f"{name} (DeBERTa attention without relative_attention)")
+    found = [(name, m) for name, m in hf_model.named_modules() if type(m) is cls]
+    for name, m in found:
+        parent, _, child = name.rpartition(".")
+        setattr(hf_model.get_submodule(parent), child, hf_deberta.replace_attention(m, hf_model.config))
+        counts["deberta_attention"] += 1
 
 
 def _patch_lora(model, counts, left):
@@ -290,7 +288,7 @@ def patch_model(model):
         else:
             _patch_post_norm_outputs(hf_model, modeling, prefix, counts)
         if kind == "deberta":
-            _patch_deberta_attention(hf_model, modeling, counts, left)
+            _patch_deberta_attention(hf_model, modeling, counts)
         else:
             _select_attention(hf_model, modeling, prefix, kind, counts, left)
     _patch_lora(model, counts, left)
