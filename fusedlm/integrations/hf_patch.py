@@ -4,10 +4,10 @@ How modules are swapped: by changing the *class* of the module object to a subcl
 original class (``Fused<Name>``, whose forward calls the fused op), not by building a new module
 (DeBERTa's attention, below, is the one exception). So parameters stay the same objects (an optimizer
 built before keeps working), state-dict keys, hooks (accelerate's device hooks, transformers' output
-capturing) and ``isinstance`` checks against the original class all stay as they were. Norm subclasses also derive from ``fusedlm.nn.RMSNorm`` /
-``fusedlm.nn.LayerNorm`` (and take their forward, which accepts ``residual``); the MLP one derives from
-``fusedlm.nn.SwiGLUMLP``. A module whose class is already a ``Fused`` one is left alone: a second
-``patch_model`` changes nothing more.
+capturing) and ``isinstance`` checks against the original class all stay as they were. Norm
+subclasses also derive from ``fusedlm.nn.RMSNorm`` / ``fusedlm.nn.LayerNorm`` (and take their forward,
+which accepts ``residual``); the MLP one derives from ``fusedlm.nn.SwiGLUMLP``. A module whose class
+is already a ``Fused`` one is left alone: a second ``patch_model`` changes nothing more.
 
 Per family (``config.model_type``), what is replaced:
 
@@ -22,10 +22,10 @@ Per family (``config.model_type``), what is replaced:
                             DebertaV2Output as for BERT
     any model               PEFT LoRA ``Linear`` layers -> fused lora_linear
 
-The residual add after the MLP (and after attention in the encoders' *next* sub-layer) is not fused:
-it is the decoder layer's output, which hooks, gradient checkpointing and output_hidden_states observe,
-so the sum has to exist anyway; fusing it into the next layer's input norm would mean rewriting the
-model's layer loop.
+In the post-norm encoders both residual adds of a layer are fused. In the pre-norm decoders the add
+after the MLP is not: it is the decoder layer's output, which hooks, gradient checkpointing and
+output_hidden_states observe, so the sum has to exist anyway, and fusing it into the next layer's
+input norm would mean rewriting the model's layer loop.
 
 The rotary function is patched in the model family's modeling module, so every model of that family in
 the process uses it (it computes the same thing; inputs it does not take go to the original function).
@@ -220,8 +220,8 @@ def _patch_decoder(model, modeling, prefix, counts, left):
 
 
 def _patch_post_norm_outputs(model, modeling, prefix, counts):
-    classes = tuple(c for c in (getattr(modeling, f"{prefix}SelfOutput", None), getattr(modeling, f"{prefix}Output", None))
-                    if c is not None)
+    names = (f"{prefix}SelfOutput", f"{prefix}Output")
+    classes = tuple(c for c in (getattr(modeling, n, None) for n in names) if c is not None)
     for m in model.modules():
         if type(m) in classes and isinstance(m.LayerNorm, fused_nn.LayerNorm):
             _swap_class(m, _PostNormOutput)
