@@ -278,9 +278,19 @@ def test_patch_model_on_triton():
                      _run(model, real, input_ids=ids, attention_mask=mask), real)
 
 
-def test_peft_lora_model_patched_keeps_outputs_and_trains():
+def test_peft_lora_model_patched_keeps_outputs_and_trains(monkeypatch):
     peft = pytest.importorskip("peft")
+    from fusedlm.integrations import hf_patch
+
     fusedlm.set_backend("torch")
+    dropouts = []
+    op = hf_patch.lora_linear
+
+    def record(*args, dropout_p=0.0, **kwargs):
+        dropouts.append(dropout_p)
+        return op(*args, dropout_p=dropout_p, **kwargs)
+
+    monkeypatch.setattr(hf_patch, "lora_linear", record)
     _, base = _models("llama")
     config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, init_lora_weights=False,
                              target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])
@@ -298,6 +308,7 @@ def test_peft_lora_model_patched_keeps_outputs_and_trains():
     with torch.no_grad(), model.disable_adapter():
         _assert_close(model(input_ids=ids, attention_mask=mask).logits[real], expected[real], "adapters disabled")
 
+    assert dropouts and set(dropouts) == {0.0}  # eval: the fused op ran, without dropout
     model.train()
     lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert lora and all("lora_" in n for n in lora)
@@ -313,6 +324,7 @@ def test_peft_lora_model_patched_keeps_outputs_and_trains():
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.05, losses
+    assert dropouts[-8:] == [0.1] * 8  # training: PEFT's lora_dropout, in the fused op
 
     model.eval()
     with torch.no_grad():
