@@ -29,6 +29,7 @@ model's own eager attention for that call, on a mask built to the same rules (tr
 function would return no weights and refuses softcapping), or its sdpa function where the model has
 no eager one.
 """
+import functools
 import inspect
 import sys
 
@@ -158,6 +159,13 @@ def _dense_mask(batch, n_q, n_k, key_padding_mask, causal, window, segments, dev
     return allowed
 
 
+@functools.lru_cache(maxsize=2)
+def _band(n_q, n_k, causal, window, device):
+    """(L, S) bool window mask, made once per shape: every windowed layer of a forward asks for the same
+    one (two kept at most: each is L * S bytes)."""
+    return _dense_mask(1, n_q, n_k, None, causal, window, None, device)[0, 0]
+
+
 # ----------------------------------------------------------------------------------------------
 # The attention function
 # ----------------------------------------------------------------------------------------------
@@ -215,8 +223,7 @@ def _sdpa(query, key, value, key_padding_mask, causal, window, dropout, scale):
         if _SDPA_WINDOW:
             extra = _window_kw(window, causal)
         else:
-            extra["attn_mask"] = _dense_mask(1, query.shape[2], key.shape[2], None, causal, window, None,
-                                              query.device)[0, 0]
+            extra["attn_mask"] = _band(query.shape[2], key.shape[2], causal, window, query.device)
     out = scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=causal, scale=scale,
                                        enable_gqa=query.shape[1] != key.shape[1], key_padding_mask=key_padding_mask,
                                        **extra)

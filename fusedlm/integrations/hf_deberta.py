@@ -22,9 +22,10 @@ from ..models.deberta_v2 import DisentangledSelfAttention as FusedModule
 _CLASSES = {}
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=2)
 def _default_positions(length, position_buckets, max_relative_positions, device):
-    """The relative positions DebertaV2Encoder passes, (1, S, S): those the fused op computes itself."""
+    """The relative positions DebertaV2Encoder passes, (1, S, S): those the fused op computes itself. Made
+    once per shape for all layers of a forward (two kept at most: each is 8 S^2 bytes)."""
     from transformers.models.deberta_v2.modeling_deberta_v2 import build_relative_position
 
     x = torch.empty(length, 0, device=device)
@@ -34,28 +35,34 @@ def _default_positions(length, position_buckets, max_relative_positions, device)
 class _ServeOrFallBack:
     """forward: the fused module's where it serves the call, transformers' otherwise."""
 
-    def _fusedlm_serves(self, hidden_states, attention_mask, output_attentions, query_states, relative_pos):
+    def _fusedlm_padding(self, hidden_states, attention_mask, output_attentions, query_states, relative_pos):
+        """The (B, S) padding mask when the fused forward serves this call, else None."""
         if output_attentions or (query_states is not None and query_states is not hidden_states):
-            return False
+            return None
         B, S = hidden_states.shape[:2]
         if attention_mask is None or tuple(attention_mask.shape) not in ((B, S), (B, 1, S, S)):
-            return False
-        if attention_mask.dim() == 4:
-            mask = attention_mask[:, 0].bool()
+            return None
+        padding = attention_mask.bool()
+        if padding.dim() == 4:  # the encoder's outer product of the padding mask with itself
+            mask = padding[:, 0]
             padding = mask.diagonal(dim1=-2, dim2=-1)
             if not torch.equal(mask, padding[:, :, None] & padding[:, None, :]):
-                return False
+                return None
         if relative_pos is not None and self.relative_attention:
             expected = _default_positions(S, self.position_buckets, self.max_relative_positions, hidden_states.device)
-            return torch.equal(relative_pos, expected)
-        return True
+            if not torch.equal(relative_pos, expected):
+                return None
+        return padding
 
     def forward(self, hidden_states, attention_mask, output_attentions=False, query_states=None,
                 relative_pos=None, rel_embeddings=None):
-        serves = self._fusedlm_serves(hidden_states, attention_mask, output_attentions, query_states, relative_pos)
-        forward = FusedModule.forward if serves else type(self)._fusedlm_original.forward
-        return forward(self, hidden_states, attention_mask, output_attentions, query_states=query_states,
-                       relative_pos=relative_pos, rel_embeddings=rel_embeddings)
+        padding = self._fusedlm_padding(hidden_states, attention_mask, output_attentions, query_states, relative_pos)
+        if padding is None:
+            return type(self)._fusedlm_original.forward(self, hidden_states, attention_mask, output_attentions,
+                                                         query_states=query_states, relative_pos=relative_pos,
+                                                         rel_embeddings=rel_embeddings)
+        # the 2-D mask: the fused forward takes it as it is (the 4-D one it would check again)
+        return FusedModule.forward(self, hidden_states, padding, rel_embeddings=rel_embeddings)
 
 
 def replace_attention(module, config):
