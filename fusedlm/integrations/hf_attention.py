@@ -162,8 +162,10 @@ def _dense_mask(batch, n_q, n_k, key_padding_mask, causal, window, segments, dev
 @functools.lru_cache(maxsize=2)
 def _band(n_q, n_k, causal, window, device):
     """(L, S) bool window mask, made once per shape: every windowed layer of a forward asks for the same
-    one (two kept at most: each is L * S bytes)."""
-    return _dense_mask(1, n_q, n_k, None, causal, window, None, device)[0, 0]
+    one (two kept at most: each is L * S bytes). Made outside inference mode, so that a mask cached
+    during generation can be saved for a backward later."""
+    with torch.inference_mode(False):
+        return _dense_mask(1, n_q, n_k, None, causal, window, None, device)[0, 0]
 
 
 # ----------------------------------------------------------------------------------------------
