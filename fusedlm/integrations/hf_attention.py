@@ -222,7 +222,7 @@ def _sdpa(query, key, value, key_padding_mask, causal, window, dropout, scale):
     """(B, H, L, E) attention with L == S (or not causal); returns (B, L, H, Ev)."""
     extra = {}
     if window is not None:
-        if _SDPA_WINDOW:
+        if _SDPA_WINDOW and query.shape[2] == key.shape[2]:  # window_size aligns top-left, as is_causal
             extra = _window_kw(window, causal)
         else:
             extra["attn_mask"] = _band(query.shape[2], key.shape[2], causal, window, query.device)
