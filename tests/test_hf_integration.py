@@ -416,3 +416,33 @@ def test_deberta_attention_runs_packed_fused_and_falls_back_for_probabilities(mo
     _assert_close(got.last_hidden_state[real], expected.last_hidden_state[real], "output")
     for a, e in zip(got.attentions, expected.attentions):
         _assert_close(a.transpose(1, 2)[real], e.transpose(1, 2)[real], "attention probabilities")
+
+
+def test_sliding_window_maps_to_window_size(monkeypatch):
+    """Where scaled_dot_product_attention takes window_size (the API's (left, right), top-left aligned),
+    Mistral's sliding_window W arrives as (W - 1, 0) with is_causal. The op is stood in for by torch's
+    sdpa with the band the API defines, so the mapping is checked against transformers' own masking."""
+    from fusedlm.integrations import hf_attention
+
+    fusedlm.set_backend("torch")
+    seen = []
+    op = hf_attention.scaled_dot_product_attention
+
+    def with_window(q, k, v, *, window_size=None, **kwargs):
+        seen.append(window_size)
+        if window_size is not None:
+            left, right = window_size
+            i = torch.arange(q.shape[2])[:, None]
+            j = torch.arange(k.shape[2])[None, :]
+            kwargs["attn_mask"] = (j >= i - left) & (j <= i + right)
+        return op(q, k, v, **kwargs)
+
+    monkeypatch.setattr(hf_attention, "_SDPA_WINDOW", True)
+    monkeypatch.setattr(hf_attention, "scaled_dot_product_attention", with_window)
+    ref, model = _models("mistral")
+    hf.patch_model(model)
+    ids, mask = _batch("right")
+    real = mask.bool()
+    _assert_same_run(_run(ref, real, reference=True, input_ids=ids, attention_mask=mask),
+                     _run(model, real, input_ids=ids, attention_mask=mask), real)
+    assert seen == [(3, 0)] * 2  # sliding_window = 4
