@@ -258,7 +258,7 @@ def _deberta_bwd_dq(
         DLSE += b * stride_gb + h * stride_gh + start * stride_gm  # any strides (autograd may expand zeros)
         delta -= tl.load(DLSE + offs_m.to(tl.int64) * stride_gm, mask=row_ok, other=0.0)
     tl.store(DELTA + rows + offs_m.to(tl.int64) * stride_lm, delta, mask=row_ok)
-    lse2, _ = _row_stats(LSE + rows, DELTA + rows, offs_m, L, stride_lm)
+    lse2, _delta = _row_stats(LSE + rows, DELTA + rows, offs_m, L, stride_lm)  # delta: as computed above
     kv_end = tl.minimum(L, tl.load(KV_END + b)) if HAS_KPM else L
     last_col = tl.cdiv(kv_end, BLOCK_N) * BLOCK_N - 1  # the last key the loop visits closes every open run
     qk_scale = sm_scale * 1.4426950408889634
