@@ -77,11 +77,10 @@ def _program(CU, H, H0, HC, SMAX, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _keep(SEED, b, h, H, SMAX, offs_m, offs_n, dropout_p):
-    """Dropout's keep mask of a tile: Philox uniforms >= p at the element's 64-bit counter
-    ((b H + h) SMAX + i) SMAX + j (positions within the sequence), so the backward regenerates it."""
-    row = ((b * H + h) * SMAX + offs_m[:, None].to(tl.int64)) * SMAX
-    return tl.rand(tl.load(SEED), row + offs_n[None, :].to(tl.int64)) >= dropout_p
+def _keep(SEED, b, h, H, SMAX, i, j, dropout_p):
+    """Dropout's keep mask at broadcastable query / key positions i, j (within the sequence): Philox
+    uniforms >= p at the 64-bit counter ((b H + h) SMAX + i) SMAX + j, so the backward regenerates it."""
+    return tl.rand(tl.load(SEED), ((b * H + h) * SMAX + i.to(tl.int64)) * SMAX + j.to(tl.int64)) >= dropout_p
 
 
 @triton.jit
@@ -97,9 +96,9 @@ def _scores(q, kT, idx, offs_m, offs_n, L, qk_scale, C2P, stride_cm, P2C, stride
     if HAS_C2P or HAS_P2C:
         inb = (offs_m[:, None] < L) & (offs_n[None, :] < L)
         if HAS_C2P:
-            s += tl.load(C2P + offs_m[:, None].to(tl.int64) * stride_cm + idx, mask=inb, other=0.0).to(tl.float32)
+            s += tl.load(C2P + (offs_m[:, None] * stride_cm + idx), mask=inb, other=0.0).to(tl.float32)
         if HAS_P2C:
-            s += tl.load(P2C + offs_n[None, :].to(tl.int64) * stride_pn + idx, mask=inb, other=0.0).to(tl.float32)
+            s += tl.load(P2C + (offs_n[None, :] * stride_pn + idx), mask=inb, other=0.0).to(tl.float32)
     s = s * qk_scale
     if HAS_KPM:
         real = tl.load(KPM + offs_n, mask=offs_n < L, other=0)
@@ -130,7 +129,8 @@ def _fwd_blocks(acc, l_i, m_i, q, K, V, C2P, P2C, IDX, KPM, SEED, stride_kn, str
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser sums the undropped probabilities
         if DROPOUT:
-            p = tl.where(_keep(SEED, b, h, H, SMAX, offs_m, offs_n, dropout_p), p / (1.0 - dropout_p), 0.0)
+            keep = _keep(SEED, b, h, H, SMAX, offs_m[:, None], offs_n[None, :], dropout_p)
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         v = _tile(V, offs_n, L, stride_vn, offs_d, D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
@@ -276,7 +276,7 @@ def _deberta_bwd_dq(
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, vT, input_precision=PRECISION)
         if DROPOUT:
-            keep = _keep(SEED, b, h, H, SMAX, offs_m, offs_n, dropout_p)
+            keep = _keep(SEED, b, h, H, SMAX, offs_m[:, None], offs_n[None, :], dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
@@ -288,7 +288,7 @@ def _deberta_bwd_dq(
             last = (idx != nxt) | (offs_n[None, :] == last_col)
             val = ds + tl.where((offs_nb[None, :] == 0) & (first == 0), carry[:, None], 0.0)
             seg, _ = tl.associative_scan((val, first.to(tl.int32)), 1, _seg_sum)
-            tl.store(DC2P + offs_m[:, None].to(tl.int64) * stride_cm + idx, seg * sm_scale,
+            tl.store(DC2P + (offs_m[:, None] * stride_cm + idx), seg * sm_scale,
                      mask=last & row_ok[:, None])
             carry = tl.sum(tl.where(offs_nb[None, :] == BLOCK_N - 1, seg, 0.0), 1)
     dq = dq * sm_scale
@@ -335,47 +335,58 @@ def _deberta_bwd_dkdv(
     P2C += b * stride_pb + hl * stride_ph + start * stride_pn
     DP2C += b * stride_pb + hl * stride_ph + start * stride_pn
     KPM += b * stride_kpb
-    kT = _tile_t(K, offs_n, L, stride_kn, offs_d, D)  # [BLOCK_D, BLOCK_N]
-    vT = _tile_t(V, offs_n, L, stride_vn, offs_d, D)
+    # Every product has the key block as its M dimension (sT = K Q^T, dV += P^T dO, dK += dS^T Q), so
+    # BLOCK_N = 64 per warpgroup keeps them on Hopper's wgmma while the query block stays small.
+    k = _tile(K, offs_n, L, stride_kn, offs_d, D)  # [BLOCK_N, BLOCK_D]
+    v = _tile(V, offs_n, L, stride_vn, offs_d, D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    carry = tl.zeros([BLOCK_N], dtype=tl.float32)  # partial sum of each column's open run (dP2C)
+    carry = tl.zeros([BLOCK_N], dtype=tl.float32)  # partial sum of each key's open run (dP2C)
     kv_end = tl.minimum(L, tl.load(KV_END + b)) if HAS_KPM else L
     qk_scale = sm_scale * 1.4426950408889634
     last_row = tl.cdiv(L, BLOCK_M) * BLOCK_M - 1  # the last query the loop visits closes every open run
+    if HAS_KPM:
+        real = tl.load(KPM + offs_n, mask=kv_ok, other=0) != 0
+    else:
+        real = kv_ok
     if start_n < kv_end:  # a block of padding only: its gradients are zeros
         for start_m in range(0, L, BLOCK_M):
             offs_m = start_m + offs_mb
-            q = _tile(Q, offs_m, L, stride_qm, offs_d, D)
-            do = _tile(DO, offs_m, L, stride_dom, offs_d, D)
+            qT = _tile_t(Q, offs_m, L, stride_qm, offs_d, D)  # [BLOCK_D, BLOCK_M]
+            do = _tile(DO, offs_m, L, stride_dom, offs_d, D)  # [BLOCK_M, BLOCK_D]
             lse2, delta = _row_stats(LSE + rows, DELTA + rows, offs_m, L, stride_lm)
+            # transposed tile: row = key j (offs_n), column = query i (offs_m)
+            sT = tl.dot(k, qT, input_precision=PRECISION)
             idx = 0
             if HAS_C2P or HAS_P2C:
-                idx = _rel_idx(IDX, offs_m[:, None], offs_n[None, :], L, SMAX)
-            s = _scores(q, kT, idx, offs_m, offs_n, L, qk_scale, C2P, stride_cm, P2C, stride_pn, KPM,
-                        HAS_C2P, HAS_P2C, HAS_KPM, True, PRECISION)
-            p = tl.math.exp2(s - lse2[:, None])
-            dp = tl.dot(do, vT, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+                idx = _rel_idx(IDX, offs_m[None, :], offs_n[:, None], L, SMAX)
+                inb = (offs_n[:, None] < L) & (offs_m[None, :] < L)
+                if HAS_C2P:
+                    sT += tl.load(C2P + (offs_m[None, :] * stride_cm + idx), mask=inb, other=0.0).to(tl.float32)
+                if HAS_P2C:
+                    sT += tl.load(P2C + (offs_n[:, None] * stride_pn + idx), mask=inb, other=0.0).to(tl.float32)
+            sT = tl.where(real[:, None], sT * qk_scale, float("-inf"))
+            pT = tl.math.exp2(sT - lse2[None, :])
+            dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
             if DROPOUT:
-                keep = _keep(SEED, b, h, H, SMAX, offs_m, offs_n, dropout_p)
-                pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+                keepT = _keep(SEED, b, h, H, SMAX, offs_m[None, :], offs_n[:, None], dropout_p)
+                pdT = tl.where(keepT, pT / (1.0 - dropout_p), 0.0)
+                dpT = tl.where(keepT, dpT / (1.0 - dropout_p), 0.0)
             else:
-                pd = p
-            dv += tl.dot(tl.trans(pd).to(do.dtype), do, input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+                pdT = pT
+            dv += tl.dot(pdT.to(do.dtype), do, input_precision=PRECISION)
+            dsT = pT * (dpT - delta[None, :])
+            dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION)
             if HAS_P2C:
-                # Column j's queries with one index form a run (idx non-decreasing in i): segmented sum.
-                prev = _rel_idx(IDX, offs_m[:, None] - 1, offs_n[None, :], L, SMAX)
-                nxt = _rel_idx(IDX, offs_m[:, None] + 1, offs_n[None, :], L, SMAX)
-                first = (idx != prev) | (offs_m[:, None] == 0)
-                last = (idx != nxt) | (offs_m[:, None] == last_row)
-                val = ds + tl.where((offs_mb[:, None] == 0) & (first == 0), carry[None, :], 0.0)
-                seg, _ = tl.associative_scan((val, first.to(tl.int32)), 0, _seg_sum)
-                tl.store(DP2C + offs_n[None, :].to(tl.int64) * stride_pn + idx, seg * sm_scale,
-                         mask=last & kv_ok[None, :])
-                carry = tl.sum(tl.where(offs_mb[:, None] == BLOCK_M - 1, seg, 0.0), 0)
+                # Key j's queries with one index form a run (idx non-decreasing in i): segmented sum.
+                prev = _rel_idx(IDX, offs_m[None, :] - 1, offs_n[:, None], L, SMAX)
+                nxt = _rel_idx(IDX, offs_m[None, :] + 1, offs_n[:, None], L, SMAX)
+                first = (idx != prev) | (offs_m[None, :] == 0)
+                last = (idx != nxt) | (offs_m[None, :] == last_row)
+                val = dsT + tl.where((offs_mb[None, :] == 0) & (first == 0), carry[:, None], 0.0)
+                seg, _ = tl.associative_scan((val, first.to(tl.int32)), 1, _seg_sum)
+                tl.store(DP2C + (offs_n[:, None] * stride_pn + idx), seg * sm_scale, mask=last & kv_ok[:, None])
+                carry = tl.sum(tl.where(offs_mb[None, :] == BLOCK_M - 1, seg, 0.0), 1)
     dk = dk * sm_scale
     if HAS_P2C:  # dK += dP2C pos_query, the columns just completed
         dk = _add_pos_product(dk, DP2C, stride_pn, offs_n, kv_ok, POS_QUERY + h * stride_posh, stride_posr,
@@ -399,12 +410,25 @@ def _deberta_bwd_dkdv(
 CHUNK_BYTES = 64 * 2**20
 
 
-def block_config(d, dtype, device, backward=False):
-    """Block shapes and warps for head dim d: the non-causal attention kernels' (one table to tune)."""
-    cfg = attention.block_config(d, d, False, dtype, device, backward)
-    cfg["BLOCK_D"] = cfg.pop("BLOCK_E")
-    del cfg["BLOCK_EV"]
-    return cfg
+def block_config(d, dtype, device, kernel="fwd"):
+    """Block shapes and warps of ``kernel`` ("fwd", "dq" or "dkdv") for head dim d.
+
+    Chosen on the sm_90 compile (tests/sm90_compile.py): besides the attention tiles these kernels hold
+    the relative-index tile and two gathered position tiles, so the key block (forward, dQ) or the query
+    block (dK/dV) is halved to 32 to stay within 255 registers without spilling, while every product keeps
+    an M dimension of 64 per warpgroup (wgmma; the dK/dV kernel works on transposed tiles for that).
+    On the interpreter one small config (speed of the NumPy emulation matters, not occupancy).
+    """
+    bd = max(16, triton.next_power_of_2(d))
+    if device.type != "cuda":
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=bd, num_warps=4, num_stages=1)
+    wide = dtype == torch.float32 or bd > 64
+    if kernel == "fwd":
+        bm, bn, warps = (64, 32, 4) if wide else (128, 32, 8)
+        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps, num_stages=3 if bd <= 128 else 2)
+    if kernel == "dq":
+        return dict(BLOCK_M=64, BLOCK_N=32 if bd <= 128 else 16, BLOCK_D=bd, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=32 if bd <= 128 else 16, BLOCK_N=64, BLOCK_D=bd, num_warps=4, num_stages=2)
 
 
 def _bhm(t, varlen):
@@ -471,7 +495,7 @@ def deberta_fwd(launch, q, k, v, pos_key, pos_query, key_padding_mask, cu_seqlen
     if out.numel() == 0 or g.B == 0 or g.S == 0:
         return out.zero_(), lse.fill_(float("-inf"))
     kpm, kv_end, kpb = _masks(key_padding_mask, lse)
-    cfg = block_config(g.D, q.dtype, q.device)
+    cfg = block_config(g.D, q.dtype, q.device, "fwd")
     for h0, h1 in g.chunks():
         c2p, cs = g.products(q, pos_key, h0, h1)
         p2c, ps = g.products(k, pos_query, h0, h1)
@@ -506,11 +530,12 @@ def deberta_bwd(launch, do, dlse, q, k, v, pos_key, pos_query, out, lse, key_pad
     else:
         delta = torch.empty_like(lse)  # written by the dQ kernel, read by the dK/dV kernel
         kpm, kv_end, kpb = _masks(key_padding_mask, lse)
-        cfg = block_config(g.D, q.dtype, q.device, backward=True)
+        cfg_dq = block_config(g.D, q.dtype, q.device, "dq")
+        cfg_dkdv = block_config(g.D, q.dtype, q.device, "dkdv")
         io = (*_bhm(q, g.varlen), *_bhm(k, g.varlen), *_bhm(v, g.varlen))
         flags = dict(HAS_C2P=pos_key is not None, HAS_P2C=pos_query is not None,
                      HAS_KPM=key_padding_mask is not None, VARLEN=g.varlen, DROPOUT=dropout_p > 0,
-                     PRECISION=attention.precision(q), **cfg)
+                     PRECISION=attention.precision(q))
         pos_strides = tuple((t.stride(0), t.stride(1)) if t is not None else (0, 0) for t in (pos_key, pos_query))
         common = (rel_idx, kpm, kv_end, cu_seqlens if g.varlen else lse, seed if seed is not None else lse)
         for h0, h1 in g.chunks():
@@ -520,18 +545,18 @@ def deberta_bwd(launch, do, dlse, q, k, v, pos_key, pos_query, out, lse, key_pad
             dp2c = torch.zeros_like(p2c, dtype=torch.float32) if p2c is not None else None
             ptrs = (c2p if c2p is not None else lse, p2c if p2c is not None else lse)
             scalars = (g.H, h0, h1 - h0, g.S, g.D, g.two_span, float(scale), float(dropout_p))
-            grid = (g.B * (h1 - h0), triton.cdiv(g.S, cfg["BLOCK_M"]))
+            grid = (g.B * (h1 - h0), triton.cdiv(g.S, cfg_dq["BLOCK_M"]))
             launch(_deberta_bwd_dq, grid,
                    q, k, v, out, do, dlse if dlse is not None else lse, lse, delta, dq,
                    dc2p if dc2p is not None else lse, *ptrs, pos_key if pos_key is not None else lse, *common,
                    *io, *_bhm(out, g.varlen), *_bhm(do, g.varlen), *_bhm(lse, g.varlen),
-                   *(_bhm(dlse, g.varlen) if dlse is not None else (0, 0, 0)), *_bhm(dq, g.varlen), *cs, *ps, kpb, *pos_strides[0], *scalars, HAS_DLSE=dlse is not None, **flags)
-            grid = (g.B * (h1 - h0), triton.cdiv(g.S, cfg["BLOCK_N"]))
+                   *(_bhm(dlse, g.varlen) if dlse is not None else (0, 0, 0)), *_bhm(dq, g.varlen), *cs, *ps, kpb, *pos_strides[0], *scalars, HAS_DLSE=dlse is not None, **flags, **cfg_dq)
+            grid = (g.B * (h1 - h0), triton.cdiv(g.S, cfg_dkdv["BLOCK_N"]))
             launch(_deberta_bwd_dkdv, grid,
                    q, k, v, do, lse, delta, dk, dv, dp2c if dp2c is not None else lse, *ptrs,
                    pos_query if pos_query is not None else lse, *common,
                    *io, *_bhm(do, g.varlen), *_bhm(lse, g.varlen), *_bhm(dk, g.varlen), *_bhm(dv, g.varlen),
-                   *cs, *ps, kpb, *pos_strides[1], *scalars, **flags)
+                   *cs, *ps, kpb, *pos_strides[1], *scalars, **flags, **cfg_dkdv)
             if dpk is not None:  # dpos_key = sum over batch and queries of dC2P^T Q
                 dpk[h0:h1] = _pos_grad(dc2p, q, g, h0, h1)
             if dpq is not None:  # dpos_query = sum over batch and keys of dP2C^T K

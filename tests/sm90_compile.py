@@ -177,8 +177,7 @@ def deberta_variants():
     from fusedlm.kernels import deberta
 
     cpu_config = deberta.block_config
-    deberta.block_config = lambda d, dtype, device, backward=False: cpu_config(d, dtype, torch.device("cuda"),
-                                                                               backward)
+    deberta.block_config = lambda d, dtype, device, kernel="fwd": cpu_config(d, dtype, torch.device("cuda"), kernel)
     try:
         B, H, S = 2, 2, 64
         for dt, d, terms, kpm in [(torch.bfloat16, 64, "c2p,p2c", True), (torch.bfloat16, 64, "c2p,p2c", False),
