@@ -45,6 +45,21 @@ from . import attention
 from .attention import _tile, _tile_t
 
 
+UP = tl.constexpr(1 << 16)  # backward table flag: idx(d) != idx(d + 1)
+DOWN = tl.constexpr(1 << 17)  # backward table flag: idx(d) != idx(d - 1)
+
+
+def run_table(rel_idx):
+    """The backward's table: idx(d) with the two run-boundary flags UP and DOWN above, so a tile finds
+    where its runs start and end from the one entry it gathers (made on the device, no host copy)."""
+    t = rel_idx
+    up = torch.ones_like(t, dtype=torch.bool)
+    down = torch.ones_like(t, dtype=torch.bool)
+    up[:-1] = t[:-1] != t[1:]
+    down[1:] = t[1:] != t[:-1]
+    return t | (up.to(torch.int32) << 16) | (down.to(torch.int32) << 17)
+
+
 @triton.jit
 def _seg_sum(av, af, bv, bf):
     """Combine of a segmented sum: restart at b when b starts a run. Associative."""
@@ -270,7 +285,8 @@ def _deberta_bwd_dq(
         vT = _tile_t(V, offs_n, L, stride_vn, offs_d, D)
         idx = 0
         if HAS_C2P or HAS_P2C:
-            idx = _rel_idx(IDX, offs_m[:, None], offs_n[None, :], L, SMAX)
+            entry = _rel_idx(IDX, offs_m[:, None], offs_n[None, :], L, SMAX)
+            idx = entry & 0xFFFF
         s = _scores(q, kT, idx, offs_m, offs_n, L, qk_scale, C2P, stride_cm, P2C, stride_pn, KPM,
                     HAS_C2P, HAS_P2C, HAS_KPM, True, PRECISION)
         p = tl.math.exp2(s - lse2[:, None])
@@ -282,10 +298,9 @@ def _deberta_bwd_dq(
         dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
         if HAS_C2P:
             # Row i's keys with one index form a run (idx non-increasing in j): segmented sum.
-            prev = _rel_idx(IDX, offs_m[:, None], offs_n[None, :] - 1, L, SMAX)
-            nxt = _rel_idx(IDX, offs_m[:, None], offs_n[None, :] + 1, L, SMAX)
-            first = (idx != prev) | (offs_n[None, :] == 0)
-            last = (idx != nxt) | (offs_n[None, :] == last_col)
+            # (key j - 1 is at distance d + 1, key j + 1 at d - 1; past the end positions are clamped)
+            first = (((entry & UP) != 0) & (offs_n[None, :] < L)) | (offs_n[None, :] == 0)
+            last = (((entry & DOWN) != 0) & (offs_n[None, :] < L - 1)) | (offs_n[None, :] == last_col)
             val = ds + tl.where((offs_nb[None, :] == 0) & (first == 0), carry[:, None], 0.0)
             seg, _ = tl.associative_scan((val, first.to(tl.int32)), 1, _seg_sum)
             tl.store(DC2P + (offs_m[:, None] * stride_cm + idx), seg * sm_scale,
@@ -359,7 +374,8 @@ def _deberta_bwd_dkdv(
             sT = tl.dot(k, qT, input_precision=PRECISION)
             idx = 0
             if HAS_C2P or HAS_P2C:
-                idx = _rel_idx(IDX, offs_m[None, :], offs_n[:, None], L, SMAX)
+                entry = _rel_idx(IDX, offs_m[None, :], offs_n[:, None], L, SMAX)
+                idx = entry & 0xFFFF
                 inb = (offs_n[:, None] < L) & (offs_m[None, :] < L)
                 if HAS_C2P:
                     sT += tl.load(C2P + (offs_m[None, :] * stride_cm + idx), mask=inb, other=0.0).to(tl.float32)
@@ -379,10 +395,9 @@ def _deberta_bwd_dkdv(
             dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION)
             if HAS_P2C:
                 # Key j's queries with one index form a run (idx non-decreasing in i): segmented sum.
-                prev = _rel_idx(IDX, offs_m[None, :] - 1, offs_n[:, None], L, SMAX)
-                nxt = _rel_idx(IDX, offs_m[None, :] + 1, offs_n[:, None], L, SMAX)
-                first = (idx != prev) | (offs_m[None, :] == 0)
-                last = (idx != nxt) | (offs_m[None, :] == last_row)
+                # (query i - 1 is at distance d - 1, query i + 1 at d + 1)
+                first = (((entry & DOWN) != 0) & (offs_m[None, :] < L)) | (offs_m[None, :] == 0)
+                last = (((entry & UP) != 0) & (offs_m[None, :] < L - 1)) | (offs_m[None, :] == last_row)
                 val = dsT + tl.where((offs_mb[None, :] == 0) & (first == 0), carry[:, None], 0.0)
                 seg, _ = tl.associative_scan((val, first.to(tl.int32)), 1, _seg_sum)
                 tl.store(DP2C + (offs_n[:, None] * stride_pn + idx), seg * sm_scale, mask=last & kv_ok[:, None])
@@ -537,7 +552,7 @@ def deberta_bwd(launch, do, dlse, q, k, v, pos_key, pos_query, out, lse, key_pad
                      HAS_KPM=key_padding_mask is not None, VARLEN=g.varlen, DROPOUT=dropout_p > 0,
                      PRECISION=attention.precision(q))
         pos_strides = tuple((t.stride(0), t.stride(1)) if t is not None else (0, 0) for t in (pos_key, pos_query))
-        common = (rel_idx, kpm, kv_end, cu_seqlens if g.varlen else lse, seed if seed is not None else lse)
+        common = (run_table(rel_idx), kpm, kv_end, cu_seqlens if g.varlen else lse, seed if seed is not None else lse)
         for h0, h1 in g.chunks():
             c2p, cs = g.products(q, pos_key, h0, h1)
             p2c, ps = g.products(k, pos_query, h0, h1)
