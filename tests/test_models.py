@@ -247,7 +247,9 @@ def test_deberta_attention_module_replaces_transformers(variant):
     for layer in hf.encoder.layer:
         original = layer.attention.self
         layer.attention.self = DisentangledSelfAttention.from_hf(original, hf.config)
-        assert layer.attention.self.query_proj is original.query_proj
+        ours = layer.attention.self
+        assert ours.query_proj is original.query_proj and ours.state_dict().keys() == original.state_dict().keys()
+        assert not any(t.is_meta for t in ours.state_dict().values())
     out = hf(ids, attention_mask=mask).last_hidden_state
     real = mask.bool()
     _close(out[real], ref[real], "last_hidden_state")
@@ -276,8 +278,8 @@ def test_attention_dropout_in_training(model):
     slow = cls(cfg(**{**config.__dict__, "use_kernels": False}))
     slow.load_state_dict(fast.state_dict())
     fast.eval(), slow.eval()
-    _close(fast(ids, attention_mask=mask).last_hidden_state[real], slow(ids, attention_mask=mask).last_hidden_state[real],
-           "eval output")
+    hidden = [m(ids, attention_mask=mask).last_hidden_state[real] for m in (fast, slow)]
+    _close(hidden[0], hidden[1], "eval output")
     assert not torch.allclose(runs[0][real], fast(ids, attention_mask=mask).last_hidden_state[real])
 
 

@@ -199,7 +199,7 @@ def _padded_attention_with_dropout(q, k, v, packing, causal, scale, dropout_p):
     kpm = fusedlm.pad_input(torch.ones_like(slot, dtype=torch.bool), slot, N, L)
     out = fusedlm.scaled_dot_product_attention(qp, kp, vp, dropout_p=dropout_p, is_causal=causal, scale=scale,
                                                enable_gqa=k.shape[1] != q.shape[1], key_padding_mask=kpm)
-    return out.transpose(1, 2).reshape(N * L, *out.shape[1:2], out.shape[-1])[slot]
+    return out.transpose(1, 2).reshape(N * L, -1, out.shape[-1])[slot]  # (T, H, D)
 
 
 def attention(q, k, v, packing, *, causal, scale=None, dropout_p=0.0, use_kernels):
@@ -249,6 +249,46 @@ class LayerNorm(nn.Module):
 
     def forward(self, x, residual=None):
         return layer_norm(x, self.weight, self.bias, self.eps, residual, self.config.use_kernels)
+
+
+class PostLNOutput(nn.Module):
+    """dense -> dropout -> LayerNorm(+ input), the post-LN encoders' block ending (BERT's BertSelfOutput and
+    BertOutput, DeBERTa's alike; only in_features differs)."""
+
+    def __init__(self, config, in_features):
+        super().__init__()
+        self.dense = nn.Linear(in_features, config.hidden_size)
+        self.LayerNorm = LayerNorm(config.hidden_size, config.layer_norm_eps, config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, h, input_tensor):  # (T, in_features), (T, hidden) -> (T, hidden)
+        return self.LayerNorm(self.dropout(self.dense(h)), input_tensor)
+
+
+class Intermediate(nn.Module):
+    """The encoders' feed-forward up projection with its activation (BertIntermediate's names)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = activation(config.hidden_act)
+
+    def forward(self, x):  # (T, hidden) -> (T, intermediate)
+        return self.act(self.dense(x))
+
+
+def encoder_inputs(word_embeddings, input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids,
+                   cu_seqlens):
+    """An encoder's forward arguments packed: (packing, embeds (T, E), token types (T,), positions (T,)).
+    Token types default to 0; positions to Hugging Face's arange(S) per row, restarting in each sequence
+    given by cu_seqlens."""
+    B, S = _check_ids(input_ids, inputs_embeds)
+    device = word_embeddings.weight.device
+    packing = make_packing(B, S, device, attention_mask, None, cu_seqlens)
+    positions = packed_positions(packing, position_ids, device, restart=cu_seqlens is not None)
+    types = torch.zeros(B, S, dtype=torch.long, device=device) if token_type_ids is None else token_type_ids
+    embeds = word_embeddings(packing.pack(input_ids)) if input_ids is not None else packing.pack(inputs_embeds)
+    return packing, embeds, packing.pack(types.to(device)), positions
 
 
 def hf_config_fields(cls, hf_config, **overrides):

@@ -78,45 +78,22 @@ class BertSelfAttention(nn.Module):
         return out.reshape(T, -1)
 
 
-class BertResidualOutput(nn.Module):
-    """dense -> dropout -> LayerNorm(+ input): BertSelfOutput and BertOutput (in_features differs)."""
-
-    def __init__(self, config, in_features):
-        super().__init__()
-        self.dense = nn.Linear(in_features, config.hidden_size)
-        self.LayerNorm = C.LayerNorm(config.hidden_size, config.layer_norm_eps, config)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, h, input_tensor):  # (T, in_features), (T, hidden) -> (T, hidden)
-        return self.LayerNorm(self.dropout(self.dense(h)), input_tensor)
-
-
 class BertAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.self = BertSelfAttention(config)
-        self.output = BertResidualOutput(config, config.hidden_size)
+        self.output = C.PostLNOutput(config, config.hidden_size)
 
     def forward(self, x, packing):
         return self.output(self.self(x, packing), x)
-
-
-class BertIntermediate(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.act = C.activation(config.hidden_act)
-
-    def forward(self, x):  # (T, hidden) -> (T, intermediate)
-        return self.act(self.dense(x))
 
 
 class BertLayer(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.attention = BertAttention(config)
-        self.intermediate = BertIntermediate(config)
-        self.output = BertResidualOutput(config, config.intermediate_size)
+        self.intermediate = C.Intermediate(config)
+        self.output = C.PostLNOutput(config, config.intermediate_size)
 
     def forward(self, x, packing):  # (T, hidden) -> (T, hidden)
         x = self.attention(x, packing)
@@ -167,13 +144,8 @@ class BertModel(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
                 cu_seqlens=None, inputs_embeds=None):
-        B, S = C._check_ids(input_ids, inputs_embeds)
-        device = self.embeddings.word_embeddings.weight.device
-        packing = C.make_packing(B, S, device, attention_mask, None, cu_seqlens)
-        positions = C.packed_positions(packing, position_ids, device, restart=cu_seqlens is not None)
-        types = torch.zeros(B, S, dtype=torch.long, device=device) if token_type_ids is None else token_type_ids
-        embeds = self.embeddings.word_embeddings(packing.pack(input_ids)) if input_ids is not None \
-            else packing.pack(inputs_embeds)
-        x = self.encoder(self.embeddings(embeds, packing.pack(types.to(device)), positions), packing)
+        packing, embeds, types, positions = C.encoder_inputs(self.embeddings.word_embeddings, input_ids, inputs_embeds,
+                                                             attention_mask, token_type_ids, position_ids, cu_seqlens)
+        x = self.encoder(self.embeddings(embeds, types, positions), packing)  # (T, hidden)
         hidden = packing.unpack(x, self.config.use_kernels)
         return C.EncoderOutput(hidden, self.pooler(hidden) if self.pooler is not None else None)

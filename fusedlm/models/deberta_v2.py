@@ -71,7 +71,8 @@ class DebertaV2Config:
 
     @classmethod
     def from_hf(cls, hf_config, use_kernels=True):
-        if getattr(hf_config, "attention_head_size", None) not in (None, hf_config.hidden_size // hf_config.num_attention_heads):
+        head_size = hf_config.hidden_size // hf_config.num_attention_heads
+        if getattr(hf_config, "attention_head_size", None) not in (None, head_size):
             raise ValueError(f"hf_config: attention_head_size other than hidden_size / heads is not supported, "
                              f"got {hf_config.attention_head_size}")
         return C.hf_config_fields(cls, hf_config, use_kernels=use_kernels)
@@ -92,7 +93,8 @@ def deberta_attention_packed_ref(q, k, v, pos_key, pos_query, packing, position_
     if pos_key is not None:  # c2p: q_i . pos_key[idx(i, j)]
         scores = scores + torch.gather(q @ pos_key.transpose(-1, -2), -1, idx) * scale
     if pos_query is not None:  # p2c: k_j . pos_query[idx(i, j)] (idx(i, j) = idx of -bucket(j - i))
-        scores = scores + torch.gather(k @ pos_query.transpose(-1, -2), -1, idx.transpose(-1, -2)).transpose(-1, -2) * scale
+        p2c = torch.gather(k @ pos_query.transpose(-1, -2), -1, idx.transpose(-1, -2))  # [h, j, i]
+        scores = scores + p2c.transpose(-1, -2) * scale
     seq = packing.sequence_ids()
     scores = scores.masked_fill(seq[:, None] != seq[None, :], float("-inf"))
     probs = F.dropout(torch.softmax(scores, dim=-1), p=dropout_p, training=dropout_p > 0)
@@ -145,17 +147,10 @@ class DisentangledSelfAttention(nn.Module):
             raise ValueError(f"module: attention_head_size * heads must equal hidden_size, got "
                              f"{module.attention_head_size} * {module.num_attention_heads} != "
                              f"{module.query_proj.in_features}")
-        ours = cls.__new__(cls)
-        nn.Module.__init__(ours)
-        ours.config, ours.num_attention_heads = cfg, cfg.num_attention_heads
-        ours.attention_head_size, ours.all_head_size = module.attention_head_size, module.all_head_size
-        ours.share_att_key, ours.pos_att_type = cfg.share_att_key, cfg.pos_att_type
-        ours.relative_attention = cfg.relative_attention
-        ours.position_buckets, ours.max_relative_positions = cfg.position_buckets, cfg.max_relative_positions
+        with torch.device("meta"):  # no weights of our own: the module's are put in their place below
+            ours = cls(cfg)
         for name, child in module.named_children():  # projections and dropouts, shared
             setattr(ours, name, child)
-        if not hasattr(ours, "pos_dropout"):
-            ours.pos_dropout = nn.Dropout(0.0)
         return ours.train(module.training)
 
     def _heads(self, x):  # (N, hidden) -> (N, H, D)
@@ -232,45 +227,22 @@ class DebertaV2Embeddings(nn.Module):
         return self.dropout(self.LayerNorm(embeds))  # (T, hidden)
 
 
-class DebertaV2ResidualOutput(nn.Module):
-    """dense -> dropout -> LayerNorm(+ input): DebertaV2SelfOutput and DebertaV2Output."""
-
-    def __init__(self, config, in_features):
-        super().__init__()
-        self.dense = nn.Linear(in_features, config.hidden_size)
-        self.LayerNorm = C.LayerNorm(config.hidden_size, config.layer_norm_eps, config)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, h, input_tensor):
-        return self.LayerNorm(self.dropout(self.dense(h)), input_tensor)
-
-
 class DebertaV2Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.self = DisentangledSelfAttention(config)
-        self.output = DebertaV2ResidualOutput(config, config.hidden_size)
+        self.output = C.PostLNOutput(config, config.hidden_size)
 
     def forward(self, x, packing, rel_embeddings):
         return self.output(self.self.forward_packed(x, packing, rel_embeddings), x)
-
-
-class DebertaV2Intermediate(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.act = C.activation(config.hidden_act)
-
-    def forward(self, x):
-        return self.act(self.dense(x))
 
 
 class DebertaV2Layer(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.attention = DebertaV2Attention(config)
-        self.intermediate = DebertaV2Intermediate(config)
-        self.output = DebertaV2ResidualOutput(config, config.intermediate_size)
+        self.intermediate = C.Intermediate(config)
+        self.output = C.PostLNOutput(config, config.intermediate_size)
 
     def forward(self, x, packing, rel_embeddings):  # (T, hidden) -> (T, hidden)
         x = self.attention(x, packing, rel_embeddings)
@@ -318,12 +290,7 @@ class DebertaV2Model(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
                 cu_seqlens=None, inputs_embeds=None):
-        B, S = C._check_ids(input_ids, inputs_embeds)
-        device = self.embeddings.word_embeddings.weight.device
-        packing = C.make_packing(B, S, device, attention_mask, None, cu_seqlens)
-        positions = C.packed_positions(packing, position_ids, device, restart=cu_seqlens is not None)
-        types = torch.zeros(B, S, dtype=torch.long, device=device) if token_type_ids is None else token_type_ids
-        embeds = self.embeddings.word_embeddings(packing.pack(input_ids)) if input_ids is not None \
-            else packing.pack(inputs_embeds)
-        x = self.encoder(self.embeddings(embeds, packing.pack(types.to(device)), positions), packing)
+        packing, embeds, types, positions = C.encoder_inputs(self.embeddings.word_embeddings, input_ids, inputs_embeds,
+                                                             attention_mask, token_type_ids, position_ids, cu_seqlens)
+        x = self.encoder(self.embeddings(embeds, types, positions), packing)  # (T, hidden)
         return C.EncoderOutput(packing.unpack(x, self.config.use_kernels))

@@ -2,6 +2,10 @@
 backend under test, the dtype under test) against the same weights on plain PyTorch in float64
 (use_kernels=False), on a padded batch: the output (logits / last hidden state) and the gradient of the
 input embeddings, which flows back through every layer's kernels.
+
+The dtype's bound (BOUNDS, one rounding's worth, 4u) holds for these 2-layer models because each layer's
+roundings are independent and the post-norm activations are O(1): measured on CPU, float32 ~2e-7 and
+float16 6e-4 to 8.4e-4 against the float16 bound 2e-3. Deeper models accumulate more and are not a row here.
 """
 import copy
 
