@@ -2,7 +2,7 @@
 
 Public API (see the README and shared/API.md): backend selection, and the ops
 rms_norm, layer_norm, swiglu, apply_rotary_pos_emb, scaled_dot_product_attention, varlen_attention,
-unpad_input, pad_input, deberta_attention, lora_linear; modules in fusedlm.nn.
+unpad_input, pad_input, deberta_attention, deberta_varlen_attention, lora_linear; modules in fusedlm.nn.
 """
 from ._backend import available_backends, get_backend, set_backend, use_backend
 from .ops.attention import scaled_dot_product_attention, varlen_attention
@@ -18,7 +18,8 @@ __version__ = "0.1.0"
 __all__ = [
     "available_backends", "get_backend", "set_backend", "use_backend",
     "rms_norm", "layer_norm", "swiglu", "apply_rotary_pos_emb",
-    "scaled_dot_product_attention", "varlen_attention", "unpad_input", "pad_input", "deberta_attention", "deberta_varlen_attention",
+    "scaled_dot_product_attention", "varlen_attention", "unpad_input", "pad_input", "deberta_attention",
+    "deberta_varlen_attention",
     "lora_linear", "nn",
 ]
 

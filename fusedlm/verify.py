@@ -277,7 +277,8 @@ def run(backends, dtypes, device, gpu=False, ops=None, log=print):
 
 
 def _deberta_cases(gpu):
-    from fusedlm.ops.deberta import deberta_attention, deberta_attention_ref
+    from fusedlm import reference as R
+    from fusedlm.ops.deberta import deberta_attention, deberta_varlen_attention
 
     out = []
     # (B, H, S, D, position_buckets, max_relative_positions, terms, padded)
@@ -305,12 +306,35 @@ def _deberta_cases(gpu):
                 max_relative_positions=mr, backend=b)
 
         def ref_deb(query, key, value, pos_key=None, pos_query=None, key_padding_mask=None, pb=pb, mr=mr):
-            return deberta_attention_ref(query, key, value, pos_key, pos_query, key_padding_mask, pb, mr)
+            return R.deberta_ref(query, key, value, pos_key, pos_query, key_padding_mask, pb, mr)
 
         grads = ("query", "key", "value") + (("pos_key",) if "c2p" in terms else ()) + \
             (("pos_query",) if "p2c" in terms else ())
         label = f"deberta_attention({terms},{'buckets' if pb > 0 else 'distance'}{',kpm' if padded else ''})"
         out.append(Case(label, (B, H, S, D, pb, mr), make_deb, run_deb, ref_deb, grads))
+    # packed: (lengths, H, D, position_buckets, max_relative_positions); out, lse and every gradient
+    packed = [((45, 1, 0, 17), 2, 40, 16, 40), ((67, 30), 2, 64, 256, 512)]
+    if gpu:
+        packed.append(((2048, 1000, 17, 512, 1), 12, 64, 256, 512))
+    for lengths, H, D, pb, mr in packed:
+        span = pb if pb > 0 else mr
+
+        def make_packed(g, lengths=lengths, H=H, D=D, span=span):
+            n = sum(lengths)
+            return dict(q=_randn(g, n, H, D), k=_randn(g, n, H, D), v=_randn(g, n, H, D),
+                        pos_key=_randn(g, H, 2 * span, D), pos_query=_randn(g, H, 2 * span, D),
+                        cu_seqlens=torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32))
+
+        def run_packed(b, lengths=lengths, pb=pb, mr=mr):
+            return lambda q, k, v, pos_key, pos_query, cu_seqlens: deberta_varlen_attention(
+                q, k, v, pos_key, pos_query, cu_seqlens, max(lengths), position_buckets=pb,
+                max_relative_positions=mr, return_lse=True, backend=b)
+
+        def ref_packed(q, k, v, pos_key, pos_query, cu_seqlens, pb=pb, mr=mr):
+            return R.deberta_varlen_ref(q, k, v, pos_key, pos_query, cu_seqlens, pb, mr, return_lse=True)
+
+        out.append(Case("deberta_varlen_attention(c2p,p2c,lse)", (len(lengths), sum(lengths), H, D, pb, mr),
+                        make_packed, run_packed, ref_packed, ("q", "k", "v", "pos_key", "pos_query")))
     return out
 
 

@@ -177,8 +177,7 @@ def deberta_variants():
     from fusedlm.kernels import deberta
 
     cpu_config = deberta.block_config
-    deberta.block_config = lambda d, dtype, device, backward=False: cpu_config(d, dtype, torch.device("cuda"),
-                                                                               backward)
+    deberta.block_config = lambda d, dtype, device, kernel="fwd": cpu_config(d, dtype, torch.device("cuda"), kernel)
     try:
         B, H, S = 2, 2, 64
         for dt, d, terms, kpm in [(torch.bfloat16, 64, "c2p,p2c", True), (torch.bfloat16, 64, "c2p,p2c", False),
@@ -191,9 +190,17 @@ def deberta_variants():
             pq = torch.randn(H, 512, d, dtype=dt) if "p2c" in terms else None
             mask = torch.ones(B, S, dtype=torch.bool) if kpm else None
             idx = torch.zeros(2 * S - 1, dtype=torch.int32)
-            out, lse = deberta.deberta_fwd(aot_launch, q, k, v, pk, pq, mask, idx, 0.1)
-            deberta.deberta_bwd(aot_launch, torch.randn_like(out), q, k, v, pk, pq, out, torch.zeros_like(lse), mask,
-                                idx, 0.1)
+            out, lse = deberta.deberta_fwd(aot_launch, q, k, v, pk, pq, mask, None, idx, S, 0.1, 0.0, None)
+            deberta.deberta_bwd(aot_launch, torch.randn_like(out), None, q, k, v, pk, pq, out, torch.zeros_like(lse),
+                                mask, None, idx, S, 0.1, 0.0, None, pk is not None, pq is not None)
+        # packed sequences with dropout and a gradient reaching lse (the training configuration)
+        q = torch.randn(B * S, H, 64, dtype=torch.bfloat16)
+        pos = torch.randn(H, 512, 64, dtype=torch.bfloat16)
+        cu = torch.tensor([0, S, 2 * S], dtype=torch.int32)
+        seed = torch.tensor([7])
+        out, lse = deberta.deberta_fwd(aot_launch, q, q, q, pos, pos, None, cu, idx, S, 0.1, 0.1, seed)
+        deberta.deberta_bwd(aot_launch, out, lse, q, q, q, pos, pos, out, lse, None, cu, idx, S, 0.1, 0.1, seed,
+                            True, True)
     finally:
         deberta.block_config = cpu_config
 

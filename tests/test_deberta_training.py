@@ -281,6 +281,21 @@ def test_strided_key_padding_mask(backend, device):
     assert rel_err(out, want) <= BOUNDS[torch.float32]
 
 
+def test_strided_cu_seqlens(backend, device):
+    """Offsets taken as a strided slice give the contiguous offsets' result."""
+    lengths, H, D = [9, 1, 14], 2, 16
+    gen = torch.Generator().manual_seed(89)
+    q, k, v = (torch.randn(sum(lengths), H, D, generator=gen).to(device) for _ in range(3))
+    pk, pq = (torch.randn(H, 32, D, generator=gen).to(device) for _ in range(2))
+    cu = _cu(lengths).to(device)
+    strided = torch.stack([cu, torch.full_like(cu, 99)], dim=1).flatten()[::2]  # stride 2
+    assert not strided.is_contiguous() and torch.equal(strided, cu)
+    kw = dict(position_buckets=16, max_relative_positions=40, backend=backend)
+    want = fusedlm.deberta_varlen_attention(q, k, v, pk, pq, cu, 14, **kw)
+    torch.testing.assert_close(fusedlm.deberta_varlen_attention(q, k, v, pk, pq, strided, 14, **kw), want,
+                               rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("varlen", [False, True])
 def test_launch_grids_within_cuda_limits(varlen):
     """Every launcher's grid for B x H = 98304 (8192 sequences, 12 heads) and for S = 2^20 stays within

@@ -278,7 +278,7 @@ def deberta_varlen_attention(q, k, v, pos_key, pos_query, cu_seqlens, max_seqlen
                                             max_relative_positions, dropout_p, return_lse)
     terms = (pos_key is not None) + (pos_query is not None)
     rel_idx = relative_index_table(max_seqlen, position_buckets, max_relative_positions, q.device)
-    out, lse = _triton_ops()(q, k, v, pos_key, pos_query, None, cu_seqlens, rel_idx, max_seqlen,
+    out, lse = _triton_ops()(q, k, v, pos_key, pos_query, None, cu_seqlens.contiguous(), rel_idx, max_seqlen,
                              1.0 / math.sqrt(D * (1 + terms)), dropout_p, _seed(dropout_p, q.device))
     return (out, lse) if return_lse else out
 

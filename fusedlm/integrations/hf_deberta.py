@@ -1,0 +1,79 @@
+"""DeBERTa-v2/v3: transformers' DisentangledSelfAttention replaced by fusedlm.models' fused one.
+
+DeBERTa-v2 does not use transformers' attention registry: its DisentangledSelfAttention builds the
+(B*H, S, S) scores itself, from a (B, 1, S, S) mask the encoder expands out of the 2-D padding mask.
+``replace_attention`` puts in its place ``fusedlm.models.deberta_v2.DisentangledSelfAttention.from_hf``
+(the reference model's module, sharing the projections, so parameters, state-dict keys and PEFT
+adapters stay), which reads the padding off that mask, packs the real tokens once and runs
+``fusedlm.deberta_varlen_attention`` on them, with the attention-probability dropout in training.
+
+The module put in is an instance of ``FusedDisentangledSelfAttention``, a class deriving from that
+module and from transformers' own, so ``isinstance`` checks against transformers' class still hold and
+transformers' forward is at hand for what the fused one does not serve: attention probabilities
+(``output_attentions``), separate query states (DeBERTa's enhanced mask decoder), relative positions
+other than the default ones, and a mask that is not a padding mask's outer product.
+"""
+import functools
+
+import torch
+
+from ..models.deberta_v2 import DisentangledSelfAttention as FusedModule
+
+_CLASSES = {}
+
+
+@functools.lru_cache(maxsize=2)
+def _default_positions(length, position_buckets, max_relative_positions, device):
+    """The relative positions DebertaV2Encoder passes, (1, S, S): those the fused op computes itself. Made
+    once per shape for all layers of a forward (two kept at most: each is 8 S^2 bytes)."""
+    from transformers.models.deberta_v2.modeling_deberta_v2 import build_relative_position
+
+    x = torch.empty(length, 0, device=device)
+    return build_relative_position(x, x, bucket_size=position_buckets, max_position=max_relative_positions)
+
+
+class _ServeOrFallBack:
+    """forward: the fused module's where it serves the call, transformers' otherwise."""
+
+    def _fusedlm_padding(self, hidden_states, attention_mask, output_attentions, query_states, relative_pos):
+        """The (B, S) padding mask when the fused forward serves this call, else None."""
+        if output_attentions or (query_states is not None and query_states is not hidden_states):
+            return None
+        B, S = hidden_states.shape[:2]
+        if attention_mask is None or tuple(attention_mask.shape) not in ((B, S), (B, 1, S, S)):
+            return None
+        padding = attention_mask.bool()
+        if padding.dim() == 4:  # the encoder's outer product of the padding mask with itself
+            mask = padding[:, 0]
+            padding = mask.diagonal(dim1=-2, dim2=-1)
+            if not torch.equal(mask, padding[:, :, None] & padding[:, None, :]):
+                return None
+        if relative_pos is not None and self.relative_attention:
+            expected = _default_positions(S, self.position_buckets, self.max_relative_positions, hidden_states.device)
+            if not torch.equal(relative_pos, expected):
+                return None
+        return padding
+
+    def forward(self, hidden_states, attention_mask, output_attentions=False, query_states=None,
+                relative_pos=None, rel_embeddings=None):
+        padding = self._fusedlm_padding(hidden_states, attention_mask, output_attentions, query_states, relative_pos)
+        if padding is None:
+            return type(self)._fusedlm_original.forward(self, hidden_states, attention_mask, output_attentions,
+                                                         query_states=query_states, relative_pos=relative_pos,
+                                                         rel_embeddings=rel_embeddings)
+        # the 2-D mask: the fused forward takes it as it is (the 4-D one it would check again)
+        return FusedModule.forward(self, hidden_states, padding, rel_embeddings=rel_embeddings)
+
+
+def replace_attention(module, config):
+    """The fused module in place of transformers' DisentangledSelfAttention ``module`` (to be set on its
+    parent by the caller): ``FusedDisentangledSelfAttention``, sharing module's projections."""
+    original = type(module)
+    if original not in _CLASSES:
+        _CLASSES[original] = type(f"Fused{original.__name__}", (_ServeOrFallBack, FusedModule, original),
+                                  {"_fusedlm_original": original, "__module__": __name__})
+    fused = FusedModule.from_hf(module, config)
+    if module.relative_attention:  # what transformers' forward reads besides the shared attributes
+        fused.pos_ebd_size = module.pos_ebd_size
+    fused.__class__ = _CLASSES[original]
+    return fused
