@@ -76,7 +76,7 @@ def _scores(q, k, offs_m, offs_n, q_len, k_len, shift, qk_scale,
     qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale
     if HAS_MASK:
         in_range = (offs_m[:, None] < q_len) & (offs_n[None, :] < k_len)
-        mvals = tl.load(MASK + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn, mask=in_range, other=0)
+        mvals = tl.load(MASK + _mask_offsets(offs_m, offs_n, stride_mm, stride_mn), mask=in_range, other=0)
         if MASK_BOOL:
             qk = tl.where(mvals != 0, qk, float("-inf"))
         else:
@@ -93,10 +93,37 @@ def _scores(q, k, offs_m, offs_n, q_len, k_len, shift, qk_scale,
 
 
 @triton.jit
+def _mask_offsets(offs_m, offs_n, stride_mm, stride_mn):
+    """Element offsets of an [M, N] tile of a (b, h) slice of attn_mask, in int64: a slice of L = S = 46341
+    (or an (L, S) view of a wider mask) already passes 2^31 elements."""
+    return offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :].to(tl.int64) * stride_mn
+
+
+@triton.jit
+def _dropout_counter(bh, offs_m, offs_n, max_q, max_k):
+    """The element's global Philox counter ((b * H + h) * max_L + i) * max_S + j, in int64: in int32 it
+    wraps past 2^32 elements (B = 16, H = 32, L = S = 4096) and later heads repeat earlier masks."""
+    return (bh.to(tl.int64) * max_q + offs_m[:, None]) * max_k + offs_n[None, :]
+
+
+@triton.jit
 def _dropout_keep(seed, bh, offs_m, offs_n, max_q, max_k, dropout_p):
-    """The keep mask of a tile: Philox uniforms at the element's global counter, >= p."""
-    offsets = (bh * max_q + offs_m[:, None]) * max_k + offs_n[None, :]
-    return tl.rand(seed, offsets) >= dropout_p
+    """The keep mask of a tile: Philox uniforms at the element's global counter, >= p. The 64-bit counter
+    goes in as two 32-bit words (low, high) of 32-bit Philox, so it costs no 64-bit multiplies."""
+    counter = _dropout_counter(bh, offs_m, offs_n, max_q, max_k)
+    lo = (counter & 0xFFFFFFFF).to(tl.uint32)
+    hi = (counter >> 32).to(tl.uint32)
+    zero = tl.zeros_like(lo)
+    r, _, _, _ = tl.philox(seed, lo, hi, zero, zero)
+    return tl.uint_to_uniform_float(r) >= dropout_p
+
+
+@triton.jit
+def _program_block_and_head(n_blocks):
+    """(block, batch * head) of this program. The grid is one axis of n_blocks * B * H programs, block
+    fastest: CUDA caps grid axes 1 and 2 at 65535, which B * H passes (2048 x 32), axis 0 at 2^31 - 1."""
+    pid = tl.program_id(0)
+    return pid % n_blocks, pid // n_blocks
 
 
 @triton.jit
@@ -181,8 +208,8 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for float32 inputs (no TF32 rounding)
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    m_block, bh = _program_block_and_head(tl.cdiv(Lq, BLOCK_M))
+    start_m = m_block * BLOCK_M
     b = bh // H
     h = bh % H
     q_start, q_len, k_start, k_len = _seq_bounds(CU_Q, CU_K, b, Lq, Lk, VARLEN)
@@ -251,8 +278,8 @@ def _attn_bwd_delta(
 ):
     """delta_i = sum_e dO_ie * out_ie (- dlse_i) in float32, one program per query block and head: one
     read of out and dO, no float32 copies of them."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    m_block, bh = _program_block_and_head(tl.cdiv(Lq, BLOCK_M))
+    start_m = m_block * BLOCK_M
     b = bh // H
     h = (bh % H).to(tl.int64)
     q_start, q_len, _, _ = _seq_bounds(CU_Q, CU_Q, b, Lq, Lq, VARLEN)
@@ -316,8 +343,8 @@ def _attn_bwd_dkdv(
     PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for float32 inputs (no TF32 rounding)
 ):
     """dK, dV of one key block of one kv head: summed over the GQA group's query heads and all queries."""
-    start_n = tl.program_id(0) * BLOCK_N
-    bkv = tl.program_id(1)
+    n_block, bkv = _program_block_and_head(tl.cdiv(Lk, BLOCK_N))
+    start_n = n_block * BLOCK_N
     HKV = H // GROUP
     b = bkv // HKV
     kvh = bkv % HKV
@@ -418,8 +445,8 @@ def _attn_bwd_dq(
     PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for float32 inputs (no TF32 rounding)
 ):
     """dQ of one query block of one head, over the key blocks it can see."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    m_block, bh = _program_block_and_head(tl.cdiv(Lq, BLOCK_M))
+    start_m = m_block * BLOCK_M
     b = bh // H
     h = bh % H
     q_start, q_len, k_start, k_len = _seq_bounds(CU_Q, CU_K, b, Lq, Lk, VARLEN)
@@ -467,6 +494,11 @@ def _attn_bwd_dq(
 # Host launchers. Dense tensors are (B, H, L, E); packed (varlen) ones (total, H, E) with int32
 # cu_seqlens. Every kernel sees the strides of a logical (batch, head, position, feature) view: packed
 # tensors have batch stride 0 and start at cu_seqlens[b]. The last dim must have unit stride.
+
+
+def _grid(length, block, heads):
+    """One grid axis of cdiv(length, block) blocks per (batch, head): see _program_block_and_head."""
+    return (triton.cdiv(length, block) * heads,)
 
 
 def _bhm_strides(t, varlen):
@@ -578,7 +610,9 @@ def _mask_args(attn_mask, key_padding_mask, kv_range, B, H, Lq, Lk, dummy):
     else:
         is_bool, mask_ptr, mask_strides = False, dummy, (0, 0, 0, 0)
     if key_padding_mask is not None:
-        kpm = key_padding_mask.view(torch.uint8)
+        # The kernels read row b's flags at KPM + b * stride + j: a transposed or sliced mask is copied
+        # (B * S bytes) to unit stride along the keys rather than read wrongly.
+        kpm = key_padding_mask.contiguous().view(torch.uint8)
         kpm_ptr, kpm_stride, kv_range_ptr = kpm, kpm.stride(0), kv_range
     else:
         kpm_ptr, kpm_stride, kv_range_ptr = dummy, 0, dummy
@@ -648,7 +682,7 @@ def attention_fwd(launch, q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu
             H, H // Hkv, Lq, Lk, E, Ev, float(scale), float(dropout_p))
     flags = dict(CAUSAL=causal, BOTTOM_RIGHT=bottom_right, VARLEN=varlen, DROPOUT=dropout_p > 0, **mask_flags,
                  PRECISION=precision(q))
-    _launch_blocks(launch, _attn_fwd, _attn_fwd_tuned, lambda bm, bn: (triton.cdiv(Lq, bm), B * H), args, cfg,
+    _launch_blocks(launch, _attn_fwd, _attn_fwd_tuned, lambda bm, bn: _grid(Lq, bm, B * H), args, cfg,
                    flags, q.device)
     return out, lse
 
@@ -668,7 +702,7 @@ def attention_bwd(launch, do, dlse, q, k, v, out, lse, attn_mask, key_padding_ma
     # delta_i = sum_e dO_ie * out_ie. A gradient reaching lse adds dlse_i * P_ij to dz_ij
     # (d lse_i / d z_ij = P_ij), i.e. dS = P * (dP - (delta - dlse)): folded into delta.
     delta = torch.empty_like(lse)
-    launch(_attn_bwd_delta, (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H),
+    launch(_attn_bwd_delta, _grid(Lq, cfg["BLOCK_M"], B * H),
            out, do, dlse if dlse is not None else lse, delta, cu_seqlens_q if varlen else lse,
            *_bhm_strides(out, varlen), *_bhm_strides(do, varlen),
            *(_row_strides(dlse, varlen) if dlse is not None else (0, 0, 0)), *lse_strides,
@@ -683,10 +717,10 @@ def attention_bwd(launch, do, dlse, q, k, v, out, lse, attn_mask, key_padding_ma
     scalars = (H, H // Hkv, Lq, Lk, E, Ev, float(scale), float(dropout_p))
     flags = dict(CAUSAL=causal, BOTTOM_RIGHT=bottom_right, VARLEN=varlen, DROPOUT=dropout_p > 0, **mask_flags,
                  PRECISION=precision(q))
-    _launch_blocks(launch, _attn_bwd_dkdv, _attn_bwd_dkdv_tuned, lambda bm, bn: (triton.cdiv(Lk, bn), B * Hkv),
+    _launch_blocks(launch, _attn_bwd_dkdv, _attn_bwd_dkdv_tuned, lambda bm, bn: _grid(Lk, bn, B * Hkv),
                    (q, k, v, do, lse, delta, dk, dv, *common_ptrs, *in_strides, *_bhm_strides(dk, varlen),
                     *_bhm_strides(dv, varlen), *mask_strides, *scalars), cfg, flags, q.device)
-    _launch_blocks(launch, _attn_bwd_dq, _attn_bwd_dq_tuned, lambda bm, bn: (triton.cdiv(Lq, bm), B * H),
+    _launch_blocks(launch, _attn_bwd_dq, _attn_bwd_dq_tuned, lambda bm, bn: _grid(Lq, bm, B * H),
                    (q, k, v, do, lse, delta, dq, *common_ptrs, *in_strides, *_bhm_strides(dq, varlen),
                     *mask_strides, *scalars), cfg, flags, q.device)
     return dq, dk, dv
