@@ -64,53 +64,55 @@ def _row_stats(LSE, DELTA, pos, n_pos, stride):
 
 
 @triton.jit
-def _scores(q, k, offs_m, offs_n, q_len, k_len, shift, qk_scale,
+def _scores(a, b, m2, n2, q_len, k_len, shift, qk_scale,
             MASK, stride_mm, stride_mn, KPM,
             HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr,
             CAUSAL: tl.constexpr, CHECK_BOUNDS: tl.constexpr, PRECISION: tl.constexpr):
-    """Base-2 scores of a [BLOCK_M, BLOCK_N] tile: (s * q k^T + mask) * log2(e), -inf where masked.
+    """Base-2 scores of a tile: (s * a b + mask) * log2(e), -inf where masked.
 
-    q: [BLOCK_M, BLOCK_E] tile, k: [BLOCK_E, BLOCK_N] (transposed) tile; MASK points at this (batch,
-    head)'s attention mask, KPM at this batch's key padding row; offs_* are positions in the sequence.
+    Either orientation: a = q [BLOCK_M, BLOCK_E] and b = k^T [BLOCK_E, BLOCK_N] with the position grids
+    m2 = offs_m[:, None], n2 = offs_n[None, :] (a [BLOCK_M, BLOCK_N] tile), or a = k, b = q^T with
+    m2 = offs_m[None, :], n2 = offs_n[:, None] (the transposed tile, as the dK/dV kernel wants it).
+    MASK points at this (batch, head)'s attention mask, KPM at this batch's key padding row.
     """
-    qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+    qk = tl.dot(a, b, input_precision=PRECISION) * qk_scale
     if HAS_MASK:
-        in_range = (offs_m[:, None] < q_len) & (offs_n[None, :] < k_len)
-        mvals = tl.load(MASK + _mask_offsets(offs_m, offs_n, stride_mm, stride_mn), mask=in_range, other=0)
+        in_range = (m2 < q_len) & (n2 < k_len)
+        mvals = tl.load(MASK + _mask_offsets(m2, n2, stride_mm, stride_mn), mask=in_range, other=0)
         if MASK_BOOL:
             qk = tl.where(mvals != 0, qk, float("-inf"))
         else:
             qk += mvals.to(tl.float32) * 1.4426950408889634
     if HAS_KPM:
-        real = tl.load(KPM + offs_n, mask=offs_n < k_len, other=0)
-        qk = tl.where(real[None, :] != 0, qk, float("-inf"))
+        real = tl.load(KPM + n2, mask=n2 < k_len, other=0)
+        qk = tl.where(real != 0, qk, float("-inf"))
     if CHECK_BOUNDS:
-        keep = offs_n[None, :] < k_len
+        keep = n2 < k_len
         if CAUSAL:
-            keep = keep & (offs_n[None, :] <= offs_m[:, None] + shift)
+            keep = keep & (n2 <= m2 + shift)
         qk = tl.where(keep, qk, float("-inf"))
     return qk
 
 
 @triton.jit
-def _mask_offsets(offs_m, offs_n, stride_mm, stride_mn):
-    """Element offsets of an [M, N] tile of a (b, h) slice of attn_mask, in int64: a slice of L = S = 46341
-    (or an (L, S) view of a wider mask) already passes 2^31 elements."""
-    return offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :].to(tl.int64) * stride_mn
+def _mask_offsets(m2, n2, stride_mm, stride_mn):
+    """Element offsets of a tile (position grids m2, n2) of a (b, h) slice of attn_mask, in int64: a slice
+    of L = S = 46341 (or an (L, S) view of a wider mask) already passes 2^31 elements."""
+    return m2.to(tl.int64) * stride_mm + n2.to(tl.int64) * stride_mn
 
 
 @triton.jit
-def _dropout_counter(bh, offs_m, offs_n, max_q, max_k):
+def _dropout_counter(bh, m2, n2, max_q, max_k):
     """The element's global Philox counter ((b * H + h) * max_L + i) * max_S + j, in int64: in int32 it
     wraps past 2^32 elements (B = 16, H = 32, L = S = 4096) and later heads repeat earlier masks."""
-    return (bh.to(tl.int64) * max_q + offs_m[:, None]) * max_k + offs_n[None, :]
+    return (bh.to(tl.int64) * max_q + m2) * max_k + n2
 
 
 @triton.jit
-def _dropout_keep(seed, bh, offs_m, offs_n, max_q, max_k, dropout_p):
-    """The keep mask of a tile: Philox uniforms at the element's global counter, >= p. The 64-bit counter
-    goes in as two 32-bit words (low, high) of 32-bit Philox, so it costs no 64-bit multiplies."""
-    counter = _dropout_counter(bh, offs_m, offs_n, max_q, max_k)
+def _dropout_keep(seed, bh, m2, n2, max_q, max_k, dropout_p):
+    """The keep mask of a tile (position grids m2, n2): Philox uniforms at the element's global counter,
+    >= p. The 64-bit counter goes in as two 32-bit words (low, high) of 32-bit Philox."""
+    counter = _dropout_counter(bh, m2, n2, max_q, max_k)
     lo = (counter & 0xFFFFFFFF).to(tl.uint32)
     hi = (counter >> 32).to(tl.uint32)
     zero = tl.zeros_like(lo)
@@ -137,7 +139,8 @@ def _fwd_blocks(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_e, of
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_nb
         k = _tile_t(K, offs_n, k_len, stride_kn, offs_e, E)
-        qk = _scores(q, k, offs_m, offs_n, q_len, k_len, shift, qk_scale, MASK, stride_mm, stride_mn, KPM,
+        qk = _scores(q, k, offs_m[:, None], offs_n[None, :], q_len, k_len, shift, qk_scale, MASK, stride_mm,
+                     stride_mn, KPM,
                      HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, CHECK_BOUNDS, PRECISION)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
@@ -145,7 +148,7 @@ def _fwd_blocks(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_e, of
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, max_q, max_k, dropout_p)
+            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], max_q, max_k, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         v = _tile(V, offs_n, k_len, stride_vn, offs_ev, EV)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -258,14 +261,15 @@ def _attn_fwd(
 
 
 @triton.jit
-def _probs(q, k, offs_m, offs_n, q_len, k_len, shift, qk_scale, lse2,
+def _probs(a, b, m2, n2, q_len, k_len, shift, qk_scale, lse2,
            MASK, stride_mm, stride_mn, KPM,
            HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
            CHECK_BOUNDS: tl.constexpr, PRECISION: tl.constexpr):
-    """P of a tile recomputed from the saved lse (base 2, +inf for rows with nothing visible)."""
-    qk = _scores(q, k, offs_m, offs_n, q_len, k_len, shift, qk_scale, MASK, stride_mm, stride_mn, KPM,
+    """P of a tile (either orientation, see _scores) recomputed from the saved lse (base 2, +inf for rows
+    with nothing visible), lse2 broadcast along the query axis of the tile."""
+    qk = _scores(a, b, m2, n2, q_len, k_len, shift, qk_scale, MASK, stride_mm, stride_mn, KPM,
                  HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, CHECK_BOUNDS, PRECISION)
-    return tl.math.exp2(qk - lse2[:, None])
+    return tl.math.exp2(qk - lse2)
 
 
 @triton.jit
@@ -300,30 +304,35 @@ def _attn_bwd_delta(
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, kT, vT, Q, DO, LSE, DELTA, MASK, KPM, offs_n, offs_e, offs_ev, E, EV,
+def _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, KPM, offs_n, offs_e, offs_ev, E, EV,
                  m_lo, m_hi, q_len, k_len, shift, qk_scale, stride_qm, stride_dom, stride_lm, stride_mm, stride_mn,
                  seed, bh, max_q, max_k, dropout_p,
                  HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
                  DROPOUT: tl.constexpr, CHECK_BOUNDS: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate dK, dV of one key block over the query blocks [m_lo, m_hi) of one query head."""
+    """Accumulate dK, dV of one key block over the query blocks [m_lo, m_hi) of one query head.
+
+    Everything is computed transposed, keys along the rows ([BLOCK_N, BLOCK_M] tiles: P^T = exp(k q^T - lse),
+    dP^T = v dO^T), so that all four products have the key block as their M dimension: with BLOCK_N = 64
+    each one runs on Hopper's wgmma, whatever BLOCK_M is (wgmma needs M = 64 per warpgroup).
+    """
     offs_mb = tl.arange(0, BLOCK_M)
     for start_m in range(m_lo, m_hi, BLOCK_M):
         offs_m = start_m + offs_mb
-        q = _tile(Q, offs_m, q_len, stride_qm, offs_e, E)
-        do = _tile(DO, offs_m, q_len, stride_dom, offs_ev, EV)
+        qT = _tile_t(Q, offs_m, q_len, stride_qm, offs_e, E)  # [BLOCK_E, BLOCK_M]
+        do = _tile(DO, offs_m, q_len, stride_dom, offs_ev, EV)  # [BLOCK_M, BLOCK_EV]
         lse2, delta = _row_stats(LSE, DELTA, offs_m, q_len, stride_lm)
-        p = _probs(q, kT, offs_m, offs_n, q_len, k_len, shift, qk_scale, lse2, MASK, stride_mm, stride_mn, KPM,
-                   HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, CHECK_BOUNDS, PRECISION)
-        dp = tl.dot(do, vT, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+        pT = _probs(k, qT, offs_m[None, :], offs_n[:, None], q_len, k_len, shift, qk_scale, lse2[None, :], MASK,
+                    stride_mm, stride_mn, KPM, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, CHECK_BOUNDS, PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, max_q, max_k, dropout_p)
-            pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            keep = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], max_q, max_k, dropout_p)
+            pdT = tl.where(keep, pT / (1.0 - dropout_p), 0.0)
+            dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
         else:
-            pd = p
-        dv += tl.dot(tl.trans(pd).to(do.dtype), do, input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+            pdT = pT
+        dv += tl.dot(pdT.to(do.dtype), do, input_precision=PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION)
     return dk, dv
 
 
@@ -360,8 +369,8 @@ def _attn_bwd_dkdv(
     kv_ok = offs_n < k_len
     K += b64 * stride_kb + kvh.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
     V += b64 * stride_vb + kvh.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
-    kT = _tile_t(K, offs_n, k_len, stride_kn, offs_e, E)  # [BLOCK_E, BLOCK_N]
-    vT = _tile_t(V, offs_n, k_len, stride_vn, offs_ev, EV)  # [BLOCK_EV, BLOCK_N]
+    k = _tile(K, offs_n, k_len, stride_kn, offs_e, E)  # [BLOCK_N, BLOCK_E]
+    v = _tile(V, offs_n, k_len, stride_vn, offs_ev, EV)  # [BLOCK_N, BLOCK_EV]
     dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_EV], dtype=tl.float32)
     shift = k_len - q_len if BOTTOM_RIGHT else 0
@@ -388,12 +397,12 @@ def _attn_bwd_dkdv(
             MASKh = MASK + b64 * stride_mb + h.to(tl.int64) * stride_mh
             # Query blocks on the causal diagonal (or facing a partial key block) need the per-element
             # test; the ones wholly below it do not.
-            dk, dv = _dkdv_blocks(dk, dv, kT, vT, Qh, DOh, LSE + row0, DELTA + row0, MASKh, KPM + b64 * stride_kpb,
+            dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, MASKh, KPM + b64 * stride_kpb,
                                   offs_n, offs_e, offs_ev, E, EV, lo, tl.minimum(m_masked, q_len), q_len, k_len,
                                   shift, qk_scale, stride_qm, stride_dom, stride_lm, stride_mm, stride_mn,
                                   seed, bh, Lq, Lk, dropout_p, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, DROPOUT,
                                   True, BLOCK_M, PRECISION)
-            dk, dv = _dkdv_blocks(dk, dv, kT, vT, Qh, DOh, LSE + row0, DELTA + row0, MASKh, KPM + b64 * stride_kpb,
+            dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, MASKh, KPM + b64 * stride_kpb,
                                   offs_n, offs_e, offs_ev, E, EV, tl.maximum(m_masked, lo), q_len, q_len, k_len,
                                   shift, qk_scale, stride_qm, stride_dom, stride_lm, stride_mm, stride_mn,
                                   seed, bh, Lq, Lk, dropout_p, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, DROPOUT,
@@ -418,11 +427,12 @@ def _dq_blocks(dq, q, do, lse2, delta, K, V, MASK, KPM, offs_m, offs_e, offs_ev,
         offs_n = start_n + offs_nb
         kT = _tile_t(K, offs_n, k_len, stride_kn, offs_e, E)
         vT = _tile_t(V, offs_n, k_len, stride_vn, offs_ev, EV)
-        p = _probs(q, kT, offs_m, offs_n, q_len, k_len, shift, qk_scale, lse2, MASK, stride_mm, stride_mn, KPM,
+        p = _probs(q, kT, offs_m[:, None], offs_n[None, :], q_len, k_len, shift, qk_scale, lse2[:, None], MASK,
+                   stride_mm, stride_mn, KPM,
                    HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, CHECK_BOUNDS, PRECISION)
         dp = tl.dot(do, vT, input_precision=PRECISION)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, max_q, max_k, dropout_p)
+            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], max_q, max_k, dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
@@ -520,19 +530,31 @@ def block_config(e, ev, causal, dtype, device, backward=False):
     if device.type != "cuda":
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_E=be, BLOCK_EV=bev, num_warps=4, num_stages=1)
     width = max(be, bev)
-    wide = dtype == torch.float32
+    if dtype == torch.float32:
+        # 3xTF32 products (see precision) triple the operand registers: 32 x 32 tiles, one warpgroup. On
+        # sm_90 that keeps E <= 64 free of spills and E = 128 to ~1 KB (IEEE FMA dots spilled 55-63 KB).
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_E=be, BLOCK_EV=bev, num_warps=4, num_stages=1)
     if backward:
-        bm, bn = (64, 64) if width <= 64 else (64, 32) if width <= 128 else (32, 32)
-        if wide and width > 64:
-            bm, bn = 32, 32
-        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=be, BLOCK_EV=bev, num_warps=4 if width <= 64 else 8,
+        # dQ's blocks (dkdv_config swaps them for dK/dV): the program's own block is 64, wgmma's M per
+        # warpgroup, so every product of both kernels runs on wgmma; the loop block shrinks with the head
+        # dim so the float32 accumulators (two of [64, E] in dK/dV) stay in registers.
+        bn = 64 if width <= 64 else 32 if width <= 128 else 16
+        return dict(BLOCK_M=64, BLOCK_N=bn, BLOCK_E=be, BLOCK_EV=bev, num_warps=4 if width <= 64 else 8,
                     num_stages=2)
-    bm = 128 if width <= 128 and not wide else 64
+    bm = 128 if width <= 128 else 64
     bn = 64 if width <= 128 else 32
     if causal and width <= 64:
         bn = 32  # more, smaller diagonal blocks: less masked work on the diagonal
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=be, BLOCK_EV=bev, num_warps=8 if bm == 128 else 4,
                 num_stages=3 if width <= 128 else 2)
+
+
+def dkdv_config(cfg):
+    """The dK/dV kernel's blocks from the backward config (which is dQ's): the program block (keys here)
+    is dQ's BLOCK_M, the query loop block dQ's BLOCK_N, at most 32. Each kernel's products have its own
+    program block as their M dimension, the one wgmma needs at 64; the loop block can be smaller, which
+    keeps dK/dV's two accumulators in registers (E = 64 with masks and dropout: 64 x 64 spilled)."""
+    return dict(cfg, BLOCK_M=min(cfg["BLOCK_N"], 32), BLOCK_N=cfg["BLOCK_M"])
 
 
 # Autotuning (FUSEDLM_AUTOTUNE=1, CUDA only): the candidates below, pruned to those whose tiles fit
@@ -595,8 +617,10 @@ def _launch_blocks(launch, kernel, tuned, grid_of, args, cfg, flags, device):
 
 
 def precision(q):
-    """float32 inputs multiply in full float32 (TF32 would cost ~1e-3 relative error); half types as they are."""
-    return "ieee" if q.dtype == torch.float32 else "tf32"
+    """float32 inputs multiply as 3xTF32 (each operand split into two TF32 parts, three tensor-core products:
+    float32's accuracy, ~1e-6 relative, where plain TF32 costs ~1e-3; IEEE FMA dots spill heavily on
+    sm_90); half types as they are."""
+    return "tf32x3" if q.dtype == torch.float32 else "tf32"
 
 
 def _mask_args(attn_mask, key_padding_mask, kv_range, B, H, Lq, Lk, dummy):
@@ -719,7 +743,7 @@ def attention_bwd(launch, do, dlse, q, k, v, out, lse, attn_mask, key_padding_ma
                  PRECISION=precision(q))
     _launch_blocks(launch, _attn_bwd_dkdv, _attn_bwd_dkdv_tuned, lambda bm, bn: _grid(Lk, bn, B * Hkv),
                    (q, k, v, do, lse, delta, dk, dv, *common_ptrs, *in_strides, *_bhm_strides(dk, varlen),
-                    *_bhm_strides(dv, varlen), *mask_strides, *scalars), cfg, flags, q.device)
+                    *_bhm_strides(dv, varlen), *mask_strides, *scalars), dkdv_config(cfg), flags, q.device)
     _launch_blocks(launch, _attn_bwd_dq, _attn_bwd_dq_tuned, lambda bm, bn: _grid(Lq, bm, B * H),
                    (q, k, v, do, lse, delta, dq, *common_ptrs, *in_strides, *_bhm_strides(dq, varlen),
                     *mask_strides, *scalars), cfg, flags, q.device)

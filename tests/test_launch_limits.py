@@ -55,8 +55,8 @@ def configs(request, monkeypatch):
         cfg, lcfg = attention.block_config, lora._config
         monkeypatch.setattr(attention, "block_config", lambda e, ev, causal, dtype, device, backward=False: cfg(
             e, ev, causal, dtype, torch.device("cuda"), backward))
-        monkeypatch.setattr(lora, "_config", lambda M, N, K, R, dtype, device: lcfg(
-            M, N, K, R, dtype, torch.device("cuda")))
+        monkeypatch.setattr(lora, "_config", lambda M, N, K, R, dtype, device, *masked: lcfg(
+            M, N, K, R, dtype, torch.device("cuda"), *masked))
     return request.param
 
 
@@ -132,14 +132,14 @@ def test_launch_refuses_a_grid_over_the_limits():
 @triton.jit
 def _mask_offsets_probe(OUT, start_m, stride_mm, stride_mn, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
-    o = attention._mask_offsets(start_m + offs, offs, stride_mm, stride_mn)
+    o = attention._mask_offsets((start_m + offs)[:, None], offs[None, :], stride_mm, stride_mn)
     tl.store(OUT + offs[:, None] * BLOCK + offs[None, :], o)
 
 
 @triton.jit
 def _dropout_counter_probe(OUT, bh, start_m, max_q, max_k, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
-    c = attention._dropout_counter(bh, start_m + offs, offs, max_q, max_k)
+    c = attention._dropout_counter(bh, (start_m + offs)[:, None], offs[None, :], max_q, max_k)
     tl.store(OUT + offs[:, None] * BLOCK + offs[None, :], c)
 
 
