@@ -243,6 +243,16 @@ def attention_variants():
             attention.attention_bwd(aot_launch, out, None, q, q, q, out, lse, None, None, None, None, 64, 64, 0.1,
                                     True, False, 0.0, None)
         attention.autotune_enabled = lambda device: False
+        os.environ["FUSEDLM_TMA"] = "1"  # the opt-in tensor-descriptor forward (not a default config)
+        _default_mode.append(False)
+        try:
+            for dt, e, causal in [(torch.bfloat16, 64, True), (torch.bfloat16, 128, False)]:
+                q = torch.randn(2, 4, 64, e, dtype=dt)
+                attention.attention_fwd(aot_launch, q, q, q, None, None, None, None, 64, 64, 0.1, causal, False, 0.0,
+                                        None)
+        finally:
+            _default_mode.pop()
+            del os.environ["FUSEDLM_TMA"]
         for dt, e, ev, causal, extras in [
             (torch.bfloat16, 64, 64, True, ()), (torch.bfloat16, 64, 64, False, ()),
             (torch.bfloat16, 128, 128, False, ()), (torch.bfloat16, 128, 128, True, ()),
