@@ -289,3 +289,43 @@ def test_varlen_offsets_checked_on_request(monkeypatch):
     good = torch.tensor([0, 3, 10], dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match="max_seqlen_q: expected at least the longest sequence, 7"):
         fusedlm.varlen_attention(q, q, q, good, good, 5, 7)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The same faults at full size, on a GPU (skipped without one; scripts/gpu_run.sh runs them)
+
+
+def _cuda_or_skip(bytes_needed):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if torch.cuda.get_device_properties(0).total_memory < 2 * bytes_needed:
+        pytest.skip("needs more GPU memory")
+
+
+def test_attention_with_batch_times_heads_over_65535_on_gpu():
+    """B x H = 2048 x 32 = 65536 launched on grid axis 1 before: a launch failure."""
+    _cuda_or_skip(4 * 2048 * 32 * 16 * 64 * 2)
+    q, k, v = (torch.randn(2048, 32, 16, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    got = fusedlm.scaled_dot_product_attention(q, k, v, is_causal=True, backend="triton")
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    assert (got.float() - want).norm() / want.norm() < 1e-2
+
+
+def test_dropout_masks_do_not_repeat_past_2_32_elements_on_gpu():
+    """B = 16, H = 32, L = S = 4096: with an int32 counter batch 8 got batch 0's mask; same inputs in both
+    batches must now give different outputs."""
+    _cuda_or_skip(5 * 16 * 32 * 4096 * 64 * 2)
+    q, k, v = (torch.randn(1, 32, 4096, 64, device="cuda", dtype=torch.bfloat16).expand(16, -1, -1, -1).contiguous()
+               for _ in range(3))
+    out = fusedlm.scaled_dot_product_attention(q, k, v, dropout_p=0.5, backend="triton")
+    assert not torch.equal(out[0], out[8])
+
+
+def test_swiglu_one_row_of_128m_elements_on_gpu():
+    """A 1-D input of 2^27 elements: 131072 column blocks on grid axis 1 before."""
+    n = 2**27
+    _cuda_or_skip(3 * n * 2)
+    gate, up = (torch.randn(n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    got = fusedlm.swiglu(gate, up, backend="triton")
+    want = torch.nn.functional.silu(gate.float()) * up.float()
+    assert (got.float() - want).norm() / want.norm() < 1e-2
