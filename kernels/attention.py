@@ -23,9 +23,15 @@ in two kernels without atomics, so the result is deterministic: one program per 
 accumulates dK, dV over every query head of its GQA group and every query block; one per query block
 and head accumulates dQ over the key blocks.
 
-Dropout (rate p) multiplies P by keep_ij / (1 - p) after the softmax; keep_ij = rand(seed, offset_ij) >= p
-with Triton's counter-based Philox generator and offset_ij = ((b * H + h) * max_L + i) * max_S + j, so
-forward and backward regenerate the same mask, and the same seed gives the same result.
+Dropout (rate p) multiplies P by keep_ij / (1 - p) after the softmax; keep_ij = uniform(seed, c_ij) >= p
+with Triton's counter-based Philox generator and the 64-bit counter c_ij = ((b * H + h) * max_L + i) *
+max_S + j (its two 32-bit halves as two Philox counter words), so forward and backward regenerate the
+same mask, and the same seed gives the same result.
+
+Launch grids are one axis (CUDA caps axes 1 and 2 at 65535): block index fastest, then batch x head.
+On sm_90 every half-precision product runs on wgmma, which takes M = 64 rows per warpgroup: the dK/dV
+kernel therefore computes its tiles transposed (keys along the rows), so its own 64-key block is the M
+of all four products. float32 inputs multiply as 3xTF32 on the tensor cores (float32 accuracy).
 
 Causal alignment: query i sees keys j <= i + shift, shift = 0 (top-left, torch's SDPA) or
 S_b - L_b (bottom-right, FlashAttention's varlen convention, per sequence).
