@@ -299,6 +299,22 @@ def lora_variants():
                     lora.lora_dx(aot_launch, torch.randn(M, N, dtype=dt), w, xa, a, keep, 2.0)
 
 
+def deberta_fwd_bwd(deberta, launch, q, k, v, pk, pq, mask, idx):
+    """DeBERTa's forward and backward launchers on dense (B, H, S, D) inputs, through either launcher
+    signature: (..., rel_idx, scale) before the packed (varlen) DeBERTa op, (..., cu_seqlens, rel_idx,
+    max_seqlen, scale, dropout_p, seed[, ...]) after it."""
+    import inspect
+
+    S = q.shape[2]
+    if "cu_seqlens" in inspect.signature(deberta.deberta_fwd).parameters:
+        out, lse = deberta.deberta_fwd(launch, q, k, v, pk, pq, mask, None, idx, S, 0.1, 0.0, None)
+        deberta.deberta_bwd(launch, out, None, q, k, v, pk, pq, out, lse, mask, None, idx, S, 0.1, 0.0, None,
+                            pk is not None, pq is not None)
+    else:
+        out, lse = deberta.deberta_fwd(launch, q, k, v, pk, pq, mask, idx, 0.1)
+        deberta.deberta_bwd(launch, out, q, k, v, pk, pq, out, lse, mask, idx, 0.1)
+
+
 def deberta_variants():
     """Forward and both backward kernels: every position-term combination, key padding, the dtypes."""
     from fusedlm.kernels import deberta
@@ -315,9 +331,7 @@ def deberta_variants():
             pq = torch.randn(H, 512, d, dtype=dt) if "p2c" in terms else None
             mask = torch.ones(B, S, dtype=torch.bool) if kpm else None
             idx = torch.zeros(2 * S - 1, dtype=torch.int32)
-            out, lse = deberta.deberta_fwd(aot_launch, q, k, v, pk, pq, mask, idx, 0.1)
-            deberta.deberta_bwd(aot_launch, torch.randn_like(out), q, k, v, pk, pq, out, torch.zeros_like(lse), mask,
-                                idx, 0.1)
+            deberta_fwd_bwd(deberta, aot_launch, q, k, v, pk, pq, mask, idx)
 
 
 def _run_group(group):
