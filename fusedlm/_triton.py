@@ -28,14 +28,50 @@ def register_op(name, fn):
     return op
 
 
+# CUDA's grid limits: axis 0 up to 2^31 - 1 blocks, axes 1 and 2 up to 65535. The launchers put every
+# unbounded count (rows, batch x heads) on axis 0; check_grid turns a breach into a clear error instead of
+# a launch failure.
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+def check_grid(grid):
+    """Raise ValueError when a launch grid passes CUDA's limits; returns the grid."""
+    for axis, (size, limit) in enumerate(zip(grid, GRID_LIMITS)):
+        if size > limit:
+            raise ValueError(f"launch grid {tuple(grid)}: axis {axis} has {size} blocks, CUDA allows at most {limit} "
+                             f"(input too large for one launch)")
+    return grid
+
+
+def launch_device(args):
+    """The CUDA device of a launch: that of its first CUDA tensor argument, or None (CPU, interpreter)."""
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.device.type == "cuda":
+            return a.device
+    return None
+
+
 def launch(kernel, grid, *args, **meta):
-    """Launch a Triton kernel from inside a registered op's body."""
-    if triton_interpret():
-        if any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
+    """Launch a Triton kernel from inside a registered op's body.
+
+    Triton launches on the *current* CUDA device; with the tensors on cuda:1 and cuda:0 current that
+    would run in the wrong context, so eager launches switch to the tensors' device first (torch's
+    own ops do the same with a device guard). Fake tensors (tracing) launch nothing and need no guard.
+    """
+    if not callable(grid):
+        check_grid(grid)
+    if any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
+        if triton_interpret():
             return  # fake kernel run under the interpreter: shapes only, nothing to compute
-        kernel[grid](*args, **meta)
+        torch.library.wrap_triton(kernel)[grid](*args, **meta)  # traced: the graph's own guard applies
         return
-    torch.library.wrap_triton(kernel)[grid](*args, **meta)
+    runner = kernel[grid] if triton_interpret() else torch.library.wrap_triton(kernel)[grid]
+    device = launch_device(args)
+    if device is None or device.index is None or device.index == torch.cuda.current_device():
+        runner(*args, **meta)
+        return
+    with torch.cuda.device(device):
+        runner(*args, **meta)
 
 
 def empty(device, dtype=torch.float32):

@@ -23,9 +23,15 @@ in two kernels without atomics, so the result is deterministic: one program per 
 accumulates dK, dV over every query head of its GQA group and every query block; one per query block
 and head accumulates dQ over the key blocks.
 
-Dropout (rate p) multiplies P by keep_ij / (1 - p) after the softmax; keep_ij = rand(seed, offset_ij) >= p
-with Triton's counter-based Philox generator and offset_ij = ((b * H + h) * max_L + i) * max_S + j, so
-forward and backward regenerate the same mask, and the same seed gives the same result.
+Dropout (rate p) multiplies P by keep_ij / (1 - p) after the softmax; keep_ij = uniform(seed, c_ij) >= p
+with Triton's counter-based Philox generator and the 64-bit counter c_ij = ((b * H + h) * max_L + i) *
+max_S + j (its two 32-bit halves as two Philox counter words), so forward and backward regenerate the
+same mask, and the same seed gives the same result.
+
+Launch grids are one axis (CUDA caps axes 1 and 2 at 65535): block index fastest, then batch x head.
+On sm_90 every half-precision product runs on wgmma, which takes M = 64 rows per warpgroup: the dK/dV
+kernel therefore computes its tiles transposed (keys along the rows), so its own 64-key block is the M
+of all four products. float32 inputs multiply as 3xTF32 on the tensor cores (float32 accuracy).
 
 Causal alignment: query i sees keys j <= i + shift, shift = 0 (top-left, torch's SDPA) or
 S_b - L_b (bottom-right, FlashAttention's varlen convention, per sequence).
@@ -64,39 +70,68 @@ def _row_stats(LSE, DELTA, pos, n_pos, stride):
 
 
 @triton.jit
-def _scores(q, k, offs_m, offs_n, q_len, k_len, shift, qk_scale,
+def _scores(a, b, m2, n2, q_len, k_len, shift, qk_scale,
             MASK, stride_mm, stride_mn, KPM,
             HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr,
             CAUSAL: tl.constexpr, CHECK_BOUNDS: tl.constexpr, PRECISION: tl.constexpr):
-    """Base-2 scores of a [BLOCK_M, BLOCK_N] tile: (s * q k^T + mask) * log2(e), -inf where masked.
+    """Base-2 scores of a tile: (s * a b + mask) * log2(e), -inf where masked.
 
-    q: [BLOCK_M, BLOCK_E] tile, k: [BLOCK_E, BLOCK_N] (transposed) tile; MASK points at this (batch,
-    head)'s attention mask, KPM at this batch's key padding row; offs_* are positions in the sequence.
+    Either orientation: a = q [BLOCK_M, BLOCK_E] and b = k^T [BLOCK_E, BLOCK_N] with the position grids
+    m2 = offs_m[:, None], n2 = offs_n[None, :] (a [BLOCK_M, BLOCK_N] tile), or a = k, b = q^T with
+    m2 = offs_m[None, :], n2 = offs_n[:, None] (the transposed tile, as the dK/dV kernel wants it).
+    MASK points at this (batch, head)'s attention mask, KPM at this batch's key padding row.
     """
-    qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+    qk = tl.dot(a, b, input_precision=PRECISION) * qk_scale
     if HAS_MASK:
-        in_range = (offs_m[:, None] < q_len) & (offs_n[None, :] < k_len)
-        mvals = tl.load(MASK + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn, mask=in_range, other=0)
+        in_range = (m2 < q_len) & (n2 < k_len)
+        mvals = tl.load(MASK + _mask_offsets(m2, n2, stride_mm, stride_mn), mask=in_range, other=0)
         if MASK_BOOL:
             qk = tl.where(mvals != 0, qk, float("-inf"))
         else:
             qk += mvals.to(tl.float32) * 1.4426950408889634
     if HAS_KPM:
-        real = tl.load(KPM + offs_n, mask=offs_n < k_len, other=0)
-        qk = tl.where(real[None, :] != 0, qk, float("-inf"))
+        real = tl.load(KPM + n2, mask=n2 < k_len, other=0)
+        qk = tl.where(real != 0, qk, float("-inf"))
     if CHECK_BOUNDS:
-        keep = offs_n[None, :] < k_len
+        keep = n2 < k_len
         if CAUSAL:
-            keep = keep & (offs_n[None, :] <= offs_m[:, None] + shift)
+            keep = keep & (n2 <= m2 + shift)
         qk = tl.where(keep, qk, float("-inf"))
     return qk
 
 
 @triton.jit
-def _dropout_keep(seed, bh, offs_m, offs_n, max_q, max_k, dropout_p):
-    """The keep mask of a tile: Philox uniforms at the element's global counter, >= p."""
-    offsets = (bh * max_q + offs_m[:, None]) * max_k + offs_n[None, :]
-    return tl.rand(seed, offsets) >= dropout_p
+def _mask_offsets(m2, n2, stride_mm, stride_mn):
+    """Element offsets of a tile (position grids m2, n2) of a (b, h) slice of attn_mask, in int64: a slice
+    of L = S = 46341 (or an (L, S) view of a wider mask) already passes 2^31 elements."""
+    return m2.to(tl.int64) * stride_mm + n2.to(tl.int64) * stride_mn
+
+
+@triton.jit
+def _dropout_counter(bh, m2, n2, max_q, max_k):
+    """The element's global Philox counter ((b * H + h) * max_L + i) * max_S + j, in int64: in int32 it
+    wraps past 2^32 elements (B = 16, H = 32, L = S = 4096) and later heads repeat earlier masks."""
+    return (bh.to(tl.int64) * max_q + m2) * max_k + n2
+
+
+@triton.jit
+def _dropout_keep(seed, bh, m2, n2, max_q, max_k, dropout_p):
+    """The keep mask of a tile (position grids m2, n2): Philox uniforms at the element's global counter,
+    >= p. The 64-bit counter goes in as two 32-bit words (low, high) of 32-bit Philox."""
+    counter = _dropout_counter(bh, m2, n2, max_q, max_k)
+    lo = (counter & 0xFFFFFFFF).to(tl.uint32)
+    hi = (counter >> 32).to(tl.uint32)
+    zero = tl.zeros_like(lo)
+    r, _, _, _ = tl.philox(seed, lo, hi, zero, zero)
+    return tl.uint_to_uniform_float(r) >= dropout_p
+
+
+@triton.jit
+def _program_block_and_head(n_blocks):
+    """(block, batch * head) of this program. The grid is one axis of n_blocks * B * H programs, block
+    fastest: CUDA caps grid axes 1 and 2 at 65535, which B * H passes (2048 x 32), axis 0 at 2^31 - 1."""
+    pid = tl.program_id(0)
+    return pid % n_blocks, pid // n_blocks
 
 
 @triton.jit
@@ -104,13 +139,19 @@ def _fwd_blocks(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_e, of
                 lo, hi, q_len, k_len, shift, qk_scale,
                 MASK, stride_mm, stride_mn, KPM, seed, bh, max_q, max_k, dropout_p,
                 HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-                CHECK_BOUNDS: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """Online softmax over key blocks [lo, hi): returns the updated (acc, l_i, m_i)."""
+                CHECK_BOUNDS: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                USE_TMA: tl.constexpr):
+    """Online softmax over key blocks [lo, hi): returns the updated (acc, l_i, m_i). With USE_TMA, K and V
+    are tensor descriptors (tile loads by the tensor memory accelerator), else pointers."""
     offs_nb = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_nb
-        k = _tile_t(K, offs_n, k_len, stride_kn, offs_e, E)
-        qk = _scores(q, k, offs_m, offs_n, q_len, k_len, shift, qk_scale, MASK, stride_mm, stride_mn, KPM,
+        if USE_TMA:
+            k = tl.trans(K.load([start_n, 0]))
+        else:
+            k = _tile_t(K, offs_n, k_len, stride_kn, offs_e, E)
+        qk = _scores(q, k, offs_m[:, None], offs_n[None, :], q_len, k_len, shift, qk_scale, MASK, stride_mm,
+                     stride_mn, KPM,
                      HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, CHECK_BOUNDS, PRECISION)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
@@ -118,9 +159,12 @@ def _fwd_blocks(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_e, of
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, max_q, max_k, dropout_p)
+            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], max_q, max_k, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = _tile(V, offs_n, k_len, stride_vn, offs_ev, EV)
+        if USE_TMA:
+            v = V.load([start_n, 0])
+        else:
+            v = _tile(V, offs_n, k_len, stride_vn, offs_ev, EV)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -179,10 +223,11 @@ def _attn_fwd(
     CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, VARLEN: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
-    PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for float32 inputs (no TF32 rounding)
+    PRECISION: tl.constexpr,  # tl.dot input precision: "tf32x3" for float32 inputs (float32 accuracy)
+    USE_TMA: tl.constexpr = False,  # q, k, v tiles through tensor descriptors (TMA on sm_90), FUSEDLM_TMA=1
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    m_block, bh = _program_block_and_head(tl.cdiv(Lq, BLOCK_M))
+    start_m = m_block * BLOCK_M
     b = bh // H
     h = bh % H
     q_start, q_len, k_start, k_len = _seq_bounds(CU_Q, CU_K, b, Lq, Lk, VARLEN)
@@ -200,7 +245,16 @@ def _attn_fwd(
     V += b64 * stride_vb + kvh * stride_vh + k_start.to(tl.int64) * stride_vn
     MASK += b64 * stride_mb + h.to(tl.int64) * stride_mh
     KPM += b64 * stride_kpb
-    q = _tile(Q, offs_m, q_len, stride_qm, offs_e, E)
+    if USE_TMA:
+        # Descriptors bounded by this sequence: rows past q_len / k_len and features past E read as zeros,
+        # as the masked pointer loads do.
+        q = tl.make_tensor_descriptor(Q, shape=[q_len, E], strides=[stride_qm, 1],
+                                      block_shape=[BLOCK_M, BLOCK_E]).load([start_m, 0])
+        K = tl.make_tensor_descriptor(K, shape=[k_len, E], strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_E])
+        V = tl.make_tensor_descriptor(V, shape=[k_len, EV], strides=[stride_vn, 1],
+                                      block_shape=[BLOCK_N, BLOCK_EV])
+    else:
+        q = _tile(Q, offs_m, q_len, stride_qm, offs_e, E)
     shift = k_len - q_len if BOTTOM_RIGHT else 0
     kv_begin, kv_end = _real_keys(KV_RANGE, b, k_len, HAS_KPM)
     n_full, hi = _key_range(start_m, q_len, k_len, kv_end, shift, CAUSAL, BLOCK_M, BLOCK_N)
@@ -213,12 +267,12 @@ def _attn_fwd(
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_e, offs_ev, E, EV,
                                 lo, n_full, q_len, k_len, shift, qk_scale, MASK, stride_mm, stride_mn, KPM,
                                 seed, bh, Lq, Lk, dropout_p,
-                                HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, False, DROPOUT, BLOCK_N, PRECISION)
+                                HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, False, DROPOUT, BLOCK_N, PRECISION, USE_TMA)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_e, offs_ev, E, EV,
                                 tl.maximum(n_full, lo), hi, q_len, k_len, shift, qk_scale, MASK, stride_mm,
                                 stride_mn, KPM,
                                 seed, bh, Lq, Lk, dropout_p,
-                                HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, True, DROPOUT, BLOCK_N, PRECISION)
+                                HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, True, DROPOUT, BLOCK_N, PRECISION, USE_TMA)
     empty = l_i == 0.0  # no visible key: zeros out, lse = -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
@@ -231,14 +285,15 @@ def _attn_fwd(
 
 
 @triton.jit
-def _probs(q, k, offs_m, offs_n, q_len, k_len, shift, qk_scale, lse2,
+def _probs(a, b, m2, n2, q_len, k_len, shift, qk_scale, lse2,
            MASK, stride_mm, stride_mn, KPM,
            HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
            CHECK_BOUNDS: tl.constexpr, PRECISION: tl.constexpr):
-    """P of a tile recomputed from the saved lse (base 2, +inf for rows with nothing visible)."""
-    qk = _scores(q, k, offs_m, offs_n, q_len, k_len, shift, qk_scale, MASK, stride_mm, stride_mn, KPM,
+    """P of a tile (either orientation, see _scores) recomputed from the saved lse (base 2, +inf for rows
+    with nothing visible), lse2 broadcast along the query axis of the tile."""
+    qk = _scores(a, b, m2, n2, q_len, k_len, shift, qk_scale, MASK, stride_mm, stride_mn, KPM,
                  HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, CHECK_BOUNDS, PRECISION)
-    return tl.math.exp2(qk - lse2[:, None])
+    return tl.math.exp2(qk - lse2)
 
 
 @triton.jit
@@ -251,8 +306,8 @@ def _attn_bwd_delta(
 ):
     """delta_i = sum_e dO_ie * out_ie (- dlse_i) in float32, one program per query block and head: one
     read of out and dO, no float32 copies of them."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    m_block, bh = _program_block_and_head(tl.cdiv(Lq, BLOCK_M))
+    start_m = m_block * BLOCK_M
     b = bh // H
     h = (bh % H).to(tl.int64)
     q_start, q_len, _, _ = _seq_bounds(CU_Q, CU_Q, b, Lq, Lq, VARLEN)
@@ -273,30 +328,35 @@ def _attn_bwd_delta(
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, kT, vT, Q, DO, LSE, DELTA, MASK, KPM, offs_n, offs_e, offs_ev, E, EV,
+def _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, KPM, offs_n, offs_e, offs_ev, E, EV,
                  m_lo, m_hi, q_len, k_len, shift, qk_scale, stride_qm, stride_dom, stride_lm, stride_mm, stride_mn,
                  seed, bh, max_q, max_k, dropout_p,
                  HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
                  DROPOUT: tl.constexpr, CHECK_BOUNDS: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate dK, dV of one key block over the query blocks [m_lo, m_hi) of one query head."""
+    """Accumulate dK, dV of one key block over the query blocks [m_lo, m_hi) of one query head.
+
+    Everything is computed transposed, keys along the rows ([BLOCK_N, BLOCK_M] tiles: P^T = exp(k q^T - lse),
+    dP^T = v dO^T), so that all four products have the key block as their M dimension: with BLOCK_N = 64
+    each one runs on Hopper's wgmma, whatever BLOCK_M is (wgmma needs M = 64 per warpgroup).
+    """
     offs_mb = tl.arange(0, BLOCK_M)
     for start_m in range(m_lo, m_hi, BLOCK_M):
         offs_m = start_m + offs_mb
-        q = _tile(Q, offs_m, q_len, stride_qm, offs_e, E)
-        do = _tile(DO, offs_m, q_len, stride_dom, offs_ev, EV)
+        qT = _tile_t(Q, offs_m, q_len, stride_qm, offs_e, E)  # [BLOCK_E, BLOCK_M]
+        do = _tile(DO, offs_m, q_len, stride_dom, offs_ev, EV)  # [BLOCK_M, BLOCK_EV]
         lse2, delta = _row_stats(LSE, DELTA, offs_m, q_len, stride_lm)
-        p = _probs(q, kT, offs_m, offs_n, q_len, k_len, shift, qk_scale, lse2, MASK, stride_mm, stride_mn, KPM,
-                   HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, CHECK_BOUNDS, PRECISION)
-        dp = tl.dot(do, vT, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+        pT = _probs(k, qT, offs_m[None, :], offs_n[:, None], q_len, k_len, shift, qk_scale, lse2[None, :], MASK,
+                    stride_mm, stride_mn, KPM, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, CHECK_BOUNDS, PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, max_q, max_k, dropout_p)
-            pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            keep = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], max_q, max_k, dropout_p)
+            pdT = tl.where(keep, pT / (1.0 - dropout_p), 0.0)
+            dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
         else:
-            pd = p
-        dv += tl.dot(tl.trans(pd).to(do.dtype), do, input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+            pdT = pT
+        dv += tl.dot(pdT.to(do.dtype), do, input_precision=PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION)
     return dk, dv
 
 
@@ -316,8 +376,8 @@ def _attn_bwd_dkdv(
     PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for float32 inputs (no TF32 rounding)
 ):
     """dK, dV of one key block of one kv head: summed over the GQA group's query heads and all queries."""
-    start_n = tl.program_id(0) * BLOCK_N
-    bkv = tl.program_id(1)
+    n_block, bkv = _program_block_and_head(tl.cdiv(Lk, BLOCK_N))
+    start_n = n_block * BLOCK_N
     HKV = H // GROUP
     b = bkv // HKV
     kvh = bkv % HKV
@@ -333,8 +393,8 @@ def _attn_bwd_dkdv(
     kv_ok = offs_n < k_len
     K += b64 * stride_kb + kvh.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
     V += b64 * stride_vb + kvh.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
-    kT = _tile_t(K, offs_n, k_len, stride_kn, offs_e, E)  # [BLOCK_E, BLOCK_N]
-    vT = _tile_t(V, offs_n, k_len, stride_vn, offs_ev, EV)  # [BLOCK_EV, BLOCK_N]
+    k = _tile(K, offs_n, k_len, stride_kn, offs_e, E)  # [BLOCK_N, BLOCK_E]
+    v = _tile(V, offs_n, k_len, stride_vn, offs_ev, EV)  # [BLOCK_N, BLOCK_EV]
     dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_EV], dtype=tl.float32)
     shift = k_len - q_len if BOTTOM_RIGHT else 0
@@ -361,12 +421,12 @@ def _attn_bwd_dkdv(
             MASKh = MASK + b64 * stride_mb + h.to(tl.int64) * stride_mh
             # Query blocks on the causal diagonal (or facing a partial key block) need the per-element
             # test; the ones wholly below it do not.
-            dk, dv = _dkdv_blocks(dk, dv, kT, vT, Qh, DOh, LSE + row0, DELTA + row0, MASKh, KPM + b64 * stride_kpb,
+            dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, MASKh, KPM + b64 * stride_kpb,
                                   offs_n, offs_e, offs_ev, E, EV, lo, tl.minimum(m_masked, q_len), q_len, k_len,
                                   shift, qk_scale, stride_qm, stride_dom, stride_lm, stride_mm, stride_mn,
                                   seed, bh, Lq, Lk, dropout_p, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, DROPOUT,
                                   True, BLOCK_M, PRECISION)
-            dk, dv = _dkdv_blocks(dk, dv, kT, vT, Qh, DOh, LSE + row0, DELTA + row0, MASKh, KPM + b64 * stride_kpb,
+            dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, MASKh, KPM + b64 * stride_kpb,
                                   offs_n, offs_e, offs_ev, E, EV, tl.maximum(m_masked, lo), q_len, q_len, k_len,
                                   shift, qk_scale, stride_qm, stride_dom, stride_lm, stride_mm, stride_mn,
                                   seed, bh, Lq, Lk, dropout_p, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, DROPOUT,
@@ -391,11 +451,12 @@ def _dq_blocks(dq, q, do, lse2, delta, K, V, MASK, KPM, offs_m, offs_e, offs_ev,
         offs_n = start_n + offs_nb
         kT = _tile_t(K, offs_n, k_len, stride_kn, offs_e, E)
         vT = _tile_t(V, offs_n, k_len, stride_vn, offs_ev, EV)
-        p = _probs(q, kT, offs_m, offs_n, q_len, k_len, shift, qk_scale, lse2, MASK, stride_mm, stride_mn, KPM,
+        p = _probs(q, kT, offs_m[:, None], offs_n[None, :], q_len, k_len, shift, qk_scale, lse2[:, None], MASK,
+                   stride_mm, stride_mn, KPM,
                    HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, CHECK_BOUNDS, PRECISION)
         dp = tl.dot(do, vT, input_precision=PRECISION)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, offs_n, max_q, max_k, dropout_p)
+            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], max_q, max_k, dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
@@ -418,8 +479,8 @@ def _attn_bwd_dq(
     PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for float32 inputs (no TF32 rounding)
 ):
     """dQ of one query block of one head, over the key blocks it can see."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    m_block, bh = _program_block_and_head(tl.cdiv(Lq, BLOCK_M))
+    start_m = m_block * BLOCK_M
     b = bh // H
     h = bh % H
     q_start, q_len, k_start, k_len = _seq_bounds(CU_Q, CU_K, b, Lq, Lk, VARLEN)
@@ -469,6 +530,11 @@ def _attn_bwd_dq(
 # tensors have batch stride 0 and start at cu_seqlens[b]. The last dim must have unit stride.
 
 
+def _grid(length, block, heads):
+    """One grid axis of cdiv(length, block) blocks per (batch, head): see _program_block_and_head."""
+    return (triton.cdiv(length, block) * heads,)
+
+
 def _bhm_strides(t, varlen):
     """(batch, head, position) strides of a dense (B, H, L, X) or packed (total, H, X) tensor."""
     return (0, t.stride(1), t.stride(0)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
@@ -488,19 +554,31 @@ def block_config(e, ev, causal, dtype, device, backward=False):
     if device.type != "cuda":
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_E=be, BLOCK_EV=bev, num_warps=4, num_stages=1)
     width = max(be, bev)
-    wide = dtype == torch.float32
+    if dtype == torch.float32:
+        # 3xTF32 products (see precision) triple the operand registers: 32 x 32 tiles, one warpgroup. On
+        # sm_90 that keeps E <= 64 free of spills and E = 128 to ~1 KB (IEEE FMA dots spilled 55-63 KB).
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_E=be, BLOCK_EV=bev, num_warps=4, num_stages=1)
     if backward:
-        bm, bn = (64, 64) if width <= 64 else (64, 32) if width <= 128 else (32, 32)
-        if wide and width > 64:
-            bm, bn = 32, 32
-        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=be, BLOCK_EV=bev, num_warps=4 if width <= 64 else 8,
+        # dQ's blocks (dkdv_config swaps them for dK/dV): the program's own block is 64, wgmma's M per
+        # warpgroup, so every product of both kernels runs on wgmma; the loop block shrinks with the head
+        # dim so the float32 accumulators (two of [64, E] in dK/dV) stay in registers.
+        bn = 64 if width <= 64 else 32 if width <= 128 else 16
+        return dict(BLOCK_M=64, BLOCK_N=bn, BLOCK_E=be, BLOCK_EV=bev, num_warps=4 if width <= 64 else 8,
                     num_stages=2)
-    bm = 128 if width <= 128 and not wide else 64
+    bm = 128 if width <= 128 else 64
     bn = 64 if width <= 128 else 32
     if causal and width <= 64:
         bn = 32  # more, smaller diagonal blocks: less masked work on the diagonal
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=be, BLOCK_EV=bev, num_warps=8 if bm == 128 else 4,
                 num_stages=3 if width <= 128 else 2)
+
+
+def dkdv_config(cfg):
+    """The dK/dV kernel's blocks from the backward config (which is dQ's): the program block (keys here)
+    is dQ's BLOCK_M, the query loop block dQ's BLOCK_N, at most 32. Each kernel's products have its own
+    program block as their M dimension, the one wgmma needs at 64; the loop block can be smaller, which
+    keeps dK/dV's two accumulators in registers (E = 64 with masks and dropout: 64 x 64 spilled)."""
+    return dict(cfg, BLOCK_M=min(cfg["BLOCK_N"], 32), BLOCK_N=cfg["BLOCK_M"])
 
 
 # Autotuning (FUSEDLM_AUTOTUNE=1, CUDA only): the candidates below, pruned to those whose tiles fit
@@ -538,6 +616,20 @@ def tuning_configs(candidates):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in candidates]
 
 
+def tma_enabled(device, *tensors):
+    """Forward tile loads through tensor descriptors (TMA on sm_90): opt-in with FUSEDLM_TMA=1 until a GPU
+    has timed it. Descriptors need 16-byte aligned bases and row strides (unit stride along features); the
+    allocations themselves are aligned (CUDA 256 B, CPU 64 B), so the storage offset and strides decide."""
+    if os.environ.get("FUSEDLM_TMA", "0") != "1":
+        return False
+    for t in tensors:
+        if any(st * t.element_size() % 16 for st in (t.storage_offset(), *t.stride()[:-1])) or t.stride(-1) != 1:
+            return False
+    if device.type == "cuda":  # in-kernel descriptors live in a global scratch buffer Triton asks for
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device))
+    return True
+
+
 def autotune_enabled(device):
     return device.type == "cuda" and os.environ.get("FUSEDLM_AUTOTUNE", "0") == "1"
 
@@ -563,8 +655,10 @@ def _launch_blocks(launch, kernel, tuned, grid_of, args, cfg, flags, device):
 
 
 def precision(q):
-    """float32 inputs multiply in full float32 (TF32 would cost ~1e-3 relative error); half types as they are."""
-    return "ieee" if q.dtype == torch.float32 else "tf32"
+    """float32 inputs multiply as 3xTF32 (each operand split into two TF32 parts, three tensor-core products:
+    float32's accuracy, ~1e-6 relative, where plain TF32 costs ~1e-3; IEEE FMA dots spill heavily on
+    sm_90); half types as they are."""
+    return "tf32x3" if q.dtype == torch.float32 else "tf32"
 
 
 def _mask_args(attn_mask, key_padding_mask, kv_range, B, H, Lq, Lk, dummy):
@@ -578,7 +672,9 @@ def _mask_args(attn_mask, key_padding_mask, kv_range, B, H, Lq, Lk, dummy):
     else:
         is_bool, mask_ptr, mask_strides = False, dummy, (0, 0, 0, 0)
     if key_padding_mask is not None:
-        kpm = key_padding_mask.view(torch.uint8)
+        # The kernels read row b's flags at KPM + b * stride + j: a transposed or sliced mask is copied
+        # (B * S bytes) to unit stride along the keys rather than read wrongly.
+        kpm = key_padding_mask.contiguous().view(torch.uint8)
         kpm_ptr, kpm_stride, kv_range_ptr = kpm, kpm.stride(0), kv_range
     else:
         kpm_ptr, kpm_stride, kv_range_ptr = dummy, 0, dummy
@@ -647,8 +743,8 @@ def attention_fwd(launch, q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu
             *lse_strides, *mask_strides,
             H, H // Hkv, Lq, Lk, E, Ev, float(scale), float(dropout_p))
     flags = dict(CAUSAL=causal, BOTTOM_RIGHT=bottom_right, VARLEN=varlen, DROPOUT=dropout_p > 0, **mask_flags,
-                 PRECISION=precision(q))
-    _launch_blocks(launch, _attn_fwd, _attn_fwd_tuned, lambda bm, bn: (triton.cdiv(Lq, bm), B * H), args, cfg,
+                 PRECISION=precision(q), USE_TMA=tma_enabled(q.device, q, k, v))
+    _launch_blocks(launch, _attn_fwd, _attn_fwd_tuned, lambda bm, bn: _grid(Lq, bm, B * H), args, cfg,
                    flags, q.device)
     return out, lse
 
@@ -668,7 +764,7 @@ def attention_bwd(launch, do, dlse, q, k, v, out, lse, attn_mask, key_padding_ma
     # delta_i = sum_e dO_ie * out_ie. A gradient reaching lse adds dlse_i * P_ij to dz_ij
     # (d lse_i / d z_ij = P_ij), i.e. dS = P * (dP - (delta - dlse)): folded into delta.
     delta = torch.empty_like(lse)
-    launch(_attn_bwd_delta, (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H),
+    launch(_attn_bwd_delta, _grid(Lq, cfg["BLOCK_M"], B * H),
            out, do, dlse if dlse is not None else lse, delta, cu_seqlens_q if varlen else lse,
            *_bhm_strides(out, varlen), *_bhm_strides(do, varlen),
            *(_row_strides(dlse, varlen) if dlse is not None else (0, 0, 0)), *lse_strides,
@@ -683,10 +779,10 @@ def attention_bwd(launch, do, dlse, q, k, v, out, lse, attn_mask, key_padding_ma
     scalars = (H, H // Hkv, Lq, Lk, E, Ev, float(scale), float(dropout_p))
     flags = dict(CAUSAL=causal, BOTTOM_RIGHT=bottom_right, VARLEN=varlen, DROPOUT=dropout_p > 0, **mask_flags,
                  PRECISION=precision(q))
-    _launch_blocks(launch, _attn_bwd_dkdv, _attn_bwd_dkdv_tuned, lambda bm, bn: (triton.cdiv(Lk, bn), B * Hkv),
+    _launch_blocks(launch, _attn_bwd_dkdv, _attn_bwd_dkdv_tuned, lambda bm, bn: _grid(Lk, bn, B * Hkv),
                    (q, k, v, do, lse, delta, dk, dv, *common_ptrs, *in_strides, *_bhm_strides(dk, varlen),
-                    *_bhm_strides(dv, varlen), *mask_strides, *scalars), cfg, flags, q.device)
-    _launch_blocks(launch, _attn_bwd_dq, _attn_bwd_dq_tuned, lambda bm, bn: (triton.cdiv(Lq, bm), B * H),
+                    *_bhm_strides(dv, varlen), *mask_strides, *scalars), dkdv_config(cfg), flags, q.device)
+    _launch_blocks(launch, _attn_bwd_dq, _attn_bwd_dq_tuned, lambda bm, bn: _grid(Lq, bm, B * H),
                    (q, k, v, do, lse, delta, dq, *common_ptrs, *in_strides, *_bhm_strides(dq, varlen),
                     *mask_strides, *scalars), cfg, flags, q.device)
     return dq, dk, dv

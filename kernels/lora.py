@@ -118,16 +118,25 @@ def _lora_gemm_kernel(
 # strides; outputs are new contiguous tensors.
 
 
-def _config(M, N, K, R, dtype, device):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M, num_warps, num_stages) for one problem."""
+def _config(M, N, K, R, dtype, device, masked_low_rank=False):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M, num_warps, num_stages) for one problem.
+
+    Half types on sm_90: BLOCK_M is at least 64, the M that Hopper's wgmma takes per warpgroup (a 16-row
+    tile would run on Ampere's mma.sync; the padding rows cost tensor-core time only, which a skinny,
+    weight-bound GEMM has to spare). With a dropout keep mask the epilogue holds a second [BLOCK_M,
+    BLOCK_N] float32 tile (the low-rank term) beside the accumulator: BLOCK_N 64 there keeps both in
+    registers (128 x 128 spilled 176 B)."""
     block_r = min(64, max(16, triton.next_power_of_2(R)))
     if device.type != "cuda":  # the interpreter: one small config (fewer, larger tiles run faster there)
         return 32, 32, 32, block_r, 4, 4, 1
-    block_m = 128 if M > 64 else max(16, triton.next_power_of_2(M))
     block_n = 128 if N > 64 else max(16, triton.next_power_of_2(N))
     if dtype == torch.float32:
+        block_m = 128 if M > 64 else max(16, triton.next_power_of_2(M))
         return block_m, block_n, 32, block_r, 8, 8, 3
-    return block_m, block_n, 64, block_r, 8, 8, 3
+    block_m = 128 if M > 64 else 64
+    if masked_low_rank:
+        block_n = min(block_n, 64)
+    return block_m, block_n, 64, block_r, 8, 8 if block_m == 128 else 4, 3
 
 
 def _ieee(dtype):
@@ -146,7 +155,7 @@ def lora_gemm(launch, x, w_kn, p, q_rn, bias, keep, scaling):
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0 or N == 0:
         return y
-    bm, bn, bk, br, group, warps, stages = _config(M, N, K, R, x.dtype, x.device)
+    bm, bn, bk, br, group, warps, stages = _config(M, N, K, R, x.dtype, x.device, keep is not None)
     if keep is not None and keep.dtype == torch.bool:
         keep = keep.view(torch.uint8)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)

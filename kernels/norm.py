@@ -17,15 +17,19 @@ Backward, with g = dy * w (g = dy without a weight); the mean over the row is wr
 ds is the gradient of both x and residual. Only rstd (and mu for LN) is saved by the forward, one
 float per row; xhat is recomputed from s in the backward rather than stored.
 
-Rows of up to MAX_ONE_PASS features are held in registers whole (one read of the row). Wider rows
-take the looped variant: the forward reads the row once per statistic (RMS 2, LN 3 passes), the
-backward computes the two row means in a first pass and ds in a second.
+Rows are held in registers whole (one read of the row) up to MAX_ONE_PASS features in the forward
+(16384: 16 warps, 32 floats a thread) and MAX_ONE_PASS_BWD in the backward (whose row needs s, dy, the
+weight and the dweight/dbias accumulators at once). Not 65536 as some peers: a float32 row of 65536 is
+256 KB, the whole register file of an SM (sm_90 compiles of a one-pass 65536 row spill 140-916 B a thread). Wider rows take the looped variant: the
+forward reads the row once per statistic (RMS 2, LN 3 passes), the backward computes the two row means
+in a first pass and ds in a second.
 """
 import torch
 import triton
 import triton.language as tl
 
-MAX_ONE_PASS = 8192  # widest row kept in registers whole; wider rows loop over LOOP_BLOCK chunks
+MAX_ONE_PASS = 16384  # widest row the forward keeps in registers whole; wider rows loop over LOOP_BLOCK chunks
+MAX_ONE_PASS_BWD = 8192  # the same for the backward
 LOOP_BLOCK = 4096
 
 
@@ -120,14 +124,24 @@ def _norm_fwd_kernel(
 
 
 @triton.jit
-def _norm_bwd_row_terms(S, DY, W, mean, rstd, c, N, offset, IS_RMS: tl.constexpr, HAS_W: tl.constexpr):
+def _norm_weight(W, c, N, offset, HAS_W: tl.constexpr):
+    """w + offset for columns ``c`` in float32 (0 past N); a scalar 0 without a weight. Row-invariant: the
+    callers load it once per program (one pass) or once per column chunk, never once per row."""
+    w = 0.0
+    if HAS_W:
+        w = tl.load(W + c, mask=c < N, other=0.0).to(tl.float32) + offset
+    return w
+
+
+@triton.jit
+def _norm_bwd_row_terms(S, DY, w, mean, rstd, c, N, IS_RMS: tl.constexpr, HAS_W: tl.constexpr):
     """For columns ``c`` of one row: xhat and g = dy * w (both zero past N), and dy, in float32."""
     m = c < N
     s = tl.load(S + c, mask=m, other=0.0).to(tl.float32)
     dy = tl.load(DY + c, mask=m, other=0.0).to(tl.float32)
     xhat = tl.where(m, (s - mean) * rstd, 0.0)
     if HAS_W:
-        g = dy * (tl.load(W + c, mask=m, other=0.0).to(tl.float32) + offset)
+        g = dy * w
     else:
         g = dy
     return xhat, g, dy
@@ -168,12 +182,13 @@ def _norm_bwd_kernel(
         mask = cols < N
         dw = tl.zeros([BLOCK_N], dtype=tl.float32)
         db = tl.zeros([BLOCK_N], dtype=tl.float32)
+        w = _norm_weight(W, cols, N, offset, HAS_W)
         for row in range(row_start, row_end):
             r = tl.cast(row, tl.int64)
             rstd = tl.load(RSTD + r)
             mean = 0.0 if IS_RMS else tl.load(MEAN + r)
-            xhat, g, dy = _norm_bwd_row_terms(S + r * stride_s, DY + r * stride_dy, W, mean, rstd,
-                                              cols, N, offset, IS_RMS, HAS_W)
+            xhat, g, dy = _norm_bwd_row_terms(S + r * stride_s, DY + r * stride_dy, w, mean, rstd,
+                                              cols, N, IS_RMS, HAS_W)
             _norm_bwd_store_ds(DS + r * stride_ds, DSUM + r * stride_dsum, cols, N, xhat, g,
                                tl.sum(g * xhat, axis=0) / N, 0.0 if IS_RMS else tl.sum(g, axis=0) / N, rstd,
                                IS_RMS, HAS_DSUM)
@@ -194,8 +209,9 @@ def _norm_bwd_kernel(
             acc_gx = tl.zeros([BLOCK_N], dtype=tl.float32)
             acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
             for start in range(0, N, BLOCK_N):
-                xhat, g, dy = _norm_bwd_row_terms(S + r * stride_s, DY + r * stride_dy, W, mean, rstd,
-                                                  start + cols, N, offset, IS_RMS, HAS_W)
+                w = _norm_weight(W, start + cols, N, offset, HAS_W)
+                xhat, g, dy = _norm_bwd_row_terms(S + r * stride_s, DY + r * stride_dy, w, mean, rstd,
+                                                  start + cols, N, IS_RMS, HAS_W)
                 acc_gx += g * xhat
                 acc_g += g
             tl.store(C1 + r, tl.sum(acc_gx, axis=0) / N)
@@ -207,12 +223,13 @@ def _norm_bwd_kernel(
             m = c < N
             dw = tl.zeros([BLOCK_N], dtype=tl.float32)
             db = tl.zeros([BLOCK_N], dtype=tl.float32)
+            w = _norm_weight(W, c, N, offset, HAS_W)
             for row in range(row_start, row_end):
                 r = tl.cast(row, tl.int64)
                 rstd = tl.load(RSTD + r)
                 mean = 0.0 if IS_RMS else tl.load(MEAN + r)
-                xhat, g, dy = _norm_bwd_row_terms(S + r * stride_s, DY + r * stride_dy, W, mean, rstd,
-                                                  c, N, offset, IS_RMS, HAS_W)
+                xhat, g, dy = _norm_bwd_row_terms(S + r * stride_s, DY + r * stride_dy, w, mean, rstd,
+                                                  c, N, IS_RMS, HAS_W)
                 _norm_bwd_store_ds(DS + r * stride_ds, DSUM + r * stride_dsum, c, N, xhat, g,
                                    tl.load(C1 + r), 0.0 if IS_RMS else tl.load(C2 + r), rstd, IS_RMS, HAS_DSUM)
                 if NEED_DW:
@@ -230,9 +247,9 @@ def _norm_bwd_kernel(
 # so); outputs are new tensors. ``launch`` is fusedlm._triton.launch (wrap_triton on a GPU).
 
 
-def _block(n):
-    """(BLOCK_N, ONE_PASS, num_warps) for rows of n features."""
-    if n <= MAX_ONE_PASS:
+def _block(n, max_one_pass):
+    """(BLOCK_N, ONE_PASS, num_warps) for rows of n features: 512 features a warp, at most 16 warps."""
+    if n <= max_one_pass:
         block = triton.next_power_of_2(max(n, 1))
         return block, True, min(max(block // 512, 1), 16)
     return LOOP_BLOCK, False, 8
@@ -248,7 +265,7 @@ def norm_fwd(launch, x, residual, weight, bias, eps, offset, is_rms):
     rstd = torch.empty(M, device=x.device, dtype=torch.float32)
     if M == 0:
         return y, s, mean, rstd
-    block, one_pass, warps = _block(N)
+    block, one_pass, warps = _block(N, MAX_ONE_PASS)
     dummy = x  # any valid pointer for absent arguments (never read: the constexpr flags skip them)
     launch(
         _norm_fwd_kernel, (M,),
@@ -276,7 +293,7 @@ def norm_bwd(launch, num_programs, dy, s, weight, dsum, mean, rstd, offset, is_r
         def zeros():
             return torch.zeros(N, device=s.device, dtype=torch.float32)
         return ds, zeros() if need_dw else empty(), zeros() if need_db else empty()
-    block, one_pass, warps = _block(N)
+    block, one_pass, warps = _block(N, MAX_ONE_PASS_BWD)
     rows_per_program = triton.cdiv(M, num_programs(s.device, M))
     grid = triton.cdiv(M, rows_per_program)
     dw = torch.empty((grid, N), device=s.device, dtype=torch.float32) if need_dw else rstd

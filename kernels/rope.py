@@ -14,9 +14,12 @@ assumed). The backward is the transposed rotation, so one kernel serves both (BA
 R..D-1 (partial rotary) pass through unchanged, copied bit for bit.
 
 One program per token (b, s): it loads that token's cos/sin row once and applies it to every head of
-q and of k, in tiles of [BLOCK_H heads, BLOCK_HALF pairs], looping over blocks of heads. q and k are
-addressed through the full strides of their logical (B, H, S, D) view, so transposed (B, S, H, D)
-layouts, slices and a non-unit feature stride need no copy.
+q and of k, in tiles of [BLOCK_H heads, BLOCK_HALF pairs], looping over blocks of heads. q and k use the
+same BLOCK_H, so their tiles share one register layout and the cos/sin vectors serve both without a
+reload. The interleaved layout loads each head's rotary features as one contiguous [BLOCK_H, R] tile
+(16-byte vectors) and splits it into the even and odd features in registers, instead of two stride-2
+gathers of 2-byte scalars. q and k are addressed through the full strides of their logical (B, H, S, D)
+view, so transposed (B, S, H, D) layouts, slices and a non-unit feature stride need no copy.
 """
 import torch
 import triton
@@ -26,32 +29,57 @@ MAX_TILE = 4096  # elements of one [BLOCK_H, BLOCK_HALF] (or tail) tile
 
 
 @triton.jit
+def _pairs(ROW, stride, HALF, BLOCK_HALF: tl.constexpr):
+    """(x1, x2) float32 [BLOCK_HALF] of an interleaved row: one contiguous load, split into even and odd."""
+    f = tl.arange(0, 2 * BLOCK_HALF)
+    row = tl.load(ROW + f * stride, mask=f < 2 * HALF, other=0.0).to(tl.float32)
+    return tl.split(tl.reshape(row, [BLOCK_HALF, 2]))
+
+
+@triton.jit
+def _rotate(x1, x2, c1, c2, s1, s2, BACKWARD: tl.constexpr):
+    """The rotation of the pairs (x1, x2) by [BLOCK_HALF] cos/sin vectors (its transpose when BACKWARD)."""
+    if BACKWARD:
+        o1 = x1 * c1[None, :] + x2 * s2[None, :]
+        o2 = x2 * c2[None, :] - x1 * s1[None, :]
+    else:
+        o1 = x1 * c1[None, :] - x2 * s1[None, :]
+        o2 = x2 * c2[None, :] + x1 * s2[None, :]
+    return o1, o2
+
+
+@triton.jit
 def _rope_heads(
     X, OUT,  # this token's first head of the input and of the output
-    H,  # heads
+    H, HALF,  # heads, rotary pairs
     stride_xh, stride_xd, stride_oh, stride_od,  # head and feature strides in elements
     c1, c2, s1, s2,  # [BLOCK_HALF] float32 cos/sin at the x1 and the x2 feature of each pair
-    idx1, idx2, mask_half,  # [BLOCK_HALF] feature index of x1 and x2, valid pairs
     tail_cols, mask_tail,  # [BLOCK_TAIL] pass-through feature indices R..D-1, valid ones
-    BLOCK_H: tl.constexpr, HAS_TAIL: tl.constexpr, BACKWARD: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_TAIL: tl.constexpr,
+    BACKWARD: tl.constexpr,
 ):
     heads = tl.arange(0, BLOCK_H)
+    i = tl.arange(0, BLOCK_HALF)
+    f = tl.arange(0, 2 * BLOCK_HALF)
     for h0 in range(0, H, BLOCK_H):
         h = h0 + heads
         mh = h < H
         x_rows = X + (h.to(tl.int64) * stride_xh)[:, None]
         o_rows = OUT + (h.to(tl.int64) * stride_oh)[:, None]
-        m = mh[:, None] & mask_half[None, :]
-        x1 = tl.load(x_rows + (idx1 * stride_xd)[None, :], mask=m, other=0.0).to(tl.float32)
-        x2 = tl.load(x_rows + (idx2 * stride_xd)[None, :], mask=m, other=0.0).to(tl.float32)
-        if BACKWARD:
-            o1 = x1 * c1[None, :] + x2 * s2[None, :]
-            o2 = x2 * c2[None, :] - x1 * s1[None, :]
-        else:
-            o1 = x1 * c1[None, :] - x2 * s1[None, :]
-            o2 = x2 * c2[None, :] + x1 * s2[None, :]
-        tl.store(o_rows + (idx1 * stride_od)[None, :], o1.to(OUT.dtype.element_ty), mask=m)
-        tl.store(o_rows + (idx2 * stride_od)[None, :], o2.to(OUT.dtype.element_ty), mask=m)
+        if INTERLEAVED:  # features 2i, 2i + 1: one contiguous [BLOCK_H, 2 * BLOCK_HALF] tile
+            m = mh[:, None] & (f < 2 * HALF)[None, :]
+            x = tl.load(x_rows + (f * stride_xd)[None, :], mask=m, other=0.0).to(tl.float32)
+            x1, x2 = tl.split(tl.reshape(x, [BLOCK_H, BLOCK_HALF, 2]))
+            o1, o2 = _rotate(x1, x2, c1, c2, s1, s2, BACKWARD)
+            o = tl.reshape(tl.join(o1, o2), [BLOCK_H, 2 * BLOCK_HALF])
+            tl.store(o_rows + (f * stride_od)[None, :], o.to(OUT.dtype.element_ty), mask=m)
+        else:  # features i, i + R/2: two contiguous half rows
+            m = mh[:, None] & (i < HALF)[None, :]
+            x1 = tl.load(x_rows + (i * stride_xd)[None, :], mask=m, other=0.0).to(tl.float32)
+            x2 = tl.load(x_rows + ((i + HALF) * stride_xd)[None, :], mask=m, other=0.0).to(tl.float32)
+            o1, o2 = _rotate(x1, x2, c1, c2, s1, s2, BACKWARD)
+            tl.store(o_rows + (i * stride_od)[None, :], o1.to(OUT.dtype.element_ty), mask=m)
+            tl.store(o_rows + ((i + HALF) * stride_od)[None, :], o2.to(OUT.dtype.element_ty), mask=m)
         if HAS_TAIL:
             mt = mh[:, None] & mask_tail[None, :]
             t = tl.load(x_rows + (tail_cols * stride_xd)[None, :], mask=mt)
@@ -73,33 +101,28 @@ def _rope_kernel(
     D,  # head dim; features 2 * HALF .. D - 1 pass through
     INTERLEAVED: tl.constexpr, BACKWARD: tl.constexpr, HAS_TAIL: tl.constexpr,
     BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
-    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+    BLOCK_H: tl.constexpr,  # heads per tile, q and k alike (one register layout for both)
 ):
     pid = tl.program_id(0).to(tl.int64)  # one program per token
     b = pid // S
     s = pid % S
-    i = tl.arange(0, BLOCK_HALF)
-    mask_half = i < HALF
-    if INTERLEAVED:
-        idx1 = 2 * i
-        idx2 = 2 * i + 1
-    else:
-        idx1 = i
-        idx2 = i + HALF
     cos_row = COS + b * scb + s * scs
     sin_row = SIN + b * ssb + s * sss
-    c1 = tl.load(cos_row + idx1 * scr, mask=mask_half, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_row + idx2 * scr, mask=mask_half, other=0.0).to(tl.float32)
-    s1 = tl.load(sin_row + idx1 * ssr, mask=mask_half, other=0.0).to(tl.float32)
-    s2 = tl.load(sin_row + idx2 * ssr, mask=mask_half, other=0.0).to(tl.float32)
+    if INTERLEAVED:
+        c1, c2 = _pairs(cos_row, scr, HALF, BLOCK_HALF)
+        s1, s2 = _pairs(sin_row, ssr, HALF, BLOCK_HALF)
+    else:
+        i = tl.arange(0, BLOCK_HALF)
+        c1 = tl.load(cos_row + i * scr, mask=i < HALF, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_row + (i + HALF) * scr, mask=i < HALF, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_row + i * ssr, mask=i < HALF, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_row + (i + HALF) * ssr, mask=i < HALF, other=0.0).to(tl.float32)
     tail_cols = 2 * HALF + tl.arange(0, BLOCK_TAIL)
     mask_tail = tail_cols < D
-    _rope_heads(Q + b * sqb + s * sqs, QO + b * sqob + s * sqos, HQ, sqh, sqd, sqoh, sqod,
-                c1, c2, s1, s2, idx1, idx2, mask_half, tail_cols, mask_tail,
-                BLOCK_HQ, HAS_TAIL, BACKWARD)
-    _rope_heads(K + b * skb + s * sks, KO + b * skob + s * skos, HK, skh, skd, skoh, skod,
-                c1, c2, s1, s2, idx1, idx2, mask_half, tail_cols, mask_tail,
-                BLOCK_HK, HAS_TAIL, BACKWARD)
+    _rope_heads(Q + b * sqb + s * sqs, QO + b * sqob + s * sqos, HQ, HALF, sqh, sqd, sqoh, sqod,
+                c1, c2, s1, s2, tail_cols, mask_tail, BLOCK_H, BLOCK_HALF, INTERLEAVED, HAS_TAIL, BACKWARD)
+    _rope_heads(K + b * skb + s * sks, KO + b * skob + s * skos, HK, HALF, skh, skd, skoh, skod,
+                c1, c2, s1, s2, tail_cols, mask_tail, BLOCK_H, BLOCK_HALF, INTERLEAVED, HAS_TAIL, BACKWARD)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -144,8 +167,8 @@ def rope(launch, q, k, cos, sin, interleaved, transposed, backward):
     block_half = triton.next_power_of_2(half)
     block_tail = triton.next_power_of_2(max(tail, 1))
     width = max(block_half, block_tail)
-    block_hq, block_hk = _block_h(HQ, width), _block_h(HK, width)
-    warps = min(max(block_hq * width // 512, 1), 8)
+    block_h = _block_h(max(HQ, HK), width)
+    warps = min(max(block_h * width // 512, 1), 8)
     launch(
         _rope_kernel, (B * S,),
         q, k, cos, sin, q_out, k_out,
@@ -155,7 +178,7 @@ def rope(launch, q, k, cos, sin, interleaved, transposed, backward):
         *_cos_strides(cos), *_cos_strides(sin),
         half, D,
         INTERLEAVED=interleaved, BACKWARD=backward, HAS_TAIL=tail > 0,
-        BLOCK_HALF=block_half, BLOCK_TAIL=block_tail, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
+        BLOCK_HALF=block_half, BLOCK_TAIL=block_tail, BLOCK_H=block_h,
         num_warps=warps,
     )
     return q_out, k_out

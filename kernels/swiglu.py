@@ -25,8 +25,12 @@ def _swiglu_kernel(
     BACKWARD: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # One grid axis of M * cdiv(N, BLOCK_N) programs, column block fastest: a second axis would be capped
+    # at 65535 blocks by CUDA (a 1-D input of 128M elements is one row of 131072 blocks).
+    pid = tl.program_id(0).to(tl.int64)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    row = pid // n_blocks
+    cols = (pid % n_blocks).to(tl.int32) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = cols < N
     g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
@@ -43,7 +47,7 @@ def _swiglu_kernel(
 
 def _grid(M, N):
     block = min(BLOCK, triton.next_power_of_2(max(N, 1)))
-    return (M, triton.cdiv(N, block)), block, min(max(block // 256, 1), 8)
+    return (M * triton.cdiv(N, block),), block, min(max(block // 256, 1), 8)
 
 
 def swiglu_fwd(launch, gate, up):

@@ -1,102 +1,229 @@
-"""Compile every Triton kernel variant the launchers use for Hopper (sm_90), without a GPU.
+"""Compile every Triton kernel variant the launchers use for Hopper (sm_90) as a real launch would, without a GPU,
+and record what the compiler made of each: registers, spills, shared memory, wgmma / mma.sync / TMA counts.
 
 The interpreter runs kernels as NumPy and forgives what the compiler does not (type mismatches across
-branches, unsupported ops, huge register tiles). This script drives the real host launchers with CPU
-tensors and a ``launch`` that, instead of running, builds the kernel's signature from the arguments and
-compiles it for sm_90 with Triton's own compiler (ptxas ships in the triton wheel). It must run without
-TRITON_INTERPRET. Prints one line per variant; exit status 1 if any fails to compile.
+branches, huge register tiles). This script drives the real host launchers with CPU tensors and a ``launch``
+that, instead of running, compiles the kernel for sm_90 with Triton's own compiler (ptxas ships in the wheel).
 
-    python tests/sm90_compile.py
+Specialisation as a launch gets it: Triton's ``JITFunction.run`` binds the arguments with a function made by
+``create_function_from_signature`` (pointers and integers aligned / divisible by 16 get the
+``tt.divisibility = 16`` attribute, integers equal to 1 become constants) and ``_pack_args`` turns that into
+the signature, constexprs and attrs handed to the compiler. We call the same two functions with an sm_90
+backend, so the compiled code (vector widths, cp.async pipelining) is the code a launch on an H100/H200 gets
+for arguments of the same alignment (CPU tensors are 64-byte aligned, CUDA ones 256: both divisible by 16).
+
+Per kernel and config it records (from ptxas -v and the PTX / TTGIR):
+    regs, spill_stores / spill_loads (bytes), stack (bytes), shared (bytes),
+    wgmma (wgmma.mma_async), mma_sync (mma.sync, Ampere-style tensor cores), tma (cp.async.bulk.tensor),
+    ld_global / st_global (global load / store instructions), ld_global_16B (loads of 16 bytes a thread),
+    mma_sync_eligible: dots left on mma.sync whose shape and operand types wgmma takes (M % 64 == 0,
+    N % 8 == 0, fp16/bf16 operands, warps a multiple of 4): what the gate forbids in half precision.
+Results are cached on disk per (Triton version, kernel source hash, specialisation, options) in
+~/.cache/fusedlm/sm90 (FUSEDLM_SM90_CACHE): a second run recompiles only kernels whose source changed.
+
+    python tests/sm90_compile.py                # table on stdout; exit 1 if a variant fails to compile
+    python tests/sm90_compile.py --json out.json
+    python tests/sm90_compile.py --write        # benchmarks/results/sm90_static.{json,md}
 """
+import argparse
+import contextlib
+import hashlib
+import io
+import json
 import os
+import re
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated (silences its warning)
 
 import triton  # noqa: E402
+from triton import knobs  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
+BACKEND = make_backend(TARGET)
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
-_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
-          torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8", torch.int8: "i8", torch.bool: "i1"}
-seen, failures = set(), []
+CACHE = Path(os.environ.get("FUSEDLM_SM90_CACHE", Path.home() / ".cache" / "fusedlm" / "sm90"))
+ROOT = Path(__file__).resolve().parent.parent
+_DTYPES = {"bf16", "fp16", "fp32"}
+
+rows, failures, _seen, _binders = [], [], set(), {}
+_default_mode = [True]  # False while driving autotune candidates
 
 
-def _sig(value):
-    if isinstance(value, torch.Tensor):
-        return "*" + _TYPES[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -2**31 <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"cannot type kernel argument {value!r}")
+def _binder(kernel):
+    """Triton's own argument binder for ``kernel``, made for the sm_90 backend (as JITFunction.run makes it)."""
+    if kernel not in _binders:
+        _binders[kernel] = create_function_from_signature(kernel.signature, kernel.params, BACKEND)
+    return _binders[kernel]
+
+
+def _specialise(kernel, args, meta):
+    """(signature, constexprs, attrs, options) exactly as JITFunction.run computes them for these arguments."""
+    kwargs = dict(meta, debug=False, instrumentation_mode=knobs.compilation.instrumentation_mode,
+                  fpsan_homomorphic_casts=knobs.compilation.fpsan_homomorphic_casts)
+    bound, specialization, options = _binder(kernel)(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(BACKEND, kwargs, bound, specialization, options)
+    return signature, constexprs, attrs, options
+
+
+def _ptxas_figures(log):
+    """registers, spill store/load bytes, stack frame bytes from ptxas -v."""
+    def grab(pattern):
+        m = re.search(pattern, log)
+        return int(m.group(1)) if m else 0
+    return dict(regs=grab(r"Used (\d+) registers"), spill_stores=grab(r"(\d+) bytes spill stores"),
+                spill_loads=grab(r"(\d+) bytes spill loads"), stack=grab(r"(\d+) bytes stack frame"))
+
+
+_OPERAND = re.compile(r"tensor<\d+x\d+x(\w+)")
+_RESULT = re.compile(r"-> tensor<(\d+)x(\d+)x")
+
+
+def _mma_sync_eligible(ttgir, num_warps):
+    """Dots left for mma.sync (``tt.dot`` after AccelerateMatmul; wgmma ones are ``ttng.warp_group_dot``)
+    whose tile wgmma takes as it is: M % 64 == 0, N % 8 == 0, 16-bit float operands, whole warpgroups."""
+    n = 0
+    for line in ttgir.splitlines():
+        if "= tt.dot " not in line:
+            continue
+        types = _OPERAND.findall(line.split("->")[0])
+        shape = _RESULT.search(line)
+        if not shape or len(types) < 2:
+            continue
+        M, N = int(shape.group(1)), int(shape.group(2))
+        if set(types[:2]) <= {"f16", "bf16"} and M % 64 == 0 and N % 8 == 0 and num_warps % 4 == 0:
+            n += 1
+    return n
+
+
+def _compile(kernel, signature, constexprs, attrs, options):
+    src = ASTSource(kernel, signature, constexprs, attrs)
+    key = hashlib.sha256(f"v2-{triton.__version__}-{src.hash()}-{sorted(options.__dict__.items())}".encode()).hexdigest()
+    path = CACHE / f"{key}.json"
+    if path.exists():
+        return json.loads(path.read_text()), True
+    log = io.StringIO()
+    knobs.nvidia.dump_ptxas_log = True
+    knobs.compilation.always_compile = True  # Triton's own cache would skip ptxas and its log
+    with contextlib.redirect_stdout(log):
+        compiled = triton.compile(src, target=TARGET, options=options.__dict__)
+    ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
+    figures = dict(_ptxas_figures(log.getvalue()), shared=compiled.metadata.shared,
+                   wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)), mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
+                   tma=len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx)),
+                   ld_global=len(re.findall(r"\bld\.global", ptx)), st_global=len(re.findall(r"\bst\.global", ptx)),
+                   ld_global_16B=len(re.findall(r"\bld\.global(?:\.\w+)*\.v4\.(?:b32|f32|u32)", ptx)),
+                   mma_sync_eligible=_mma_sync_eligible(ttgir, options.num_warps))
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(figures))
+    return figures, False
+
+
+def _label(kernel_name, signature, constexprs, options):
+    names = list(signature)
+    flags = {names[k[0]]: v for k, v in constexprs.items() if isinstance(v, (bool, int, str))}
+    blocks = " ".join(f"{k}={v}" for k, v in flags.items() if k.startswith("BLOCK") or k in ("GROUP_M",))
+    on = " ".join(k for k, v in flags.items() if v is True)
+    prec = flags.get("PRECISION", "")
+    return f"{blocks} w{options.num_warps} s{options.num_stages}" + (f" {on}" if on else "") + \
+        (f" {prec}" if prec else "")
 
 
 def aot_launch(kernel, grid, *args, **meta):
     """A ``launch`` for the host launchers that compiles for sm_90 instead of running."""
-    from triton.runtime.autotuner import Autotuner
-
     if isinstance(kernel, Autotuner):  # every candidate config that survives the pruning
         named = dict(zip(kernel.fn.arg_names, args))  # as Triton's Autotuner calls the pruner
         prune = getattr(kernel, "early_config_prune", None)
-        for c in (prune(kernel.configs, named, **meta) if prune else kernel.configs):
-            aot_launch(kernel.fn, grid, *args, **meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        _default_mode.append(False)
+        try:
+            for c in (prune(kernel.configs, named, **meta) if prune else kernel.configs):
+                aot_launch(kernel.fn, grid, *args, **meta, **c.kwargs, num_warps=c.num_warps,
+                           num_stages=c.num_stages)
+        finally:
+            _default_mode.pop()
         return
-    options = {k: meta.pop(k) for k in ("num_warps", "num_stages") if k in meta}
-    names = kernel.arg_names
-    signature = {n: _sig(a) for n, a in zip(names, args)}
-    signature.update({n: "constexpr" for n in meta})
-    key = (kernel.fn.__name__, tuple(sorted(signature.items())), tuple(sorted(meta.items())),
-           tuple(sorted(options.items())))
-    if key in seen:
-        return
-    seen.add(key)
-    label = f"{kernel.fn.__name__} {dict(meta)} {options} {sorted(set(s for s in signature.values() if s.startswith('*')))}"
+    default = _default_mode[-1]
+    name = kernel.fn.__name__
     t0 = time.time()
     try:
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=dict(meta)),
-                                  target=TARGET, options=options)
-        shared = compiled.metadata.shared
-        if shared > SHARED_LIMIT:
-            raise RuntimeError(f"needs {shared} bytes of shared memory, the H100/H200 limit is {SHARED_LIMIT}")
-        print(f"ok   {time.time() - t0:5.2f}s smem={shared:6d} {label}", flush=True)
+        signature, constexprs, attrs, options = _specialise(kernel, args, meta)
     except Exception as e:  # noqa: BLE001
-        failures.append(label)
-        print(f"FAIL {label}\n     {type(e).__name__}: {str(e)[:2000]}", flush=True)
+        failures.append(name)
+        print(f"FAIL {name}: cannot bind the arguments: {type(e).__name__}: {e}", flush=True)
+        return
+    dtype = next((v[1:] for v in signature.values() if v.startswith("*") and v[1:] in _DTYPES), "-")
+    label = _label(name, signature, constexprs, options)
+    key = (name, dtype, label, str(attrs), str(sorted(signature.items())))
+    if key in _seen:
+        return
+    _seen.add(key)
+    try:
+        figures, cached = _compile(kernel, signature, constexprs, attrs, options)
+    except Exception as e:  # noqa: BLE001
+        failures.append(f"{name} {dtype} {label}")
+        print(f"FAIL {name} {dtype} {label}\n     {type(e).__name__}: {str(e)[:2000]}", flush=True)
+        return
+    row = dict(kernel=name, dtype=dtype, config=label, default=default, **figures)
+    rows.append(row)
+    print(f"{'cache' if cached else f'{time.time() - t0:5.1f}s'} {_row_text(row)}", flush=True)
 
 
-def variants():
-    """Drive each host launcher through the cases the op layer produces."""
-    from fusedlm.kernels import norm, swiglu
+def _row_text(r):
+    return (f"{r['kernel']:<20} {r['dtype']:<4} {'def ' if r['default'] else 'tune'} regs={r['regs']:3d} "
+            f"spill={r['spill_stores']}/{r['spill_loads']} smem={r['shared']:6d} wgmma={r['wgmma']} "
+            f"mma.sync={r['mma_sync']} (wgmma-able {r['mma_sync_eligible']}) tma={r['tma']} ld={r['ld_global']}"
+            f"({r['ld_global_16B']}x16B) st={r['st_global']}  {r['config']}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The launch cases: each host launcher driven through the cases the op layer produces, with the block
+# shapes a CUDA device gets (the launchers' configs are keyed on device.type).
+
+
+@contextlib.contextmanager
+def cuda_configs():
+    from fusedlm.kernels import attention, deberta, lora
+
+    saved = attention.block_config, attention.autotune_enabled, lora._config, deberta.block_config
+    cuda = torch.device("cuda")
+    attention.block_config = lambda e, ev, causal, dtype, device, backward=False: saved[0](
+        e, ev, causal, dtype, cuda, backward)
+    lora._config = lambda M, N, K, R, dtype, device, *masked: saved[2](M, N, K, R, dtype, cuda, *masked)
+    deberta.block_config = lambda d, dtype, device, *args, **kw: saved[3](d, dtype, cuda, *args, **kw)
+    try:
+        yield attention
+    finally:
+        attention.block_config, attention.autotune_enabled, lora._config, deberta.block_config = saved
+
+
+def memory_bound_variants():
+    from fusedlm.kernels import norm, rope, swiglu
 
     def progs(device, rows):
-        return min(rows, 132)
+        return min(rows, 264)
 
     for dt in (torch.bfloat16, torch.float32):  # float16 compiles as bfloat16 does
-        for n in (4096, 65536):  # one-pass and looped
+        for n in (4096, 16384, 65536):  # a common width, the widest kept in one pass, a looped one
             x = torch.randn(8, n, dtype=dt)
             w = torch.randn(n, dtype=dt)
             for is_rms in (True, False):
                 for res in (None, torch.randn(8, n, dtype=dt)):
                     wb = (w, None if is_rms else w)
-                    y, s, mean, rstd = norm.norm_fwd(aot_launch, x, res, *wb, 1e-6, 0.0, is_rms)
-                    norm.norm_fwd(aot_launch, x, res, None, None, 1e-6, 0.0, is_rms)
+                    norm.norm_fwd(aot_launch, x, res, *wb, 1e-6, 0.0, is_rms)
                     norm.norm_bwd(aot_launch, progs, x, x, w, res, torch.empty(8), torch.empty(8), 0.0, is_rms,
                                   True, not is_rms)
-                    norm.norm_bwd(aot_launch, progs, x, x, None, None, torch.empty(8), torch.empty(8), 0.0,
-                                  is_rms, False, False)
         g = torch.randn(16, 11008, dtype=dt)
         swiglu.swiglu_fwd(aot_launch, g, g)
         swiglu.swiglu_bwd(aot_launch, g, g, g)
-    from fusedlm.kernels import rope
-    for dt in (torch.bfloat16, torch.float32):  # float16 compiles as bfloat16 does
         q = torch.randn(2, 32, 16, 128, dtype=dt)
         k = torch.randn(2, 8, 16, 128, dtype=dt)
         for rot in (128, 64):
@@ -107,25 +234,31 @@ def variants():
 
 
 def attention_variants():
-    """The attention kernels with the block shapes a GPU would get (block_config keyed on a CUDA device)."""
-    from fusedlm.kernels import attention
-
-    cpu_config, cpu_autotune = attention.block_config, attention.autotune_enabled
-    attention.block_config = lambda e, ev, causal, dtype, device, backward=False: cpu_config(
-        e, ev, causal, dtype, torch.device("cuda"), backward)
-    try:
+    with cuda_configs() as attention:
         attention.autotune_enabled = lambda device: True  # the autotuning candidates, common cases
-        for dt, e in [(torch.bfloat16, 64), (torch.bfloat16, 128), (torch.bfloat16, 256)]:
+        for dt, e in [(torch.bfloat16, 64), (torch.bfloat16, 128)]:
             q = torch.randn(1, 2, 64, e, dtype=dt)
-            out, lse = attention.attention_fwd(aot_launch, q, q, q, None, None, None, None, 64, 64, 0.1, True, False,
-                                               0.0, None)
-            attention.attention_bwd(aot_launch, out, None, q, q, q, out, lse, None, None, None, None, 64, 64, 0.1, True,
-                                    False, 0.0, None)
-        attention.autotune_enabled = cpu_autotune
+            out, lse = attention.attention_fwd(aot_launch, q, q, q, None, None, None, None, 64, 64, 0.1, True,
+                                               False, 0.0, None)
+            attention.attention_bwd(aot_launch, out, None, q, q, q, out, lse, None, None, None, None, 64, 64, 0.1,
+                                    True, False, 0.0, None)
+        attention.autotune_enabled = lambda device: False
+        os.environ["FUSEDLM_TMA"] = "1"  # the opt-in tensor-descriptor forward (not a default config)
+        _default_mode.append(False)
+        try:
+            for dt, e, causal in [(torch.bfloat16, 64, True), (torch.bfloat16, 128, False)]:
+                q = torch.randn(2, 4, 64, e, dtype=dt)
+                attention.attention_fwd(aot_launch, q, q, q, None, None, None, None, 64, 64, 0.1, causal, False, 0.0,
+                                        None)
+        finally:
+            _default_mode.pop()
+            del os.environ["FUSEDLM_TMA"]
         for dt, e, ev, causal, extras in [
+            (torch.bfloat16, 64, 64, True, ()), (torch.bfloat16, 64, 64, False, ()),
             (torch.bfloat16, 128, 128, False, ()), (torch.bfloat16, 128, 128, True, ()),
             (torch.bfloat16, 64, 64, True, ("kpm", "bool", "dropout")), (torch.float16, 256, 256, False, ("float",)),
-            (torch.bfloat16, 96, 40, False, ("kpm",)), (torch.float32, 80, 80, True, ()),
+            (torch.bfloat16, 96, 40, False, ("kpm",)), (torch.float16, 128, 128, True, ()),
+            (torch.float32, 64, 64, True, ()), (torch.float32, 128, 128, False, ()),
             (torch.bfloat16, 128, 64, True, ("varlen",)), (torch.bfloat16, 192, 192, True, ("gqa",)),
         ]:
             B, H, L = 2, 4, 64
@@ -148,18 +281,14 @@ def attention_variants():
                 args = (q, k, v, mask, kpm, None, None, L, L, 0.1, causal, False, 0.1 if seed is not None else 0.0,
                         seed)
             out, lse = attention.attention_fwd(aot_launch, *args)
-            attention.attention_bwd(aot_launch, torch.randn_like(out), None, q, k, v, out, torch.zeros_like(lse), *args[3:])
-    finally:
-        attention.block_config, attention.autotune_enabled = cpu_config, cpu_autotune
+            attention.attention_bwd(aot_launch, torch.randn_like(out), None, q, k, v, out, torch.zeros_like(lse),
+                                    *args[3:])
 
 
 def lora_variants():
-    """The fused LoRA GEMM with the block shapes a GPU would get (_config keyed on a CUDA device)."""
     from fusedlm.kernels import lora
 
-    cpu_config = lora._config
-    lora._config = lambda M, N, K, R, dtype, device: cpu_config(M, N, K, R, dtype, torch.device("cuda"))
-    try:
+    with cuda_configs():
         for dt in (torch.bfloat16, torch.float32):
             for M, K, N, r in [(256, 4096, 4096, 16), (67, 130, 96, 1), (8, 96, 40, 256)]:
                 x, w = torch.randn(M, K, dtype=dt), torch.randn(N, K, dtype=dt)
@@ -168,17 +297,13 @@ def lora_variants():
                     lora.lora_fwd(aot_launch, x, w, bias, xa, b, 2.0)
                 for keep in (None, torch.rand(M, K) >= 0.5):
                     lora.lora_dx(aot_launch, torch.randn(M, N, dtype=dt), w, xa, a, keep, 2.0)
-    finally:
-        lora._config = cpu_config
 
 
 def deberta_variants():
     """Forward and both backward kernels: every position-term combination, key padding, the dtypes."""
     from fusedlm.kernels import deberta
 
-    cpu_config = deberta.block_config
-    deberta.block_config = lambda d, dtype, device, kernel="fwd": cpu_config(d, dtype, torch.device("cuda"), kernel)
-    try:
+    with cuda_configs():
         B, H, S = 2, 2, 64
         for dt, d, terms, kpm in [(torch.bfloat16, 64, "c2p,p2c", True), (torch.bfloat16, 64, "c2p,p2c", False),
                                   (torch.bfloat16, 64, "c2p", False), (torch.bfloat16, 64, "p2c", True),
@@ -201,15 +326,63 @@ def deberta_variants():
         out, lse = deberta.deberta_fwd(aot_launch, q, q, q, pos, pos, None, cu, idx, S, 0.1, 0.1, seed)
         deberta.deberta_bwd(aot_launch, out, lse, q, q, q, pos, pos, out, lse, None, cu, idx, S, 0.1, 0.1, seed,
                             True, True)
-    finally:
-        deberta.block_config = cpu_config
 
+
+def _run_group(group):
+    """Run some drivers (in a worker process): their rows and failures."""
+    for driver in group:
+        driver()
+    return rows, failures
+
+
+def run_all(jobs=None):
+    """Every driver; on ``jobs`` processes (default: up to 2 CPUs, env FUSEDLM_SM90_JOBS). The attention
+    kernels take about as long as all the others together, so two groups halve the cold run on 2 cores."""
+    groups = [(attention_variants,), (deberta_variants, lora_variants, memory_bound_variants)]
+    jobs = jobs or int(os.environ.get("FUSEDLM_SM90_JOBS", min(2, os.cpu_count() or 1)))
+    if jobs < 2:
+        _run_group([d for g in groups for d in g])
+        return rows, failures
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(len(groups)) as pool:
+        for got_rows, got_failures in pool.map(_run_group, groups):
+            rows.extend(got_rows)
+            failures.extend(got_failures)
+    return rows, failures
+
+
+def markdown(rows):
+    lines = [f"# Static sm_90 compile of every kernel variant (Triton {triton.__version__})", "",
+             "Generated by `python tests/sm90_compile.py --write` (no GPU: Triton's compiler and ptxas for sm_90, with the "
+             "specialisation a launch gets). `def` = a default launch config, `tune` = an autotune candidate "
+             "(FUSEDLM_AUTOTUNE=1). Spills in bytes (stores/loads), shared memory in bytes (limit 232448), "
+             "instruction counts static in the PTX. `wgmma-able`: dots left on mma.sync that wgmma could take. "
+             "`ld (16 B)`: global load instructions (those moving 16 bytes a thread), `st`: global stores.", "",
+             "| kernel | dtype | kind | config | regs | spill st/ld | smem | wgmma | mma.sync | wgmma-able | tma | "
+             "ld (16 B) | st |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['kernel']} | {r['dtype']} | {'def' if r['default'] else 'tune'} | {r['config']} | "
+                     f"{r['regs']} | {r['spill_stores']}/{r['spill_loads']} | {r['shared']} | {r['wgmma']} | "
+                     f"{r['mma_sync']} | {r['mma_sync_eligible']} | {r['tma']} | {r['ld_global']} ({r['ld_global_16B']}) | "
+                     f"{r['st_global']} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
-    variants()
-    attention_variants()
-    lora_variants()
-    deberta_variants()
-    print(f"{len(seen)} variants compiled for sm_90, {len(failures)} failed")
-    sys.exit(1 if failures or not seen else 0)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", help="write the rows as JSON here")
+    parser.add_argument("--write", action="store_true", help="write benchmarks/results/sm90_static.{json,md}")
+    a = parser.parse_args()
+    t0 = time.time()
+    run_all()
+    doc = dict(triton=triton.__version__, torch=torch.__version__, target="sm_90", rows=rows, failures=failures)
+    if a.json:
+        Path(a.json).write_text(json.dumps(doc, indent=1))
+    if a.write:
+        out = ROOT / "benchmarks" / "results"
+        (out / "sm90_static.json").write_text(json.dumps(doc, indent=1) + "\n")
+        (out / "sm90_static.md").write_text(markdown(rows))
+    print(f"{len(rows)} variants compiled for sm_90 in {time.time() - t0:.0f}s, {len(failures)} failed")
+    sys.exit(1 if failures or not rows else 0)

@@ -135,6 +135,7 @@ def test_looped_variant_over_many_rows(device, norm, monkeypatch):
     from fusedlm.kernels import norm as K
 
     monkeypatch.setattr(K, "MAX_ONE_PASS", 64)
+    monkeypatch.setattr(K, "MAX_ONE_PASS_BWD", 64)
     monkeypatch.setattr(K, "LOOP_BLOCK", 64)
     n = 300  # 5 chunks, the last one partial
     inputs = dict(x=torch.randn(11, n, dtype=torch.float64), residual=torch.randn(11, n, dtype=torch.float64),
