@@ -26,10 +26,10 @@ SHARED_LIMIT = 232448
 # the first word and its config contains every other word). Remove an entry when its fix lands:
 # test_known_failures_still_fail then names the entries that no longer fail.
 KNOWN_FAILURES = {
-    "_deberta_fwd": "DeBERTa forward spills at E = 128 / 256 (708/1028 B at E = 128): fixed on branch i8",
-    "_deberta_bwd_dkdv": "DeBERTa dK/dV spills (580/584 B at E = 64) and runs dK, dV on mma.sync at E = 128: "
-                         "fixed on branch i8",
-    "_deberta_bwd_dq": "DeBERTa dQ spills (100/64 B at E = 64): fixed on branch i8",
+    "_deberta_bwd_dkdv BLOCK_D=256": "DeBERTa dK/dV at E = 256 (368/352 B): the same two [64, 256] float32 "
+                                      "accumulators as attention's E = 256 dK/dV below, plus the position tiles",
+    "_deberta_bwd_dq": "DeBERTa dQ with both position terms spills 16/20 B at E = 64 (255 registers: the dQ, dC2P "
+                       "and dP2C terms share the tile); every product is on wgmma",
     "_attn_bwd_dkdv BLOCK_E=256": "E = 256 dK/dV holds two [64, 256] float32 accumulators (128 registers a thread "
                                   "at 8 warps) beside the K and V tiles: every all-wgmma tile tried spills (16x64 "
                                   "w8 108/112 B, 32x64 w8 472/504 B, 16x64 w16 436/492 B); the old 32x32 tile ran "
