@@ -11,7 +11,7 @@ import torch
 
 import fusedlm
 from fusedlm.verify import BOUNDS, check_case, rel_err
-from helpers import assert_within, triton_or_skip
+from helpers import RecordFusedOps, assert_within, detach_clone, triton_or_skip
 from test_attention import cu, oracle, qkv, randn, varlen_inputs
 
 
@@ -223,6 +223,59 @@ def test_varlen_dropout_backward_uses_the_forward_mask(backend, device, dtype, w
 
     rows = check_case(fn, ref, inputs, dtype=dtype, device=device, grad=("q", "k", "v"))
     assert_within(rows, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Registered ops and torch.compile
+
+
+def test_opcheck_window_and_varlen_dropout(device):
+    """torch.library.opcheck on fusedlm::attention_fwd / attention_bwd with the window arguments and the
+    varlen dropout seed the public function passes them."""
+    triton_or_skip()
+    gen = torch.Generator().manual_seed(19)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=gen).to(device).requires_grad_(True)
+
+    recorder = RecordFusedOps("attention")
+    lq, lk = [3, 9], [5, 9]
+    with recorder:
+        torch.manual_seed(0)
+        out = fusedlm.varlen_attention(t(12, 2, 24), t(14, 1, 24), t(14, 1, 40), cu(lq).to(device),
+                                       cu(lk).to(device), 9, 9, causal=True, window_size=(2, 0), dropout_p=0.3,
+                                       backend="triton")
+        out.backward(torch.randn(out.shape, generator=gen).to(device))
+    names = [f.name() for f, _, _ in recorder.calls]
+    assert any("attention_fwd" in n for n in names) and any("attention_bwd" in n for n in names), names
+    for func, args, kwargs in recorder.calls:
+        assert tuple(args[-2:]) == (2, 0), "window (left, right) not passed to the op"
+        forward = "attention_fwd" in func.name()
+        args = detach_clone(args, requires_grad=forward)
+        if forward:
+            args = tuple(a.detach() if isinstance(a, torch.Tensor) and i >= 3 else a for i, a in enumerate(args))
+        torch.library.opcheck(func, args, detach_clone(kwargs))
+
+
+def test_torch_compile_window_equals_eager(backend, device):
+    def block(q, k, v, kpm):
+        out = fusedlm.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, key_padding_mask=kpm,
+                                                   window_size=(7, 0), backend=backend)
+        return out.square().sum()
+
+    compiled = torch.compile(block, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
+    gen = torch.Generator().manual_seed(23)
+    args = [torch.randn(1, 4, 37, 32, generator=gen).to(device).requires_grad_(True),
+            torch.randn(1, 2, 37, 32, generator=gen).to(device).requires_grad_(True),
+            torch.randn(1, 2, 37, 32, generator=gen).to(device).requires_grad_(True),
+            (torch.rand(1, 37, generator=gen) < 0.8).to(device)]
+    eager = block(*args)
+    eager_grads = torch.autograd.grad(eager, args[:3])
+    out = compiled(*args)
+    grads = torch.autograd.grad(out, args[:3])
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------
