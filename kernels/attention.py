@@ -29,6 +29,11 @@ forward and backward regenerate the same mask, and the same seed gives the same 
 
 Causal alignment: query i sees keys j <= i + shift, shift = 0 (top-left, torch's SDPA) or
 S_b - L_b (bottom-right, FlashAttention's varlen convention, per sequence).
+
+Local attention (WINDOW): query i sees keys i + shift - left <= j <= i + shift + right. The block loops
+then run in three stages: the partial blocks on the band's left edge, the blocks inside it (no test), the
+partial blocks on its right edge (or the diagonal); blocks outside the band are never loaded, so the cost
+is O(L * (left + right)) instead of O(L * S). The dK/dV kernel bounds its query loop the same way.
 """
 import functools
 import os
@@ -134,15 +139,16 @@ def _program_block_and_head(n_blocks):
 def _fwd_blocks(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_e, offs_ev, E, EV,
                 lo, hi, q_len, k_len, shift, win_left, win_right, qk_scale,
                 MASK, stride_mm, stride_mn, KPM, seed, bh, max_q, max_k, dropout_p,
-                HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                CHECK_BOUNDS: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+                WINDOW: tl.constexpr, CHECK_BOUNDS: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
+                PRECISION: tl.constexpr):
     """Online softmax over key blocks [lo, hi): returns the updated (acc, l_i, m_i)."""
     offs_nb = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_nb
         k = _tile_t(K, offs_n, k_len, stride_kn, offs_e, E)
-        qk = _scores(q, k, offs_m[:, None], offs_n[None, :], q_len, k_len, shift, win_left, win_right, qk_scale, MASK, stride_mm,
-                     stride_mn, KPM,
+        qk = _scores(q, k, offs_m[:, None], offs_n[None, :], q_len, k_len, shift, win_left, win_right, qk_scale,
+                     MASK, stride_mm, stride_mn, KPM,
                      HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW, CHECK_BOUNDS, PRECISION)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
@@ -244,7 +250,7 @@ def _attn_fwd(
     stride_ob, stride_oh, stride_om, stride_lb, stride_lh, stride_lm,
     stride_mb, stride_mh, stride_mm, stride_mn, stride_kpb,  # mask strides (0 where broadcast)
     H, GROUP, Lq, Lk, E, EV,  # heads of q, q heads per kv head, dense lengths, head dims
-    sm_scale, dropout_p, win_left, win_right,  # float32 scalars
+    sm_scale, dropout_p, win_left, win_right,  # float32 scalars; the band (ints, causal folded in, see window_args)
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, VARLEN: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
@@ -313,8 +319,8 @@ def _attn_fwd(
 @triton.jit
 def _probs(a, b, m2, n2, q_len, k_len, shift, win_left, win_right, qk_scale, lse2,
            MASK, stride_mm, stride_mn, KPM,
-           HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-           CHECK_BOUNDS: tl.constexpr, PRECISION: tl.constexpr):
+           HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+           WINDOW: tl.constexpr, CHECK_BOUNDS: tl.constexpr, PRECISION: tl.constexpr):
     """P of a tile (either orientation, see _scores) recomputed from the saved lse (base 2, +inf for rows
     with nothing visible), lse2 broadcast along the query axis of the tile."""
     qk = _scores(a, b, m2, n2, q_len, k_len, shift, win_left, win_right, qk_scale, MASK, stride_mm, stride_mn, KPM,
@@ -355,10 +361,12 @@ def _attn_bwd_delta(
 
 @triton.jit
 def _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, KPM, offs_n, offs_e, offs_ev, E, EV,
-                 m_lo, m_hi, q_len, k_len, shift, win_left, win_right, qk_scale, stride_qm, stride_dom, stride_lm, stride_mm, stride_mn,
+                 m_lo, m_hi, q_len, k_len, shift, win_left, win_right, qk_scale, stride_qm, stride_dom, stride_lm,
+                 stride_mm, stride_mn,
                  seed, bh, max_q, max_k, dropout_p,
-                 HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                 DROPOUT: tl.constexpr, CHECK_BOUNDS: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+                 HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+                 WINDOW: tl.constexpr, DROPOUT: tl.constexpr, CHECK_BOUNDS: tl.constexpr, BLOCK_M: tl.constexpr,
+                 PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key block over the query blocks [m_lo, m_hi) of one query head.
 
     Everything is computed transposed, keys along the rows ([BLOCK_N, BLOCK_M] tiles: P^T = exp(k q^T - lse),
@@ -371,8 +379,9 @@ def _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, KPM, offs_n, offs_e, off
         qT = _tile_t(Q, offs_m, q_len, stride_qm, offs_e, E)  # [BLOCK_E, BLOCK_M]
         do = _tile(DO, offs_m, q_len, stride_dom, offs_ev, EV)  # [BLOCK_M, BLOCK_EV]
         lse2, delta = _row_stats(LSE, DELTA, offs_m, q_len, stride_lm)
-        pT = _probs(k, qT, offs_m[None, :], offs_n[:, None], q_len, k_len, shift, win_left, win_right, qk_scale, lse2[None, :], MASK,
-                    stride_mm, stride_mn, KPM, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW, CHECK_BOUNDS, PRECISION)
+        pT = _probs(k, qT, offs_m[None, :], offs_n[:, None], q_len, k_len, shift, win_left, win_right, qk_scale,
+                    lse2[None, :], MASK, stride_mm, stride_mn, KPM, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW,
+                    CHECK_BOUNDS, PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], max_q, max_k, dropout_p)
@@ -457,9 +466,9 @@ def _attn_bwd_dkdv(
             # test; the ones wholly below it do not.
             dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, MASKh, KPM + b64 * stride_kpb,
                                   offs_n, offs_e, offs_ev, E, EV, lo, tl.minimum(m_masked, m_hi), q_len, k_len,
-                                  shift, win_left, win_right, qk_scale, stride_qm, stride_dom, stride_lm, stride_mm, stride_mn,
-                                  seed, bh, Lq, Lk, dropout_p, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW, DROPOUT,
-                                  True, BLOCK_M, PRECISION)
+                                  shift, win_left, win_right, qk_scale, stride_qm, stride_dom, stride_lm, stride_mm,
+                                  stride_mn, seed, bh, Lq, Lk, dropout_p, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW,
+                                  DROPOUT, True, BLOCK_M, PRECISION)
             dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, MASKh, KPM + b64 * stride_kpb,
                                   offs_n, offs_e, offs_ev, E, EV, tl.maximum(m_masked, lo), m_full_hi, q_len, k_len,
                                   shift, win_left, win_right, qk_scale, stride_qm, stride_dom, stride_lm, stride_mm,
@@ -482,17 +491,19 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _dq_blocks(dq, q, do, lse2, delta, K, V, MASK, KPM, offs_m, offs_e, offs_ev, E, EV, n_lo, n_hi, q_len, k_len,
-               shift, win_left, win_right, qk_scale, stride_kn, stride_vn, stride_mm, stride_mn, seed, bh, max_q, max_k, dropout_p,
-               HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-               DROPOUT: tl.constexpr, CHECK_BOUNDS: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+               shift, win_left, win_right, qk_scale, stride_kn, stride_vn, stride_mm, stride_mn, seed, bh, max_q, max_k,
+               dropout_p,
+               HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+               WINDOW: tl.constexpr, DROPOUT: tl.constexpr, CHECK_BOUNDS: tl.constexpr, BLOCK_N: tl.constexpr,
+               PRECISION: tl.constexpr):
     """Accumulate dQ of one query block over the key blocks [n_lo, n_hi)."""
     offs_nb = tl.arange(0, BLOCK_N)
     for start_n in range(n_lo, n_hi, BLOCK_N):
         offs_n = start_n + offs_nb
         kT = _tile_t(K, offs_n, k_len, stride_kn, offs_e, E)
         vT = _tile_t(V, offs_n, k_len, stride_vn, offs_ev, EV)
-        p = _probs(q, kT, offs_m[:, None], offs_n[None, :], q_len, k_len, shift, win_left, win_right, qk_scale, lse2[:, None], MASK,
-                   stride_mm, stride_mn, KPM,
+        p = _probs(q, kT, offs_m[:, None], offs_n[None, :], q_len, k_len, shift, win_left, win_right, qk_scale,
+                   lse2[:, None], MASK, stride_mm, stride_mn, KPM,
                    HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW, CHECK_BOUNDS, PRECISION)
         dp = tl.dot(do, vT, input_precision=PRECISION)
         if DROPOUT:
@@ -797,8 +808,8 @@ def attention_fwd(launch, q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu
             *_bhm_strides(q, varlen), *_bhm_strides(k, varlen), *_bhm_strides(v, varlen), *_bhm_strides(out, varlen),
             *lse_strides, *mask_strides,
             H, H // Hkv, Lq, Lk, E, Ev, float(scale), float(dropout_p), win_left, win_right)
-    flags = dict(CAUSAL=causal, WINDOW=has_window, BOTTOM_RIGHT=bottom_right, VARLEN=varlen, DROPOUT=dropout_p > 0, **mask_flags,
-                 PRECISION=precision(q))
+    flags = dict(CAUSAL=causal, WINDOW=has_window, BOTTOM_RIGHT=bottom_right, VARLEN=varlen, DROPOUT=dropout_p > 0,
+                 **mask_flags, PRECISION=precision(q))
     _launch_blocks(launch, _attn_fwd, _attn_fwd_tuned, lambda bm, bn: _grid(Lq, bm, B * H), args, cfg,
                    flags, q.device)
     return out, lse
@@ -833,8 +844,8 @@ def attention_bwd(launch, do, dlse, q, k, v, out, lse, attn_mask, key_padding_ma
                   *_bhm_strides(do, varlen), *lse_strides)
     win_left, win_right, has_window = window_args(window, causal, Lq, Lk)
     scalars = (H, H // Hkv, Lq, Lk, E, Ev, float(scale), float(dropout_p), win_left, win_right)
-    flags = dict(CAUSAL=causal, WINDOW=has_window, BOTTOM_RIGHT=bottom_right, VARLEN=varlen, DROPOUT=dropout_p > 0, **mask_flags,
-                 PRECISION=precision(q))
+    flags = dict(CAUSAL=causal, WINDOW=has_window, BOTTOM_RIGHT=bottom_right, VARLEN=varlen, DROPOUT=dropout_p > 0,
+                 **mask_flags, PRECISION=precision(q))
     _launch_blocks(launch, _attn_bwd_dkdv, _attn_bwd_dkdv_tuned, lambda bm, bn: _grid(Lk, bn, B * Hkv),
                    (q, k, v, do, lse, delta, dk, dv, *common_ptrs, *in_strides, *_bhm_strides(dk, varlen),
                     *_bhm_strides(dv, varlen), *mask_strides, *scalars), dkdv_config(cfg), flags, q.device)
