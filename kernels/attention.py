@@ -23,9 +23,15 @@ in two kernels without atomics, so the result is deterministic: one program per 
 accumulates dK, dV over every query head of its GQA group and every query block; one per query block
 and head accumulates dQ over the key blocks.
 
-Dropout (rate p) multiplies P by keep_ij / (1 - p) after the softmax; keep_ij = rand(seed, offset_ij) >= p
-with Triton's counter-based Philox generator and offset_ij = ((b * H + h) * max_L + i) * max_S + j, so
-forward and backward regenerate the same mask, and the same seed gives the same result.
+Dropout (rate p) multiplies P by keep_ij / (1 - p) after the softmax; keep_ij = uniform(seed, c_ij) >= p
+with Triton's counter-based Philox generator and the 64-bit counter c_ij = ((b * H + h) * max_L + i) *
+max_S + j (its two 32-bit halves as two Philox counter words), so forward and backward regenerate the
+same mask, and the same seed gives the same result.
+
+Launch grids are one axis (CUDA caps axes 1 and 2 at 65535): block index fastest, then batch x head.
+On sm_90 every half-precision product runs on wgmma, which takes M = 64 rows per warpgroup: the dK/dV
+kernel therefore computes its tiles transposed (keys along the rows), so its own 64-key block is the M
+of all four products. float32 inputs multiply as 3xTF32 on the tensor cores (float32 accuracy).
 
 Causal alignment: query i sees keys j <= i + shift, shift = 0 (top-left, torch's SDPA) or
 S_b - L_b (bottom-right, FlashAttention's varlen convention, per sequence).
@@ -141,12 +147,16 @@ def _fwd_blocks(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_e, of
                 MASK, stride_mm, stride_mn, KPM, seed, bh, max_q, max_k, dropout_p,
                 HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
                 WINDOW: tl.constexpr, CHECK_BOUNDS: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
-                PRECISION: tl.constexpr):
-    """Online softmax over key blocks [lo, hi): returns the updated (acc, l_i, m_i)."""
+                PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+    """Online softmax over key blocks [lo, hi): returns the updated (acc, l_i, m_i). With USE_TMA, K and V
+    are tensor descriptors (tile loads by the tensor memory accelerator), else pointers."""
     offs_nb = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_nb
-        k = _tile_t(K, offs_n, k_len, stride_kn, offs_e, E)
+        if USE_TMA:
+            k = tl.trans(K.load([start_n, 0]))
+        else:
+            k = _tile_t(K, offs_n, k_len, stride_kn, offs_e, E)
         qk = _scores(q, k, offs_m[:, None], offs_n[None, :], q_len, k_len, shift, win_left, win_right, qk_scale,
                      MASK, stride_mm, stride_mn, KPM,
                      HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW, CHECK_BOUNDS, PRECISION)
@@ -158,7 +168,10 @@ def _fwd_blocks(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_e, of
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], max_q, max_k, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = _tile(V, offs_n, k_len, stride_vn, offs_ev, EV)
+        if USE_TMA:
+            v = V.load([start_n, 0])
+        else:
+            v = _tile(V, offs_n, k_len, stride_vn, offs_ev, EV)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -254,7 +267,8 @@ def _attn_fwd(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, VARLEN: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
-    PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for float32 inputs (no TF32 rounding)
+    PRECISION: tl.constexpr,  # tl.dot input precision: "tf32x3" for float32 inputs (float32 accuracy)
+    USE_TMA: tl.constexpr = False,  # q, k, v tiles through tensor descriptors (TMA on sm_90), FUSEDLM_TMA=1
 ):
     m_block, bh = _program_block_and_head(tl.cdiv(Lq, BLOCK_M))
     start_m = m_block * BLOCK_M
@@ -275,7 +289,16 @@ def _attn_fwd(
     V += b64 * stride_vb + kvh * stride_vh + k_start.to(tl.int64) * stride_vn
     MASK += b64 * stride_mb + h.to(tl.int64) * stride_mh
     KPM += b64 * stride_kpb
-    q = _tile(Q, offs_m, q_len, stride_qm, offs_e, E)
+    if USE_TMA:
+        # Descriptors bounded by this sequence: rows past q_len / k_len and features past E read as zeros,
+        # as the masked pointer loads do.
+        q = tl.make_tensor_descriptor(Q, shape=[q_len, E], strides=[stride_qm, 1],
+                                      block_shape=[BLOCK_M, BLOCK_E]).load([start_m, 0])
+        K = tl.make_tensor_descriptor(K, shape=[k_len, E], strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_E])
+        V = tl.make_tensor_descriptor(V, shape=[k_len, EV], strides=[stride_vn, 1],
+                                      block_shape=[BLOCK_N, BLOCK_EV])
+    else:
+        q = _tile(Q, offs_m, q_len, stride_qm, offs_e, E)
     shift = k_len - q_len if BOTTOM_RIGHT else 0
     kv_begin, kv_end = _real_keys(KV_RANGE, b, k_len, HAS_KPM)
     if WINDOW:  # a band of key blocks: partial ones at both edges, full ones between, none outside
@@ -294,17 +317,20 @@ def _attn_fwd(
         acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_e, offs_ev, E, EV,
                                     lo, full_lo, q_len, k_len, shift, win_left, win_right, qk_scale, MASK,
                                     stride_mm, stride_mn, KPM, seed, bh, Lq, Lk, dropout_p,
-                                    HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW, True, DROPOUT, BLOCK_N, PRECISION)
+                                    HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW, True, DROPOUT, BLOCK_N, PRECISION,
+                                    USE_TMA)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_e, offs_ev, E, EV,
                                 full_lo, n_full, q_len, k_len, shift, win_left, win_right, qk_scale, MASK, stride_mm,
                                 stride_mn, KPM,
                                 seed, bh, Lq, Lk, dropout_p,
-                                HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW, False, DROPOUT, BLOCK_N, PRECISION)
+                                HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW, False, DROPOUT, BLOCK_N, PRECISION,
+                                USE_TMA)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_e, offs_ev, E, EV,
                                 tl.maximum(n_full, full_lo), hi, q_len, k_len, shift, win_left, win_right, qk_scale,
                                 MASK, stride_mm, stride_mn, KPM,
                                 seed, bh, Lq, Lk, dropout_p,
-                                HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW, True, DROPOUT, BLOCK_N, PRECISION)
+                                HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW, True, DROPOUT, BLOCK_N, PRECISION,
+                                USE_TMA)
     empty = l_i == 0.0  # no visible key: zeros out, lse = -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
@@ -679,6 +705,20 @@ def tuning_configs(candidates):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in candidates]
 
 
+def tma_enabled(device, *tensors):
+    """Forward tile loads through tensor descriptors (TMA on sm_90): opt-in with FUSEDLM_TMA=1 until a GPU
+    has timed it. Descriptors need 16-byte aligned bases and row strides (unit stride along features); the
+    allocations themselves are aligned (CUDA 256 B, CPU 64 B), so the storage offset and strides decide."""
+    if os.environ.get("FUSEDLM_TMA", "0") != "1":
+        return False
+    for t in tensors:
+        if any(st * t.element_size() % 16 for st in (t.storage_offset(), *t.stride()[:-1])) or t.stride(-1) != 1:
+            return False
+    if device.type == "cuda":  # in-kernel descriptors live in a global scratch buffer Triton asks for
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device))
+    return True
+
+
 def autotune_enabled(device):
     return device.type == "cuda" and os.environ.get("FUSEDLM_AUTOTUNE", "0") == "1"
 
@@ -809,7 +849,7 @@ def attention_fwd(launch, q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu
             *lse_strides, *mask_strides,
             H, H // Hkv, Lq, Lk, E, Ev, float(scale), float(dropout_p), win_left, win_right)
     flags = dict(CAUSAL=causal, WINDOW=has_window, BOTTOM_RIGHT=bottom_right, VARLEN=varlen, DROPOUT=dropout_p > 0,
-                 **mask_flags, PRECISION=precision(q))
+                 **mask_flags, PRECISION=precision(q), USE_TMA=tma_enabled(q.device, q, k, v))
     _launch_blocks(launch, _attn_fwd, _attn_fwd_tuned, lambda bm, bn: _grid(Lq, bm, B * H), args, cfg,
                    flags, q.device)
     return out, lse

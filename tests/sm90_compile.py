@@ -243,6 +243,16 @@ def attention_variants():
             attention.attention_bwd(aot_launch, out, None, q, q, q, out, lse, None, None, None, None, 64, 64, 0.1,
                                     True, False, 0.0, None)
         attention.autotune_enabled = lambda device: False
+        os.environ["FUSEDLM_TMA"] = "1"  # the opt-in tensor-descriptor forward (not a default config)
+        _default_mode.append(False)
+        try:
+            for dt, e, causal in [(torch.bfloat16, 64, True), (torch.bfloat16, 128, False)]:
+                q = torch.randn(2, 4, 64, e, dtype=dt)
+                attention.attention_fwd(aot_launch, q, q, q, None, None, None, None, 64, 64, 0.1, causal, False, 0.0,
+                                        None)
+        finally:
+            _default_mode.pop()
+            del os.environ["FUSEDLM_TMA"]
         for dt, e, ev, causal, extras in [
             (torch.bfloat16, 64, 64, True, ()), (torch.bfloat16, 64, 64, False, ()),
             (torch.bfloat16, 128, 128, False, ()), (torch.bfloat16, 128, 128, True, ()),
@@ -289,6 +299,22 @@ def lora_variants():
                     lora.lora_dx(aot_launch, torch.randn(M, N, dtype=dt), w, xa, a, keep, 2.0)
 
 
+def deberta_fwd_bwd(deberta, launch, q, k, v, pk, pq, mask, idx):
+    """DeBERTa's forward and backward launchers on dense (B, H, S, D) inputs, through either launcher
+    signature: (..., rel_idx, scale) before the packed (varlen) DeBERTa op, (..., cu_seqlens, rel_idx,
+    max_seqlen, scale, dropout_p, seed[, ...]) after it."""
+    import inspect
+
+    S = q.shape[2]
+    if "cu_seqlens" in inspect.signature(deberta.deberta_fwd).parameters:
+        out, lse = deberta.deberta_fwd(launch, q, k, v, pk, pq, mask, None, idx, S, 0.1, 0.0, None)
+        deberta.deberta_bwd(launch, out, None, q, k, v, pk, pq, out, lse, mask, None, idx, S, 0.1, 0.0, None,
+                            pk is not None, pq is not None)
+    else:
+        out, lse = deberta.deberta_fwd(launch, q, k, v, pk, pq, mask, idx, 0.1)
+        deberta.deberta_bwd(launch, out, q, k, v, pk, pq, out, lse, mask, idx, 0.1)
+
+
 def deberta_variants():
     """Forward and both backward kernels: every position-term combination, key padding, the dtypes."""
     from fusedlm.kernels import deberta
@@ -305,14 +331,30 @@ def deberta_variants():
             pq = torch.randn(H, 512, d, dtype=dt) if "p2c" in terms else None
             mask = torch.ones(B, S, dtype=torch.bool) if kpm else None
             idx = torch.zeros(2 * S - 1, dtype=torch.int32)
-            out, lse = deberta.deberta_fwd(aot_launch, q, k, v, pk, pq, mask, idx, 0.1)
-            deberta.deberta_bwd(aot_launch, torch.randn_like(out), q, k, v, pk, pq, out, torch.zeros_like(lse), mask,
-                                idx, 0.1)
+            deberta_fwd_bwd(deberta, aot_launch, q, k, v, pk, pq, mask, idx)
 
 
-def run_all():
-    for driver in (memory_bound_variants, attention_variants, lora_variants, deberta_variants):
+def _run_group(group):
+    """Run some drivers (in a worker process): their rows and failures."""
+    for driver in group:
         driver()
+    return rows, failures
+
+
+def run_all(jobs=None):
+    """Every driver; on ``jobs`` processes (default: up to 2 CPUs, env FUSEDLM_SM90_JOBS). The attention
+    kernels take about as long as all the others together, so two groups halve the cold run on 2 cores."""
+    groups = [(attention_variants,), (deberta_variants, lora_variants, memory_bound_variants)]
+    jobs = jobs or int(os.environ.get("FUSEDLM_SM90_JOBS", min(2, os.cpu_count() or 1)))
+    if jobs < 2:
+        _run_group([d for g in groups for d in g])
+        return rows, failures
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(len(groups)) as pool:
+        for got_rows, got_failures in pool.map(_run_group, groups):
+            rows.extend(got_rows)
+            failures.extend(got_failures)
     return rows, failures
 
 
