@@ -141,6 +141,31 @@ def test_window_blocks_outside_the_band_are_never_read(device):
         assert rel_err(got, w) <= BOUNDS[torch.float32]
 
 
+def test_window_with_tma_forward(monkeypatch):
+    """The opt-in tensor-descriptor forward (FUSEDLM_TMA=1) loads key tiles at the band's block offsets."""
+    triton_or_skip()
+    from fusedlm.kernels import attention as K
+
+    monkeypatch.setenv("FUSEDLM_TMA", "1")
+    if not torch.cuda.is_available():
+        import triton
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8))
+    inputs = qkv(1, 2, 2, 97, 97, 64, 64, torch.Generator().manual_seed(7))
+    q, k, v = (inputs[n].float() for n in ("query", "key", "value"))
+    used = []
+
+    def record(launch, kernel, tuned, grid_of, args, cfg, flags, device):
+        used.append((flags["USE_TMA"], flags["WINDOW"]))
+        return launch_blocks(launch, kernel, tuned, grid_of, args, cfg, flags, device)
+
+    launch_blocks = K._launch_blocks
+    monkeypatch.setattr(K, "_launch_blocks", record)
+    got = fusedlm.scaled_dot_product_attention(q, k, v, is_causal=True, window_size=(20, 0), backend="triton")
+    assert used == [(True, True)]
+    want = oracle(inputs["query"], inputs["key"], inputs["value"], attn_mask=band(97, 97, 0, (20, 0)), is_causal=True)
+    assert rel_err(got, want) <= BOUNDS[torch.float32]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Packed (varlen): bottom-right band when Lq != Lk
 
