@@ -57,7 +57,7 @@ DENSE = [
     (2, 2, 70, 110, (10, 25), False, False),  # both sides, L < S
     (2, 2, 110, 70, (31, 0), True, False),  # Mistral sliding_window=32, L > S: rows 70.. see keys 39..69
     (2, 2, 80, 80, (40, 50), True, False),  # causal caps the right side
-    (4, 2, 80, 90, (16, 16), False, True),  # GQA and key padding
+    (4, 2, 80, 90, (16, 16), False, True),  # GQA, key padding and a bool attn_mask with holes
     (2, 2, 45, 45, (1, 1), False, False),  # three diagonals (a (0, 0) band makes P = 1: dq, dk vanish)
 ]
 HALF = (2, 3, 5)  # the cases also run in float16 (CPU time: the interpreter); all of them in float32
@@ -76,16 +76,19 @@ def test_window_matches_oracle(backend, device, dtype, case):
     H, Hkv, L, S, window, causal, padded = case
     gen = torch.Generator().manual_seed(hash(case) % 2**31)
     inputs = qkv(2, H, Hkv, L, S, 40, 40, gen)
-    kpm = None
+    kpm = holes = None
+    allowed = band(L, S, 0, window)
     if padded:
         kpm = torch.rand(2, S, generator=gen) < 0.8
         kpm[0, :7] = False  # left padding
         kpm[1, 50:] = False  # right padding
-    allowed = band(L, S, 0, window)
+        holes = torch.rand(L, S, generator=gen) < 0.9
+        allowed = allowed & holes
 
     def fn(query, key, value):
         return fusedlm.scaled_dot_product_attention(
-            query, key, value, is_causal=causal, enable_gqa=H != Hkv, window_size=window,
+            query, key, value, None if holes is None else holes.to(device), is_causal=causal,
+            enable_gqa=H != Hkv, window_size=window,
             key_padding_mask=None if kpm is None else kpm.to(device), backend=backend)
 
     def ref(query, key, value):
