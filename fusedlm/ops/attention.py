@@ -103,18 +103,6 @@ def _check_probability(name, p):
     return p
 
 
-def check_window(window_size):
-    """window_size: None or a pair of ints (left, right), each >= -1 (-1 = unbounded); returns a tuple or None."""
-    if window_size is None:
-        return None
-    ok = (isinstance(window_size, (tuple, list)) and len(window_size) == 2
-          and all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size))
-    if not ok:
-        raise ValueError(f"window_size: expected None or a pair (left, right) of ints >= -1 (-1 = unbounded), "
-                         f"got {window_size!r}")
-    return tuple(window_size)
-
-
 def _check_scale(scale, e):
     if scale is None:
         return e ** -0.5
@@ -171,7 +159,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     dropout_p = _check_probability("dropout_p", dropout_p)
     _validate.flag("is_causal", is_causal)
     _validate.flag("enable_gqa", enable_gqa)
-    window = check_window(window_size)
+    window = _validate.window("window_size", window_size)
     scale = _check_scale(scale, E)
     name = _backend.select("scaled_dot_product_attention", backend, query.device, {
         "triton": _triton_reason((query, key, value), E, Ev, attn_mask),
@@ -252,7 +240,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     _check_max_seqlen("max_seqlen_q", max_seqlen_q, cu_seqlens_q)
     _check_max_seqlen("max_seqlen_k", max_seqlen_k, cu_seqlens_k)
     _validate.flag("causal", causal)
-    window = check_window(window_size)
+    window = _validate.window("window_size", window_size)
     dropout_p = _check_probability("dropout_p", dropout_p)
     scale = _check_scale(scale, E)
     name = _backend.select("varlen_attention", backend, q.device, {
