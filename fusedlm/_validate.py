@@ -92,3 +92,15 @@ def kernel_dtype_reason(*tensors):
         if t is not None and t.dtype not in KERNEL_DTYPES:
             return f"the fused kernels compute float16, bfloat16 and float32, got {t.dtype} (use backend='torch')"
     return None
+
+
+def window(name, value):
+    """None, or a local-attention window (left, right): two Python ints >= -1 (-1 = unbounded on that side).
+    Returns a tuple, or None."""
+    if value is None:
+        return None
+    ok = (isinstance(value, (tuple, list)) and len(value) == 2
+          and all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in value))
+    if not ok:
+        raise ValueError(f"{name}: expected None or a pair (left, right) of ints >= -1 (-1 = unbounded), got {value!r}")
+    return tuple(value)

@@ -72,15 +72,31 @@ def rope_ref(q, k, cos, sin, unsqueeze_dim=1, interleaved=False):
     return _rope_one(q, cos, sin, interleaved), _rope_one(k, cos, sin, interleaved)
 
 
+def band_mask(L, S, shift, window_size, device):
+    """(L, S) bool: query i sees key j when i + shift - left <= j <= i + shift + right (local attention,
+    window_size = (left, right), -1 = unbounded on that side); None when nothing is excluded."""
+    if window_size is None or tuple(window_size) == (-1, -1):
+        return None
+    left, right = window_size
+    rel = torch.arange(S, device=device)[None, :] - torch.arange(L, device=device)[:, None] - shift  # j - i - shift
+    allowed = torch.ones(L, S, dtype=torch.bool, device=device)
+    if left >= 0:
+        allowed &= rel >= -left
+    if right >= 0:
+        allowed &= rel <= right
+    return allowed
+
+
 def sdpa_ref(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
-             key_padding_mask=None, return_lse=False):
+             key_padding_mask=None, return_lse=False, window_size=None):
     """Math attention, the semantics of torch.nn.functional.scaled_dot_product_attention, plus padding.
 
     query (B, H, L, E), key (B, Hkv, S, E), value (B, Hkv, S, Ev); query head h reads kv head
     h // (H // Hkv) (GQA; the op layer checks that it was asked for). attn_mask: bool (True = takes
     part) or float (added to the scores), broadcastable to (B, H, L, S). is_causal: query i sees keys
     j <= i (top-left), combined with attn_mask when both are given. key_padding_mask: bool (B, S),
-    True = real token. scale: default 1 / sqrt(E). Dropout on the probabilities, kept ones scaled by
+    True = real token. window_size: (left, right), query i sees keys i - left <= j <= i + right (-1 =
+    unbounded). scale: default 1 / sqrt(E). Dropout on the probabilities, kept ones scaled by
     1 / (1 - dropout_p), the mask drawn from torch's default generator on the device.
 
     A row that can attend to no key (every score masked or -inf) outputs zeros, gets zero gradient and
@@ -108,6 +124,9 @@ def sdpa_ref(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, 
     if is_causal:
         causal = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
         allowed = causal if allowed is None else allowed & causal
+    band = band_mask(L, S, 0, window_size, q.device)
+    if band is not None:
+        allowed = band if allowed is None else allowed & band
     if key_padding_mask is not None:
         kpm = key_padding_mask[:, None, None, :]
         allowed = kpm if allowed is None else allowed & kpm
@@ -132,13 +151,15 @@ def sdpa_ref(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, 
 
 
 def varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False, scale=None,
-               return_lse=False):
+               return_lse=False, window_size=None, dropout_p=0.0):
     """Attention over packed sequences: q (total_q, H, E), k (total_k, Hkv, E), v (total_k, Hkv, Ev).
 
     Sequence b is q[cu_seqlens_q[b]:cu_seqlens_q[b+1]] against k, v[cu_seqlens_k[b]:cu_seqlens_k[b+1]],
     nothing across sequences. ``causal`` aligns bottom-right: query i of a sequence with lengths
     (Lq, Lk) sees keys j <= i + Lk - Lq (FlashAttention's convention; the same as top-left when
     Lq == Lk); a row that sees no key outputs zeros. GQA whenever Hkv < H (Hkv divides H).
+    window_size: (left, right), keys i + Lk - Lq - left <= j <= i + Lk - Lq + right (-1 = unbounded).
+    dropout_p: as in sdpa_ref, drawn sequence by sequence from torch's generator.
     Loops over the sequences in Python (clarity over speed; max_seqlen_* are not needed here).
     Returns (total_q, H, Ev) in q's dtype, and with ``return_lse`` the lse (total_q, H) as in sdpa_ref.
     """
@@ -150,13 +171,12 @@ def varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
         qb = q[q0:q1].transpose(0, 1).unsqueeze(0)  # (1, H, Lq, E)
         kb = k[k0:k1].transpose(0, 1).unsqueeze(0)
         vb = v[k0:k1].transpose(0, 1).unsqueeze(0)
-        mask = None
-        if causal:
-            lq, lk = q1 - q0, k1 - k0
-            i = torch.arange(lq, device=q.device)[:, None]
-            j = torch.arange(lk, device=q.device)[None, :]
-            mask = j <= i + (lk - lq)
-        res = sdpa_ref(qb, kb, vb, attn_mask=mask, scale=scale, return_lse=return_lse)
+        lq, lk = q1 - q0, k1 - k0
+        mask = band_mask(lq, lk, lk - lq, (-1, 0) if causal else None, q.device)
+        band = band_mask(lq, lk, lk - lq, window_size, q.device)
+        if band is not None:
+            mask = band if mask is None else mask & band
+        res = sdpa_ref(qb, kb, vb, attn_mask=mask, dropout_p=dropout_p, scale=scale, return_lse=return_lse)
         out, lse = res if return_lse else (res, None)
         outs.append(out[0].transpose(0, 1))  # (Lq, H, Ev)
         if return_lse:

@@ -238,6 +238,50 @@ def _attention_cases(gpu):
 
         out.append(Case("varlen_attention" + ("(causal)" if causal else ""), (len(lq), sum(lq), sum(lk), H, Hkv, E),
                         make_varlen, run_varlen, ref_varlen, ("q", "k", "v")))
+    out += _window_cases(gpu)
+    return out
+
+
+def _window_cases(gpu):
+    """Local attention (window_size): a Mistral-style sliding window (causal), a two-sided band with L != S,
+    and a packed batch aligned bottom-right."""
+    import fusedlm
+    from fusedlm import reference as R
+
+    out = []
+    # (B, H, Hkv, L, S, E, causal, window)
+    dense = [(1, 4, 2, 97, 97, 64, True, (31, 0)), (1, 2, 2, 70, 110, 40, False, (10, 25))]
+    if gpu:
+        dense.append((2, 16, 4, 2048, 2048, 128, True, (511, 0)))
+    for B, H, Hkv, L, S, E, causal, window in dense:
+        def make(g, B=B, H=H, Hkv=Hkv, L=L, S=S, E=E):
+            return dict(query=_randn(g, B, H, L, E), key=_randn(g, B, Hkv, S, E), value=_randn(g, B, Hkv, S, E))
+
+        def run_fn(b, causal=causal, window=window, gqa=H != Hkv):
+            return lambda query, key, value: fusedlm.scaled_dot_product_attention(
+                query, key, value, is_causal=causal, enable_gqa=gqa, window_size=window, backend=b)
+
+        def ref(query, key, value, causal=causal, window=window, gqa=H != Hkv):
+            return R.sdpa_ref(query, key, value, None, 0.0, causal, None, gqa, window_size=window)
+
+        label = f"scaled_dot_product_attention({'causal,' if causal else ''}window={window[0]},{window[1]})"
+        out.append(Case(label, (B, H, Hkv, L, S, E, E), make, run_fn, ref, ("query", "key", "value")))
+    lq, lk, H, Hkv, E, window = (40, 3, 70), (70, 9, 40), 4, 2, 48, (20, 0)
+
+    def make_varlen(g):
+        cu = [torch.tensor([0] + list(torch.tensor(n).cumsum(0)), dtype=torch.int32) for n in (lq, lk)]
+        return dict(q=_randn(g, sum(lq), H, E), k=_randn(g, sum(lk), Hkv, E), v=_randn(g, sum(lk), Hkv, E),
+                    cu_seqlens_q=cu[0], cu_seqlens_k=cu[1])
+
+    def run_varlen(b):
+        return lambda q, k, v, cu_seqlens_q, cu_seqlens_k: fusedlm.varlen_attention(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max(lq), max(lk), causal=True, window_size=window, backend=b)
+
+    def ref_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k):
+        return R.varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max(lq), max(lk), True, window_size=window)
+
+    out.append(Case(f"varlen_attention(causal,window={window[0]},{window[1]})", (len(lq), sum(lq), sum(lk), H, Hkv, E),
+                    make_varlen, run_varlen, ref_varlen, ("q", "k", "v")))
     return out
 
 

@@ -35,6 +35,11 @@ of all four products. float32 inputs multiply as 3xTF32 on the tensor cores (flo
 
 Causal alignment: query i sees keys j <= i + shift, shift = 0 (top-left, torch's SDPA) or
 S_b - L_b (bottom-right, FlashAttention's varlen convention, per sequence).
+
+Local attention (WINDOW): query i sees keys i + shift - left <= j <= i + shift + right. The block loops
+then run in three stages: the partial blocks on the band's left edge, the blocks inside it (no test), the
+partial blocks on its right edge (or the diagonal); blocks outside the band are never loaded, so the cost
+is O(L * (left + right)) instead of O(L * S). The dK/dV kernel bounds its query loop the same way.
 """
 import functools
 import os
@@ -70,10 +75,10 @@ def _row_stats(LSE, DELTA, pos, n_pos, stride):
 
 
 @triton.jit
-def _scores(a, b, m2, n2, q_len, k_len, shift, qk_scale,
+def _scores(a, b, m2, n2, q_len, k_len, shift, win_left, win_right, qk_scale,
             MASK, stride_mm, stride_mn, KPM,
             HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr,
-            CAUSAL: tl.constexpr, CHECK_BOUNDS: tl.constexpr, PRECISION: tl.constexpr):
+            CAUSAL: tl.constexpr, WINDOW: tl.constexpr, CHECK_BOUNDS: tl.constexpr, PRECISION: tl.constexpr):
     """Base-2 scores of a tile: (s * a b + mask) * log2(e), -inf where masked.
 
     Either orientation: a = q [BLOCK_M, BLOCK_E] and b = k^T [BLOCK_E, BLOCK_N] with the position grids
@@ -96,6 +101,8 @@ def _scores(a, b, m2, n2, q_len, k_len, shift, qk_scale,
         keep = n2 < k_len
         if CAUSAL:
             keep = keep & (n2 <= m2 + shift)
+        if WINDOW:  # local attention: i + shift - left <= j <= i + shift + right
+            keep = keep & (n2 >= m2 + shift - win_left) & (n2 <= m2 + shift + win_right)
         qk = tl.where(keep, qk, float("-inf"))
     return qk
 
@@ -136,11 +143,11 @@ def _program_block_and_head(n_blocks):
 
 @triton.jit
 def _fwd_blocks(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_e, offs_ev, E, EV,
-                lo, hi, q_len, k_len, shift, qk_scale,
+                lo, hi, q_len, k_len, shift, win_left, win_right, qk_scale,
                 MASK, stride_mm, stride_mn, KPM, seed, bh, max_q, max_k, dropout_p,
                 HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-                CHECK_BOUNDS: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-                USE_TMA: tl.constexpr):
+                WINDOW: tl.constexpr, CHECK_BOUNDS: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
+                PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """Online softmax over key blocks [lo, hi): returns the updated (acc, l_i, m_i). With USE_TMA, K and V
     are tensor descriptors (tile loads by the tensor memory accelerator), else pointers."""
     offs_nb = tl.arange(0, BLOCK_N)
@@ -150,9 +157,9 @@ def _fwd_blocks(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_e, of
             k = tl.trans(K.load([start_n, 0]))
         else:
             k = _tile_t(K, offs_n, k_len, stride_kn, offs_e, E)
-        qk = _scores(q, k, offs_m[:, None], offs_n[None, :], q_len, k_len, shift, qk_scale, MASK, stride_mm,
-                     stride_mn, KPM,
-                     HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, CHECK_BOUNDS, PRECISION)
+        qk = _scores(q, k, offs_m[:, None], offs_n[None, :], q_len, k_len, shift, win_left, win_right, qk_scale,
+                     MASK, stride_mm, stride_mn, KPM,
+                     HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW, CHECK_BOUNDS, PRECISION)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
         p = tl.math.exp2(qk - m_safe[:, None])
@@ -212,6 +219,43 @@ def _key_range(start_m, q_len, k_len, kv_end, shift, CAUSAL: tl.constexpr,
 
 
 @triton.jit
+def _window_key_range(start_m, q_len, kv_begin, kv_end, shift, win_left, win_right,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key blocks of a query tile under a window (causal folded into win_right by the host):
+    (lo, full_lo, full_hi, hi) with [lo, full_lo) and [full_hi, hi) partly visible (the two band edges),
+    [full_lo, full_hi) visible to every query of the tile; blocks outside [lo, hi) are never visited.
+    Row i sees keys [i + shift - left, i + shift + right], so the tile (rows start_m .. last) sees
+    [start_m + shift - left, last + shift + right], and every row of it sees
+    [start_m + BLOCK_M - 1 + shift - left, start_m + shift + right]."""
+    last = tl.minimum(start_m + BLOCK_M, q_len) - 1
+    lo = tl.maximum(tl.maximum(kv_begin, start_m + shift - win_left), 0) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(kv_end, tl.maximum(last + shift + win_right + 1, 0))
+    full_lo = tl.cdiv(tl.maximum(start_m + BLOCK_M - 1 + shift - win_left, 0), BLOCK_N) * BLOCK_N
+    full_hi = tl.minimum(tl.maximum(start_m + shift + win_right + 1, 0), kv_end) // BLOCK_N * BLOCK_N
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _window_query_range(start_n, q_len, k_len, shift, win_left, win_right,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The same for a key block (the dK/dV kernel): query i sees key j when
+    j - shift - right <= i <= j - shift + left. Returns (lo, full_lo, full_hi, hi) over query positions;
+    a key block running past k_len has no fully visible query block."""
+    last = tl.minimum(start_n + BLOCK_N, k_len) - 1
+    lo = tl.maximum(start_n - shift - win_right, 0) // BLOCK_M * BLOCK_M
+    hi = tl.minimum(q_len, tl.maximum(last - shift + win_left + 1, 0))
+    full_lo = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - shift - win_right, 0), BLOCK_M) * BLOCK_M
+    full_hi = tl.maximum(start_n - shift + win_left + 1, 0) // BLOCK_M * BLOCK_M
+    if start_n + BLOCK_N > k_len:
+        full_lo = hi
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE,  # q, k, v (last dim contiguous), out, lse (float32, natural log)
     MASK, KPM, KV_RANGE, CU_Q, CU_K, SEED,  # optional: attn mask, key padding (uint8), per-batch real-key range, cu_seqlens, seed
@@ -219,8 +263,8 @@ def _attn_fwd(
     stride_ob, stride_oh, stride_om, stride_lb, stride_lh, stride_lm,
     stride_mb, stride_mh, stride_mm, stride_mn, stride_kpb,  # mask strides (0 where broadcast)
     H, GROUP, Lq, Lk, E, EV,  # heads of q, q heads per kv head, dense lengths, head dims
-    sm_scale, dropout_p,  # float32 scalars
-    CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, VARLEN: tl.constexpr,
+    sm_scale, dropout_p, win_left, win_right,  # float32 scalars; the band (ints, causal folded in, see window_args)
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, VARLEN: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     PRECISION: tl.constexpr,  # tl.dot input precision: "tf32x3" for float32 inputs (float32 accuracy)
@@ -257,22 +301,36 @@ def _attn_fwd(
         q = _tile(Q, offs_m, q_len, stride_qm, offs_e, E)
     shift = k_len - q_len if BOTTOM_RIGHT else 0
     kv_begin, kv_end = _real_keys(KV_RANGE, b, k_len, HAS_KPM)
-    n_full, hi = _key_range(start_m, q_len, k_len, kv_end, shift, CAUSAL, BLOCK_M, BLOCK_N)
-    lo = kv_begin // BLOCK_N * BLOCK_N  # blocks before the first real key are padding only
+    if WINDOW:  # a band of key blocks: partial ones at both edges, full ones between, none outside
+        lo, full_lo, n_full, hi = _window_key_range(start_m, q_len, kv_begin, kv_end, shift, win_left, win_right,
+                                                    BLOCK_M, BLOCK_N)
+    else:
+        n_full, hi = _key_range(start_m, q_len, k_len, kv_end, shift, CAUSAL, BLOCK_M, BLOCK_N)
+        lo = kv_begin // BLOCK_N * BLOCK_N  # blocks before the first real key are padding only
+        full_lo = lo
     seed = tl.load(SEED) if DROPOUT else 0
     qk_scale = sm_scale * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_EV], dtype=tl.float32)
+    if WINDOW:  # the blocks on the band's left edge
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_e, offs_ev, E, EV,
+                                    lo, full_lo, q_len, k_len, shift, win_left, win_right, qk_scale, MASK,
+                                    stride_mm, stride_mn, KPM, seed, bh, Lq, Lk, dropout_p,
+                                    HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW, True, DROPOUT, BLOCK_N, PRECISION,
+                                    USE_TMA)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_e, offs_ev, E, EV,
-                                lo, n_full, q_len, k_len, shift, qk_scale, MASK, stride_mm, stride_mn, KPM,
-                                seed, bh, Lq, Lk, dropout_p,
-                                HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, False, DROPOUT, BLOCK_N, PRECISION, USE_TMA)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_e, offs_ev, E, EV,
-                                tl.maximum(n_full, lo), hi, q_len, k_len, shift, qk_scale, MASK, stride_mm,
+                                full_lo, n_full, q_len, k_len, shift, win_left, win_right, qk_scale, MASK, stride_mm,
                                 stride_mn, KPM,
                                 seed, bh, Lq, Lk, dropout_p,
-                                HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, True, DROPOUT, BLOCK_N, PRECISION, USE_TMA)
+                                HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW, False, DROPOUT, BLOCK_N, PRECISION,
+                                USE_TMA)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, offs_m, offs_e, offs_ev, E, EV,
+                                tl.maximum(n_full, full_lo), hi, q_len, k_len, shift, win_left, win_right, qk_scale,
+                                MASK, stride_mm, stride_mn, KPM,
+                                seed, bh, Lq, Lk, dropout_p,
+                                HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW, True, DROPOUT, BLOCK_N, PRECISION,
+                                USE_TMA)
     empty = l_i == 0.0  # no visible key: zeros out, lse = -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
@@ -285,14 +343,14 @@ def _attn_fwd(
 
 
 @triton.jit
-def _probs(a, b, m2, n2, q_len, k_len, shift, qk_scale, lse2,
+def _probs(a, b, m2, n2, q_len, k_len, shift, win_left, win_right, qk_scale, lse2,
            MASK, stride_mm, stride_mn, KPM,
            HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-           CHECK_BOUNDS: tl.constexpr, PRECISION: tl.constexpr):
+           WINDOW: tl.constexpr, CHECK_BOUNDS: tl.constexpr, PRECISION: tl.constexpr):
     """P of a tile (either orientation, see _scores) recomputed from the saved lse (base 2, +inf for rows
     with nothing visible), lse2 broadcast along the query axis of the tile."""
-    qk = _scores(a, b, m2, n2, q_len, k_len, shift, qk_scale, MASK, stride_mm, stride_mn, KPM,
-                 HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, CHECK_BOUNDS, PRECISION)
+    qk = _scores(a, b, m2, n2, q_len, k_len, shift, win_left, win_right, qk_scale, MASK, stride_mm, stride_mn, KPM,
+                 HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW, CHECK_BOUNDS, PRECISION)
     return tl.math.exp2(qk - lse2)
 
 
@@ -329,10 +387,12 @@ def _attn_bwd_delta(
 
 @triton.jit
 def _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, KPM, offs_n, offs_e, offs_ev, E, EV,
-                 m_lo, m_hi, q_len, k_len, shift, qk_scale, stride_qm, stride_dom, stride_lm, stride_mm, stride_mn,
+                 m_lo, m_hi, q_len, k_len, shift, win_left, win_right, qk_scale, stride_qm, stride_dom, stride_lm,
+                 stride_mm, stride_mn,
                  seed, bh, max_q, max_k, dropout_p,
                  HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-                 DROPOUT: tl.constexpr, CHECK_BOUNDS: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+                 WINDOW: tl.constexpr, DROPOUT: tl.constexpr, CHECK_BOUNDS: tl.constexpr, BLOCK_M: tl.constexpr,
+                 PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key block over the query blocks [m_lo, m_hi) of one query head.
 
     Everything is computed transposed, keys along the rows ([BLOCK_N, BLOCK_M] tiles: P^T = exp(k q^T - lse),
@@ -345,8 +405,9 @@ def _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, KPM, offs_n, offs_e, off
         qT = _tile_t(Q, offs_m, q_len, stride_qm, offs_e, E)  # [BLOCK_E, BLOCK_M]
         do = _tile(DO, offs_m, q_len, stride_dom, offs_ev, EV)  # [BLOCK_M, BLOCK_EV]
         lse2, delta = _row_stats(LSE, DELTA, offs_m, q_len, stride_lm)
-        pT = _probs(k, qT, offs_m[None, :], offs_n[:, None], q_len, k_len, shift, qk_scale, lse2[None, :], MASK,
-                    stride_mm, stride_mn, KPM, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, CHECK_BOUNDS, PRECISION)
+        pT = _probs(k, qT, offs_m[None, :], offs_n[:, None], q_len, k_len, shift, win_left, win_right, qk_scale,
+                    lse2[None, :], MASK, stride_mm, stride_mn, KPM, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW,
+                    CHECK_BOUNDS, PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], max_q, max_k, dropout_p)
@@ -369,8 +430,8 @@ def _attn_bwd_dkdv(
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     stride_mb, stride_mh, stride_mm, stride_mn, stride_kpb,
     H, GROUP, Lq, Lk, E, EV,
-    sm_scale, dropout_p,
-    CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, VARLEN: tl.constexpr,
+    sm_scale, dropout_p, win_left, win_right,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, VARLEN: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for float32 inputs (no TF32 rounding)
@@ -404,13 +465,21 @@ def _attn_bwd_dkdv(
     # Queries that can see this key block: with causal, i >= start_n - shift. From m_masked on, every
     # query of a block sees every key of this one (i >= start_n + BLOCK_N - 1 - shift), unless the key
     # block runs past the sequence end.
-    lo = tl.maximum(start_n - shift, 0) // BLOCK_M * BLOCK_M if CAUSAL else 0
-    if start_n + BLOCK_N > k_len:
-        m_masked = q_len
-    elif CAUSAL:
-        m_masked = tl.maximum(start_n + BLOCK_N - 1 - shift + BLOCK_M - 1, 0) // BLOCK_M * BLOCK_M
+    # With a window: [lo, m_masked) and [m_full_hi, m_hi) are the partial query blocks at the band's two
+    # edges, [m_masked, m_full_hi) the fully visible ones; no other query block is visited.
+    if WINDOW:
+        lo, m_masked, m_full_hi, m_hi = _window_query_range(start_n, q_len, k_len, shift, win_left, win_right,
+                                                            BLOCK_M, BLOCK_N)
     else:
-        m_masked = 0
+        lo = tl.maximum(start_n - shift, 0) // BLOCK_M * BLOCK_M if CAUSAL else 0
+        if start_n + BLOCK_N > k_len:
+            m_masked = q_len
+        elif CAUSAL:
+            m_masked = tl.maximum(start_n + BLOCK_N - 1 - shift + BLOCK_M - 1, 0) // BLOCK_M * BLOCK_M
+        else:
+            m_masked = 0
+        m_full_hi = q_len
+        m_hi = q_len
     if (start_n < kv_end) & (start_n + BLOCK_N > kv_begin):  # else padding only: zero gradients
         for g in range(0, GROUP):
             h = kvh * GROUP + g
@@ -422,15 +491,21 @@ def _attn_bwd_dkdv(
             # Query blocks on the causal diagonal (or facing a partial key block) need the per-element
             # test; the ones wholly below it do not.
             dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, MASKh, KPM + b64 * stride_kpb,
-                                  offs_n, offs_e, offs_ev, E, EV, lo, tl.minimum(m_masked, q_len), q_len, k_len,
-                                  shift, qk_scale, stride_qm, stride_dom, stride_lm, stride_mm, stride_mn,
-                                  seed, bh, Lq, Lk, dropout_p, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, DROPOUT,
-                                  True, BLOCK_M, PRECISION)
+                                  offs_n, offs_e, offs_ev, E, EV, lo, tl.minimum(m_masked, m_hi), q_len, k_len,
+                                  shift, win_left, win_right, qk_scale, stride_qm, stride_dom, stride_lm, stride_mm,
+                                  stride_mn, seed, bh, Lq, Lk, dropout_p, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW,
+                                  DROPOUT, True, BLOCK_M, PRECISION)
             dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, MASKh, KPM + b64 * stride_kpb,
-                                  offs_n, offs_e, offs_ev, E, EV, tl.maximum(m_masked, lo), q_len, q_len, k_len,
-                                  shift, qk_scale, stride_qm, stride_dom, stride_lm, stride_mm, stride_mn,
-                                  seed, bh, Lq, Lk, dropout_p, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, DROPOUT,
-                                  False, BLOCK_M, PRECISION)
+                                  offs_n, offs_e, offs_ev, E, EV, tl.maximum(m_masked, lo), m_full_hi, q_len, k_len,
+                                  shift, win_left, win_right, qk_scale, stride_qm, stride_dom, stride_lm, stride_mm,
+                                  stride_mn, seed, bh, Lq, Lk, dropout_p, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW,
+                                  DROPOUT, False, BLOCK_M, PRECISION)
+            if WINDOW:  # the query blocks on the band's far edge
+                dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, MASKh,
+                                      KPM + b64 * stride_kpb, offs_n, offs_e, offs_ev, E, EV, m_full_hi, m_hi, q_len,
+                                      k_len, shift, win_left, win_right, qk_scale, stride_qm, stride_dom, stride_lm,
+                                      stride_mm, stride_mn, seed, bh, Lq, Lk, dropout_p, HAS_MASK, MASK_BOOL, HAS_KPM,
+                                      CAUSAL, WINDOW, DROPOUT, True, BLOCK_M, PRECISION)
     dk = dk * sm_scale
     DK += b64 * stride_dkb + kvh.to(tl.int64) * stride_dkh + k_start.to(tl.int64) * stride_dkn
     DV += b64 * stride_dvb + kvh.to(tl.int64) * stride_dvh + k_start.to(tl.int64) * stride_dvn
@@ -442,18 +517,20 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _dq_blocks(dq, q, do, lse2, delta, K, V, MASK, KPM, offs_m, offs_e, offs_ev, E, EV, n_lo, n_hi, q_len, k_len,
-               shift, qk_scale, stride_kn, stride_vn, stride_mm, stride_mn, seed, bh, max_q, max_k, dropout_p,
+               shift, win_left, win_right, qk_scale, stride_kn, stride_vn, stride_mm, stride_mn, seed, bh, max_q, max_k,
+               dropout_p,
                HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-               DROPOUT: tl.constexpr, CHECK_BOUNDS: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+               WINDOW: tl.constexpr, DROPOUT: tl.constexpr, CHECK_BOUNDS: tl.constexpr, BLOCK_N: tl.constexpr,
+               PRECISION: tl.constexpr):
     """Accumulate dQ of one query block over the key blocks [n_lo, n_hi)."""
     offs_nb = tl.arange(0, BLOCK_N)
     for start_n in range(n_lo, n_hi, BLOCK_N):
         offs_n = start_n + offs_nb
         kT = _tile_t(K, offs_n, k_len, stride_kn, offs_e, E)
         vT = _tile_t(V, offs_n, k_len, stride_vn, offs_ev, EV)
-        p = _probs(q, kT, offs_m[:, None], offs_n[None, :], q_len, k_len, shift, qk_scale, lse2[:, None], MASK,
-                   stride_mm, stride_mn, KPM,
-                   HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, CHECK_BOUNDS, PRECISION)
+        p = _probs(q, kT, offs_m[:, None], offs_n[None, :], q_len, k_len, shift, win_left, win_right, qk_scale,
+                   lse2[:, None], MASK, stride_mm, stride_mn, KPM,
+                   HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW, CHECK_BOUNDS, PRECISION)
         dp = tl.dot(do, vT, input_precision=PRECISION)
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], max_q, max_k, dropout_p)
@@ -472,8 +549,8 @@ def _attn_bwd_dq(
     stride_dqb, stride_dqh, stride_dqm,
     stride_mb, stride_mh, stride_mm, stride_mn, stride_kpb,
     H, GROUP, Lq, Lk, E, EV,
-    sm_scale, dropout_p,
-    CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, VARLEN: tl.constexpr,
+    sm_scale, dropout_p, win_left, win_right,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, VARLEN: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for float32 inputs (no TF32 rounding)
@@ -506,18 +583,30 @@ def _attn_bwd_dq(
     lse2, delta = _row_stats(LSE + row0, DELTA + row0, offs_m, q_len, stride_lm)
     shift = k_len - q_len if BOTTOM_RIGHT else 0
     kv_begin, kv_end = _real_keys(KV_RANGE, b, k_len, HAS_KPM)
-    n_full, hi = _key_range(start_m, q_len, k_len, kv_end, shift, CAUSAL, BLOCK_M, BLOCK_N)
-    lo = kv_begin // BLOCK_N * BLOCK_N
+    if WINDOW:
+        lo, full_lo, n_full, hi = _window_key_range(start_m, q_len, kv_begin, kv_end, shift, win_left, win_right,
+                                                    BLOCK_M, BLOCK_N)
+    else:
+        n_full, hi = _key_range(start_m, q_len, k_len, kv_end, shift, CAUSAL, BLOCK_M, BLOCK_N)
+        lo = kv_begin // BLOCK_N * BLOCK_N
+        full_lo = lo
     seed = tl.load(SEED) if DROPOUT else 0
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
-    # As in the forward: key blocks every query of the tile sees, then the diagonal / last blocks.
-    dq = _dq_blocks(dq, q, do, lse2, delta, K, V, MASK, KPM, offs_m, offs_e, offs_ev, E, EV, lo, n_full, q_len,
-                    k_len, shift, qk_scale, stride_kn, stride_vn, stride_mm, stride_mn, seed, bh, Lq, Lk, dropout_p,
-                    HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, DROPOUT, False, BLOCK_N, PRECISION)
-    dq = _dq_blocks(dq, q, do, lse2, delta, K, V, MASK, KPM, offs_m, offs_e, offs_ev, E, EV, tl.maximum(n_full, lo),
-                    hi, q_len, k_len, shift, qk_scale, stride_kn, stride_vn, stride_mm, stride_mn, seed, bh, Lq, Lk,
-                    dropout_p, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, DROPOUT, True, BLOCK_N, PRECISION)
+    # As in the forward: (with a window, the band's left-edge blocks,) key blocks every query of the tile
+    # sees, then the diagonal / band edge / last blocks.
+    if WINDOW:
+        dq = _dq_blocks(dq, q, do, lse2, delta, K, V, MASK, KPM, offs_m, offs_e, offs_ev, E, EV, lo, full_lo, q_len,
+                        k_len, shift, win_left, win_right, qk_scale, stride_kn, stride_vn, stride_mm, stride_mn, seed,
+                        bh, Lq, Lk, dropout_p, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW, DROPOUT, True, BLOCK_N,
+                        PRECISION)
+    dq = _dq_blocks(dq, q, do, lse2, delta, K, V, MASK, KPM, offs_m, offs_e, offs_ev, E, EV, full_lo, n_full, q_len,
+                    k_len, shift, win_left, win_right, qk_scale, stride_kn, stride_vn, stride_mm, stride_mn, seed, bh,
+                    Lq, Lk, dropout_p, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW, DROPOUT, False, BLOCK_N, PRECISION)
+    dq = _dq_blocks(dq, q, do, lse2, delta, K, V, MASK, KPM, offs_m, offs_e, offs_ev, E, EV,
+                    tl.maximum(n_full, full_lo), hi, q_len, k_len, shift, win_left, win_right, qk_scale, stride_kn,
+                    stride_vn, stride_mm, stride_mn, seed, bh, Lq, Lk, dropout_p, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL,
+                    WINDOW, DROPOUT, True, BLOCK_N, PRECISION)
     dq = dq * sm_scale
     DQ += b64 * stride_dqb + h.to(tl.int64) * stride_dqh + q_start.to(tl.int64) * stride_dqm
     tl.store(DQ + offs_m[:, None].to(tl.int64) * stride_dqm + offs_e[None, :], dq.to(DQ.dtype.element_ty),
@@ -589,7 +678,7 @@ _FWD_CANDIDATES = [(128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 4, 2), (64, 64, 4
                    (128, 128, 8, 2)]
 _BWD_CANDIDATES = [(64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2),
                    (128, 32, 8, 2)]
-_TUNE_KEY = ["BLOCK_E", "BLOCK_EV", "CAUSAL", "VARLEN", "HAS_MASK", "HAS_KPM", "DROPOUT", "PRECISION"]
+_TUNE_KEY = ["BLOCK_E", "BLOCK_EV", "CAUSAL", "WINDOW", "VARLEN", "HAS_MASK", "HAS_KPM", "DROPOUT", "PRECISION"]
 SHARED_LIMIT = 232448  # bytes of shared memory a block may use on sm_90
 
 
@@ -713,9 +802,25 @@ def _geometry(q, k, v, cu_seqlens_q, max_q, max_k):
     return varlen, B, H, Hkv, Lq, Lk, E, Ev
 
 
+def window_args(window, causal, Lq, Lk):
+    """(win_left, win_right, WINDOW) for the kernels from window = (left, right) (-1: unbounded) or None.
+    causal is folded in (right <= 0); an unbounded side becomes Lq + Lk, which no |i + shift - j| reaches
+    (-Lq <= i + shift < Lq + Lk and 0 <= j < Lk), so the kernels test both sides without special cases."""
+    if window is None or tuple(window) == (-1, -1):
+        return 0, 0, False
+    left, right = window
+    unbounded = Lq + Lk
+    left = unbounded if left < 0 else left
+    right = unbounded if right < 0 else right
+    if causal:
+        right = min(right, 0)
+    return int(left), int(right), True
+
+
 def attention_fwd(launch, q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_q, max_k,
-                  scale, causal, bottom_right, dropout_p, seed):
-    """-> (out, lse). out like q with v's head dim; lse float32 (B, H, L) or (total, H)."""
+                  scale, causal, bottom_right, dropout_p, seed, window=None):
+    """-> (out, lse). out like q with v's head dim; lse float32 (B, H, L) or (total, H).
+    window: (left, right) local attention, -1 = unbounded on that side, or None."""
     varlen, B, H, Hkv, Lq, Lk, E, Ev = _geometry(q, k, v, cu_seqlens_q, max_q, max_k)
     if varlen:
         out = q.new_empty(q.shape[0], H, Ev)
@@ -737,20 +842,21 @@ def attention_fwd(launch, q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu
     kv_range = key_padding_range(key_padding_mask) if key_padding_mask is not None else None
     mask_ptrs, mask_strides, mask_flags = _mask_args(attn_mask, key_padding_mask, kv_range, B, H, Lq, Lk, dummy)
     cfg = block_config(E, Ev, causal, q.dtype, q.device)
+    win_left, win_right, has_window = window_args(window, causal, Lq, Lk)
     args = (q, k, v, out, lse, *mask_ptrs,
             cu_seqlens_q if varlen else dummy, cu_seqlens_k if varlen else dummy, seed if seed is not None else dummy,
             *_bhm_strides(q, varlen), *_bhm_strides(k, varlen), *_bhm_strides(v, varlen), *_bhm_strides(out, varlen),
             *lse_strides, *mask_strides,
-            H, H // Hkv, Lq, Lk, E, Ev, float(scale), float(dropout_p))
-    flags = dict(CAUSAL=causal, BOTTOM_RIGHT=bottom_right, VARLEN=varlen, DROPOUT=dropout_p > 0, **mask_flags,
-                 PRECISION=precision(q), USE_TMA=tma_enabled(q.device, q, k, v))
+            H, H // Hkv, Lq, Lk, E, Ev, float(scale), float(dropout_p), win_left, win_right)
+    flags = dict(CAUSAL=causal, WINDOW=has_window, BOTTOM_RIGHT=bottom_right, VARLEN=varlen, DROPOUT=dropout_p > 0,
+                 **mask_flags, PRECISION=precision(q), USE_TMA=tma_enabled(q.device, q, k, v))
     _launch_blocks(launch, _attn_fwd, _attn_fwd_tuned, lambda bm, bn: _grid(Lq, bm, B * H), args, cfg,
                    flags, q.device)
     return out, lse
 
 
 def attention_bwd(launch, do, dlse, q, k, v, out, lse, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-                  max_q, max_k, scale, causal, bottom_right, dropout_p, seed):
+                  max_q, max_k, scale, causal, bottom_right, dropout_p, seed, window=None):
     """-> (dq, dk, dv), new tensors shaped like q, k, v. ``dlse``: the gradient reaching lse, or None."""
     varlen, B, H, Hkv, Lq, Lk, E, Ev = _geometry(q, k, v, cu_seqlens_q, max_q, max_k)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -776,9 +882,10 @@ def attention_bwd(launch, do, dlse, q, k, v, out, lse, attn_mask, key_padding_ma
                    seed if seed is not None else dummy)
     in_strides = (*_bhm_strides(q, varlen), *_bhm_strides(k, varlen), *_bhm_strides(v, varlen),
                   *_bhm_strides(do, varlen), *lse_strides)
-    scalars = (H, H // Hkv, Lq, Lk, E, Ev, float(scale), float(dropout_p))
-    flags = dict(CAUSAL=causal, BOTTOM_RIGHT=bottom_right, VARLEN=varlen, DROPOUT=dropout_p > 0, **mask_flags,
-                 PRECISION=precision(q))
+    win_left, win_right, has_window = window_args(window, causal, Lq, Lk)
+    scalars = (H, H // Hkv, Lq, Lk, E, Ev, float(scale), float(dropout_p), win_left, win_right)
+    flags = dict(CAUSAL=causal, WINDOW=has_window, BOTTOM_RIGHT=bottom_right, VARLEN=varlen, DROPOUT=dropout_p > 0,
+                 **mask_flags, PRECISION=precision(q))
     _launch_blocks(launch, _attn_bwd_dkdv, _attn_bwd_dkdv_tuned, lambda bm, bn: _grid(Lk, bn, B * Hkv),
                    (q, k, v, do, lse, delta, dk, dv, *common_ptrs, *in_strides, *_bhm_strides(dk, varlen),
                     *_bhm_strides(dv, varlen), *mask_strides, *scalars), dkdv_config(cfg), flags, q.device)

@@ -26,44 +26,46 @@ def _triton_ops():
     def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
                       key_padding_mask: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
                       cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, scale: float,
-                      causal: bool, bottom_right: bool, dropout_p: float, seed: Optional[torch.Tensor]
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense (B, H, L, E) or packed (total, H, E) attention -> (out, lse float32)."""
+                      causal: bool, bottom_right: bool, dropout_p: float, seed: Optional[torch.Tensor],
+                      window_left: int = -1, window_right: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense (B, H, L, E) or packed (total, H, E) attention -> (out, lse float32); window: -1 = unbounded."""
         return K.attention_fwd(launch, unit_stride(q), unit_stride(k), unit_stride(v), attn_mask, key_padding_mask,
                                unit_stride(cu_seqlens_q), unit_stride(cu_seqlens_k), max_seqlen_q, max_seqlen_k, scale, causal, bottom_right,
-                               dropout_p, seed)
+                               dropout_p, seed, (window_left, window_right))
 
     def attention_bwd(do: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
                       v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
                       cu_seqlens_q: Optional[torch.Tensor], cu_seqlens_k: Optional[torch.Tensor],
                       max_seqlen_q: int, max_seqlen_k: int, scale: float, causal: bool, bottom_right: bool,
-                      dropout_p: float, seed: Optional[torch.Tensor]
+                      dropout_p: float, seed: Optional[torch.Tensor], window_left: int = -1, window_right: int = -1
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (dq, dk, dv); dlse: the gradient reaching lse (None when lse is unused)."""
         return K.attention_bwd(launch, unit_stride(do), dlse, unit_stride(q), unit_stride(k), unit_stride(v), out,
                                lse, attn_mask, key_padding_mask, unit_stride(cu_seqlens_q), unit_stride(cu_seqlens_k), max_seqlen_q, max_seqlen_k, scale,
-                               causal, bottom_right, dropout_p, seed)
+                               causal, bottom_right, dropout_p, seed, (window_left, window_right))
 
     fwd = register_op("attention_fwd", attention_fwd)
     bwd = register_op("attention_bwd", attention_bwd)
 
     def setup_context(ctx, inputs, output):
-        q, k, v, attn_mask, kpm, cu_q, cu_k, max_q, max_k, scale, causal, bottom_right, dropout_p, seed = inputs
+        (q, k, v, attn_mask, kpm, cu_q, cu_k, max_q, max_k, scale, causal, bottom_right, dropout_p, seed,
+         window_left, window_right) = inputs
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse, attn_mask, kpm, cu_q, cu_k, seed)
         ctx.args = (max_q, max_k, scale, causal, bottom_right, dropout_p)
+        ctx.window = (window_left, window_right)
         ctx.set_materialize_grads(False)
 
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, attn_mask, kpm, cu_q, cu_k, seed = ctx.saved_tensors
         if dout is None and dlse is None:
-            return (None,) * 14
+            return (None,) * 16
         if dout is None:  # only lse was used
             dout = torch.zeros_like(out)
         max_q, max_k, scale, causal, bottom_right, dropout_p = ctx.args
         dq, dk, dv = bwd(dout, dlse, q, k, v, out, lse, attn_mask, kpm, cu_q, cu_k, max_q, max_k, scale, causal,
-                         bottom_right, dropout_p, seed)
-        return (dq, dk, dv) + (None,) * 11
+                         bottom_right, dropout_p, seed, *ctx.window)
+        return (dq, dk, dv) + (None,) * 13
 
     fwd.register_autograd(backward, setup_context=setup_context)
     _fwd_op = fwd
@@ -108,7 +110,8 @@ def _check_scale(scale, e):
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                 enable_gqa=False, *, key_padding_mask=None, backend=None, return_lse=False):
+                                 enable_gqa=False, *, key_padding_mask=None, window_size=None, return_lse=False,
+                                 backend=None):
     """Fused attention, a drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
 
     query (B, H, L, E), key (B, Hkv, S, E), value (B, Hkv, S, Ev); float16 / bfloat16 / float32.
@@ -118,6 +121,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     key_padding_mask: bool (B, S), True = real token (Hugging Face's attention_mask == 1); handled in the
     kernel without building an (L, S) mask, and key blocks past the last real key are skipped.
     A query row with no key to attend to outputs zeros and gets zero gradient.
+    window_size: (left, right) local attention as in FlashAttention: query i sees key j only when
+    i - left <= j <= i + right (-1 = unbounded on that side); combines with is_causal and the masks.
+    Mistral's sliding_window=W is (W - 1, 0) with is_causal=True. The kernels skip key blocks outside the band.
     dropout_p: dropout on the attention probabilities (seeded from torch's generator).
     return_lse: also return the float32 log-sum-exp of the scores, (B, H, L), -inf for empty rows.
     Returns (B, H, L, Ev) in query's dtype (memory laid out like query's).
@@ -153,15 +159,16 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     dropout_p = _check_probability("dropout_p", dropout_p)
     _validate.flag("is_causal", is_causal)
     _validate.flag("enable_gqa", enable_gqa)
+    window = _validate.window("window_size", window_size)
     scale = _check_scale(scale, E)
     name = _backend.select("scaled_dot_product_attention", backend, query.device, {
         "triton": _triton_reason((query, key, value), E, Ev, attn_mask),
     })
     if name == "torch":
         return reference.sdpa_ref(query, key, value, attn_mask, dropout_p, is_causal, scale, H != Hkv,
-                                  key_padding_mask, return_lse)
+                                  key_padding_mask, return_lse, window_size=window)
     out, lse = _triton_ops()(query, key, value, attn_mask, key_padding_mask, None, None, L, S, scale, is_causal,
-                             False, dropout_p, _seed(dropout_p, query.device))
+                             False, dropout_p, _seed(dropout_p, query.device), *(window or (-1, -1)))
     return (out, lse) if return_lse else out
 
 
@@ -198,13 +205,17 @@ def _check_max_seqlen(name, value, cu):
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False, scale=None,
-                     backend=None, return_lse=False):
+                     window_size=None, dropout_p=0.0, return_lse=False, backend=None):
     """Attention over packed sequences with no padding (FlashAttention's varlen interface).
 
     q (total_q, H, E), k (total_k, Hkv, E), v (total_k, Hkv, Ev); Hkv divides H (GQA).
     cu_seqlens_q / cu_seqlens_k: int32 (B + 1,) offsets from 0; sequence b is q[cu_q[b]:cu_q[b+1]] and
     attends only to k[cu_k[b]:cu_k[b+1]]. max_seqlen_*: Python ints, at least the longest sequence.
     causal: query i of a sequence sees keys j <= i + S_b - L_b (aligned bottom-right when lengths differ).
+    window_size: (left, right), query i sees keys i + shift - left <= j <= i + shift + right, shift = S_b - L_b
+    (-1 = unbounded on that side); combines with causal.
+    dropout_p: dropout on the attention probabilities as in scaled_dot_product_attention (seeded from
+    torch's generator; the same seed gives the same mask, forward and backward).
     Offsets on a CUDA device are trusted (checking them costs a device sync); set FUSEDLM_CHECK_VARLEN=1 to
     check them there too (a ValueError instead of garbage rows). On CPU they are always checked.
     return_lse: also return the float32 log-sum-exp, (total_q, H).
@@ -229,13 +240,15 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     _check_max_seqlen("max_seqlen_q", max_seqlen_q, cu_seqlens_q)
     _check_max_seqlen("max_seqlen_k", max_seqlen_k, cu_seqlens_k)
     _validate.flag("causal", causal)
+    window = _validate.window("window_size", window_size)
+    dropout_p = _check_probability("dropout_p", dropout_p)
     scale = _check_scale(scale, E)
     name = _backend.select("varlen_attention", backend, q.device, {
         "triton": _triton_reason((q, k, v), E, Ev, None),
     })
     if name == "torch":
         return reference.varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-                                    return_lse)
+                                    return_lse, window_size=window, dropout_p=dropout_p)
     out, lse = _triton_ops()(q, k, v, None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                             causal, True, 0.0, None)
+                             causal, True, dropout_p, _seed(dropout_p, q.device), *(window or (-1, -1)))
     return (out, lse) if return_lse else out
