@@ -28,8 +28,6 @@ SHARED_LIMIT = 232448
 KNOWN_FAILURES = {
     "_deberta_bwd_dkdv BLOCK_D=256": "DeBERTa dK/dV at E = 256 (368/352 B): the same two [64, 256] float32 "
                                       "accumulators as attention's E = 256 dK/dV below, plus the position tiles",
-    "_deberta_bwd_dq": "DeBERTa dQ with both position terms spills 16/20 B at E = 64 (255 registers: the dQ, dC2P "
-                       "and dP2C terms share the tile); every product is on wgmma",
     "_attn_bwd_dkdv BLOCK_E=256": "E = 256 dK/dV holds two [64, 256] float32 accumulators (128 registers a thread "
                                   "at 8 warps) beside the K and V tiles: every all-wgmma tile tried spills (16x64 "
                                   "w8 108/112 B, 32x64 w8 472/504 B, 16x64 w16 436/492 B); the old 32x32 tile ran "
