@@ -58,11 +58,11 @@ DOWN = tl.constexpr(1 << 17)  # backward table flag: idx(d) != idx(d - 1)
 def run_table(rel_idx):
     """The backward's table: idx(d) with the two run-boundary flags UP and DOWN above, so a tile finds
     where its runs start and end from the one entry it gathers (made on the device, no host copy)."""
-    t = rel_idx
-    up = torch.ones_like(t, dtype=torch.bool)
-    down = torch.ones_like(t, dtype=torch.bool)
-    up[:-1] = t[:-1] != t[1:]
-    down[1:] = t[1:] != t[:-1]
+    # narrow/cat rather than slice assignment: the op is also traced on fake CUDA tensors (torch.compile)
+    t, n = rel_idx, rel_idx.numel()
+    edge = torch.ones(1, dtype=torch.bool, device=t.device)
+    differs = t.narrow(0, 0, n - 1) != t.narrow(0, 1, n - 1)  # idx(d) != idx(d + 1)
+    up, down = torch.cat([differs, edge]), torch.cat([edge, differs])
     return t | (up.to(torch.int32) << 16) | (down.to(torch.int32) << 17)
 
 
@@ -477,11 +477,11 @@ class _Geometry:
         pos_query^T) in the inputs' dtype (as Hugging Face), and their (batch, head, row) strides."""
         if pos is None:
             return None, (0, 0, 0)
-        pos = pos[h0:h1].transpose(-1, -2)
+        pos = pos.narrow(0, h0, h1 - h0).transpose(-1, -2)
         if self.varlen:
-            c = torch.matmul(q[:, h0:h1].transpose(0, 1), pos)  # (heads, total, 2 span)
+            c = torch.matmul(q.narrow(1, h0, h1 - h0).transpose(0, 1), pos)  # (heads, total, 2 span)
             return c, (0, c.stride(0), c.stride(1))
-        c = torch.matmul(q[:, h0:h1], pos)  # (B, heads, S, 2 span)
+        c = torch.matmul(q.narrow(1, h0, h1 - h0), pos)  # (B, heads, S, 2 span)
         return c, tuple(c.stride()[:3])
 
 
@@ -529,8 +529,8 @@ def deberta_fwd(launch, q, k, v, pos_key, pos_query, key_padding_mask, cu_seqlen
 def _pos_grad(dbuf, x, g, h0, h1):
     """sum over batch and rows of dbuf^T x for heads h0:h1 in float32: (heads, 2 span, D)."""
     if g.varlen:  # dbuf (heads, total, 2 span), x (total, H, D)
-        return torch.matmul(dbuf.transpose(-1, -2), x[:, h0:h1].transpose(0, 1).float())
-    return torch.matmul(dbuf.transpose(-1, -2), x[:, h0:h1].float()).sum(0)
+        return torch.matmul(dbuf.transpose(-1, -2), x.narrow(1, h0, h1 - h0).transpose(0, 1).float())
+    return torch.einsum("bhsp,bhsd->hpd", dbuf, x.narrow(1, h0, h1 - h0).float())
 
 
 def deberta_bwd(launch, do, dlse, q, k, v, pos_key, pos_query, out, lse, key_padding_mask, cu_seqlens, rel_idx,
@@ -539,8 +539,8 @@ def deberta_bwd(launch, do, dlse, q, k, v, pos_key, pos_query, out, lse, key_pad
     reaching lse, or None. The position gradients are computed only when asked for."""
     g = _Geometry(q, pos_key, pos_query, cu_seqlens, max_seqlen, backward=True)
     dq, dk, dv = _new_out(q, g.varlen), _new_out(k, g.varlen), _new_out(v, g.varlen)
-    dpk = torch.zeros_like(pos_key, dtype=torch.float32) if grad_pos_key else None
-    dpq = torch.zeros_like(pos_query, dtype=torch.float32) if grad_pos_query else None
+    # per head chunk, concatenated at the end (no in-place writes into views: the op is also traced)
+    dpk_parts, dpq_parts = [], []
     if q.numel() == 0 or g.B == 0 or g.S == 0:
         dq.zero_(), dk.zero_(), dv.zero_()
     else:
@@ -573,10 +573,15 @@ def deberta_bwd(launch, do, dlse, q, k, v, pos_key, pos_query, out, lse, key_pad
                    pos_query if pos_query is not None else lse, *common,
                    *io, *_bhm(do, g.varlen), *_bhm(lse, g.varlen), *_bhm(dk, g.varlen), *_bhm(dv, g.varlen),
                    *cs, *ps, kpb, *pos_strides[1], *scalars, **flags, **cfg_dkdv)
-            if dpk is not None:  # dpos_key = sum over batch and queries of dC2P^T Q
-                dpk[h0:h1] = _pos_grad(dc2p, q, g, h0, h1)
-            if dpq is not None:  # dpos_query = sum over batch and keys of dP2C^T K
-                dpq[h0:h1] = _pos_grad(dp2c, k, g, h0, h1)
+            if grad_pos_key:  # dpos_key = sum over batch and queries of dC2P^T Q
+                dpk_parts.append(_pos_grad(dc2p, q, g, h0, h1))
+            if grad_pos_query:  # dpos_query = sum over batch and keys of dP2C^T K
+                dpq_parts.append(_pos_grad(dp2c, k, g, h0, h1))
             del c2p, p2c, dc2p, dp2c
-    return (dq, dk, dv, dpk.to(pos_key.dtype) if dpk is not None else None,
-            dpq.to(pos_query.dtype) if dpq is not None else None)
+
+    def gathered(parts, pos, wanted):
+        if not wanted:
+            return None
+        return torch.cat(parts).to(pos.dtype) if parts else torch.zeros_like(pos)
+
+    return dq, dk, dv, gathered(dpk_parts, pos_key, grad_pos_key), gathered(dpq_parts, pos_query, grad_pos_query)

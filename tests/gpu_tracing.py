@@ -56,16 +56,22 @@ def calls(t):
         ("varlen", lambda: (ops.attention_fwd(qp, kp, kp, None, None, cu, cu, 156, 156, 0.125, True, True, 0.0, None),
                             ops.attention_bwd(qp, None, qp, kp, kp, qp, torch.zeros(256, H, device="cuda"), None, None,
                                               cu, cu, 156, 156, 0.125, True, True, 0.0, None))),
-        ("deberta", lambda: (ops.deberta_fwd(t(B, H, S, E), t(B, H, S, E), t(B, H, S, E), pos, pos, kpm, rel, 0.1),
-                             ops.deberta_bwd(t(B, H, S, E), t(B, H, S, E), t(B, H, S, E), t(B, H, S, E), pos, pos,
-                                             t(B, H, S, E), torch.zeros(B, H, S, device="cuda"), kpm, rel, 0.1))),
+        ("deberta", lambda: (ops.deberta_fwd(t(B, H, S, E), t(B, H, S, E), t(B, H, S, E), pos, pos, kpm, None, rel,
+                                             S, 0.1, 0.1, seed),
+                             ops.deberta_bwd(t(B, H, S, E), None, t(B, H, S, E), t(B, H, S, E), t(B, H, S, E), pos,
+                                             pos, t(B, H, S, E), torch.zeros(B, H, S, device="cuda"), kpm, None, rel,
+                                             S, 0.1, 0.1, seed, True, True))),
+        ("deberta_varlen", lambda: (ops.deberta_fwd(qp, qp, qp, pos, pos, None, cu, rel, 156, 0.1, 0.0, None),
+                                    ops.deberta_bwd(qp, torch.zeros(256, H, device="cuda"), qp, qp, qp, pos, pos, qp,
+                                                    torch.zeros(256, H, device="cuda"), None, cu, rel, 156, 0.1, 0.0,
+                                                    None, True, True))),
         ("lora", lambda: (ops.lora_fwd(x, t(4096, 4096), None, a, b_, 2.0, None),
                           ops.lora_bwd(x, x, t(4096, 4096), a, b_, t(64, 16), None, 2.0, True, False, False, True,
                                        True))),
     ]
 
 
-NAMES = ["norm", "swiglu", "rope", "attention", "varlen", "deberta", "lora"]
+NAMES = ["norm", "swiglu", "rope", "attention", "varlen", "deberta", "deberta_varlen", "lora"]
 
 
 class Wrap(torch.nn.Module):
