@@ -260,6 +260,7 @@ def attention_variants():
             (torch.bfloat16, 96, 40, False, ("kpm",)), (torch.float16, 128, 128, True, ()),
             (torch.float32, 64, 64, True, ()), (torch.float32, 128, 128, False, ()),
             (torch.bfloat16, 128, 64, True, ("varlen",)), (torch.bfloat16, 192, 192, True, ("gqa",)),
+            (torch.bfloat16, 64, 64, True, ("window",)), (torch.bfloat16, 128, 128, False, ("window", "kpm")),
         ]:
             B, H, L = 2, 4, 64
             hkv = 2 if "gqa" in extras or "varlen" in extras else H
@@ -280,9 +281,11 @@ def attention_variants():
                     torch.randn(B, hkv, L, ev, dtype=dt)
                 args = (q, k, v, mask, kpm, None, None, L, L, 0.1, causal, False, 0.1 if seed is not None else 0.0,
                         seed)
-            out, lse = attention.attention_fwd(aot_launch, *args)
+            # sliding window: Mistral's (W - 1, 0) with causal, a two-sided band without
+            window = ((31, 0) if causal else (16, 16)) if "window" in extras else None
+            out, lse = attention.attention_fwd(aot_launch, *args, window)
             attention.attention_bwd(aot_launch, torch.randn_like(out), None, q, k, v, out, torch.zeros_like(lse),
-                                    *args[3:])
+                                    *args[3:], window)
 
 
 def lora_variants():

@@ -238,6 +238,10 @@ def test_cuda_backend_errors(monkeypatch):
     with pytest.raises(ValueError, match="scaled_dot_product_attention: backend 'cuda' .*no kernel"):
         q = torch.randn(1, 1, 4, 16)
         fusedlm.scaled_dot_product_attention(q, q, q, backend="cuda")
+    # a 1-D input is one row: wider than the kernel's grid allows, a clear error (auto takes triton/torch)
+    wide = torch.empty(65535 * 256 + 1, dtype=torch.float16)
+    with pytest.raises(ValueError, match="swiglu: backend 'cuda' cannot serve this call: rows wider than 16776960"):
+        fusedlm.swiglu(wide, wide, backend="cuda")
     monkeypatch.setenv("FUSEDLM_CUDA_CPU", "0")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="rms_norm: backend 'cuda' cannot serve this call: .*FUSEDLM_CUDA_CPU=1"):

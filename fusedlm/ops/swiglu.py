@@ -44,6 +44,9 @@ def _triton_ops():
     return fwd
 
 
+CUDA_MAX_ROW = 65535 * 256
+
+
 def swiglu(gate, up, *, backend=None):
     """SwiGLU activation: ``silu(gate) * up``, silu computed in float32, output in gate's dtype.
 
@@ -56,7 +59,11 @@ def swiglu(gate, up, *, backend=None):
     _validate.same_dtype(gate=gate, up=up)
     _validate.same_device(gate=gate, up=up)
     kernel_dtype = _validate.kernel_dtype_reason(gate, up)
-    name = _backend.select("swiglu", backend, gate.device, {"triton": kernel_dtype, "cuda": kernel_dtype})
+    # The CUDA kernel spreads a row over grid axis 1 in 256-feature blocks (at most 65535 of them).
+    too_wide = (f"rows wider than {CUDA_MAX_ROW} features (got {gate.shape[-1]}); the triton backend serves them"
+                if gate.shape[-1] > CUDA_MAX_ROW else None)
+    name = _backend.select("swiglu", backend, gate.device,
+                           {"triton": kernel_dtype, "cuda": kernel_dtype or too_wide})
     if name == "cuda":
         from .. import _cuda
 
