@@ -174,6 +174,11 @@ step_memory() {
   "$PY" -m fusedlm.bench --ops memory $BENCH_FLAGS $(bench_args memory_bound)
 }
 
+# The cuda backend's GPU-verified list: its tests passed here and it beat triton on every memory case.
+step_cuda_list() {
+  "$PY" scripts/cuda_verified.py --junit "$OUT/pytest.xml" --rows "$OUT"/bench/*.json --out "$OUT/cuda_verified.json"
+}
+
 step_attention() {
   # Every provider but FlexAttention (its compiles are the flex step's, after lora).
   "$PY" -m fusedlm.bench --ops attention $ATTN_FLAGS $(bench_args attention) \
@@ -214,6 +219,7 @@ run_step info 60 step_info
 run_step verify 150 step_verify
 run_step tests $(( BUDGET_S - SECONDS - MEMORY_S - ATTENTION_S - LORA_S - DEBERTA_S )) step_tests
 run_step memory $(( BUDGET_S - SECONDS - ATTENTION_S - LORA_S - DEBERTA_S )) step_memory
+run_step cuda_list 20 step_cuda_list
 run_step attention $(( BUDGET_S - SECONDS - LORA_S - DEBERTA_S )) step_attention
 left=$(( BUDGET_S - SECONDS - DEBERTA_S ))
 run_step lora $(( left > 2 * LORA_S ? 2 * LORA_S : left )) step_lora
