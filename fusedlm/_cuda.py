@@ -140,7 +140,10 @@ def _register_python_parts():
 
     torch.library.register_autograd(lib + "norm_fwd", _norm_backward, setup_context=_norm_setup)
     torch.library.register_autograd(lib + "swiglu_fwd", _swiglu_backward, setup_context=_swiglu_setup)
-    torch.library.register_autograd(lib + "rope", _rope_backward, setup_context=_rope_setup)
+    from .ops.rope import rope_autograd
+
+    rope_backward, rope_setup = rope_autograd(torch.ops.fusedlm_C.rope)
+    torch.library.register_autograd(lib + "rope", rope_backward, setup_context=rope_setup)
     _loaded["registered"] = True
 
 
@@ -176,26 +179,6 @@ def _swiglu_setup(ctx, inputs, output):
 def _swiglu_backward(ctx, dy):
     gate, up = ctx.saved_tensors
     return torch.ops.fusedlm_C.swiglu_bwd(dy, gate, up)
-
-
-def _rope_setup(ctx, inputs, output):
-    q, k, cos, sin, interleaved, transposed, backward = inputs
-    need_cos_sin = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
-    ctx.save_for_backward(cos, sin, q if need_cos_sin else None, k if need_cos_sin else None)
-    ctx.interleaved, ctx.transposed, ctx.backward = interleaved, transposed, backward
-
-
-def _rope_backward(ctx, dq_out, dk_out):
-    """The transposed rotation of the output gradients (the same op, ``backward`` flipped)."""
-    from .ops.rope import _cos_sin_grads
-
-    cos, sin, q, k = ctx.saved_tensors
-    dq, dk = torch.ops.fusedlm_C.rope(dq_out, dk_out, cos, sin, ctx.interleaved, ctx.transposed, not ctx.backward)
-    dcos = dsin = None
-    if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-        dcos, dsin = _cos_sin_grads((dq_out, dk_out), (q, k), cos, sin, ctx.interleaved, ctx.transposed,
-                                    ctx.backward)
-    return dq, dk, dcos, dsin, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -242,10 +242,8 @@ def deberta_attention(query, key, value, pos_key=None, pos_query=None, *, key_pa
     if name == "torch":
         return reference.deberta_ref(query, key, value, pos_key, pos_query, key_padding_mask, position_buckets,
                                      max_relative_positions, dropout_p, return_lse)
-    terms = (pos_key is not None) + (pos_query is not None)
-    rel_idx = relative_index_table(S, position_buckets, max_relative_positions, query.device)
-    out, lse = _triton_ops()(query, key, value, pos_key, pos_query, key_padding_mask, None, rel_idx, S,
-                             1.0 / math.sqrt(D * (1 + terms)), dropout_p, _seed(dropout_p, query.device))
+    out, lse = _run_triton(query, key, value, pos_key, pos_query, key_padding_mask, None, S, position_buckets,
+                           max_relative_positions, dropout_p)
     return (out, lse) if return_lse else out
 
 
@@ -276,11 +274,19 @@ def deberta_varlen_attention(q, k, v, pos_key, pos_query, cu_seqlens, max_seqlen
     if name == "torch":
         return reference.deberta_varlen_ref(q, k, v, pos_key, pos_query, cu_seqlens, position_buckets,
                                             max_relative_positions, dropout_p, return_lse)
+    out, lse = _run_triton(q, k, v, pos_key, pos_query, None, cu_seqlens.contiguous(), max_seqlen,
+                           position_buckets, max_relative_positions, dropout_p)
+    return (out, lse) if return_lse else out
+
+
+def _run_triton(q, k, v, pos_key, pos_query, key_padding_mask, cu_seqlens, max_seqlen, position_buckets,
+                max_relative_positions, dropout_p):
+    """The registered Triton op on a dense (cu_seqlens None) or packed batch -> (out, lse): the bucket table
+    of the longest sequence, and the scale 1 / sqrt(D * (1 + number of position terms))."""
     terms = (pos_key is not None) + (pos_query is not None)
     rel_idx = relative_index_table(max_seqlen, position_buckets, max_relative_positions, q.device)
-    out, lse = _triton_ops()(q, k, v, pos_key, pos_query, None, cu_seqlens.contiguous(), rel_idx, max_seqlen,
-                             1.0 / math.sqrt(D * (1 + terms)), dropout_p, _seed(dropout_p, q.device))
-    return (out, lse) if return_lse else out
+    return _triton_ops()(q, k, v, pos_key, pos_query, key_padding_mask, cu_seqlens, rel_idx, max_seqlen,
+                         1.0 / math.sqrt(q.shape[-1] * (1 + terms)), dropout_p, _seed(dropout_p, q.device))
 
 
 def deberta_attention_ref(query, key, value, pos_key=None, pos_query=None, key_padding_mask=None,

@@ -27,6 +27,17 @@ def _triton_ops():
 
     op = register_op("rope", rope)
 
+    backward, setup_context = rope_autograd(op)
+    op.register_autograd(backward, setup_context=setup_context)
+    _rope_op = op
+    return op
+
+
+def rope_autograd(op):
+    """(backward, setup_context) of a registered rope op with the signature
+    (q, k, cos, sin, interleaved, transposed, backward) -> (q_out, k_out), triton's or cuda's: the input
+    gradients are the same op with ``backward`` flipped (the transposed rotation)."""
+
     def setup_context(ctx, inputs, output):
         q, k, cos, sin, interleaved, transposed, backward = inputs
         need_cos_sin = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
@@ -43,9 +54,7 @@ def _triton_ops():
                                         ctx.transposed, ctx.backward)
         return dq, dk, dcos, dsin, None, None, None
 
-    op.register_autograd(backward, setup_context=setup_context)
-    _rope_op = op
-    return op
+    return backward, setup_context
 
 
 _rope_op = None
