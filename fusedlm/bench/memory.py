@@ -1,0 +1,142 @@
+"""Peak memory an op *allocates*, measured on the CPU without running a kernel.
+
+The host launchers of the Triton kernels run on ``device="meta"`` tensors (shapes and strides, no data)
+with a launch function that does nothing, under ``LiveBytes``, a TorchDispatchMode that sees every aten
+op below autograd. What is counted: the storage of each fresh output (a schema return without alias_info:
+not a view, not in-place), once per storage, from its creation until the last tensor on it dies (a
+finalizer on the tensor object: PyTorch keeps a tensor's Python object alive while its TensorImpl lives,
+and a view keeps its base alive). Not counted: tensors made before the mode (the inputs), the kernels'
+registers / shared memory, library workspaces (cuBLAS), the CUDA caching allocator's rounding and
+fragmentation, and temporaries a C++ kernel makes without dispatching an op.
+"""
+import math
+import weakref
+
+import torch
+from torch.utils._pytree import tree_leaves
+from torch.utils._python_dispatch import TorchDispatchMode
+
+MiB = 2**20
+
+
+class LiveBytes(TorchDispatchMode):
+    """``with LiveBytes() as mem: ...``, then mem.peak: the most bytes alive at once of the storages
+    allocated inside; mem.current: those still alive (kept up to date after the block, too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.current = self.peak = 0
+        self._live = {}  # storage id -> [tracked tensors on it, bytes]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        rets = func._schema.returns
+        outs = out if len(rets) > 1 else (out,)
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for ret, o in zip(rets, outs):
+            if ret.alias_info is None:  # a view or an in-place result allocates nothing
+                for t in tree_leaves(o):
+                    if isinstance(t, torch.Tensor):
+                        self._track(t, inputs)
+        return out
+
+    def _track(self, t, inputs):
+        key = t.untyped_storage()._cdata
+        if key in self._live:  # e.g. aten._unsafe_view of a fresh mm output (matmul): same storage
+            self._live[key][0] += 1
+        elif key in inputs:  # an untracked input passed through as a "new" result: nothing allocated
+            return
+        else:
+            nbytes = t.untyped_storage().nbytes()
+            self._live[key] = [1, nbytes]
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+        weakref.finalize(t, self._release, key)  # must not hold t itself
+
+    def _release(self, key):
+        entry = self._live[key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.current -= entry[1]
+            del self._live[key]
+
+
+def _skip(kernel, grid, *args, **meta):
+    """The launch function: the kernels write into buffers the launcher allocated, so skipping them
+    changes nothing the tracker sees."""
+
+
+def _meta(shape, dtype):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _inputs(B, H, S, D, dtype, packed):
+    """q, k, v, dout (dense (B, H, S, D) or packed (B S, H, D)) and cu_seqlens (B sequences of S) or None."""
+    shape = (B * S, H, D) if packed else (B, H, S, D)
+    cu = torch.arange(0, (B + 1) * S, S, dtype=torch.int32, device="meta") if packed else None
+    return [_meta(shape, dtype) for _ in range(4)], cu
+
+
+def flash_peak_bytes(B, H, S, D, dtype=torch.bfloat16, packed=False):
+    """Peak bytes fusedlm's flash attention (kernels/attention.py) allocates over forward + backward:
+    non-causal, no mask, no dropout, no gradient reaching lse. out and lse stay alive through the backward
+    (autograd saves them); dq, dk, dv and the backward's temporaries (delta) count too."""
+    from fusedlm.kernels import attention as A
+
+    (q, k, v, do), cu = _inputs(B, H, S, D, dtype, packed)
+    geo = (None, None, cu, cu, S, S, 1.0 / math.sqrt(D), False, False, 0.0, None)  # ... causal, bottom_right, p, seed
+    with LiveBytes() as mem:
+        out, lse = A.attention_fwd(_skip, q, k, v, *geo)
+        grads = A.attention_bwd(_skip, do, None, q, k, v, out, lse, *geo)
+        del out, lse, grads
+    return mem.peak
+
+
+def deberta_peak_bytes(B, H, S, D, dtype=torch.bfloat16, span=256, terms=("c2p", "p2c"), packed=False):
+    """Peak bytes fusedlm's DeBERTa attention (kernels/deberta.py) allocates over forward + backward, with
+    pos_key / pos_query (H, 2 span, D) for the terms asked for and both their gradients; no padding, no
+    dropout. Counted as flash_peak_bytes, plus the position products, their gradient buffers and dpos_*.
+    The relative index table (2 S - 1 int32) is an input; a kernel module with ``relative_band`` gets the
+    band of the CPU table (position_buckets = span, max_relative_positions = 2 span), made outside the count
+    (host work, no device memory)."""
+    from fusedlm.kernels import deberta as K
+    from fusedlm.ops.deberta import relative_index_table
+
+    (q, k, v, do), cu = _inputs(B, H, S, D, dtype, packed)
+    pos_key = _meta((H, 2 * span, D), dtype) if "c2p" in terms else None
+    pos_query = _meta((H, 2 * span, D), dtype) if "p2c" in terms else None
+    rel_idx = _meta((2 * S - 1,), torch.int32)
+    band = ()
+    if hasattr(K, "relative_band"):  # the new kernels take the table's band as a trailing argument
+        band = (K.relative_band(relative_index_table(S, span, 2 * span, torch.device("cpu"))),)
+    scale = 1.0 / math.sqrt(D * (1 + len(terms)))
+    geo = (None, cu, rel_idx, S, scale, 0.0, None)  # key padding, cu_seqlens, table, max_seqlen, scale, p, seed
+    # the per-program buffers are sized by the block shapes: take the GPU's, not the interpreter's
+    configs = K.block_config
+    K.block_config = lambda d, dtype, device, *args, **kw: configs(d, dtype, torch.device("cuda"), *args, **kw)
+    try:
+        return _deberta_peak(K, q, k, v, do, pos_key, pos_query, geo, band)
+    finally:
+        K.block_config = configs
+
+
+def _deberta_peak(K, q, k, v, do, pos_key, pos_query, geo, band):
+    with LiveBytes() as mem:
+        out, lse = K.deberta_fwd(_skip, q, k, v, pos_key, pos_query, *geo, *band)
+        grads = K.deberta_bwd(_skip, do, None, q, k, v, pos_key, pos_query, out, lse, *geo,
+                              pos_key is not None, pos_query is not None, *band)
+        del out, lse, grads
+    return mem.peak
+
+
+def budget_bytes(H, D, span=256):
+    """Issue 8's allowance over flash attention, H * 2 span * D float32s (the size of one float32 position
+    gradient: the O(H * 2 span * D) term of the target, with a constant of 4 bytes)."""
+    return H * 2 * span * D * 4
+
+
+def deberta_excess_bytes(B, H, S, D, dtype=torch.bfloat16, span=256, packed=False):
+    """DeBERTa's peak (both terms, both position gradients) minus flash attention's on the same shapes:
+    the figure issue 8 bounds by budget_bytes(H, D, span)."""
+    return (deberta_peak_bytes(B, H, S, D, dtype, span, packed=packed)
+            - flash_peak_bytes(B, H, S, D, dtype, packed=packed))
