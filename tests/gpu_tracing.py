@@ -29,6 +29,8 @@ for family in (attention, deberta, lora, norm, rope, swiglu):
     family._triton_ops()  # not interpreting: each op is a torch.library.triton_op
 
 ops = torch.ops.fusedlm
+# the DeBERTa ops' band (host ints from the CPU bucket table): made here, outside the fake tensor mode
+band, band_varlen = list(deberta.relative_band(128, 256, 512)), list(deberta.relative_band(156, 256, 512))
 bf16 = torch.bfloat16
 
 
@@ -43,6 +45,7 @@ def calls(t):
     seed = torch.zeros(1, device="cuda", dtype=torch.int64)
     pos = t(H, 512, E)
     rel = torch.zeros(2 * S - 1, device="cuda", dtype=torch.int32)
+    rel_varlen = torch.zeros(2 * 156 - 1, device="cuda", dtype=torch.int32)
     a, b_ = t(16, 4096), t(4096, 16)
     return [
         ("norm", lambda: (ops.norm_fwd(x, x, w, w, 1e-5, 0.0, False),
@@ -57,14 +60,15 @@ def calls(t):
                             ops.attention_bwd(qp, None, qp, kp, kp, qp, torch.zeros(256, H, device="cuda"), None, None,
                                               cu, cu, 156, 156, 0.125, True, True, 0.0, None))),
         ("deberta", lambda: (ops.deberta_fwd(t(B, H, S, E), t(B, H, S, E), t(B, H, S, E), pos, pos, kpm, None, rel,
-                                             S, 0.1, 0.1, seed),
+                                             S, 0.1, 0.1, seed, band),
                              ops.deberta_bwd(t(B, H, S, E), None, t(B, H, S, E), t(B, H, S, E), t(B, H, S, E), pos,
                                              pos, t(B, H, S, E), torch.zeros(B, H, S, device="cuda"), kpm, None, rel,
-                                             S, 0.1, 0.1, seed, True, True))),
-        ("deberta_varlen", lambda: (ops.deberta_fwd(qp, qp, qp, pos, pos, None, cu, rel, 156, 0.1, 0.0, None),
+                                             S, 0.1, 0.1, seed, True, True, band))),
+        ("deberta_varlen", lambda: (ops.deberta_fwd(qp, qp, qp, pos, pos, None, cu, rel_varlen, 156, 0.1, 0.0, None,
+                                                    band_varlen),
                                     ops.deberta_bwd(qp, torch.zeros(256, H, device="cuda"), qp, qp, qp, pos, pos, qp,
-                                                    torch.zeros(256, H, device="cuda"), None, cu, rel, 156, 0.1, 0.0,
-                                                    None, True, True))),
+                                                    torch.zeros(256, H, device="cuda"), None, cu, rel_varlen, 156, 0.1, 0.0,
+                                                    None, True, True, band_varlen))),
         ("lora", lambda: (ops.lora_fwd(x, t(4096, 4096), None, a, b_, 2.0, None),
                           ops.lora_bwd(x, x, t(4096, 4096), a, b_, t(64, 16), None, 2.0, True, False, False, True,
                                        True))),

@@ -305,9 +305,13 @@ def lora_variants():
 def deberta_variants():
     """Forward and both backward kernels: every position-term combination, key padding, the dtypes."""
     from fusedlm.kernels import deberta
+    from fusedlm.ops.deberta import relative_band, relative_index_table
 
     with cuda_configs():
         B, H, S = 2, 2, 64
+        # a real table and its band (all three tile kinds and the band kernel get compiled)
+        idx = relative_index_table(S, 256, 512, torch.device("cpu"))
+        band = relative_band(S, 256, 512)
         for dt, d, terms, kpm in [(torch.bfloat16, 64, "c2p,p2c", True), (torch.bfloat16, 64, "c2p,p2c", False),
                                   (torch.bfloat16, 64, "c2p", False), (torch.bfloat16, 64, "p2c", True),
                                   (torch.bfloat16, 64, "", False), (torch.float16, 128, "c2p,p2c", True),
@@ -317,18 +321,17 @@ def deberta_variants():
             pk = torch.randn(H, 512, d, dtype=dt) if "c2p" in terms else None
             pq = torch.randn(H, 512, d, dtype=dt) if "p2c" in terms else None
             mask = torch.ones(B, S, dtype=torch.bool) if kpm else None
-            idx = torch.zeros(2 * S - 1, dtype=torch.int32)
-            out, lse = deberta.deberta_fwd(aot_launch, q, k, v, pk, pq, mask, None, idx, S, 0.1, 0.0, None)
+            out, lse = deberta.deberta_fwd(aot_launch, q, k, v, pk, pq, mask, None, idx, S, 0.1, 0.0, None, band)
             deberta.deberta_bwd(aot_launch, torch.randn_like(out), None, q, k, v, pk, pq, out, torch.zeros_like(lse),
-                                mask, None, idx, S, 0.1, 0.0, None, pk is not None, pq is not None)
+                                mask, None, idx, S, 0.1, 0.0, None, pk is not None, pq is not None, band)
         # packed sequences with dropout and a gradient reaching lse (the training configuration)
         q = torch.randn(B * S, H, 64, dtype=torch.bfloat16)
         pos = torch.randn(H, 512, 64, dtype=torch.bfloat16)
         cu = torch.tensor([0, S, 2 * S], dtype=torch.int32)
         seed = torch.tensor([7])
-        out, lse = deberta.deberta_fwd(aot_launch, q, q, q, pos, pos, None, cu, idx, S, 0.1, 0.1, seed)
+        out, lse = deberta.deberta_fwd(aot_launch, q, q, q, pos, pos, None, cu, idx, S, 0.1, 0.1, seed, band)
         deberta.deberta_bwd(aot_launch, out, lse, q, q, q, pos, pos, out, lse, None, cu, idx, S, 0.1, 0.1, seed,
-                            True, True)
+                            True, True, band)
 
 
 def _run_group(group):

@@ -302,6 +302,7 @@ def test_launch_grids_within_cuda_limits(varlen):
     CUDA's limits: axis 0 < 2^31, axes 1 and 2 <= 65535 (computed on meta tensors, nothing launched)."""
     triton_or_skip()
     from fusedlm.kernels import deberta as K
+    from fusedlm.ops.deberta import relative_band
 
     H, D, span = 12, 64, 256
     grids = []
@@ -323,8 +324,9 @@ def test_launch_grids_within_cuda_limits(varlen):
             args = (torch.empty(B, S, dtype=torch.bool, device="meta"), None,
                     torch.empty(2 * S - 1, dtype=torch.int32, device="meta"), S, 0.1, 0.1,
                     torch.empty(1, dtype=torch.int64, device="meta"))
-        K.deberta_fwd(record, q, q, q, pos, pos, *args)
-        K.deberta_bwd(record, q, lse, q, q, q, pos, pos, q, lse, *args, True, True)
+        band = relative_band(S, 256, 512)
+        K.deberta_fwd(record, q, q, q, pos, pos, *args, band)
+        K.deberta_bwd(record, q, lse, q, q, q, pos, pos, q, lse, *args, True, True, band)
     assert grids
     for grid in grids:
         assert grid[0] < 2**31 and all(g <= 65535 for g in grid[1:]), grid

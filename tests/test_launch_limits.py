@@ -127,9 +127,14 @@ def test_deberta_grids_within_cuda_limits_at_a_hundred_thousand_heads(configs):
         out, lse = deberta.deberta_fwd(rec, q, q, q, pk, pk, None, idx, 0.1)
         deberta.deberta_bwd(rec, out, q, q, q, pk, pk, out, lse, None, idx, 0.1)
     else:
-        out, lse = deberta.deberta_fwd(rec, q, q, q, pk, pk, None, None, idx, S, 0.1, 0.0, None)
-        deberta.deberta_bwd(rec, out, None, q, q, q, pk, pk, out, lse, None, None, idx, S, 0.1, 0.0, None, True, True)
-    assert {"_deberta_fwd", "_deberta_bwd_dq", "_deberta_bwd_dkdv"} <= {n for n, _ in rec.grids}
+        from fusedlm.ops.deberta import relative_band
+
+        band = relative_band(S, 256, 512)
+        out, lse = deberta.deberta_fwd(rec, q, q, q, pk, pk, None, None, idx, S, 0.1, 0.0, None, band)
+        deberta.deberta_bwd(rec, out, None, q, q, q, pk, pk, out, lse, None, None, idx, S, 0.1, 0.0, None, True, True,
+                            band)
+    assert {"_deberta_fwd", "_deberta_bwd_dq", "_deberta_bwd_dkdv", "_deberta_bwd_dpos",
+            "_dpos_fold"} <= {n for n, _ in rec.grids}
     assert_within_limits(rec.grids)
 
 

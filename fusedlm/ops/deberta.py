@@ -79,6 +79,22 @@ def _(seq_len, position_buckets, max_relative_positions, device):
     return torch.empty(max(2 * seq_len - 1, 0), dtype=torch.int32, device=device)
 
 
+@torch.compiler.assume_constant_result  # torch.compile bakes the ints in instead of tracing the table
+def relative_band(seq_len: int, position_buckets: int, max_relative_positions: int) -> tuple:
+    """The table's runs for the kernels (fusedlm.kernels.deberta.relative_band), from the CPU copy: host ints,
+    no device sync."""
+    return _relative_band(seq_len, position_buckets, max_relative_positions)
+
+
+@functools.lru_cache(maxsize=64)
+def _relative_band(seq_len, position_buckets, max_relative_positions):
+    from fusedlm.kernels.deberta import relative_band as band
+
+    half = max(64, 1 << max(seq_len - 1, 0).bit_length())
+    table = _index_table(half, position_buckets, max_relative_positions, torch.device("cpu"))
+    return band(table[half - seq_len:half + seq_len - 1])
+
+
 def relative_index(seq_len, position_buckets, max_relative_positions, device):
     """(S, S) int64 matrix idx(i, j) (the reference's; the kernels read the 1-D table)."""
     table = relative_index_table(seq_len, position_buckets, max_relative_positions, device)
@@ -103,23 +119,24 @@ def _triton_ops():
     def deberta_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_key: Optional[torch.Tensor],
                     pos_query: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
                     cu_seqlens: Optional[torch.Tensor], rel_idx: torch.Tensor, max_seqlen: int, scale: float,
-                    dropout_p: float, seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (out like q, lse float32 (B, H, S) or (total, H))."""
+                    dropout_p: float, seed: Optional[torch.Tensor], band: list[int]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (out like q, lse float32 (B, H, S) or (total, H)). band: relative_band of the table."""
         return K.deberta_fwd(launch, unit_stride(q), unit_stride(k), unit_stride(v), unit_stride(pos_key),
                              unit_stride(pos_query), key_padding_mask, cu_seqlens, rel_idx, max_seqlen, scale,
-                             dropout_p, seed)
+                             dropout_p, seed, band)
 
     def deberta_bwd(do: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
                     v: torch.Tensor, pos_key: Optional[torch.Tensor], pos_query: Optional[torch.Tensor],
                     out: torch.Tensor, lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
                     cu_seqlens: Optional[torch.Tensor], rel_idx: torch.Tensor, max_seqlen: int, scale: float,
-                    dropout_p: float, seed: Optional[torch.Tensor], grad_pos_key: bool, grad_pos_query: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    dropout_p: float, seed: Optional[torch.Tensor], grad_pos_key: bool, grad_pos_query: bool,
+                    band: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (dq, dk, dv, dpos_key, dpos_query); an empty tensor for a position gradient not asked for."""
         dq, dk, dv, dpk, dpq = K.deberta_bwd(
             launch, unit_stride(do), dlse, unit_stride(q), unit_stride(k), unit_stride(v), unit_stride(pos_key),
             unit_stride(pos_query), out, lse, key_padding_mask, cu_seqlens, rel_idx, max_seqlen, scale, dropout_p,
-            seed, grad_pos_key, grad_pos_query)
+            seed, grad_pos_key, grad_pos_query, band)
         return (dq, dk, dv, dpk if dpk is not None else empty(q.device, q.dtype),
                 dpq if dpq is not None else empty(q.device, q.dtype))
 
@@ -127,23 +144,24 @@ def _triton_ops():
     bwd = register_op("deberta_bwd", deberta_bwd)
 
     def setup_context(ctx, inputs, output):
-        q, k, v, pos_key, pos_query, kpm, cu, rel_idx, max_seqlen, scale, dropout_p, seed = inputs
+        q, k, v, pos_key, pos_query, kpm, cu, rel_idx, max_seqlen, scale, dropout_p, seed, band = inputs
         out, lse = output
         ctx.save_for_backward(q, k, v, pos_key, pos_query, out, lse, kpm, cu, rel_idx, seed)
         ctx.args = (max_seqlen, scale, dropout_p)
+        ctx.band = band
         ctx.set_materialize_grads(False)
 
     def backward(ctx, dout, dlse):
         q, k, v, pos_key, pos_query, out, lse, kpm, cu, rel_idx, seed = ctx.saved_tensors
         if dout is None and dlse is None:
-            return (None,) * 12
+            return (None,) * 13
         if dout is None:  # only lse was used
             dout = torch.zeros_like(out)
         grad_pk = pos_key is not None and ctx.needs_input_grad[3]
         grad_pq = pos_query is not None and ctx.needs_input_grad[4]
         dq, dk, dv, dpk, dpq = bwd(dout, dlse, q, k, v, pos_key, pos_query, out, lse, kpm, cu, rel_idx, *ctx.args,
-                                   seed, grad_pk, grad_pq)
-        return (dq, dk, dv, dpk if grad_pk else None, dpq if grad_pq else None) + (None,) * 7
+                                   seed, grad_pk, grad_pq, ctx.band)
+        return (dq, dk, dv, dpk if grad_pk else None, dpq if grad_pq else None) + (None,) * 8
 
     fwd.register_autograd(backward, setup_context=setup_context)
     _fwd_op = fwd
@@ -285,8 +303,9 @@ def _run_triton(q, k, v, pos_key, pos_query, key_padding_mask, cu_seqlens, max_s
     of the longest sequence, and the scale 1 / sqrt(D * (1 + number of position terms))."""
     terms = (pos_key is not None) + (pos_query is not None)
     rel_idx = relative_index_table(max_seqlen, position_buckets, max_relative_positions, q.device)
+    band = list(relative_band(max_seqlen, position_buckets, max_relative_positions))
     return _triton_ops()(q, k, v, pos_key, pos_query, key_padding_mask, cu_seqlens, rel_idx, max_seqlen,
-                         1.0 / math.sqrt(q.shape[-1] * (1 + terms)), dropout_p, _seed(dropout_p, q.device))
+                         1.0 / math.sqrt(q.shape[-1] * (1 + terms)), dropout_p, _seed(dropout_p, q.device), band)
 
 
 def deberta_attention_ref(query, key, value, pos_key=None, pos_query=None, key_padding_mask=None,
