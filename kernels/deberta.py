@@ -14,9 +14,10 @@ pos_key[r], pos_query[r] (r < 2 span) and the relative index idx(d) = clamp(buck
 
 idx comes from a 1-D int32 table IDX[d + S - 1] (S: the longest sequence), built with Hugging Face's bucket
 function (fusedlm.ops.deberta), so the kernels never evaluate a logarithm. idx is non-decreasing in d, so
-the distances split into three ranges (``relative_band``): the first run d <= D_LO (idx = IDX_LO, keys far to
-the right), the last run d >= D_HI (idx = IDX_HI, keys far to the left) and the band between them (about
-2 max_relative_positions distances for DeBERTa-v3, all of them for short sequences).
+the distances split into three ranges (fusedlm.ops.deberta.relative_band, from the bucket parameters): the
+first run d <= D_LO where idx = IDX_LO = 0 (keys far to the right), the last run d >= D_HI where idx = IDX_HI =
+2 span - 1 (keys far to the left) and the band between them (about 2 max_relative_positions distances for
+DeBERTa-v3; all of a short sequence's).
 
 Position terms of a [query block, key block] tile:
 - a tile wholly inside the first or the last run has one index r: its C2P term is a vector over the rows
@@ -26,7 +27,8 @@ Position terms of a [query block, key block] tile:
   dmin = i0 - j0 - (BLOCK_N - 1). With the window's embedding rows PK[w] = pos_key[idx(dmin + w)]:
       A = Q_blk PK^T  [BLOCK_M, W]        C2P_ij = A[a, a - c + BLOCK_N - 1]    (a = i - i0, c = j - j0)
       B = PQ K_blk^T  [W, BLOCK_N]        P2C_ij = B[a - c + BLOCK_N - 1, c]
-  two tensor-core products and a tl.gather each (a skew of the window along the tile's diagonals).
+  two tensor-core products and a tl.gather each (a skew of the window along the tile's diagonals). A and B
+  are rounded to the inputs' dtype first, as Hugging Face's C2P / P2C are (and half the gather's registers).
 
 Forward: the flash-attention forward of fusedlm/kernels/attention.py (online softmax in base 2, the key loop
 bounded by the last real key), run over the key blocks of the last run, the window and the first run.
@@ -41,17 +43,19 @@ dQ kernel, which runs first) and dS = P * (dP - delta) (dP and P^T of dV through
     dpos_key[r]   = s sum_{b, i, j: idx(i - j) = r} dS_ij q_i
     dpos_query[r] = s sum_{b, i, j: idx(i - j) = r} dS_ij k_j          (only when asked for)
 
-The dQ kernel owns query rows: per window tile it un-skews dS into Dw[a, w] = dS[a, a + BLOCK_N - 1 - w]
-and adds Dw PK (band distances); dS of the first / last run is summed per row (rs_lo, rs_hi) and added as
-rs_lo pos_key[IDX_LO] + rs_hi pos_key[IDX_HI] at the end. The dK/dV kernel does the same for the keys on
-transposed [key, query] tiles (every product has the key block as its M dimension: wgmma on Hopper).
-The two runs' shares of dpos are those row (column) sums times q (k), reduced per program into a
-(2, B, H, blocks, D) float32 buffer; the band's share comes from a third kernel that owns a block of band
-distances and one head and walks every query block of every sequence: for distances d0 + w it recomputes
-dS on the diagonals j = i - d0 - w only (from a [BLOCK_M, BLOCK_M + BLOCK_W] tile, gathered) and
-accumulates E_key[w] = sum_i dS q_i and E_query[w] = sum_i dS k_j. The host maps distances to buckets with
-a one-hot (2 span, band + 2) matmul. Every sum has a fixed order: the backward is deterministic (no
-atomics). Memory beyond flash attention's: O(H * band * D) float32 and the per-program sums.
+The dQ kernel owns query rows: per window tile it un-skews dS into Dw[a, w] = dS[a, c] (c the key at
+distance dmin + w) and adds Dw PK over the band's distances; dS of the first / last run is summed per row
+(rs_lo, rs_hi) and added as rs_lo pos_key[IDX_LO] + rs_hi pos_key[IDX_HI] at the end. The dK/dV kernel does
+the same for the keys on transposed [key, query] tiles (every product has the key block as its M
+dimension: wgmma on Hopper). Both are persistent: P programs a head take every P-th (sequence, block) item,
+so the runs' shares of dpos (those row / column sums times q / k) collect in P float32 slots a head,
+(2, H, P, BLOCK_D), whatever the batch and the length. The band's share comes from a third kernel that owns
+a block of band distances and one head and walks every query block of every sequence: for distances
+d0 + w it recomputes dS on the diagonals j = i - d0 - w only (gathered from [BLOCK_M, BLOCK_M + BLOCK_W]
+products) and accumulates E_key[w] = sum_i dS q_i and E_query[w] = sum_i dS k_j, (G, H, band, BLOCK_D)
+float32 with G slices of the batch. A fold kernel (_dpos_fold) sums each bucket's run of band distances
+and the runs' slots into dpos. Every sum has a fixed order: the backward is deterministic (no atomics).
+Memory beyond flash attention's: the band's sums, O(H * band * D), and dpos itself.
 """
 import torch
 import triton
@@ -59,22 +63,6 @@ import triton.language as tl
 
 from . import attention
 from .attention import _tile, _tile_t
-
-
-def relative_band(table):
-    """(D_LO, D_HI, IDX_LO, IDX_HI) of a CPU int32 table over d = -(S-1)..(S-1): distances d <= D_LO form the
-    first run (index IDX_LO), d >= D_HI the last (IDX_HI), the band lies strictly between. A table of one
-    index is all one run (the last)."""
-    t = table.tolist()
-    S = (len(t) + 1) // 2
-    if not t:
-        return -1, 0, 0, 0
-    lo, hi = t[0], t[-1]
-    if lo == hi:
-        return -S, 1 - S, lo, hi
-    d_lo = next(d for d in range(S - 1, -S, -1) if t[d + S - 1] == lo)
-    d_hi = next(d for d in range(1 - S, S) if t[d + S - 1] == hi)
-    return d_lo, d_hi, lo, hi
 
 
 @triton.jit
@@ -171,6 +159,25 @@ def _window_t(qT, k, PK, PQ, IDX, offs_m, offs_n, dmin, SMAX, offs_d, D, stride_
 
 
 @triton.jit
+def _scores(q, kT, c_run, pq_run, PK, PQ, IDX, KPM, offs_m, offs_n, start_m, start_n, L, SMAX, offs_d, D, stride_pkr,
+            stride_pqr, qk_scale, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_KPM: tl.constexpr,
+            WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+            W: tl.constexpr, PRECISION: tl.constexpr):
+    """Base-2 scores of a [BLOCK_M, BLOCK_N] tile (forward and dQ), -inf where the key is padding or past the
+    end. WINDOW: a window tile; else a tile of one run, whose C2P is c_run (per row) and P2C k_j . pq_run."""
+    s = tl.dot(q, kT, input_precision=PRECISION)
+    if WINDOW:
+        s += _window(q, kT, PK, PQ, IDX, offs_m, offs_n, start_m - start_n - (BLOCK_N - 1), SMAX, offs_d, D,
+                     stride_pkr, stride_pqr, HAS_C2P, HAS_P2C, BLOCK_M, BLOCK_N, BLOCK_D, W, PRECISION)
+    else:
+        if HAS_C2P:
+            s += c_run[:, None]
+        if HAS_P2C:
+            s += tl.sum(kT.to(tl.float32) * pq_run[:, None], 0)[None, :]
+    return tl.where(_real_keys(KPM, offs_n, L, HAS_KPM)[None, :], s * qk_scale, float("-inf"))
+
+
+@triton.jit
 def _fwd_blocks(acc, l_i, m_i, q, c_run, pq_run, K, V, PK, PQ, IDX, KPM, SEED, stride_kn, stride_vn, stride_pkr,
                 stride_pqr, start_m, offs_m, offs_d, D, L, SMAX, lo, hi, qk_scale, b, h, H, dropout_p,
                 HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
@@ -182,16 +189,9 @@ def _fwd_blocks(acc, l_i, m_i, q, c_run, pq_run, K, V, PK, PQ, IDX, KPM, SEED, s
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_nb
         kT = _tile_t(K, offs_n, L, stride_kn, offs_d, D)
-        s = tl.dot(q, kT, input_precision=PRECISION)
-        if WINDOW:
-            s += _window(q, kT, PK, PQ, IDX, offs_m, offs_n, start_m - start_n - (BLOCK_N - 1), SMAX, offs_d, D,
-                         stride_pkr, stride_pqr, HAS_C2P, HAS_P2C, BLOCK_M, BLOCK_N, BLOCK_D, W, PRECISION)
-        else:
-            if HAS_C2P:
-                s += c_run[:, None]
-            if HAS_P2C:
-                s += tl.sum(kT.to(tl.float32) * pq_run[:, None], 0)[None, :]
-        s = tl.where(_real_keys(KPM, offs_n, L, HAS_KPM)[None, :], s * qk_scale, float("-inf"))
+        s = _scores(q, kT, c_run, pq_run, PK, PQ, IDX, KPM, offs_m, offs_n, start_m, start_n, L, SMAX, offs_d, D,
+                    stride_pkr, stride_pqr, qk_scale, HAS_C2P, HAS_P2C, HAS_KPM, WINDOW, BLOCK_M, BLOCK_N, BLOCK_D,
+                    W, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
         p = tl.math.exp2(s - m_safe[:, None])
@@ -298,10 +298,11 @@ def block_config(d, dtype, device, kernel="fwd"):
     """Block shapes and warps of ``kernel`` ("fwd", "dq", "dkdv" or "dpos") for head dim d, and the window W.
 
     Chosen on the sm_90 compile (tests/sm90_compile.py): every product keeps an M dimension of 64 per
-    warpgroup (wgmma): the query block of the forward and dQ, the key block of the transposed dK/dV tiles,
-    and for the window products W = BLOCK_M + BLOCK_N rounded to a power of two, which costs two products
-    of a tile's size per position term (so square tiles). On the interpreter small ones (speed of the
-    NumPy emulation matters, not occupancy). "dpos": BLOCK_N is the number of band distances per program.
+    warpgroup (wgmma): the query block of the forward and dQ, the key block of the transposed dK/dV tiles.
+    The window W (the distances a tile spans) is BLOCK_M + BLOCK_N - 1 rounded up to a power of two: 128 for
+    the GPU's 64 x 32 tiles, so a window product costs four of the tile's q.k product per position term.
+    On the interpreter smaller, non-square tiles (the NumPy emulation's speed matters, not occupancy).
+    "dpos": BLOCK_W band distances a program, and BLOCK_M + BLOCK_W must be a power of two.
     """
     bd = max(16, triton.next_power_of_2(d))
     if device.type != "cuda":  # non-square tiles, as on the GPU, so the tests see the skews' general case
@@ -318,6 +319,7 @@ def block_config(d, dtype, device, kernel="fwd"):
         bm, bn, warps, stages = table[kernel]
     cfg = dict(BLOCK_M=bm, BLOCK_D=bd, num_warps=warps, num_stages=stages)
     if kernel == "dpos":
+        assert bm + bn == triton.next_power_of_2(bm + bn), "the band kernel's rectangle is BLOCK_M + BLOCK_W wide"
         return dict(cfg, BLOCK_W=bn)
     return dict(cfg, BLOCK_N=bn, W=triton.next_power_of_2(bm + bn - 1))
 

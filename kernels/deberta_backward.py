@@ -9,14 +9,13 @@ from . import attention
 from . import deberta as F  # block_config through the module: tests swap it for the GPU's
 from .attention import _row_stats, _tile, _tile_t
 from .deberta import (_bhm, _col_runs, _dot_rows, _geometry, _keep, _masks, _new_out, _pos_args, _pos_row,
-                      _pos_rows, _program, _real_keys, _row_runs, _window, _window_t)
+                      _pos_rows, _real_keys, _row_runs, _scores, _window_t)
 
 
 @triton.jit
 def _dq_blocks(dq, rs_lo, rs_hi, q, do, lse2, delta, c_run, pq_run, K, V, PK, PQ, IDX, KPM, SEED, stride_kn,
                stride_vn, stride_pkr, stride_pqr, start_m, offs_m, offs_d, D, L, SMAX, D_LO, D_HI, lo, hi, qk_scale,
-                   b, h, H,
-               dropout_p, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_KPM: tl.constexpr,
+               b, h, H, dropout_p, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_KPM: tl.constexpr,
                DROPOUT: tl.constexpr, WINDOW: tl.constexpr, LAST_RUN: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr):
     """dQ over key blocks [lo, hi) (unscaled), and the rows' sums of dS over the first / last run."""
@@ -26,19 +25,10 @@ def _dq_blocks(dq, rs_lo, rs_hi, q, do, lse2, delta, c_run, pq_run, K, V, PK, PQ
         offs_n = start_n + offs_nb
         kT = _tile_t(K, offs_n, L, stride_kn, offs_d, D)
         vT = _tile_t(V, offs_n, L, stride_vn, offs_d, D)
-        s = tl.dot(q, kT, input_precision=PRECISION)
+        s = _scores(q, kT, c_run, pq_run, PK, PQ, IDX, KPM, offs_m, offs_n, start_m, start_n, L, SMAX, offs_d, D,
+                    stride_pkr, stride_pqr, qk_scale, HAS_C2P, HAS_P2C, HAS_KPM, WINDOW, BLOCK_M, BLOCK_N, BLOCK_D,
+                    W, PRECISION)
         dmin = start_m - start_n - (BLOCK_N - 1)
-        if WINDOW:
-            t = _window(q, kT, PK, PQ, IDX, offs_m, offs_n, dmin, SMAX, offs_d, D, stride_pkr, stride_pqr, HAS_C2P,
-                        HAS_P2C, BLOCK_M,
-                            BLOCK_N, BLOCK_D, W, PRECISION)
-            s += t
-        else:
-            if HAS_C2P:
-                s += c_run[:, None]
-            if HAS_P2C:
-                s += tl.sum(kT.to(tl.float32) * pq_run[:, None], 0)[None, :]
-        s = tl.where(_real_keys(KPM, offs_n, L, HAS_KPM)[None, :], s * qk_scale, float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, vT, input_precision=PRECISION)
         if DROPOUT:
@@ -68,90 +58,113 @@ def _dq_blocks(dq, rs_lo, rs_hi, q, do, lse2, delta, c_run, pq_run, K, V, PK, PQ
 
 
 @triton.jit
+def _item(CU, item, NM, SMAX, VARLEN: tl.constexpr):
+    """Work item ``item`` = b NM + block of a persistent program: (batch, first row, length, block index)."""
+    b = item // NM
+    if VARLEN:
+        start = tl.load(CU + b)
+        seq_len = tl.load(CU + b + 1) - start
+    else:
+        start = 0
+        seq_len = SMAX
+    return b.to(tl.int64), start.to(tl.int64), seq_len, item % NM
+
+
+@triton.jit
 def _deberta_bwd_dq(
     Q, K, V, O, DO, DLSE, LSE, DELTA, DQ, SAT,  # DELTA: written here (float32, lse's layout)
-    PK, PQ, IDX, KPM, KV_END, CU, SEED,  # SAT: float32 (2, B, H, query blocks, D), the runs' dpos_key sums
+    PK, PQ, IDX, KPM, KV_END, CU, SEED,  # SAT: float32 (2, H, P, BLOCK_D), the runs' dpos_key sums
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
     stride_lb, stride_lh, stride_lm, stride_gb, stride_gh, stride_gm,  # LSE and DELTA; DLSE
     stride_dqb, stride_dqh, stride_dqm,
-    stride_pkh, stride_pkr, stride_pqh, stride_pqr, stride_kpb, stride_sat,  # SAT: the first index's stride
-    H, SMAX, D, D_LO, D_HI, IDX_LO, IDX_HI,
+    stride_pkh, stride_pkr, stride_pqh, stride_pqr, stride_kpb,
+    B, H, NM, P, SMAX, D, D_LO, D_HI, IDX_LO, IDX_HI,  # NM query blocks a sequence, P programs a head
     sm_scale, dropout_p,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
     DROPOUT: tl.constexpr, HAS_DLSE: tl.constexpr, DPOS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """delta and dQ of one query block of one head over every key block; with DPOS the first / last run's
-    share of dpos_key from these rows."""
-    b, h, start, L = _program(CU, H, SMAX, VARLEN)
-    start_m = tl.program_id(1) * BLOCK_M
-    if start_m >= L:
-        return
+    """delta and dQ of query blocks of one head over every key block; with DPOS the first / last run's share
+    of dpos_key. Persistent: P programs a head take the (sequence, query block) items p, p + P, ..., so the
+    runs' sums need P slots a head, whatever the batch and the sequence length."""
+    h = (tl.program_id(0) // P).to(tl.int64)
+    p = tl.program_id(0) % P
     sm_scale = tl.cast(sm_scale, tl.float32)
     dropout_p = tl.cast(dropout_p, tl.float32)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < L
-    Q += b * stride_qb + h * stride_qh + start * stride_qm
-    K += b * stride_kb + h * stride_kh + start * stride_kn
-    V += b * stride_vb + h * stride_vh + start * stride_vn
-    rows = b * stride_lb + h * stride_lh + start * stride_lm
     PK += h * stride_pkh
     PQ += h * stride_pqh
-    KPM += b * stride_kpb
-    q = _tile(Q, offs_m, L, stride_qm, offs_d, D)
-    do = _tile(DO + b * stride_dob + h * stride_doh + start * stride_dom, offs_m, L, stride_dom, offs_d, D)
-    # delta_i = sum_d dO_id out_id (- dlse_i: a gradient reaching lse adds dlse_i P_ij to dz_ij).
-    o = _tile(O + b * stride_ob + h * stride_oh + start * stride_om, offs_m, L, stride_om, offs_d, D)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    if HAS_DLSE:
-        DLSE += b * stride_gb + h * stride_gh + start * stride_gm  # any strides (autograd may expand zeros)
-        delta -= tl.load(DLSE + offs_m.to(tl.int64) * stride_gm, mask=row_ok, other=0.0)
-    tl.store(DELTA + rows + offs_m.to(tl.int64) * stride_lm, delta, mask=row_ok)
-    lse2, _delta = _row_stats(LSE + rows, DELTA + rows, offs_m, L, stride_lm)  # delta: as computed above
-    kv_end = tl.minimum(L, tl.load(KV_END + b)) if HAS_KPM else L
-    hi_end, lo_start = _row_runs(start_m, kv_end, D_LO, D_HI, BLOCK_M, BLOCK_N)
     pk_hi = _pos_row(PK, IDX_HI, offs_d, D, stride_pkr, HAS_C2P)
     pk_lo = _pos_row(PK, IDX_LO, offs_d, D, stride_pkr, HAS_C2P)
-    c_hi = _dot_rows(q, pk_hi)
-    c_lo = _dot_rows(q, pk_lo)
     pq_hi = _pos_row(PQ, IDX_HI, offs_d, D, stride_pqr, HAS_P2C)
     pq_lo = _pos_row(PQ, IDX_LO, offs_d, D, stride_pqr, HAS_P2C)
     qk_scale = sm_scale * 1.4426950408889634
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    rs_lo = tl.zeros([BLOCK_M], dtype=tl.float32)
-    rs_hi = tl.zeros([BLOCK_M], dtype=tl.float32)
-    dq, rs_lo, rs_hi = _dq_blocks(dq, rs_lo, rs_hi, q, do, lse2, delta, c_hi, pq_hi, K, V, PK, PQ, IDX, KPM, SEED,
-                                  stride_kn, stride_vn, stride_pkr, stride_pqr, start_m, offs_m, offs_d, D, L, SMAX,
-                                  D_LO, D_HI, 0, hi_end, qk_scale, b, h, H, dropout_p, HAS_C2P, HAS_P2C, HAS_KPM,
-                                  DROPOUT, False, True, BLOCK_M, BLOCK_N, BLOCK_D, W, PRECISION)
-    dq, rs_lo, rs_hi = _dq_blocks(dq, rs_lo, rs_hi, q, do, lse2, delta, c_hi, pq_hi, K, V, PK, PQ, IDX, KPM, SEED,
-                                  stride_kn, stride_vn, stride_pkr, stride_pqr, start_m, offs_m, offs_d, D, L, SMAX,
-                                  D_LO, D_HI, hi_end, lo_start, qk_scale, b, h, H, dropout_p, HAS_C2P, HAS_P2C, HAS_KPM,
-                                  DROPOUT, True, True, BLOCK_M, BLOCK_N, BLOCK_D, W, PRECISION)
-    dq, rs_lo, rs_hi = _dq_blocks(dq, rs_lo, rs_hi, q, do, lse2, delta, c_lo, pq_lo, K, V, PK, PQ, IDX, KPM, SEED,
-                                  stride_kn, stride_vn, stride_pkr, stride_pqr, start_m, offs_m, offs_d, D, L, SMAX,
-                                  D_LO, D_HI, lo_start, kv_end, qk_scale, b, h, H, dropout_p, HAS_C2P, HAS_P2C, HAS_KPM,
-                                  DROPOUT, False, False, BLOCK_M, BLOCK_N, BLOCK_D, W, PRECISION)
-    if HAS_C2P:  # the runs' share: dQ_i += rs pos_key[run]; of dpos_key: sum_i rs_i q_i, per program
-        dq += rs_lo[:, None] * pk_lo[None, :] + rs_hi[:, None] * pk_hi[None, :]
-        if DPOS:
-            SAT += ((b * H + h) * tl.num_programs(1) + tl.program_id(1)) * BLOCK_D + offs_d
-            qf = q.to(tl.float32)
-            tl.store(SAT, tl.sum(rs_lo[:, None] * qf, 0) * sm_scale)
-            tl.store(SAT + stride_sat, tl.sum(rs_hi[:, None] * qf, 0) * sm_scale)
-    dq = dq * sm_scale
-    DQ += b * stride_dqb + h * stride_dqh + start * stride_dqm
-    tl.store(DQ + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_d[None, :] < D))
+    sat_lo = tl.zeros([BLOCK_D], dtype=tl.float32)
+    sat_hi = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for item in range(p, B * NM, P):
+        b, start, L, m = _item(CU, item, NM, SMAX, VARLEN)
+        start_m = m * BLOCK_M
+        if start_m < L:  # blocks past a sequence's end (packed batches count blocks for the longest): none
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < L
+            Kb = K + (b * stride_kb + h * stride_kh + start * stride_kn)
+            Vb = V + (b * stride_vb + h * stride_vh + start * stride_vn)
+            rows = b * stride_lb + h * stride_lh + start * stride_lm
+            KPMb = KPM + b * stride_kpb
+            q = _tile(Q + (b * stride_qb + h * stride_qh + start * stride_qm), offs_m, L, stride_qm, offs_d, D)
+            do = _tile(DO + (b * stride_dob + h * stride_doh + start * stride_dom), offs_m, L, stride_dom, offs_d, D)
+            # delta_i = sum_d dO_id out_id (- dlse_i: a gradient reaching lse adds dlse_i P_ij to dz_ij).
+            o = _tile(O + (b * stride_ob + h * stride_oh + start * stride_om), offs_m, L, stride_om, offs_d, D)
+            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+            if HAS_DLSE:  # any strides (autograd may expand zeros)
+                dlse_row = DLSE + (b * stride_gb + h * stride_gh + start * stride_gm)
+                delta -= tl.load(dlse_row + offs_m.to(tl.int64) * stride_gm, mask=row_ok, other=0.0)
+            tl.store(DELTA + rows + offs_m.to(tl.int64) * stride_lm, delta, mask=row_ok)
+            lse = tl.load(LSE + rows + offs_m.to(tl.int64) * stride_lm, mask=row_ok, other=float("-inf"))
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # P = 0 on empty rows
+            kv_end = tl.minimum(L, tl.load(KV_END + b)) if HAS_KPM else L
+            hi_end, lo_start = _row_runs(start_m, kv_end, D_LO, D_HI, BLOCK_M, BLOCK_N)
+            c_hi = _dot_rows(q, pk_hi)
+            c_lo = _dot_rows(q, pk_lo)
+            dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            rs_lo = tl.zeros([BLOCK_M], dtype=tl.float32)
+            rs_hi = tl.zeros([BLOCK_M], dtype=tl.float32)
+            dq, rs_lo, rs_hi = _dq_blocks(dq, rs_lo, rs_hi, q, do, lse2, delta, c_hi, pq_hi, Kb, Vb, PK, PQ, IDX, KPMb,
+                                          SEED, stride_kn, stride_vn, stride_pkr, stride_pqr, start_m, offs_m, offs_d,
+                                          D, L, SMAX, D_LO, D_HI, 0, hi_end, qk_scale, b, h, H, dropout_p, HAS_C2P,
+                                          HAS_P2C, HAS_KPM, DROPOUT, False, True, BLOCK_M, BLOCK_N, BLOCK_D, W,
+                                          PRECISION)
+            dq, rs_lo, rs_hi = _dq_blocks(dq, rs_lo, rs_hi, q, do, lse2, delta, c_hi, pq_hi, Kb, Vb, PK, PQ, IDX, KPMb,
+                                          SEED, stride_kn, stride_vn, stride_pkr, stride_pqr, start_m, offs_m, offs_d,
+                                          D, L, SMAX, D_LO, D_HI, hi_end, lo_start, qk_scale, b, h, H, dropout_p,
+                                          HAS_C2P, HAS_P2C, HAS_KPM, DROPOUT, True, True, BLOCK_M, BLOCK_N, BLOCK_D,
+                                          W, PRECISION)
+            dq, rs_lo, rs_hi = _dq_blocks(dq, rs_lo, rs_hi, q, do, lse2, delta, c_lo, pq_lo, Kb, Vb, PK, PQ, IDX, KPMb,
+                                          SEED, stride_kn, stride_vn, stride_pkr, stride_pqr, start_m, offs_m, offs_d,
+                                          D, L, SMAX, D_LO, D_HI, lo_start, kv_end, qk_scale, b, h, H, dropout_p,
+                                          HAS_C2P, HAS_P2C, HAS_KPM, DROPOUT, False, False, BLOCK_M, BLOCK_N,
+                                          BLOCK_D, W, PRECISION)
+            if HAS_C2P:  # the runs' share: dQ_i += rs pos_key[run]; of dpos_key: sum_i rs_i q_i
+                dq += rs_lo[:, None] * pk_lo[None, :] + rs_hi[:, None] * pk_hi[None, :]
+                if DPOS:
+                    qf = q.to(tl.float32)
+                    sat_lo += tl.sum(rs_lo[:, None] * qf, 0)
+                    sat_hi += tl.sum(rs_hi[:, None] * qf, 0)
+            dq = dq * sm_scale
+            DQb = DQ + (b * stride_dqb + h * stride_dqh + start * stride_dqm)
+            tl.store(DQb + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+                     mask=row_ok[:, None] & (offs_d[None, :] < D))
+    if DPOS:  # SAT[side, h, p, :]
+        slot = SAT + (h * P + p) * BLOCK_D + offs_d
+        tl.store(slot, sat_lo * sm_scale)
+        tl.store(slot + H * P * BLOCK_D, sat_hi * sm_scale)
 
 
 @triton.jit
 def _dkdv_blocks(dk, dv, cs_lo, cs_hi, k, v, real, c_run, p_run, Q, DO, LSE, DELTA, rows, PK, PQ, IDX, SEED,
-                 stride_qm, stride_dom, stride_lm, stride_pkr, stride_pqr, start_n, offs_n, offs_d, D, L, SMAX, D_LO,
-                     D_HI,
-                 lo, hi, qk_scale, b, h, H, dropout_p,
+                 stride_qm, stride_dom, stride_lm, stride_pkr, stride_pqr, start_n, offs_n, offs_d, D, L, SMAX,
+                 D_LO, D_HI, lo, hi, qk_scale, b, h, H, dropout_p,
                  HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, DROPOUT: tl.constexpr, WINDOW: tl.constexpr,
                  LAST_RUN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  W: tl.constexpr, PRECISION: tl.constexpr):
@@ -167,10 +180,8 @@ def _dkdv_blocks(dk, dv, cs_lo, cs_hi, k, v, real, c_run, p_run, Q, DO, LSE, DEL
         sT = tl.dot(k, qT, input_precision=PRECISION)
         dmin = start_m - start_n - (BLOCK_N - 1)
         if WINDOW:
-            t = _window_t(qT, k, PK, PQ, IDX, offs_m, offs_n, dmin, SMAX, offs_d, D, stride_pkr, stride_pqr, HAS_C2P,
-                          HAS_P2C, BLOCK_M,
-                              BLOCK_N, BLOCK_D, W, PRECISION)
-            sT += t
+            sT += _window_t(qT, k, PK, PQ, IDX, offs_m, offs_n, dmin, SMAX, offs_d, D, stride_pkr, stride_pqr,
+                            HAS_C2P, HAS_P2C, BLOCK_M, BLOCK_N, BLOCK_D, W, PRECISION)
         else:
             if HAS_C2P:
                 sT += tl.sum(qT.to(tl.float32) * c_run[:, None], 0)[None, :]
@@ -210,85 +221,90 @@ def _dkdv_blocks(dk, dv, cs_lo, cs_hi, k, v, real, c_run, p_run, Q, DO, LSE, DEL
 
 @triton.jit
 def _deberta_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, SAT,  # SAT: float32 (2, B, H, key blocks, D), the runs' dpos_query sums
+    Q, K, V, DO, LSE, DELTA, DK, DV, SAT,  # SAT: float32 (2, H, P, BLOCK_D), the runs' dpos_query sums
     PK, PQ, IDX, KPM, KV_END, CU, SEED,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm,  # LSE and DELTA share strides
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-    stride_pkh, stride_pkr, stride_pqh, stride_pqr, stride_kpb, stride_sat,
-    H, SMAX, D, D_LO, D_HI, IDX_LO, IDX_HI,
+    stride_pkh, stride_pkr, stride_pqh, stride_pqr, stride_kpb,
+    B, H, NM, P, SMAX, D, D_LO, D_HI, IDX_LO, IDX_HI,  # NM key blocks a sequence, P programs a head
     sm_scale, dropout_p,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
     DROPOUT: tl.constexpr, DPOS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dK and dV of one key block of one head over every query block; with DPOS the first / last run's share
-    of dpos_query from these keys."""
-    b, h, start, L = _program(CU, H, SMAX, VARLEN)
-    start_n = tl.program_id(1) * BLOCK_N
-    if start_n >= L:
-        return
+    """dK and dV of key blocks of one head over every query block; with DPOS the first / last run's share of
+    dpos_query. Persistent as the dQ kernel: P programs a head, P slots of run sums."""
+    h = (tl.program_id(0) // P).to(tl.int64)
+    p = tl.program_id(0) % P
     sm_scale = tl.cast(sm_scale, tl.float32)
     dropout_p = tl.cast(dropout_p, tl.float32)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    kv_ok = offs_n < L
-    Q += b * stride_qb + h * stride_qh + start * stride_qm
-    K += b * stride_kb + h * stride_kh + start * stride_kn
-    V += b * stride_vb + h * stride_vh + start * stride_vn
-    DO += b * stride_dob + h * stride_doh + start * stride_dom
-    rows = b * stride_lb + h * stride_lh + start * stride_lm
     PK += h * stride_pkh
     PQ += h * stride_pqh
-    KPM += b * stride_kpb
-    # Every product has the key block as its M dimension (sT = K Q^T, dV += P^T dO, dK += dS^T Q, K PQ^T,
-    # DwT PQ), so BLOCK_N = 64 per warpgroup keeps them on Hopper's wgmma.
-    k = _tile(K, offs_n, L, stride_kn, offs_d, D)  # [BLOCK_N, BLOCK_D]
-    v = _tile(V, offs_n, L, stride_vn, offs_d, D)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    cs_lo = tl.zeros([BLOCK_N], dtype=tl.float32)
-    cs_hi = tl.zeros([BLOCK_N], dtype=tl.float32)
-    kv_end = tl.minimum(L, tl.load(KV_END + b)) if HAS_KPM else L
-    qk_scale = sm_scale * 1.4426950408889634
-    real = _real_keys(KPM, offs_n, L, HAS_KPM)
     pk_hi = _pos_row(PK, IDX_HI, offs_d, D, stride_pkr, HAS_C2P)
     pk_lo = _pos_row(PK, IDX_LO, offs_d, D, stride_pkr, HAS_C2P)
     pq_hi = _pos_row(PQ, IDX_HI, offs_d, D, stride_pqr, HAS_P2C)
     pq_lo = _pos_row(PQ, IDX_LO, offs_d, D, stride_pqr, HAS_P2C)
-    if start_n < kv_end:  # a block of padding only: its gradients are zeros
-        lo_end, hi_start = _col_runs(start_n, L, D_LO, D_HI, BLOCK_M, BLOCK_N)
-        p_lo = _dot_rows(k, pq_lo)
-        p_hi = _dot_rows(k, pq_hi)
-        dk, dv, cs_lo, cs_hi = _dkdv_blocks(dk, dv, cs_lo, cs_hi, k, v, real, pk_lo, p_lo, Q, DO, LSE, DELTA, rows, PK,
-                                            PQ, IDX, SEED, stride_qm, stride_dom, stride_lm, stride_pkr, stride_pqr,
-                                            start_n, offs_n, offs_d, D, L, SMAX, D_LO, D_HI, 0, lo_end, qk_scale, b, h,
-                                            H, dropout_p, HAS_C2P, HAS_P2C, DROPOUT, False, False, BLOCK_M, BLOCK_N,
-                                            BLOCK_D, W, PRECISION)
-        dk, dv, cs_lo, cs_hi = _dkdv_blocks(dk, dv, cs_lo, cs_hi, k, v, real, pk_lo, p_lo, Q, DO, LSE, DELTA, rows, PK,
-                                            PQ, IDX, SEED, stride_qm, stride_dom, stride_lm, stride_pkr, stride_pqr,
-                                            start_n, offs_n, offs_d, D, L, SMAX, D_LO, D_HI, lo_end, hi_start, qk_scale,
-                                            b, h, H, dropout_p, HAS_C2P, HAS_P2C, DROPOUT, True, False, BLOCK_M,
-                                            BLOCK_N, BLOCK_D, W, PRECISION)
-        dk, dv, cs_lo, cs_hi = _dkdv_blocks(dk, dv, cs_lo, cs_hi, k, v, real, pk_hi, p_hi, Q, DO, LSE, DELTA, rows, PK,
-                                            PQ, IDX, SEED, stride_qm, stride_dom, stride_lm, stride_pkr, stride_pqr,
-                                            start_n, offs_n, offs_d, D, L, SMAX, D_LO, D_HI, hi_start, L, qk_scale, b,
-                                            h, H, dropout_p, HAS_C2P, HAS_P2C, DROPOUT, False, True, BLOCK_M, BLOCK_N,
-                                            BLOCK_D, W, PRECISION)
-    if HAS_P2C:  # the runs' share: dK_j += cs pos_query[run]; of dpos_query: sum_j cs_j k_j, per program
-        dk += cs_lo[:, None] * pq_lo[None, :] + cs_hi[:, None] * pq_hi[None, :]
-        if DPOS:
-            SAT += ((b * H + h) * tl.num_programs(1) + tl.program_id(1)) * BLOCK_D + offs_d
-            kf = k.to(tl.float32)
-            tl.store(SAT, tl.sum(cs_lo[:, None] * kf, 0) * sm_scale)
-            tl.store(SAT + stride_sat, tl.sum(cs_hi[:, None] * kf, 0) * sm_scale)
-    dk = dk * sm_scale
-    DK += b * stride_dkb + h * stride_dkh + start * stride_dkn
-    DV += b * stride_dvb + h * stride_dvh + start * stride_dvn
-    tl.store(DK + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty),
-             mask=kv_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(DV + offs_n[:, None].to(tl.int64) * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=kv_ok[:, None] & (offs_d[None, :] < D))
+    qk_scale = sm_scale * 1.4426950408889634
+    sat_lo = tl.zeros([BLOCK_D], dtype=tl.float32)
+    sat_hi = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for item in range(p, B * NM, P):
+        b, start, L, n = _item(CU, item, NM, SMAX, VARLEN)
+        start_n = n * BLOCK_N
+        if start_n < L:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            kv_ok = offs_n < L
+            Qb = Q + (b * stride_qb + h * stride_qh + start * stride_qm)
+            DOb = DO + (b * stride_dob + h * stride_doh + start * stride_dom)
+            rows = b * stride_lb + h * stride_lh + start * stride_lm
+            # Every product has the key block as its M dimension (sT = K Q^T, dV += P^T dO, dK += dS^T Q,
+            # K PQ^T, DwT PQ), so BLOCK_N = 64 per warpgroup keeps them on Hopper's wgmma.
+            k = _tile(K + (b * stride_kb + h * stride_kh + start * stride_kn), offs_n, L, stride_kn, offs_d, D)
+            v = _tile(V + (b * stride_vb + h * stride_vh + start * stride_vn), offs_n, L, stride_vn, offs_d, D)
+            dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            cs_lo = tl.zeros([BLOCK_N], dtype=tl.float32)
+            cs_hi = tl.zeros([BLOCK_N], dtype=tl.float32)
+            kv_end = tl.minimum(L, tl.load(KV_END + b)) if HAS_KPM else L
+            real = _real_keys(KPM + b * stride_kpb, offs_n, L, HAS_KPM)
+            if start_n < kv_end:  # a block of padding only: its gradients are zeros
+                lo_end, hi_start = _col_runs(start_n, L, D_LO, D_HI, BLOCK_M, BLOCK_N)
+                p_lo = _dot_rows(k, pq_lo)
+                p_hi = _dot_rows(k, pq_hi)
+                dk, dv, cs_lo, cs_hi = _dkdv_blocks(dk, dv, cs_lo, cs_hi, k, v, real, pk_lo, p_lo, Qb, DOb, LSE, DELTA,
+                                                    rows, PK, PQ, IDX, SEED, stride_qm, stride_dom, stride_lm,
+                                                    stride_pkr, stride_pqr, start_n, offs_n, offs_d, D, L, SMAX, D_LO,
+                                                    D_HI, 0, lo_end, qk_scale, b, h, H, dropout_p, HAS_C2P, HAS_P2C,
+                                                    DROPOUT, False, False, BLOCK_M, BLOCK_N, BLOCK_D, W, PRECISION)
+                dk, dv, cs_lo, cs_hi = _dkdv_blocks(dk, dv, cs_lo, cs_hi, k, v, real, pk_lo, p_lo, Qb, DOb, LSE, DELTA,
+                                                    rows, PK, PQ, IDX, SEED, stride_qm, stride_dom, stride_lm,
+                                                    stride_pkr, stride_pqr, start_n, offs_n, offs_d, D, L, SMAX, D_LO,
+                                                    D_HI, lo_end, hi_start, qk_scale, b, h, H, dropout_p, HAS_C2P,
+                                                    HAS_P2C, DROPOUT, True, False, BLOCK_M, BLOCK_N, BLOCK_D, W,
+                                                    PRECISION)
+                dk, dv, cs_lo, cs_hi = _dkdv_blocks(dk, dv, cs_lo, cs_hi, k, v, real, pk_hi, p_hi, Qb, DOb, LSE, DELTA,
+                                                    rows, PK, PQ, IDX, SEED, stride_qm, stride_dom, stride_lm,
+                                                    stride_pkr, stride_pqr, start_n, offs_n, offs_d, D, L, SMAX, D_LO,
+                                                    D_HI, hi_start, L, qk_scale, b, h, H, dropout_p, HAS_C2P, HAS_P2C,
+                                                    DROPOUT, False, True, BLOCK_M, BLOCK_N, BLOCK_D, W, PRECISION)
+            if HAS_P2C:  # the runs' share: dK_j += cs pos_query[run]; of dpos_query: sum_j cs_j k_j
+                dk += cs_lo[:, None] * pq_lo[None, :] + cs_hi[:, None] * pq_hi[None, :]
+                if DPOS:
+                    kf = k.to(tl.float32)
+                    sat_lo += tl.sum(cs_lo[:, None] * kf, 0)
+                    sat_hi += tl.sum(cs_hi[:, None] * kf, 0)
+            dk = dk * sm_scale
+            DKb = DK + (b * stride_dkb + h * stride_dkh + start * stride_dkn)
+            DVb = DV + (b * stride_dvb + h * stride_dvh + start * stride_dvn)
+            tl.store(DKb + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty),
+                     mask=kv_ok[:, None] & (offs_d[None, :] < D))
+            tl.store(DVb + offs_n[:, None].to(tl.int64) * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
+                     mask=kv_ok[:, None] & (offs_d[None, :] < D))
+    if DPOS:  # SAT[side, h, p, :]
+        slot = SAT + (h * P + p) * BLOCK_D + offs_d
+        tl.store(slot, sat_lo * sm_scale)
+        tl.store(slot + H * P * BLOCK_D, sat_hi * sm_scale)
 
 
 @triton.jit
@@ -413,19 +429,21 @@ def _dpos_fold(E, RUNS, STARTS, OUT, stride_eg, stride_eh, stride_rs, stride_rh,
     tl.store(OUT + h * stride_oh + r * stride_or + offs_d, acc.to(OUT.dtype.element_ty), mask=offs_d < D)
 
 
-# the band kernel aims at this many programs (about one per SM of an H100 / H200) before slicing the batch
-_DPOS_PROGRAMS = 128
+# Programs in all (H100 / H200: 132 SMs): the dQ and dK/dV kernels run P persistent programs a head, two waves;
+# the band kernel slices the batch only up to one wave (each slice is another float32 (H, band, D) buffer).
+_PROGRAMS = 264
+_BAND_PROGRAMS = 128
 
 
-def _position_grads(launch, sat, e, rel_idx, band, max_seqlen, pos, nb):
-    """dpos (pos's shape and dtype) from the runs' per-program sums (2, B, H, blocks, BLOCK_D) and the band's
+def _position_grads(launch, sat, e, rel_idx, band, first, max_seqlen, pos, nb):
+    """dpos (pos's shape and dtype) from the runs' per-program sums (2, H, P, BLOCK_D) and the band's
     per-distance sums e (G, H, blocks * BLOCK_W, BLOCK_D) or None; distances -> buckets by _dpos_fold."""
-    d_lo, _, idx_lo, idx_hi = band
+    _, _, idx_lo, idx_hi = band
     H, two_span, d = pos.shape
-    runs = sat.sum(dim=(1, 3))  # (2, H, BLOCK_D): a torch reduction, fixed order
+    runs = sat.sum(dim=2)  # (2, H, BLOCK_D): a torch reduction, fixed order
     out = torch.empty_like(pos)
     if nb > 0:  # STARTS[r]: the band distances with idx < r (idx is non-decreasing over the band)
-        band_idx = rel_idx.narrow(0, d_lo + 1 + max_seqlen - 1, nb)
+        band_idx = rel_idx.narrow(0, first + max_seqlen - 1, nb)
         starts = torch.searchsorted(band_idx, torch.arange(two_span + 1, device=pos.device, dtype=torch.int32))
         e_ptr, e_strides, slices = e, (e.stride(0), e.stride(1)), e.shape[0]
     else:
@@ -457,38 +475,41 @@ def deberta_bwd(launch, do, dlse, q, k, v, pos_key, pos_query, out, lse, key_pad
                  VARLEN=varlen, DROPOUT=dropout_p > 0, PRECISION=attention.precision(q))
     common = (pk, pq, rel_idx, kpm, kv_end, cu_seqlens if varlen else lse, seed if seed is not None else lse)
     io = (*_bhm(q, varlen), *_bhm(k, varlen), *_bhm(v, varlen))
-    scalars = (H, max_seqlen, D, *band, float(scale), float(dropout_p))
+    scalars = (max_seqlen, D, *band, float(scale), float(dropout_p))
 
-    def run_sums(wanted, cfg, block):
-        """float32 zeros (2, B, H, blocks, BLOCK_D) for the runs' dpos sums (programs past an end leave zeros)."""
-        if not wanted:
-            return None
-        return torch.zeros(2, B, H, triton.cdiv(max_seqlen, cfg[block]), cfg["BLOCK_D"], device=q.device)
+    def persistent(cfg, block):
+        """(blocks a sequence, programs a head): about _PROGRAMS programs in all, each taking every P-th item."""
+        nblocks = triton.cdiv(max_seqlen, cfg[block])
+        return nblocks, max(1, min(B * nblocks, triton.cdiv(_PROGRAMS, H)))
 
-    sat_k = run_sums(grad_pos_key, cfg_dq, "BLOCK_M")
-    sat_q = run_sums(grad_pos_query, cfg_dkdv, "BLOCK_N")
-    grid = (B * H, triton.cdiv(max_seqlen, cfg_dq["BLOCK_M"]))
-    launch(_deberta_bwd_dq, grid,
+    def run_sums(wanted, programs, cfg):
+        """float32 (2, H, P, BLOCK_D): each program's sums of the runs' dpos shares (every program writes its own)."""
+        return torch.empty(2, H, programs, cfg["BLOCK_D"], device=q.device) if wanted else None
+
+    nm, programs = persistent(cfg_dq, "BLOCK_M")
+    sat_k = run_sums(grad_pos_key, programs, cfg_dq)
+    launch(_deberta_bwd_dq, (H * programs,),
            q, k, v, out, do, dlse if dlse is not None else lse, lse, delta, dq,
            sat_k if sat_k is not None else lse, *common,
            *io, *_bhm(out, varlen), *_bhm(do, varlen), *_bhm(lse, varlen),
            *(_bhm(dlse, varlen) if dlse is not None else (0, 0, 0)), *_bhm(dq, varlen), *pos_strides, kpb,
-           sat_k.stride(0) if sat_k is not None else 0, *scalars, HAS_DLSE=dlse is not None,
-           DPOS=grad_pos_key, **flags, **cfg_dq)
-    grid = (B * H, triton.cdiv(max_seqlen, cfg_dkdv["BLOCK_N"]))
-    launch(_deberta_bwd_dkdv, grid,
+           B, H, nm, programs, *scalars, HAS_DLSE=dlse is not None, DPOS=grad_pos_key, **flags, **cfg_dq)
+    nn, programs = persistent(cfg_dkdv, "BLOCK_N")
+    sat_q = run_sums(grad_pos_query, programs, cfg_dkdv)
+    launch(_deberta_bwd_dkdv, (H * programs,),
            q, k, v, do, lse, delta, dk, dv, sat_q if sat_q is not None else lse, *common,
            *io, *_bhm(do, varlen), *_bhm(lse, varlen), *_bhm(dk, varlen), *_bhm(dv, varlen), *pos_strides, kpb,
-           sat_q.stride(0) if sat_q is not None else 0, *scalars, DPOS=grad_pos_query, **flags, **cfg_dkdv)
+           B, H, nn, programs, *scalars, DPOS=grad_pos_query, **flags, **cfg_dkdv)
     if not (grad_pos_key or grad_pos_query):
         return dq, dk, dv, None, None
-    d_lo, d_hi = band[0], band[1]
-    nb = d_hi - d_lo - 1  # band distances
+    # the band's distances within this table: first .. first + nb - 1
+    first = max(band[0] + 1, 1 - max_seqlen)
+    nb = max(min(band[1] - 1, max_seqlen - 1) - first + 1, 0)
     ek = eq = None
     if nb > 0:
         cfg = F.block_config(D, q.dtype, q.device, "dpos")
         nm, ndb = triton.cdiv(max_seqlen, cfg["BLOCK_M"]), triton.cdiv(nb, cfg["BLOCK_W"])
-        slices = max(1, min(B * nm, triton.cdiv(_DPOS_PROGRAMS, H * ndb)))
+        slices = max(1, min(B * nm, triton.cdiv(_BAND_PROGRAMS, H * ndb)))
         shape = (slices, H, ndb * cfg["BLOCK_W"], cfg["BLOCK_D"])
         ek = torch.empty(shape, device=q.device) if grad_pos_key else None
         eq = torch.empty(shape, device=q.device) if grad_pos_query else None
@@ -496,8 +517,9 @@ def deberta_bwd(launch, do, dlse, q, k, v, pos_key, pos_query, out, lse, key_pad
         launch(_deberta_bwd_dpos, (H * ndb * slices,),
                q, k, v, do, lse, delta, ek if ek is not None else dummy, eq if eq is not None else dummy, *common,
                *io, *_bhm(do, varlen), *_bhm(lse, varlen), *pos_strides, kpb, dummy.stride(0), dummy.stride(1),
-               B, H, max_seqlen, D, d_lo, nb, ndb, slices, nm, float(scale), float(dropout_p),
+               B, H, max_seqlen, D, first - 1, nb, ndb, slices, nm, float(scale), float(dropout_p),
                DPOS_K=grad_pos_key, DPOS_Q=grad_pos_query, **flags, **cfg)
-    dpk = _position_grads(launch, sat_k, ek, rel_idx, band, max_seqlen, pos_key, nb) if grad_pos_key else None
-    dpq = _position_grads(launch, sat_q, eq, rel_idx, band, max_seqlen, pos_query, nb) if grad_pos_query else None
+    dpk = _position_grads(launch, sat_k, ek, rel_idx, band, first, max_seqlen, pos_key, nb) if grad_pos_key else None
+    dpq = (_position_grads(launch, sat_q, eq, rel_idx, band, first, max_seqlen, pos_query, nb) if grad_pos_query
+           else None)
     return dq, dk, dv, dpk, dpq

@@ -29,8 +29,8 @@ for family in (attention, deberta, lora, norm, rope, swiglu):
     family._triton_ops()  # not interpreting: each op is a torch.library.triton_op
 
 ops = torch.ops.fusedlm
-# the DeBERTa ops' band (host ints from the CPU bucket table): made here, outside the fake tensor mode
-band, band_varlen = list(deberta.relative_band(128, 256, 512)), list(deberta.relative_band(156, 256, 512))
+# the DeBERTa ops' band (host ints from the bucket parameters)
+band = band_varlen = list(deberta.relative_band(256, 512))
 bf16 = torch.bfloat16
 
 
@@ -67,7 +67,8 @@ def calls(t):
         ("deberta_varlen", lambda: (ops.deberta_fwd(qp, qp, qp, pos, pos, None, cu, rel_varlen, 156, 0.1, 0.0, None,
                                                     band_varlen),
                                     ops.deberta_bwd(qp, torch.zeros(256, H, device="cuda"), qp, qp, qp, pos, pos, qp,
-                                                    torch.zeros(256, H, device="cuda"), None, cu, rel_varlen, 156, 0.1, 0.0,
+                                                    torch.zeros(256, H, device="cuda"), None, cu, rel_varlen, 156,
+                                                    0.1, 0.0,
                                                     None, True, True, band_varlen))),
         ("lora", lambda: (ops.lora_fwd(x, t(4096, 4096), None, a, b_, 2.0, None),
                           ops.lora_bwd(x, x, t(4096, 4096), a, b_, t(64, 16), None, 2.0, True, False, False, True,

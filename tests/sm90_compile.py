@@ -311,7 +311,7 @@ def deberta_variants():
         B, H, S = 2, 2, 64
         # a real table and its band (all three tile kinds and the band kernel get compiled)
         idx = relative_index_table(S, 256, 512, torch.device("cpu"))
-        band = relative_band(S, 256, 512)
+        band = relative_band(256, 512)
         for dt, d, terms, kpm in [(torch.bfloat16, 64, "c2p,p2c", True), (torch.bfloat16, 64, "c2p,p2c", False),
                                   (torch.bfloat16, 64, "c2p", False), (torch.bfloat16, 64, "p2c", True),
                                   (torch.bfloat16, 64, "", False), (torch.float16, 128, "c2p,p2c", True),

@@ -335,18 +335,20 @@ def test_torch_compile_fullgraph_equals_eager(backend, device):
         return (out * 2).sum() + out.square().sum()
 
     compile_backend = "inductor" if device == "cuda" else "aot_eager"
-    compiled = torch.compile(block, fullgraph=True, backend=compile_backend)
-    inputs = make_inputs(2, 2, 23, 16, 16, 40, lengths=(23, 11), gen=torch.Generator().manual_seed(59))
-    names = ("query", "key", "value", "pos_key", "pos_query")
-    args = [inputs[n].float().to(device).requires_grad_(True) for n in names]
-    args.append(inputs["key_padding_mask"].to(device))
-    eager_out = block(*args)
-    eager_grads = torch.autograd.grad(eager_out, args[:5])
-    out = compiled(*args)
-    grads = torch.autograd.grad(out, args[:5])
-    torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-5)
-    for g, e in zip(grads, eager_grads):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    # dynamic shapes: one graph serves both sequence lengths (nothing in the op specialises on S)
+    compiled = torch.compile(block, fullgraph=True, dynamic=True, backend=compile_backend)
+    for S, seed in ((23, 59), (41, 60)):
+        inputs = make_inputs(2, 2, S, 16, 16, 40, lengths=(S, 11), gen=torch.Generator().manual_seed(seed))
+        names = ("query", "key", "value", "pos_key", "pos_query")
+        args = [inputs[n].float().to(device).requires_grad_(True) for n in names]
+        args.append(inputs["key_padding_mask"].to(device))
+        eager_out = block(*args)
+        eager_grads = torch.autograd.grad(eager_out, args[:5])
+        out = compiled(*args)
+        grads = torch.autograd.grad(out, args[:5])
+        torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-5)
+        for g, e in zip(grads, eager_grads):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------

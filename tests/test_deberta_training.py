@@ -324,7 +324,7 @@ def test_launch_grids_within_cuda_limits(varlen):
             args = (torch.empty(B, S, dtype=torch.bool, device="meta"), None,
                     torch.empty(2 * S - 1, dtype=torch.int32, device="meta"), S, 0.1, 0.1,
                     torch.empty(1, dtype=torch.int64, device="meta"))
-        band = relative_band(S, 256, 512)
+        band = relative_band(256, 512)
         K.deberta_fwd(record, q, q, q, pos, pos, *args, band)
         K.deberta_bwd(record, q, lse, q, q, q, pos, pos, q, lse, *args, True, True, band)
     assert grids

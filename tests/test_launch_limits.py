@@ -129,7 +129,7 @@ def test_deberta_grids_within_cuda_limits_at_a_hundred_thousand_heads(configs):
     else:
         from fusedlm.ops.deberta import relative_band
 
-        band = relative_band(S, 256, 512)
+        band = relative_band(256, 512)
         out, lse = deberta.deberta_fwd(rec, q, q, q, pk, pk, None, None, idx, S, 0.1, 0.0, None, band)
         deberta.deberta_bwd(rec, out, None, q, q, q, pk, pk, out, lse, None, None, idx, S, 0.1, 0.0, None, True, True,
                             band)

@@ -95,20 +95,17 @@ def flash_peak_bytes(B, H, S, D, dtype=torch.bfloat16, packed=False):
 def deberta_peak_bytes(B, H, S, D, dtype=torch.bfloat16, span=256, terms=("c2p", "p2c"), packed=False):
     """Peak bytes fusedlm's DeBERTa attention (kernels/deberta.py) allocates over forward + backward, with
     pos_key / pos_query (H, 2 span, D) for the terms asked for and both their gradients; no padding, no
-    dropout. Counted as flash_peak_bytes, plus the position products, their gradient buffers and dpos_*.
-    The relative index table (2 S - 1 int32) is an input; a kernel module with ``relative_band`` gets the
-    band of the CPU table (position_buckets = span, max_relative_positions = 2 span), made outside the count
-    (host work, no device memory)."""
+    dropout. Counted as flash_peak_bytes, plus whatever the DeBERTa launchers add (the band kernel's sums,
+    the runs' per-program sums, dpos_*). The relative index table (2 S - 1 int32) is an input; the buckets
+    are DeBERTa-v3's (position_buckets = span, max_relative_positions = 2 span)."""
     from fusedlm.kernels import deberta as K
-    from fusedlm.ops.deberta import relative_index_table
+    from fusedlm.ops.deberta import relative_band
 
     (q, k, v, do), cu = _inputs(B, H, S, D, dtype, packed)
     pos_key = _meta((H, 2 * span, D), dtype) if "c2p" in terms else None
     pos_query = _meta((H, 2 * span, D), dtype) if "p2c" in terms else None
     rel_idx = _meta((2 * S - 1,), torch.int32)
-    band = ()
-    if hasattr(K, "relative_band"):  # the new kernels take the table's band as a trailing argument
-        band = (K.relative_band(relative_index_table(S, span, 2 * span, torch.device("cpu"))),)
+    band = relative_band(span, 2 * span)
     scale = 1.0 / math.sqrt(D * (1 + len(terms)))
     geo = (None, cu, rel_idx, S, scale, 0.0, None)  # key padding, cu_seqlens, table, max_seqlen, scale, p, seed
     # the per-program buffers are sized by the block shapes: take the GPU's, not the interpreter's
@@ -122,9 +119,9 @@ def deberta_peak_bytes(B, H, S, D, dtype=torch.bfloat16, span=256, terms=("c2p",
 
 def _deberta_peak(K, q, k, v, do, pos_key, pos_query, geo, band):
     with LiveBytes() as mem:
-        out, lse = K.deberta_fwd(_skip, q, k, v, pos_key, pos_query, *geo, *band)
+        out, lse = K.deberta_fwd(_skip, q, k, v, pos_key, pos_query, *geo, band)
         grads = K.deberta_bwd(_skip, do, None, q, k, v, pos_key, pos_query, out, lse, *geo,
-                              pos_key is not None, pos_query is not None, *band)
+                              pos_key is not None, pos_query is not None, band)
         del out, lse, grads
     return mem.peak
 

@@ -79,20 +79,34 @@ def _(seq_len, position_buckets, max_relative_positions, device):
     return torch.empty(max(2 * seq_len - 1, 0), dtype=torch.int32, device=device)
 
 
-@torch.compiler.assume_constant_result  # torch.compile bakes the ints in instead of tracing the table
-def relative_band(seq_len: int, position_buckets: int, max_relative_positions: int) -> tuple:
-    """The table's runs for the kernels (fusedlm.kernels.deberta.relative_band), from the CPU copy: host ints,
-    no device sync."""
-    return _relative_band(seq_len, position_buckets, max_relative_positions)
+NEVER = 1 << 29  # a distance no sequence reaches: that run is empty
 
 
-@functools.lru_cache(maxsize=64)
-def _relative_band(seq_len, position_buckets, max_relative_positions):
-    from fusedlm.kernels.deberta import relative_band as band
+def relative_band(position_buckets: int, max_relative_positions: int) -> tuple:
+    """(D_LO, D_HI, IDX_LO, IDX_HI) for the kernels (fusedlm/kernels/deberta.py): every distance d <= D_LO has
+    idx 0 (= IDX_LO) and every d >= D_HI has idx 2 span - 1 (= IDX_HI); -NEVER / NEVER where idx never gets
+    there. From the parameters alone, in plain Python arithmetic (torch.compile folds it to constants, for any
+    sequence length). The bounds are safe rather than tight: a few distances of margin over a float64 solve of
+    Hugging Face's float32 formula (tests/test_deberta.py checks them against the table); distances between
+    the runs go through the band, which reads the table itself."""
+    span = attention_span(position_buckets, max_relative_positions)
+    if position_buckets <= 0:  # idx = clamp(d + span): 0 from d = -span, 2 span - 1 from d = span - 1
+        return -span, span - 1, 0, 2 * span - 1
+    mid = position_buckets // 2
 
-    half = max(64, 1 << max(seq_len - 1, 0).bit_length())
-    table = _index_table(half, position_buckets, max_relative_positions, torch.device("cpu"))
-    return band(table[half - seq_len:half + seq_len - 1])
+    def reach(target):
+        """A distance from which on |bucket(d)| >= target, or None if it never gets there. For |d| > mid,
+        |bucket| = ceil(log(|d| / mid) / log((max - 1) / mid) * (mid - 1)) + mid."""
+        if target <= mid:
+            return target  # |bucket(d)| = |d| up to mid
+        if mid <= 1:
+            return None  # the log term is 0: |bucket| stays mid
+        # ceil(x (mid - 1)) >= target - mid once x (mid - 1) > target - mid - 1
+        x = (target - mid - 1) / (mid - 1)
+        return int(mid * ((max_relative_positions - 1) / mid) ** x) + 4
+
+    hi, lo = reach(span - 1), reach(span)  # idx 2 span - 1: bucket >= span - 1; idx 0: bucket <= -span
+    return (-lo if lo is not None else -NEVER), (hi if hi is not None else NEVER), 0, 2 * span - 1
 
 
 def relative_index(seq_len, position_buckets, max_relative_positions, device):
@@ -121,7 +135,7 @@ def _triton_ops():
                     cu_seqlens: Optional[torch.Tensor], rel_idx: torch.Tensor, max_seqlen: int, scale: float,
                     dropout_p: float, seed: Optional[torch.Tensor], band: list[int]
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (out like q, lse float32 (B, H, S) or (total, H)). band: relative_band of the table."""
+        """-> (out like q, lse float32 (B, H, S) or (total, H)). band: relative_band of the buckets."""
         return K.deberta_fwd(launch, unit_stride(q), unit_stride(k), unit_stride(v), unit_stride(pos_key),
                              unit_stride(pos_query), key_padding_mask, cu_seqlens, rel_idx, max_seqlen, scale,
                              dropout_p, seed, band)
@@ -303,7 +317,7 @@ def _run_triton(q, k, v, pos_key, pos_query, key_padding_mask, cu_seqlens, max_s
     of the longest sequence, and the scale 1 / sqrt(D * (1 + number of position terms))."""
     terms = (pos_key is not None) + (pos_query is not None)
     rel_idx = relative_index_table(max_seqlen, position_buckets, max_relative_positions, q.device)
-    band = list(relative_band(max_seqlen, position_buckets, max_relative_positions))
+    band = list(relative_band(position_buckets, max_relative_positions))
     return _triton_ops()(q, k, v, pos_key, pos_query, key_padding_mask, cu_seqlens, rel_idx, max_seqlen,
                          1.0 / math.sqrt(q.shape[-1] * (1 + terms)), dropout_p, _seed(dropout_p, q.device), band)
 
