@@ -95,10 +95,6 @@ def _deberta_bwd_dq(
     offs_d = tl.arange(0, BLOCK_D)
     PK += h * stride_pkh
     PQ += h * stride_pqh
-    pk_hi = _pos_row(PK, IDX_HI, offs_d, D, stride_pkr, HAS_C2P)
-    pk_lo = _pos_row(PK, IDX_LO, offs_d, D, stride_pkr, HAS_C2P)
-    pq_hi = _pos_row(PQ, IDX_HI, offs_d, D, stride_pqr, HAS_P2C)
-    pq_lo = _pos_row(PQ, IDX_LO, offs_d, D, stride_pqr, HAS_P2C)
     qk_scale = sm_scale * 1.4426950408889634
     sat_lo = tl.zeros([BLOCK_D], dtype=tl.float32)
     sat_hi = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -106,6 +102,11 @@ def _deberta_bwd_dq(
         b, start, L, m = _item(CU, item, NM, SMAX, VARLEN)
         start_m = m * BLOCK_M
         if start_m < L:  # blocks past a sequence's end (packed batches count blocks for the longest): none
+            # the runs' embedding rows, loaded per item (cached; held across the loop they would take registers)
+            pk_hi = _pos_row(PK, IDX_HI, offs_d, D, stride_pkr, HAS_C2P)
+            pk_lo = _pos_row(PK, IDX_LO, offs_d, D, stride_pkr, HAS_C2P)
+            pq_hi = _pos_row(PQ, IDX_HI, offs_d, D, stride_pqr, HAS_P2C)
+            pq_lo = _pos_row(PQ, IDX_LO, offs_d, D, stride_pqr, HAS_P2C)
             offs_m = start_m + tl.arange(0, BLOCK_M)
             row_ok = offs_m < L
             Kb = K + (b * stride_kb + h * stride_kh + start * stride_kn)
@@ -242,10 +243,6 @@ def _deberta_bwd_dkdv(
     offs_d = tl.arange(0, BLOCK_D)
     PK += h * stride_pkh
     PQ += h * stride_pqh
-    pk_hi = _pos_row(PK, IDX_HI, offs_d, D, stride_pkr, HAS_C2P)
-    pk_lo = _pos_row(PK, IDX_LO, offs_d, D, stride_pkr, HAS_C2P)
-    pq_hi = _pos_row(PQ, IDX_HI, offs_d, D, stride_pqr, HAS_P2C)
-    pq_lo = _pos_row(PQ, IDX_LO, offs_d, D, stride_pqr, HAS_P2C)
     qk_scale = sm_scale * 1.4426950408889634
     sat_lo = tl.zeros([BLOCK_D], dtype=tl.float32)
     sat_hi = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -253,6 +250,10 @@ def _deberta_bwd_dkdv(
         b, start, L, n = _item(CU, item, NM, SMAX, VARLEN)
         start_n = n * BLOCK_N
         if start_n < L:
+            pk_hi = _pos_row(PK, IDX_HI, offs_d, D, stride_pkr, HAS_C2P)  # per item, as in the dQ kernel
+            pk_lo = _pos_row(PK, IDX_LO, offs_d, D, stride_pkr, HAS_C2P)
+            pq_hi = _pos_row(PQ, IDX_HI, offs_d, D, stride_pqr, HAS_P2C)
+            pq_lo = _pos_row(PQ, IDX_LO, offs_d, D, stride_pqr, HAS_P2C)
             offs_n = start_n + tl.arange(0, BLOCK_N)
             kv_ok = offs_n < L
             Qb = Q + (b * stride_qb + h * stride_qh + start * stride_qm)

@@ -28,9 +28,10 @@ SHARED_LIMIT = 232448
 KNOWN_FAILURES = {
     # issue 8: the position terms are formed inside the kernels (no (B, H, S, 2 span) buffers). A window tile
     # holds two [64, 128] products, their tl.gather skews and (backward) the un-skewed dS beside the
-    # attention tiles. At D = 64, bf16: forward 64x32 w8 12 B; dQ 64x32 w8 936 B, dK/dV 32x64 w8 1076 B, band
-    # kernel 64x64 w8 1208 B. Tried, all spilling: 64x64 w4/w8, 64x16 w8 (dQ 852 B), w16 (128 registers: 812+
-    # B), 32x32 w4 (176-372 B and every product on mma.sync). Needs GPU timings to pick spills or smaller tiles.
+    # attention tiles. At D = 64, bf16, key padding: forward 64x32 w8 12 B; dQ 64x32 w8 1672 B, dK/dV 32x64 w8
+    # 1864 B (persistent, so the far tiles' dpos sums take P slots a head: ~0.9 / 1.1 KB before), band kernel
+    # 64x64 w8 1208 B. Tried, all spilling: 64x64 w4/w8, 64x16 w8, w16 (128 registers), 32x32 w4 (also every
+    # product on mma.sync). Needs GPU timings to pick spills or smaller tiles.
     "_deberta_fwd HAS_C2P": "DeBERTa forward window tiles (12 B at D = 64; more at D >= 128): see above",
     "_deberta_fwd HAS_P2C": "DeBERTa forward window tiles, P2C only: see above",
     "_deberta_bwd_dq": "DeBERTa dQ with in-kernel position terms and the un-skewed dS: see above",
