@@ -66,19 +66,24 @@ from .attention import _tile, _tile_t
 
 
 @triton.jit
-def _program(CU, H, SMAX, VARLEN: tl.constexpr):
-    """This program's (batch, head, first row, length) from axis 0 of the grid (batch x heads: axis 0 has
-    no 65535 cap); packed sequences start at CU[b]."""
-    bh = tl.program_id(0)
-    b = bh // H
-    h = bh % H
+def _sequence(CU, b, SMAX, VARLEN: tl.constexpr):
+    """(first row, length) of sequence b: packed sequences start at CU[b], dense ones at 0 with length SMAX."""
     if VARLEN:
         start = tl.load(CU + b)
         seq_len = tl.load(CU + b + 1) - start
     else:
         start = 0
         seq_len = SMAX
-    return b.to(tl.int64), h.to(tl.int64), start.to(tl.int64), seq_len
+    return start.to(tl.int64), seq_len
+
+
+@triton.jit
+def _program(CU, H, SMAX, VARLEN: tl.constexpr):
+    """This program's (batch, head, first row, length) from axis 0 of the grid (batch x heads: axis 0 has
+    no 65535 cap)."""
+    bh = tl.program_id(0)
+    start, seq_len = _sequence(CU, bh // H, SMAX, VARLEN)
+    return (bh // H).to(tl.int64), (bh % H).to(tl.int64), start, seq_len
 
 
 @triton.jit

@@ -9,7 +9,7 @@ from . import attention
 from . import deberta as F  # block_config through the module: tests swap it for the GPU's
 from .attention import _row_stats, _tile, _tile_t
 from .deberta import (_bhm, _col_runs, _dot_rows, _geometry, _keep, _masks, _new_out, _pos_args, _pos_row,
-                      _pos_rows, _real_keys, _row_runs, _scores, _window_t)
+                      _pos_rows, _real_keys, _row_runs, _scores, _sequence, _window_t)
 
 
 @triton.jit
@@ -60,14 +60,8 @@ def _dq_blocks(dq, rs_lo, rs_hi, q, do, lse2, delta, c_run, pq_run, K, V, PK, PQ
 @triton.jit
 def _item(CU, item, NM, SMAX, VARLEN: tl.constexpr):
     """Work item ``item`` = b NM + block of a persistent program: (batch, first row, length, block index)."""
-    b = item // NM
-    if VARLEN:
-        start = tl.load(CU + b)
-        seq_len = tl.load(CU + b + 1) - start
-    else:
-        start = 0
-        seq_len = SMAX
-    return b.to(tl.int64), start.to(tl.int64), seq_len, item % NM
+    start, seq_len = _sequence(CU, item // NM, SMAX, VARLEN)
+    return (item // NM).to(tl.int64), start, seq_len, item % NM
 
 
 @triton.jit
@@ -361,14 +355,8 @@ def _deberta_bwd_dpos(
     ek = tl.zeros([BLOCK_W, BLOCK_D], dtype=tl.float32)
     eq = tl.zeros([BLOCK_W, BLOCK_D], dtype=tl.float32)
     for item in range(g, B * NM, G):
-        b = (item // NM).to(tl.int64)
-        i0 = (item % NM) * BLOCK_M
-        if VARLEN:
-            start = tl.load(CU + b).to(tl.int64)
-            L = tl.load(CU + b + 1) - start
-        else:
-            start = 0
-            L = SMAX
+        b, start, L, m = _item(CU, item, NM, SMAX, VARLEN)
+        i0 = m * BLOCK_M
         kv_end = tl.minimum(L, tl.load(KV_END + b)) if HAS_KPM else L
         jstart = i0 - d0 - (BLOCK_W - 1)
         if (i0 < L) & (jstart + BLOCK_M + BLOCK_W > 0) & (jstart < kv_end):
