@@ -7,6 +7,8 @@ import triton.language as tl
 
 from . import attention
 from . import deberta as F  # block_config through the module: tests swap it for the GPU's
+from fusedlm._triton import num_programs
+
 from .attention import _row_stats, _tile, _tile_t
 from .deberta import (_bhm, _col_runs, _dot_rows, _geometry, _keep, _masks, _new_out, _pos_args, _pos_row,
                       _pos_rows, _real_keys, _row_runs, _scores, _sequence, _window_t)
@@ -418,9 +420,8 @@ def _dpos_fold(E, RUNS, STARTS, OUT, stride_eg, stride_eh, stride_rs, stride_rh,
     tl.store(OUT + h * stride_oh + r * stride_or + offs_d, acc.to(OUT.dtype.element_ty), mask=offs_d < D)
 
 
-# Programs in all (H100 / H200: 132 SMs): the dQ and dK/dV kernels run P persistent programs a head, two waves;
-# the band kernel slices the batch only up to one wave (each slice is another float32 (H, band, D) buffer).
-_PROGRAMS = 264
+# The band kernel slices the batch up to about one wave of an H100 / H200 (132 SMs) only: each slice is
+# another float32 (H, band, D) buffer.
 _BAND_PROGRAMS = 128
 
 
@@ -437,6 +438,7 @@ def _position_grads(launch, sat, e, rel_idx, band, first, max_seqlen, pos, nb):
         e_ptr, e_strides, slices = e, (e.stride(0), e.stride(1)), e.shape[0]
     else:
         starts, e_ptr, e_strides, slices = runs, runs, (0, 0), 0
+    assert runs.shape[-1] == (e.shape[-1] if e is not None else runs.shape[-1]), "one BLOCK_D for both kernels"
     launch(_dpos_fold, (H * two_span,), e_ptr, runs, starts, out, *e_strides, runs.stride(0), runs.stride(1),
                 out.stride(0), out.stride(1), slices, d, two_span, idx_lo, idx_hi, HAS_BAND=nb > 0,
                 BLOCK_D=runs.shape[-1])
@@ -467,9 +469,10 @@ def deberta_bwd(launch, do, dlse, q, k, v, pos_key, pos_query, out, lse, key_pad
     scalars = (max_seqlen, D, *band, float(scale), float(dropout_p))
 
     def persistent(cfg, block):
-        """(blocks a sequence, programs a head): about _PROGRAMS programs in all, each taking every P-th item."""
+        """(blocks a sequence, programs a head P): two programs an SM in all, rounded down to whole heads (no
+        partial wave), each taking every P-th item; on the interpreter a few (several items a program)."""
         nblocks = triton.cdiv(max_seqlen, cfg[block])
-        return nblocks, max(1, min(B * nblocks, triton.cdiv(_PROGRAMS, H)))
+        return nblocks, max(1, min(B * nblocks, num_programs(q.device, B * nblocks * H) // H))
 
     def run_sums(wanted, programs, cfg):
         """float32 (2, H, P, BLOCK_D): each program's sums of the runs' dpos shares (every program writes its own)."""

@@ -140,3 +140,16 @@ def test_dropout_across_runs():
     rows = check_case(lambda **kw: _seeded(seed, fn, **kw), _ref(pb, mr, keep=keep, dropout_p=p), inputs,
                       dtype=torch.float32, device="cpu", grad=NAMES)
     assert_within(rows, torch.float32)
+
+
+def test_programs_with_several_items(monkeypatch):
+    """Every persistent program takes several (sequence, block) items: the band kernel sliced in two, and the
+    dQ / dK-dV kernels with their interpreter count (a few programs a head): sums carried across items."""
+    triton_or_skip()
+    from fusedlm.kernels import deberta_backward as KB
+
+    monkeypatch.setattr(KB, "_BAND_PROGRAMS", 2)
+    pb, mr = 8, 12
+    inputs = _dense(3, 2, 70, 24, pb, mr, "c2p,p2c", (70, 23, 41), seed=11)
+    rows = check_case(_fn(pb, mr), _ref(pb, mr), inputs, dtype=torch.float32, device="cpu", grad=NAMES)
+    assert_within(rows, torch.float32)

@@ -108,13 +108,17 @@ def deberta_peak_bytes(B, H, S, D, dtype=torch.bfloat16, span=256, terms=("c2p",
     band = relative_band(span, 2 * span)
     scale = 1.0 / math.sqrt(D * (1 + len(terms)))
     geo = (None, cu, rel_idx, S, scale, 0.0, None)  # key padding, cu_seqlens, table, max_seqlen, scale, p, seed
-    # the per-program buffers are sized by the block shapes: take the GPU's, not the interpreter's
-    configs = K.block_config
+    # the per-program buffers are sized by the block shapes and the program count: take an H100 / H200's
+    # (132 SMs, two programs each), not the interpreter's
+    from fusedlm.kernels import deberta_backward as KB
+
+    configs, programs = K.block_config, KB.num_programs
     K.block_config = lambda d, dtype, device, *args, **kw: configs(d, dtype, torch.device("cuda"), *args, **kw)
+    KB.num_programs = lambda device, rows: max(1, min(rows, 2 * 132))
     try:
         return _deberta_peak(K, q, k, v, do, pos_key, pos_query, geo, band)
     finally:
-        K.block_config = configs
+        K.block_config, KB.num_programs = configs, programs
 
 
 def _deberta_peak(K, q, k, v, do, pos_key, pos_query, geo, band):

@@ -103,10 +103,14 @@ def relative_band(position_buckets: int, max_relative_positions: int) -> tuple:
             return None  # the log term is 0: |bucket| stays mid
         # ceil(x (mid - 1)) >= target - mid once x (mid - 1) > target - mid - 1
         x = (target - mid - 1) / (mid - 1)
-        return int(mid * ((max_relative_positions - 1) / mid) ** x) + 4
+        d = int(mid * ((max_relative_positions - 1) / mid) ** x)
+        return d + 4 + (d >> 12)  # float32's rounding of |d| and of the log grows with |d|: a relative margin
 
     hi, lo = reach(span - 1), reach(span)  # idx 2 span - 1: bucket >= span - 1; idx 0: bucket <= -span
-    return (-lo if lo is not None else -NEVER), (hi if hi is not None else NEVER), 0, 2 * span - 1
+    # past NEVER no sequence reaches: clamped there (the kernels' int32 block arithmetic stays in range)
+    lo = NEVER if lo is None else min(lo, NEVER)
+    hi = NEVER if hi is None else min(hi, NEVER)
+    return -lo, hi, 0, 2 * span - 1
 
 
 def relative_index(seq_len, position_buckets, max_relative_positions, device):
