@@ -129,7 +129,7 @@ def _real_keys(KPM, offs_n, L, HAS_KPM: tl.constexpr):
 @triton.jit
 def _window(q, kT, PK, PQ, IDX, offs_m, offs_n, dmin, SMAX, offs_d, D, stride_pkr, stride_pqr,
             HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_D: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr):
+            W: tl.constexpr, PRECISION: tl.constexpr):
     """C2P + P2C of a window tile [BLOCK_M, BLOCK_N] (q: [BLOCK_M, BLOCK_D], kT: [BLOCK_D, BLOCK_N])."""
     dw = dmin + tl.arange(0, W)
     # w of each element, i - j - dmin (from the tile's own positions: an index tensor made once outside the
@@ -148,7 +148,7 @@ def _window(q, kT, PK, PQ, IDX, offs_m, offs_n, dmin, SMAX, offs_d, D, stride_pk
 @triton.jit
 def _window_t(qT, k, PK, PQ, IDX, offs_m, offs_n, dmin, SMAX, offs_d, D, stride_pkr, stride_pqr,
               HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr):
+              W: tl.constexpr, PRECISION: tl.constexpr):
     """The same on a transposed tile [BLOCK_N keys, BLOCK_M queries] (qT: [BLOCK_D, BLOCK_M], k: [BLOCK_N,
     BLOCK_D])."""
     dw = dmin + tl.arange(0, W)
@@ -166,14 +166,14 @@ def _window_t(qT, k, PK, PQ, IDX, offs_m, offs_n, dmin, SMAX, offs_d, D, stride_
 @triton.jit
 def _scores(q, kT, c_run, pq_run, PK, PQ, IDX, KPM, offs_m, offs_n, start_m, start_n, L, SMAX, offs_d, D, stride_pkr,
             stride_pqr, qk_scale, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_KPM: tl.constexpr,
-            WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-            W: tl.constexpr, PRECISION: tl.constexpr):
+            WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr,
+            PRECISION: tl.constexpr):
     """Base-2 scores of a [BLOCK_M, BLOCK_N] tile (forward and dQ), -inf where the key is padding or past the
     end. WINDOW: a window tile; else a tile of one run, whose C2P is c_run (per row) and P2C k_j . pq_run."""
     s = tl.dot(q, kT, input_precision=PRECISION)
     if WINDOW:
         s += _window(q, kT, PK, PQ, IDX, offs_m, offs_n, start_m - start_n - (BLOCK_N - 1), SMAX, offs_d, D,
-                     stride_pkr, stride_pqr, HAS_C2P, HAS_P2C, BLOCK_M, BLOCK_N, BLOCK_D, W, PRECISION)
+                     stride_pkr, stride_pqr, HAS_C2P, HAS_P2C, BLOCK_M, BLOCK_N, W, PRECISION)
     else:
         if HAS_C2P:
             s += c_run[:, None]
@@ -186,8 +186,8 @@ def _scores(q, kT, c_run, pq_run, PK, PQ, IDX, KPM, offs_m, offs_n, start_m, sta
 def _fwd_blocks(acc, l_i, m_i, q, c_run, pq_run, K, V, PK, PQ, IDX, KPM, SEED, stride_kn, stride_vn, stride_pkr,
                 stride_pqr, start_m, offs_m, offs_d, D, L, SMAX, lo, hi, qk_scale, b, h, H, dropout_p,
                 HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
-                WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                W: tl.constexpr, PRECISION: tl.constexpr):
+                WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr,
+                PRECISION: tl.constexpr):
     """Online softmax over key blocks [lo, hi): returns the updated (acc, l_i, m_i). WINDOW: window tiles;
     else tiles of one run, whose C2P is c_run (per row) and P2C k_j . pq_run (per column)."""
     offs_nb = tl.arange(0, BLOCK_N)
@@ -195,8 +195,8 @@ def _fwd_blocks(acc, l_i, m_i, q, c_run, pq_run, K, V, PK, PQ, IDX, KPM, SEED, s
         offs_n = start_n + offs_nb
         kT = _tile_t(K, offs_n, L, stride_kn, offs_d, D)
         s = _scores(q, kT, c_run, pq_run, PK, PQ, IDX, KPM, offs_m, offs_n, start_m, start_n, L, SMAX, offs_d, D,
-                    stride_pkr, stride_pqr, qk_scale, HAS_C2P, HAS_P2C, HAS_KPM, WINDOW, BLOCK_M, BLOCK_N, BLOCK_D,
-                    W, PRECISION)
+                    stride_pkr, stride_pqr, qk_scale, HAS_C2P, HAS_P2C, HAS_KPM, WINDOW, BLOCK_M, BLOCK_N, W,
+                    PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
         p = tl.math.exp2(s - m_safe[:, None])
@@ -272,16 +272,15 @@ def _deberta_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, c_hi, pq_hi, K, V, PK, PQ, IDX, KPM, SEED, stride_kn, stride_vn,
                                 stride_pkr, stride_pqr, start_m, offs_m, offs_d, D, L, SMAX, 0, hi_end, qk_scale, b, h,
-                                H, dropout_p, HAS_C2P, HAS_P2C, HAS_KPM, DROPOUT, False, BLOCK_M, BLOCK_N, BLOCK_D, W,
-                                PRECISION)
+                                H, dropout_p, HAS_C2P, HAS_P2C, HAS_KPM, DROPOUT, False, BLOCK_M, BLOCK_N, W, PRECISION)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, c_hi, pq_hi, K, V, PK, PQ, IDX, KPM, SEED, stride_kn, stride_vn,
                                 stride_pkr, stride_pqr, start_m, offs_m, offs_d, D, L, SMAX, hi_end, lo_start, qk_scale,
-                                b, h, H, dropout_p, HAS_C2P, HAS_P2C, HAS_KPM, DROPOUT, True, BLOCK_M, BLOCK_N, BLOCK_D,
-                                W, PRECISION)
+                                b, h, H, dropout_p, HAS_C2P, HAS_P2C, HAS_KPM, DROPOUT, True, BLOCK_M, BLOCK_N, W,
+                                PRECISION)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, c_lo, pq_lo, K, V, PK, PQ, IDX, KPM, SEED, stride_kn, stride_vn,
                                 stride_pkr, stride_pqr, start_m, offs_m, offs_d, D, L, SMAX, lo_start, kv_end, qk_scale,
-                                b, h, H, dropout_p, HAS_C2P, HAS_P2C, HAS_KPM, DROPOUT, False, BLOCK_M, BLOCK_N,
-                                BLOCK_D, W, PRECISION)
+                                b, h, H, dropout_p, HAS_C2P, HAS_P2C, HAS_KPM, DROPOUT, False, BLOCK_M, BLOCK_N, W,
+                                PRECISION)
     empty = l_i == 0.0  # no real key: zeros out, lse = -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
@@ -334,7 +333,7 @@ def _bhm(t, varlen):
     return (0, t.stride(1), t.stride(0)) if varlen else tuple(t.stride()[:3])
 
 
-def _geometry(q, cu_seqlens, max_seqlen):
+def _geometry(q, cu_seqlens):
     """(B, H, D, varlen) of a dense or packed call."""
     if cu_seqlens is not None:
         return cu_seqlens.shape[0] - 1, q.shape[1], q.shape[2], True
@@ -368,7 +367,7 @@ def _new_out(q, varlen):
 def deberta_fwd(launch, q, k, v, pos_key, pos_query, key_padding_mask, cu_seqlens, rel_idx, max_seqlen, scale,
                 dropout_p, seed, band):
     """-> (out like q, lse float32 (B, H, S) or (total, H))."""
-    B, H, D, varlen = _geometry(q, cu_seqlens, max_seqlen)
+    B, H, D, varlen = _geometry(q, cu_seqlens)
     out = _new_out(q, varlen)
     lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
     if out.numel() == 0 or B == 0 or max_seqlen == 0:

@@ -19,7 +19,7 @@ def _dq_blocks(dq, rs_lo, rs_hi, q, do, lse2, delta, c_run, pq_run, K, V, PK, PQ
                stride_vn, stride_pkr, stride_pqr, start_m, offs_m, offs_d, D, L, SMAX, D_LO, D_HI, lo, hi, qk_scale,
                b, h, H, dropout_p, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_KPM: tl.constexpr,
                DROPOUT: tl.constexpr, WINDOW: tl.constexpr, LAST_RUN: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr):
+               BLOCK_N: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr):
     """dQ over key blocks [lo, hi) (unscaled), and the rows' sums of dS over the first / last run."""
     offs_nb = tl.arange(0, BLOCK_N)
     offs_w = tl.arange(0, W)
@@ -28,8 +28,8 @@ def _dq_blocks(dq, rs_lo, rs_hi, q, do, lse2, delta, c_run, pq_run, K, V, PK, PQ
         kT = _tile_t(K, offs_n, L, stride_kn, offs_d, D)
         vT = _tile_t(V, offs_n, L, stride_vn, offs_d, D)
         s = _scores(q, kT, c_run, pq_run, PK, PQ, IDX, KPM, offs_m, offs_n, start_m, start_n, L, SMAX, offs_d, D,
-                    stride_pkr, stride_pqr, qk_scale, HAS_C2P, HAS_P2C, HAS_KPM, WINDOW, BLOCK_M, BLOCK_N, BLOCK_D,
-                    W, PRECISION)
+                    stride_pkr, stride_pqr, qk_scale, HAS_C2P, HAS_P2C, HAS_KPM, WINDOW, BLOCK_M, BLOCK_N, W,
+                    PRECISION)
         dmin = start_m - start_n - (BLOCK_N - 1)
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, vT, input_precision=PRECISION)
@@ -130,18 +130,17 @@ def _deberta_bwd_dq(
             dq, rs_lo, rs_hi = _dq_blocks(dq, rs_lo, rs_hi, q, do, lse2, delta, c_hi, pq_hi, Kb, Vb, PK, PQ, IDX, KPMb,
                                           SEED, stride_kn, stride_vn, stride_pkr, stride_pqr, start_m, offs_m, offs_d,
                                           D, L, SMAX, D_LO, D_HI, 0, hi_end, qk_scale, b, h, H, dropout_p, HAS_C2P,
-                                          HAS_P2C, HAS_KPM, DROPOUT, False, True, BLOCK_M, BLOCK_N, BLOCK_D, W,
-                                          PRECISION)
+                                          HAS_P2C, HAS_KPM, DROPOUT, False, True, BLOCK_M, BLOCK_N, W, PRECISION)
             dq, rs_lo, rs_hi = _dq_blocks(dq, rs_lo, rs_hi, q, do, lse2, delta, c_hi, pq_hi, Kb, Vb, PK, PQ, IDX, KPMb,
                                           SEED, stride_kn, stride_vn, stride_pkr, stride_pqr, start_m, offs_m, offs_d,
                                           D, L, SMAX, D_LO, D_HI, hi_end, lo_start, qk_scale, b, h, H, dropout_p,
-                                          HAS_C2P, HAS_P2C, HAS_KPM, DROPOUT, True, True, BLOCK_M, BLOCK_N, BLOCK_D,
-                                          W, PRECISION)
+                                          HAS_C2P, HAS_P2C, HAS_KPM, DROPOUT, True, True, BLOCK_M, BLOCK_N, W,
+                                          PRECISION)
             dq, rs_lo, rs_hi = _dq_blocks(dq, rs_lo, rs_hi, q, do, lse2, delta, c_lo, pq_lo, Kb, Vb, PK, PQ, IDX, KPMb,
                                           SEED, stride_kn, stride_vn, stride_pkr, stride_pqr, start_m, offs_m, offs_d,
                                           D, L, SMAX, D_LO, D_HI, lo_start, kv_end, qk_scale, b, h, H, dropout_p,
-                                          HAS_C2P, HAS_P2C, HAS_KPM, DROPOUT, False, False, BLOCK_M, BLOCK_N,
-                                          BLOCK_D, W, PRECISION)
+                                          HAS_C2P, HAS_P2C, HAS_KPM, DROPOUT, False, False, BLOCK_M, BLOCK_N, W,
+                                          PRECISION)
             if HAS_C2P:  # the runs' share: dQ_i += rs pos_key[run]; of dpos_key: sum_i rs_i q_i
                 dq += rs_lo[:, None] * pk_lo[None, :] + rs_hi[:, None] * pk_hi[None, :]
                 if DPOS:
@@ -163,8 +162,8 @@ def _dkdv_blocks(dk, dv, cs_lo, cs_hi, k, v, real, c_run, p_run, Q, DO, LSE, DEL
                  stride_qm, stride_dom, stride_lm, stride_pkr, stride_pqr, start_n, offs_n, offs_d, D, L, SMAX,
                  D_LO, D_HI, lo, hi, qk_scale, b, h, H, dropout_p,
                  HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, DROPOUT: tl.constexpr, WINDOW: tl.constexpr,
-                 LAST_RUN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 W: tl.constexpr, PRECISION: tl.constexpr):
+                 LAST_RUN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr,
+                 PRECISION: tl.constexpr):
     """dK (unscaled), dV over query blocks [lo, hi) on transposed tiles (row = key, column = query), and the
     keys' sums of dS over the first / last run. c_run: the run's pos_key row; p_run: its P2C per key."""
     offs_mb = tl.arange(0, BLOCK_M)
@@ -178,7 +177,7 @@ def _dkdv_blocks(dk, dv, cs_lo, cs_hi, k, v, real, c_run, p_run, Q, DO, LSE, DEL
         dmin = start_m - start_n - (BLOCK_N - 1)
         if WINDOW:
             sT += _window_t(qT, k, PK, PQ, IDX, offs_m, offs_n, dmin, SMAX, offs_d, D, stride_pkr, stride_pqr,
-                            HAS_C2P, HAS_P2C, BLOCK_M, BLOCK_N, BLOCK_D, W, PRECISION)
+                            HAS_C2P, HAS_P2C, BLOCK_M, BLOCK_N, W, PRECISION)
         else:
             if HAS_C2P:
                 sT += tl.sum(qT.to(tl.float32) * c_run[:, None], 0)[None, :]
@@ -273,18 +272,17 @@ def _deberta_bwd_dkdv(
                                                     rows, PK, PQ, IDX, SEED, stride_qm, stride_dom, stride_lm,
                                                     stride_pkr, stride_pqr, start_n, offs_n, offs_d, D, L, SMAX, D_LO,
                                                     D_HI, 0, lo_end, qk_scale, b, h, H, dropout_p, HAS_C2P, HAS_P2C,
-                                                    DROPOUT, False, False, BLOCK_M, BLOCK_N, BLOCK_D, W, PRECISION)
+                                                    DROPOUT, False, False, BLOCK_M, BLOCK_N, W, PRECISION)
                 dk, dv, cs_lo, cs_hi = _dkdv_blocks(dk, dv, cs_lo, cs_hi, k, v, real, pk_lo, p_lo, Qb, DOb, LSE, DELTA,
                                                     rows, PK, PQ, IDX, SEED, stride_qm, stride_dom, stride_lm,
                                                     stride_pkr, stride_pqr, start_n, offs_n, offs_d, D, L, SMAX, D_LO,
                                                     D_HI, lo_end, hi_start, qk_scale, b, h, H, dropout_p, HAS_C2P,
-                                                    HAS_P2C, DROPOUT, True, False, BLOCK_M, BLOCK_N, BLOCK_D, W,
-                                                    PRECISION)
+                                                    HAS_P2C, DROPOUT, True, False, BLOCK_M, BLOCK_N, W, PRECISION)
                 dk, dv, cs_lo, cs_hi = _dkdv_blocks(dk, dv, cs_lo, cs_hi, k, v, real, pk_hi, p_hi, Qb, DOb, LSE, DELTA,
                                                     rows, PK, PQ, IDX, SEED, stride_qm, stride_dom, stride_lm,
                                                     stride_pkr, stride_pqr, start_n, offs_n, offs_d, D, L, SMAX, D_LO,
                                                     D_HI, hi_start, L, qk_scale, b, h, H, dropout_p, HAS_C2P, HAS_P2C,
-                                                    DROPOUT, False, True, BLOCK_M, BLOCK_N, BLOCK_D, W, PRECISION)
+                                                    DROPOUT, False, True, BLOCK_M, BLOCK_N, W, PRECISION)
             if HAS_P2C:  # the runs' share: dK_j += cs pos_query[run]; of dpos_query: sum_j cs_j k_j
                 dk += cs_lo[:, None] * pq_lo[None, :] + cs_hi[:, None] * pq_hi[None, :]
                 if DPOS:
@@ -438,7 +436,7 @@ def _position_grads(launch, sat, e, rel_idx, band, first, max_seqlen, pos, nb):
         e_ptr, e_strides, slices = e, (e.stride(0), e.stride(1)), e.shape[0]
     else:
         starts, e_ptr, e_strides, slices = runs, runs, (0, 0), 0
-    assert runs.shape[-1] == (e.shape[-1] if e is not None else runs.shape[-1]), "one BLOCK_D for both kernels"
+    assert e is None or e.shape[-1] == runs.shape[-1], "the fold reads both with one BLOCK_D"
     launch(_dpos_fold, (H * two_span,), e_ptr, runs, starts, out, *e_strides, runs.stride(0), runs.stride(1),
                 out.stride(0), out.stride(1), slices, d, two_span, idx_lo, idx_hi, HAS_BAND=nb > 0,
                 BLOCK_D=runs.shape[-1])
@@ -449,7 +447,7 @@ def deberta_bwd(launch, do, dlse, q, k, v, pos_key, pos_query, out, lse, key_pad
                 max_seqlen, scale, dropout_p, seed, grad_pos_key, grad_pos_query, band):
     """-> (dq, dk, dv, dpos_key or None, dpos_query or None), in the inputs' dtypes. ``dlse``: the gradient
     reaching lse, or None. The position gradients are computed only when asked for."""
-    B, H, D, varlen = _geometry(q, cu_seqlens, max_seqlen)
+    B, H, D, varlen = _geometry(q, cu_seqlens)
     dq, dk, dv = _new_out(q, varlen), _new_out(k, varlen), _new_out(v, varlen)
     grad_pos_key = grad_pos_key and pos_key is not None
     grad_pos_query = grad_pos_query and pos_query is not None

@@ -134,10 +134,3 @@ def budget_bytes(H, D, span=256):
     """Issue 8's allowance over flash attention, H * 2 span * D float32s (the size of one float32 position
     gradient: the O(H * 2 span * D) term of the target, with a constant of 4 bytes)."""
     return H * 2 * span * D * 4
-
-
-def deberta_excess_bytes(B, H, S, D, dtype=torch.bfloat16, span=256, packed=False):
-    """DeBERTa's peak (both terms, both position gradients) minus flash attention's on the same shapes:
-    the figure issue 8 bounds by budget_bytes(H, D, span)."""
-    return (deberta_peak_bytes(B, H, S, D, dtype, span, packed=packed)
-            - flash_peak_bytes(B, H, S, D, dtype, packed=packed))
