@@ -1,6 +1,6 @@
 """fusedlm's build.
 
-A plain Python install everywhere (the Triton kernels in kernels/ need no build step). The CUDA C++
+A plain Python install everywhere (the Triton kernels in fusedlm/kernels/ need no build step). The CUDA C++
 extension ``fusedlm._C`` (sources in csrc/) is built only where it can be: a CUDA build of torch is
 importable in the build environment and a CUDA toolkit is found. pyproject.toml keeps torch out of the
 isolated build environment on purpose, so the extension is built with
@@ -19,6 +19,7 @@ Environment:
 """
 import glob
 import os
+import runpy
 
 from setuptools import find_packages, setup
 
@@ -38,13 +39,20 @@ def cuda_extension():
         return [], {}, "csrc/ holds no binding layer (.cpp)"
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError:
         return [], {}, "torch is not importable in the build environment (use --no-build-isolation)"
     if torch.version.cuda is None:
         return [], {}, f"torch {torch.__version__} is not a CUDA build"
-    if CUDA_HOME is None:
-        return [], {}, "no CUDA toolkit found (set CUDA_HOME)"
+    # fusedlm/_toolkit.py, run as a file (the package itself is not importable before it is built)
+    home, how = runpy.run_path(os.path.join(HERE, "fusedlm", "_toolkit.py"))["find_cuda_home"]()
+    if home is None:
+        return [], {}, how
+    print(f"fusedlm: CUDA toolkit {home} (found by {how})")
+    os.environ["CUDA_HOME"] = home
+    from torch.utils import cpp_extension
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    cpp_extension.CUDA_HOME = home  # its own guess was made at import, possibly from a wrapper's folder
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     ext = CUDAExtension(
         name="fusedlm._C",
@@ -76,22 +84,27 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    # kernels/ is installed as the subpackage fusedlm.kernels, never as a top-level `kernels`
-    # module: that name belongs to Hugging Face's kernels package, which transformers probes for.
-    packages=find_packages(include=["fusedlm", "fusedlm.*"]) + ["fusedlm.kernels"],
-    package_dir={"fusedlm": "fusedlm", "fusedlm.kernels": "kernels"},
-    package_data={"fusedlm": ["cuda_verified.json"]},
+    # The Triton kernels live in fusedlm/kernels/: a top-level `kernels` folder in the checkout would be
+    # imported as Hugging Face's kernels package (which transformers probes for) whenever the checkout's
+    # root is on sys.path (python -m pytest, python -c from the root).
+    # csrc/ (the CUDA C++ sources) ships inside the package as fusedlm/csrc, data only: FUSEDLM_CUDA_CPU=1
+    # compiles the CPU harness from it on first use, from a wheel or `pip install .` as from the checkout.
+    packages=find_packages(include=["fusedlm", "fusedlm.*"]) + ["fusedlm.csrc"],
+    package_dir={"fusedlm": "fusedlm", "fusedlm.csrc": "csrc"},
+    package_data={"fusedlm": ["cuda_verified.json"], "fusedlm.csrc": ["*.cu", "*.cpp", "*.h", "README.md"]},
     install_requires=[
         # Install torch first (README): an open-ended torch requirement met by nothing pulls a
         # CUDA build of torch with gigabytes of dependencies.
-        "torch>=2.6",
-        "triton>=3.2; platform_system == 'Linux'",
+        # The supported range, both ends tested (.ci/run): torch 2.11-2.13, triton 3.6 to the newest,
+        # transformers 5.17 to the newest (the optional Hugging Face integration).
+        "torch>=2.11",
+        "triton>=3.6; platform_system == 'Linux'",
         "pybind11",
         "ninja",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "transformers", "peft"],
-        "hf": ["transformers", "peft"],
+        "test": ["pytest", "pytest-benchmark", "transformers>=5.17", "peft"],
+        "hf": ["transformers>=5.17", "peft"],
     },
     entry_points={"console_scripts": ["fusedlm = fusedlm.cli:main"]},
     ext_modules=ext_modules,

@@ -23,7 +23,19 @@ import sys
 import torch
 
 OPS = ("rms_norm", "layer_norm", "swiglu", "apply_rotary_pos_emb")
-CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
+
+
+def _find_csrc():
+    """The CUDA C++ sources: fusedlm/csrc in an installed package (wheel, ``pip install .``), the
+    checkout's csrc/ in an editable install or a source tree."""
+    here = pathlib.Path(__file__).resolve().parent
+    for path in (here / "csrc", here.parent / "csrc"):
+        if (path / "cpu_harness.cpp").exists():
+            return path
+    return here / "csrc"
+
+
+CSRC = _find_csrc()
 _loaded = {}  # "why": None once the ops are registered, else the reason they are not
 
 
@@ -79,7 +91,8 @@ def why_unavailable():
         pass
     elif harness_enabled():
         if not (CSRC / "cpu_harness.cpp").exists():
-            why = f"FUSEDLM_CUDA_CPU=1 but the kernel sources are not at {CSRC} (install with pip install -e .)"
+            why = (f"FUSEDLM_CUDA_CPU=1 but the kernel sources are not at {CSRC} (this install of fusedlm "
+                       f"lacks its csrc/ data files: reinstall it)")
         else:
             try:
                 build_harness()

@@ -66,10 +66,16 @@ def _binder(kernel):
     return _binders[kernel]
 
 
+# What JITFunction.run passes from knobs.compilation besides the kernel's arguments: triton 3.6 passes
+# instrumentation_mode, 3.9 fpsan_homomorphic_casts too. Only those this Triton has (a missing one is not an error).
+_RUN_KNOBS = [n for n in ("instrumentation_mode", "fpsan_homomorphic_casts") if hasattr(knobs.compilation, n)]
+
+
 def _specialise(kernel, args, meta):
     """(signature, constexprs, attrs, options) exactly as JITFunction.run computes them for these arguments."""
-    kwargs = dict(meta, debug=False, instrumentation_mode=knobs.compilation.instrumentation_mode,
-                  fpsan_homomorphic_casts=knobs.compilation.fpsan_homomorphic_casts)
+    kwargs = dict(meta, debug=False)
+    for name in _RUN_KNOBS:  # the compilation knobs JITFunction.run adds to the launch's keywords
+        kwargs[name] = getattr(knobs.compilation, name)
     bound, specialization, options = _binder(kernel)(*args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(BACKEND, kwargs, bound, specialization, options)
     return signature, constexprs, attrs, options
