@@ -40,8 +40,12 @@ class RMSNorm(nn.Module):
         self.offset = offset
 
     @property
-    def eps(self):
+    def eps(self):  # the same number under both names, settable under both (transformers sets either)
         return self.variance_epsilon
+
+    @eps.setter
+    def eps(self, value):
+        self.variance_epsilon = value
 
     def forward(self, x, residual=None):
         return rms_norm(x, self.weight, self.variance_epsilon, offset=self.offset, residual=residual)

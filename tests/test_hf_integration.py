@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import AutoModel, AutoModelForCausalLM  # noqa: E402
 
 from fusedlm.integrations import hf  # noqa: E402
+from fusedlm.integrations.hf_compat import cache_keyword  # noqa: E402
 from helpers import triton_or_skip  # noqa: E402
 
 TOL = 1e-5
@@ -215,11 +216,13 @@ def test_several_new_tokens_against_a_cache(family, side):
     if side == "none":
         mask = torch.ones_like(mask)
     outs = []
+    keyword = cache_keyword(ref.forward)  # "past_key_values" before transformers 5.2x, then "cache"
     for m in (ref, model):
         cache = transformers.DynamicCache(config=m.config)
         with torch.no_grad(), original_rotary(m) if m is ref else contextlib.nullcontext():
-            m(ids[:, :7], attention_mask=mask[:, :7], cache=cache, use_cache=True)
-            outs.append(m(ids[:, 7:], attention_mask=mask, cache=cache, use_cache=True).logits)
+            m(ids[:, :7], attention_mask=mask[:, :7], use_cache=True, **{keyword: cache})
+            assert cache.get_seq_length() == 7  # the prefix is in the cache: the next call reads it
+            outs.append(m(ids[:, 7:], attention_mask=mask, use_cache=True, **{keyword: cache}).logits)
     _assert_close(outs[1], outs[0], "logits of the new tokens")
 
 

@@ -37,6 +37,7 @@ import torch
 
 from ..ops.attention import scaled_dot_product_attention, varlen_attention
 from ..ops.padding import pad_input, unpad_input
+from . import hf_compat
 
 # Keywords of the ops that newer versions of fusedlm accept; where they are missing the same
 # semantics come from a bool mask (correct, but it costs an (L, S) mask).
@@ -56,28 +57,39 @@ def _closure(fn):
     return dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in cells)))
 
 
+def _factory_codes(mu):
+    """{code object of a mask factory's inner function: its part} for the factories this transformers'
+    masking_utils has (5.17 has no remap_positions_for_packed_sequence)."""
+    makers = {
+        "window": lambda: mu.sliding_window_overlay(1),
+        "packed": lambda: mu.packed_sequence_mask_function(None),
+        "remap": lambda: mu.remap_positions_for_packed_sequence(mu.causal_mask_function, None),
+        "and": lambda: mu.and_masks(mu.causal_mask_function),
+    }
+    codes = {mu.causal_mask_function.__code__: "causal", mu.bidirectional_mask_function.__code__: "bidirectional"}
+    for part, make in makers.items():
+        try:
+            codes[make().__code__] = part
+        except (AttributeError, TypeError):  # this version has no such factory (or another signature)
+            continue
+    return codes
+
+
 def _mask_parts(mask_function, mu):
     """The parts a transformers mask function is built of, as a set of names among "causal",
     "bidirectional", "window" (a causal sliding window) and "packed", or None when any part is not one
     of these (recognised by the code object of the factories' inner functions)."""
     code = getattr(mask_function, "__code__", None)
-    if code is None:
-        return None
-    if code is mu.causal_mask_function.__code__:
-        return {"causal"}
-    if code is mu.bidirectional_mask_function.__code__:
-        return {"bidirectional"}
-    if code is mu.sliding_window_overlay(1).__code__:
-        return {"window"}
-    if code is mu.packed_sequence_mask_function(None).__code__:
-        return {"packed"}
-    if code is mu.remap_positions_for_packed_sequence(mu.causal_mask_function, None).__code__:
+    part = _factory_codes(mu).get(code) if code is not None else None
+    if part in ("causal", "bidirectional", "window", "packed"):
+        return {part}
+    if part == "remap":
         inner = _mask_parts(_closure(mask_function)["mask_function"], mu)
         return None if inner is None else inner | {"packed"}
-    if code is mu.and_masks(mu.causal_mask_function).__code__:
+    if part == "and":
         parts = set()
-        for part in _closure(mask_function)["mask_functions"]:
-            sub = _mask_parts(part, mu)
+        for sub_function in _closure(mask_function)["mask_functions"]:
+            sub = _mask_parts(sub_function, mu)
             if sub is None:
                 return None
             parts |= sub
@@ -172,8 +184,8 @@ def _band(n_q, n_k, causal, window, device):
 # The attention function
 # ----------------------------------------------------------------------------------------------
 
-def _fallback_reason(query, key, value, attention_mask, softcap, kwargs):
-    if kwargs.get("output_attentions"):
+def _fallback_reason(module, query, key, value, attention_mask, softcap, kwargs):
+    if hf_compat.weights_requested(module, kwargs):
         return "output_attentions (the fused kernels return no attention weights)"
     if softcap is not None:
         return "logit softcapping"
@@ -322,7 +334,7 @@ def fusedlm_attention_forward(module, query, key, value, attention_mask, dropout
         if tuple(attention_mask.shape) != (query.shape[0], key.shape[2]):
             raise ValueError(f"attention_mask: expected a (batch, key length) = {(query.shape[0], key.shape[2])} "
                              f"padding mask, got shape {tuple(attention_mask.shape)}")
-    if _fallback_reason(query, key, value, attention_mask, softcap, kwargs) is not None:
+    if _fallback_reason(module, query, key, value, attention_mask, softcap, kwargs) is not None:
         return _fallback(module, query, key, value, attention_mask, dropout, scaling, causal, window, softcap, kwargs)
     return _fused_attention(query, key, value, attention_mask, dropout, scaling, causal, window, kwargs), None
 

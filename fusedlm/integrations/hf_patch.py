@@ -41,7 +41,7 @@ from torch import nn
 from .. import nn as fused_nn
 from ..ops.lora import lora_linear
 from ..ops.rope import apply_rotary_pos_emb as fused_apply_rotary_pos_emb
-from . import hf_deberta
+from . import hf_compat, hf_deberta
 from .hf_attention import register
 
 COUNT_KEYS = ("attention", "deberta_attention", "rms_norm", "layer_norm", "residual_norm", "swiglu", "rotary",
@@ -65,13 +65,16 @@ def _is_fused(module):
     return "_fusedlm_original" in type(module).__dict__
 
 
-def _swap_class(module, mixin):
-    """Turn ``module`` into an instance of ``Fused<its class>`` with ``mixin`` first in the MRO."""
+def _swap_class(module, mixin, **attrs):
+    """Turn ``module`` into an instance of ``Fused<its class>`` with ``mixin`` first in the MRO: the mixin's
+    forward, everything else the original's (its ``extra_repr`` too, so the module prints as before).
+    ``attrs``: class attributes of the fused class (what the installed transformers was found to offer)."""
     cls = type(module)
     key = (mixin, cls)
     if key not in _FUSED_CLASSES:
         _FUSED_CLASSES[key] = type(f"Fused{cls.__name__}", (mixin, cls),
-                                   {"_fusedlm_original": cls, "__module__": __name__})
+                                   {"_fusedlm_original": cls, "__module__": __name__, "extra_repr": cls.extra_repr,
+                                    **attrs})
     module.__class__ = _FUSED_CLASSES[key]
 
 
@@ -81,16 +84,21 @@ def _swap_class(module, mixin):
 
 class _PreNormDecoderLayer(nn.Module):
     """Llama / Mistral / Qwen2 decoder layer with ``h + attn`` fused into post_attention_layernorm:
-    transformers' forward, except that rms_norm(x, residual=...) returns (norm(x + residual), x + residual)."""
+    transformers' forward, except that rms_norm(x, residual=...) returns (norm(x + residual), x + residual).
+    The KV cache reaches the attention under the keyword the original layer uses (``_fusedlm_cache``:
+    "past_key_values" up to transformers 5.2x, then "cache"); the model may pass it under either."""
+
+    _fusedlm_cache = "cache"
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
                 position_embeddings=None, **kwargs):
-        if cache is None:
-            cache = kwargs.pop("past_key_values", None)
+        other = kwargs.pop("past_key_values", None)
+        cache = other if cache is None else cache
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
+        kwargs[self._fusedlm_cache] = cache
         hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask,
-                                          position_ids=position_ids, cache=cache, use_cache=use_cache,
+                                          position_ids=position_ids, use_cache=use_cache,
                                           position_embeddings=position_embeddings, **kwargs)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return residual + self.mlp(hidden_states)
@@ -156,7 +164,8 @@ def _fused_rotary(original):
             return original(q, k, cos, sin, unsqueeze_dim, *args, **kwargs)
         return fused_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
 
-    apply_rotary_pos_emb.__doc__ = "fusedlm.apply_rotary_pos_emb in place of transformers' " + original.__name__
+    name = getattr(original, "__name__", type(original).__name__)  # a function, or kernels' module around one
+    apply_rotary_pos_emb.__doc__ = "fusedlm.apply_rotary_pos_emb in place of transformers' " + name
     apply_rotary_pos_emb._fusedlm_original = original
     return apply_rotary_pos_emb
 
@@ -177,8 +186,25 @@ def _families(model):
             yield m, sys.modules[type(m).__module__], prefix, kind
 
 
+def _unknown(cls, role, left, methods=("forward",)):
+    """True (and the reason added to ``left``) when ``cls``'s code is not a form fused ``role`` reproduces."""
+    if hf_compat.known_forward(cls, role, methods):
+        return False
+    left.append(f"{cls.__name__} (its {'/'.join(methods)} is not one fusedlm knows in transformers "
+                f"{_transformers_version()}: run as it is)")
+    return True
+
+
+def _transformers_version():
+    import transformers
+
+    return transformers.__version__
+
+
 def _patch_norms(model, modeling, prefix, kind, counts, left):
     rms_cls = getattr(modeling, f"{prefix}RMSNorm", None) if kind == "decoder" else None
+    if rms_cls is not None and any(type(m) is rms_cls for m in model.modules()) and _unknown(rms_cls, "rms_norm", left):
+        rms_cls = None
     for name, m in model.named_modules():
         if rms_cls is not None and type(m) is rms_cls:
             m.offset = 0.0
@@ -196,22 +222,33 @@ def _patch_decoder(model, modeling, prefix, counts, left):
     mlp_cls = getattr(modeling, f"{prefix}MLP", None)
     layer_cls = getattr(modeling, f"{prefix}DecoderLayer", None)
     attention_cls = getattr(modeling, f"{prefix}Attention", None)
+    present = {type(m) for m in model.modules()}
+    if mlp_cls in present and _unknown(mlp_cls, "mlp", left):
+        mlp_cls = None
+    cache_name = None
+    if layer_cls in present and not _unknown(layer_cls, "decoder_layer", left):
+        cache_name = hf_compat.cache_keyword(layer_cls.forward)
+        if cache_name is None:
+            left.append(f"{layer_cls.__name__} (takes its KV cache under no keyword fusedlm knows)")
     for name, m in model.named_modules():
-        if type(m) is mlp_cls:
+        if mlp_cls is not None and type(m) is mlp_cls:
             if type(m.act_fn).__name__ in ("SiLUActivation", "SiLU"):
                 _swap_class(m, fused_nn.SwiGLUMLP)
                 counts["swiglu"] += 1
             else:
                 left.append(f"{name} (activation {type(m.act_fn).__name__}, not SiLU)")
-        elif type(m) is layer_cls:
+        elif cache_name is not None and type(m) is layer_cls:
             if isinstance(m.post_attention_layernorm, fused_nn.RMSNorm):
-                _swap_class(m, _PreNormDecoderLayer)
+                _swap_class(m, _PreNormDecoderLayer, _fusedlm_cache=cache_name)
                 counts["residual_norm"] += 1
     original = getattr(modeling, "apply_rotary_pos_emb", None)
     if original is None:
         left.append(f"{modeling.__name__} rotary (no apply_rotary_pos_emb function)")
         return
     if not hasattr(original, "_fusedlm_original"):
+        if not hf_compat.rotary_matches(original):
+            left.append(f"{modeling.__name__}.apply_rotary_pos_emb (does not compute Llama's rotary on a probe)")
+            return
         modeling.apply_rotary_pos_emb = _fused_rotary(original)
     for m in model.modules():
         if type(m) is attention_cls and m not in _ROTARY_COUNTED:
@@ -219,9 +256,11 @@ def _patch_decoder(model, modeling, prefix, counts, left):
             counts["rotary"] += 1
 
 
-def _patch_post_norm_outputs(model, modeling, prefix, counts):
+def _patch_post_norm_outputs(model, modeling, prefix, counts, left):
     names = (f"{prefix}SelfOutput", f"{prefix}Output")
-    classes = tuple(c for c in (getattr(modeling, n, None) for n in names) if c is not None)
+    present = {type(m) for m in model.modules()}
+    classes = tuple(c for c in (getattr(modeling, n, None) for n in names)
+                    if c in present and not _unknown(c, "post_norm_output", left))
     for m in model.modules():
         if type(m) in classes and isinstance(m.LayerNorm, fused_nn.LayerNorm):
             _swap_class(m, _PostNormOutput)
@@ -241,9 +280,11 @@ def _select_attention(hf_model, modeling, prefix, kind, counts, left):
     counts["attention"] += sum(type(m) in classes for m in hf_model.modules())
 
 
-def _patch_deberta_attention(hf_model, modeling, counts):
+def _patch_deberta_attention(hf_model, modeling, counts, left):
     cls = getattr(modeling, "DisentangledSelfAttention", None)
     found = [(name, m) for name, m in hf_model.named_modules() if type(m) is cls]
+    if found and _unknown(cls, "deberta_attention", left, ("forward", "disentangled_attention_bias")):
+        return
     for name, m in found:
         parent, _, child = name.rpartition(".")
         setattr(hf_model.get_submodule(parent), child, hf_deberta.replace_attention(m, hf_model.config))
@@ -286,9 +327,9 @@ def patch_model(model):
         if kind == "decoder":
             _patch_decoder(hf_model, modeling, prefix, counts, left)
         else:
-            _patch_post_norm_outputs(hf_model, modeling, prefix, counts)
+            _patch_post_norm_outputs(hf_model, modeling, prefix, counts, left)
         if kind == "deberta":
-            _patch_deberta_attention(hf_model, modeling, counts)
+            _patch_deberta_attention(hf_model, modeling, counts, left)
         else:
             _select_attention(hf_model, modeling, prefix, kind, counts, left)
     _patch_lora(model, counts, left)
