@@ -75,14 +75,17 @@ def _factory_codes(mu):
     return codes
 
 
-def _mask_parts(mask_function, mu):
+def _mask_parts(mask_function, mu, closures=True):
     """The parts a transformers mask function is built of, as a set of names among "causal",
     "bidirectional", "window" (a causal sliding window) and "packed", or None when any part is not one
-    of these (recognised by the code object of the factories' inner functions)."""
+    of these (recognised by the code object of the factories' inner functions). ``closures=False``: the
+    combinators' closures may not be read (torch.compile cannot), so only a bare factory is recognised."""
     code = getattr(mask_function, "__code__", None)
     part = _factory_codes(mu).get(code) if code is not None else None
     if part in ("causal", "bidirectional", "window", "packed"):
         return {part}
+    if not closures:
+        return None
     if part == "remap":
         inner = _mask_parts(_closure(mask_function)["mask_function"], mu)
         return None if inner is None else inner | {"packed"}
@@ -114,12 +117,22 @@ def fusedlm_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offse
     As for FlashAttention the mask is sliced to the last ``kv_length`` keys (sliding-window caches) and
     is None when nothing is padded. Patterns that the attention cannot rebuild from its arguments get
     transformers' sdpa mask, a (B, 1, L, S) bool tensor (see the module docstring).
+
+    Under torch.compile nothing here may depend on tensor values (a guard on them recompiles every step,
+    or breaks ``fullgraph=True``) and a mask factory's closure cannot be read: the 2-D mask is handed over
+    as it is (no "is anything padded" check), only a bare causal / bidirectional factory counts as standard,
+    and whenever the queries are not the whole sequence (decoding, chunked prefill, a static cache's empty
+    slots) the sdpa mask is built: static shapes, no unpadding (for one query it is only (B, 1, 1, S)).
     """
     from transformers import masking_utils as mu
 
     if mask_function is None:
         mask_function = mu.causal_mask_function
-    if not _is_standard(_mask_parts(mask_function, mu), batch_size):
+    compiling = torch.compiler.is_compiling()
+    standard = _is_standard(_mask_parts(mask_function, mu, closures=not compiling), batch_size)
+    if compiling and (q_length != kv_length or (attention_mask is not None and attention_mask.shape[-1] != kv_length)):
+        standard = False
+    if not standard:
         kwargs.pop("allow_is_causal_skip", None)
         kwargs.pop("allow_is_bidirectional_skip", None)
         return mu.sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
@@ -127,7 +140,7 @@ def fusedlm_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offse
     if attention_mask is None:
         return None
     attention_mask = attention_mask[:, -kv_length:]
-    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+    if not compiling and attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
         return None
     return attention_mask
 
@@ -205,6 +218,8 @@ def _fallback_reason(module, query, key, value, attention_mask, softcap, kwargs)
 def _is_packed(position_ids, batch, n_q):
     """Position ids that restart inside a batch of one (transformers' _is_packed_sequence)."""
     if position_ids is None or batch != 1 or n_q == 1 or tuple(position_ids.shape) != (1, n_q):
+        return False
+    if torch.compiler.is_compiling():  # transformers then saw the packing and built a 4-D mask (see above)
         return False
     increasing = torch.arange(n_q, device=position_ids.device) + position_ids.min()
     return bool((increasing != position_ids[0]).any())

@@ -11,12 +11,15 @@ The module put in is an instance of ``FusedDisentangledSelfAttention``, a class 
 module and from transformers' own, so ``isinstance`` checks against transformers' class still hold and
 transformers' forward is at hand for what the fused one does not serve: attention probabilities
 (``output_attentions``), separate query states (DeBERTa's enhanced mask decoder), relative positions
-other than the default ones, and a mask that is not a padding mask's outer product.
+other than the default ones, and a mask that is not a padding mask's outer product. A padding mask whose
+real tokens are not contiguous in a row (``[1, 1, 0, 1, 1]``) runs the dense fused op over the padded
+batch instead of the packed one: positions then count over the gaps, as transformers counts them.
 """
 import functools
 
 import torch
 
+from ..models._common import has_holes
 from ..models.deberta_v2 import DisentangledSelfAttention as FusedModule
 
 _CLASSES = {}
@@ -61,6 +64,8 @@ class _ServeOrFallBack:
             return type(self)._fusedlm_original.forward(self, hidden_states, attention_mask, output_attentions,
                                                          query_states=query_states, relative_pos=relative_pos,
                                                          rel_embeddings=rel_embeddings)
+        if has_holes(padding):  # packing would close the gaps: transformers counts positions over them
+            return FusedModule.forward_padded(self, hidden_states, padding, rel_embeddings), None
         # the 2-D mask: the fused forward takes it as it is (the 4-D one it would check again)
         return FusedModule.forward(self, hidden_states, padding, rel_embeddings=rel_embeddings)
 

@@ -291,6 +291,13 @@ def encoder_inputs(word_embeddings, input_ids, inputs_embeds, attention_mask, to
     return packing, embeds, packing.pack(types.to(device)), positions
 
 
+def has_holes(padding):
+    """True when some row of a (B, S) bool padding mask has real tokens that are not one contiguous run
+    ([1, 1, 0, 1, 1]): packing the real tokens would change the distances between them."""
+    starts = padding[:, :1].long() + (padding[:, 1:] & ~padding[:, :-1]).sum(dim=1, keepdim=True)
+    return bool((starts > 1).any())
+
+
 def hf_config_fields(cls, hf_config, **overrides):
     """The fields of dataclass ``cls`` read from a transformers config (those it has), plus overrides."""
     names = [f for f in cls.__dataclass_fields__ if f != "use_kernels"]

@@ -53,6 +53,7 @@ class DebertaV2Config:
         self.pos_att_type = list(self.pos_att_type or [])
         if not set(self.pos_att_type) <= {"c2p", "p2c"}:
             raise ValueError(f"pos_att_type: expected any of 'c2p', 'p2c', got {self.pos_att_type}")
+        self.pos_att_type = [t for t in ("c2p", "p2c") if t in self.pos_att_type]  # each term once
         if self.max_relative_positions < 1:
             self.max_relative_positions = self.max_position_embeddings
         if self.embedding_size is None:
@@ -75,7 +76,16 @@ class DebertaV2Config:
         if getattr(hf_config, "attention_head_size", None) not in (None, head_size):
             raise ValueError(f"hf_config: attention_head_size other than hidden_size / heads is not supported, "
                              f"got {hf_config.attention_head_size}")
-        return C.hf_config_fields(cls, hf_config, use_kernels=use_kernels)
+        return C.hf_config_fields(cls, hf_config, use_kernels=use_kernels,
+                                  pos_att_type=hf_position_terms(getattr(hf_config, "pos_att_type", None)))
+
+
+def hf_position_terms(pos_att_type):
+    """The position terms transformers' DeBERTa-v2 computes for a config's ``pos_att_type`` (a list, or a
+    "c2p|p2c" string): c2p and p2c where named, each once; it ignores every other entry ("none", "p2p")."""
+    if isinstance(pos_att_type, str):
+        pos_att_type = [t.strip() for t in pos_att_type.lower().split("|")]
+    return [t for t in ("c2p", "p2c") if t in (pos_att_type or [])]
 
 
 def deberta_attention_packed_ref(q, k, v, pos_key, pos_query, packing, position_buckets, max_relative_positions,
@@ -141,7 +151,8 @@ class DisentangledSelfAttention(nn.Module):
             attention_probs_dropout_prob=module.dropout.p, relative_attention=module.relative_attention,
             max_relative_positions=getattr(module, "max_relative_positions", -1),
             max_position_embeddings=getattr(config, "max_position_embeddings", 512),
-            position_buckets=getattr(module, "position_buckets", -1), pos_att_type=list(module.pos_att_type),
+            position_buckets=getattr(module, "position_buckets", -1),
+            pos_att_type=hf_position_terms(module.pos_att_type),
             share_att_key=module.share_att_key, use_kernels=use_kernels)
         if module.attention_head_size * module.num_attention_heads != module.query_proj.in_features:
             raise ValueError(f"module: attention_head_size * heads must equal hidden_size, got "
@@ -156,6 +167,19 @@ class DisentangledSelfAttention(nn.Module):
     def _heads(self, x):  # (N, hidden) -> (N, H, D)
         return x.view(x.shape[0], self.num_attention_heads, self.attention_head_size)
 
+    def _positions(self, rel_embeddings):
+        """(pos_key, pos_query), each (H, 2 span, D) or None: the relative embeddings projected per head for
+        the c2p and p2c terms (None for a term the config does not have)."""
+        rel = self.pos_dropout(rel_embeddings[:2 * self.config.span])  # (2 span, hidden)
+        pos_key = pos_query = None
+        if "c2p" in self.pos_att_type:
+            proj = self.key_proj if self.share_att_key else self.pos_key_proj
+            pos_key = self._heads(proj(rel)).transpose(0, 1)  # (H, 2 span, D)
+        if "p2c" in self.pos_att_type:
+            proj = self.query_proj if self.share_att_key else self.pos_query_proj
+            pos_query = self._heads(proj(rel)).transpose(0, 1)
+        return pos_key, pos_query
+
     def forward_packed(self, x, packing, rel_embeddings=None):
         fast, D = self.config.use_kernels, self.attention_head_size
         q, k, v = self._heads(self.query_proj(x)), self._heads(self.key_proj(x)), self._heads(self.value_proj(x))
@@ -165,14 +189,7 @@ class DisentangledSelfAttention(nn.Module):
             out = C.attention(q, k, v, packing, causal=False, scale=C.scale_for(D, factor), dropout_p=p,
                               use_kernels=fast)
             return out.reshape(x.shape[0], -1)
-        rel = self.pos_dropout(rel_embeddings[:2 * self.config.span])  # (2 span, hidden)
-        pos_key = pos_query = None
-        if "c2p" in self.pos_att_type:
-            proj = self.key_proj if self.share_att_key else self.pos_key_proj
-            pos_key = self._heads(proj(rel)).transpose(0, 1)  # (H, 2 span, D)
-        if "p2c" in self.pos_att_type:
-            proj = self.query_proj if self.share_att_key else self.pos_query_proj
-            pos_query = self._heads(proj(rel)).transpose(0, 1)
+        pos_key, pos_query = self._positions(rel_embeddings)
         if fast:
             out = fusedlm.deberta_varlen_attention(q, k, v, pos_key, pos_query, packing.cu_seqlens, packing.max_seqlen,
                                                    position_buckets=self.position_buckets,
@@ -181,6 +198,25 @@ class DisentangledSelfAttention(nn.Module):
             out = deberta_attention_packed_ref(q, k, v, pos_key, pos_query, packing, self.position_buckets,
                                                self.max_relative_positions, C.scale_for(D, factor), p)
         return out.reshape(x.shape[0], -1)  # (T, hidden)
+
+    def forward_padded(self, x, key_padding_mask, rel_embeddings=None):
+        """x (B, S, hidden), key_padding_mask (B, S) bool -> (B, S, hidden): the dense fused op, positions
+        counted over the padded layout (transformers' positions, also where real tokens are not contiguous).
+        Padded query rows hold values no real token reads."""
+        B, S = x.shape[:2]
+        q, k, v = (self._heads(proj(x).reshape(B * S, -1)).view(B, S, self.num_attention_heads, -1).transpose(1, 2)
+                   for proj in (self.query_proj, self.key_proj, self.value_proj))  # (B, H, S, D)
+        p = self.dropout.p if self.training else 0.0
+        pos_key, pos_query = self._positions(rel_embeddings) if self.relative_attention else (None, None)
+        if not self.relative_attention:  # content scores only: plain attention over the padded batch
+            factor = 1 + len(self.pos_att_type)  # transformers counts the named terms even so
+            out = fusedlm.scaled_dot_product_attention(q, k, v, key_padding_mask=key_padding_mask, dropout_p=p,
+                                                       scale=C.scale_for(self.attention_head_size, factor))
+        else:
+            out = fusedlm.deberta_attention(q, k, v, pos_key, pos_query, key_padding_mask=key_padding_mask,
+                                            position_buckets=self.position_buckets,
+                                            max_relative_positions=self.max_relative_positions, dropout_p=p)
+        return out.transpose(1, 2).reshape(B, S, -1)
 
     def forward(self, hidden_states, attention_mask, output_attentions=False, query_states=None,
                 relative_pos=None, rel_embeddings=None):
@@ -290,6 +326,10 @@ class DebertaV2Model(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
                 cu_seqlens=None, inputs_embeds=None):
+        if self.config.relative_attention and attention_mask is not None and C.has_holes(attention_mask.bool()):
+            raise ValueError("attention_mask: a row whose real tokens are not contiguous (a 0 between 1s) would "
+                             "change DeBERTa's relative distances once packed; expected left or right padding "
+                             "(transformers' model patched with fusedlm.integrations.hf takes such masks)")
         packing, embeds, types, positions = C.encoder_inputs(self.embeddings.word_embeddings, input_ids, inputs_embeds,
                                                              attention_mask, token_type_ids, position_ids, cu_seqlens)
         x = self.encoder(self.embeddings(embeds, types, positions), packing)  # (T, hidden)
