@@ -84,6 +84,25 @@ def enable_interpreter():
     return True
 
 
+def _version(text):
+    """(major, minor) of a version string such as "3.6.0" or "2.4.0rc1"."""
+    parts = (text.split("+")[0].split(".") + ["0"])[:2]
+    return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in parts)
+
+
+def _interpreter_fault():
+    """Why Triton's CPU interpreter cannot run the kernels here, or None. Triton 3.6's interpreter fails on
+    numpy >= 2.4 ("only 0-dimensional arrays can be converted to Python scalars" inside kernels): seen with
+    3.6.0; 3.7.1, 3.8.0 and 3.9.0 run them."""
+    import numpy
+    import triton
+
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s CPU interpreter fails with numpy {numpy.__version__} "
+                f"(install numpy<2.4, or triton>=3.7)")
+    return None
+
+
 def why_unavailable(name):
     """None if backend ``name`` is usable in this process, else the reason it is not."""
     key = (name, os.environ.get("FUSEDLM_CUDA_CPU", "")) if name == "cuda" else name
@@ -102,6 +121,8 @@ def why_unavailable(name):
             why = "no CUDA device and TRITON_INTERPRET is not set"
         else:
             why = _import_error("triton") or _import_error("fusedlm.kernels")
+            if why is None and triton_interpret() and not torch.cuda.is_available():
+                why = _interpreter_fault()
     elif name == "cuda":
         from . import _cuda
 

@@ -99,3 +99,20 @@ def test_env_with_an_unknown_name_fails_loudly():
     out = subprocess.run([sys.executable, "-c", "import fusedlm"], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode != 0 and "FUSEDLM_BACKEND" in out.stderr
+
+
+@pytest.mark.parametrize("triton_version,numpy_version,broken", [
+    ("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.1", "2.4.6", False), ("3.9.0", "2.5.0", False)])
+def test_interpreter_fault_of_old_triton_with_new_numpy(monkeypatch, triton_version, numpy_version, broken):
+    """Triton 3.6's interpreter raises inside kernels with numpy >= 2.4 (seen here): the triton backend then
+    says so on CPU instead of failing in every kernel."""
+    numpy = pytest.importorskip("numpy")
+    triton = pytest.importorskip("triton")
+    from fusedlm import _backend
+
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    why = _backend._interpreter_fault()
+    assert (why is not None) == broken
+    if broken:
+        assert "numpy<2.4" in why and triton_version in why
