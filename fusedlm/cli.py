@@ -50,6 +50,10 @@ def cmd_info(args):
     print(f"default backend: {_backend.get_backend()}  (FUSEDLM_BACKEND, set_backend)")
     print(f"available backends, best first: {_backend.available_backends()}")
     print(f"python {sys.version.split()[0]}  cuda build of torch: {torch.version.cuda or 'no'}")
+    from fusedlm._toolkit import find_cuda_home
+
+    home, how = find_cuda_home()
+    print(f"CUDA toolkit: {home} (found by {how})" if home else f"CUDA toolkit: none ({how})")
     return 0
 
 

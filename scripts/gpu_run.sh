@@ -5,7 +5,8 @@
 #   wheels     the peers' wheels carried in .whl/ (liger-kernel, flashdeberta, disentangled-flash: fetched
 #              here by scripts/fetch_wheels.sh; the GPU machine has no network) into /tmp/site, put on
 #              PYTHONPATH, then each peer imported once  (skipped with a note when .whl/ holds none)
-#   install    pip install --no-build-isolation --no-deps -e .  (builds fusedlm._C where nvcc is found;
+#   install    CUDA_HOME from fusedlm/_toolkit.py (where nvcc really runs from) unless set, then
+#              pip install --no-build-isolation --no-deps -e .  (builds fusedlm._C where nvcc is found;
 #              if that build fails, installs again without it so the Triton paths still get tested)
 #   info       python -m fusedlm info
 #   verify     python -m fusedlm verify --json $OUT/verify.json
@@ -141,6 +142,13 @@ EOF
 
 step_install() {
   local pip=("$PY" -m pip install --no-index --no-build-isolation --no-deps -e .)
+  # The toolkit, stated: torch's own guess takes the folder above the first nvcc on the PATH, which is
+  # wrong for a wrapper script (CUDA_HOME=/usr/local, no cuda_runtime_api.h there). fusedlm/_toolkit.py
+  # asks nvcc where it runs from; setup.py prints what it used.
+  if [[ -z ${CUDA_HOME:-} ]] && CUDA_HOME=$("$PY" fusedlm/_toolkit.py); then
+    export CUDA_HOME
+  fi
+  echo "CUDA_HOME=${CUDA_HOME:-<none found>}"
   # The first attempt leaves 45 s of the cap for the fallback (`timeout 0` would mean no limit).
   if timeout $(( STEP_CAP > 60 ? STEP_CAP - 45 : 15 )) "${pip[@]}"; then
     return 0
