@@ -153,7 +153,7 @@ def _register_python_parts():
 
     torch.library.register_autograd(lib + "norm_fwd", _norm_backward, setup_context=_norm_setup)
     torch.library.register_autograd(lib + "swiglu_fwd", _swiglu_backward, setup_context=_swiglu_setup)
-    from .ops.rope import rope_autograd
+    from ._autograd import rope_autograd
 
     rope_backward, rope_setup = rope_autograd(torch.ops.fusedlm_C.rope)
     torch.library.register_autograd(lib + "rope", rope_backward, setup_context=rope_setup)
