@@ -322,3 +322,28 @@ def test_rotary_probe_tells_llama_rotary_from_others():
     assert hf_compat.rotary_matches(getattr(fn, "_fusedlm_original", fn))
     assert not hf_compat.rotary_matches(lambda q, k, cos, sin: (q, k))
     assert not hf_compat.rotary_matches(lambda q, k: (q, k))  # another signature
+
+
+@pytest.mark.parametrize("family", ["llama", "deberta_v3"])
+def test_patched_model_pickles_and_loads_in_a_fresh_process(family, tmp_path):
+    """torch.save(model) of a patched model, loaded by a process that never patched anything, gives the same
+    outputs (the Fused classes rebuild themselves from their importable parts)."""
+    import subprocess
+    import sys
+
+    fusedlm.set_backend("torch")
+    _, model = models(family)
+    hf.patch_model(model)
+    ids, mask = batch("right")
+    expected = main_output(_forward(model, input_ids=ids, attention_mask=mask))
+    torch.save({"model": model, "ids": ids, "mask": mask, "expected": expected}, tmp_path / "patched.pt")
+    code = ("import torch, fusedlm\nfusedlm.set_backend('torch')\n"
+            f"d = torch.load({str(tmp_path / 'patched.pt')!r}, weights_only=False)\n"
+            "with torch.no_grad():\n"
+            "    out = d['model'](input_ids=d['ids'], attention_mask=d['mask'])\n"
+            "out = out.logits if hasattr(out, 'logits') else out.last_hidden_state\n"
+            "real = d['mask'].bool()\n"
+            "print(type(d['model']).__name__, ((out - d['expected'])[real].norm() / d['expected'][real].norm()).item())\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert float(run.stdout.split()[-1]) < 1e-6

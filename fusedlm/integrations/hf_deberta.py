@@ -21,8 +21,8 @@ import torch
 
 from ..models._common import has_holes
 from ..models.deberta_v2 import DisentangledSelfAttention as FusedModule
+from .fused_classes import fused_class
 
-_CLASSES = {}
 
 
 @functools.lru_cache(maxsize=2)
@@ -74,11 +74,8 @@ def replace_attention(module, config):
     """The fused module in place of transformers' DisentangledSelfAttention ``module`` (to be set on its
     parent by the caller): ``FusedDisentangledSelfAttention``, sharing module's projections."""
     original = type(module)
-    if original not in _CLASSES:
-        _CLASSES[original] = type(f"Fused{original.__name__}", (_ServeOrFallBack, FusedModule, original),
-                                  {"_fusedlm_original": original, "__module__": __name__})
     fused = FusedModule.from_hf(module, config)
     if module.relative_attention:  # what transformers' forward reads besides the shared attributes
         fused.pos_ebd_size = module.pos_ebd_size
-    fused.__class__ = _CLASSES[original]
+    fused.__class__ = fused_class((_ServeOrFallBack, FusedModule), original)
     return fused

@@ -42,6 +42,7 @@ from .. import nn as fused_nn
 from ..ops.lora import lora_linear
 from ..ops.rope import apply_rotary_pos_emb as fused_apply_rotary_pos_emb
 from . import hf_compat, hf_deberta
+from .fused_classes import fused_class
 from .hf_attention import register
 
 COUNT_KEYS = ("attention", "deberta_attention", "rms_norm", "layer_norm", "residual_norm", "swiglu", "rotary",
@@ -58,7 +59,6 @@ _FAMILIES = {
 }
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _ROTARY_COUNTED = weakref.WeakSet()  # attention modules already counted under "rotary"
-_FUSED_CLASSES = {}
 
 
 def _is_fused(module):
@@ -66,16 +66,10 @@ def _is_fused(module):
 
 
 def _swap_class(module, mixin, **attrs):
-    """Turn ``module`` into an instance of ``Fused<its class>`` with ``mixin`` first in the MRO: the mixin's
-    forward, everything else the original's (its ``extra_repr`` too, so the module prints as before).
-    ``attrs``: class attributes of the fused class (what the installed transformers was found to offer)."""
-    cls = type(module)
-    key = (mixin, cls)
-    if key not in _FUSED_CLASSES:
-        _FUSED_CLASSES[key] = type(f"Fused{cls.__name__}", (mixin, cls),
-                                   {"_fusedlm_original": cls, "__module__": __name__, "extra_repr": cls.extra_repr,
-                                    **attrs})
-    module.__class__ = _FUSED_CLASSES[key]
+    """Turn ``module`` into an instance of ``Fused<its class>`` with ``mixin`` first in the MRO (the mixin's
+    forward, everything else the original's: fused_classes.py). ``attrs``: class attributes of the fused
+    class (what the installed transformers was found to offer)."""
+    module.__class__ = fused_class((mixin,), type(module), tuple(sorted(attrs.items())))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,10 +158,23 @@ def _fused_rotary(original):
             return original(q, k, cos, sin, unsqueeze_dim, *args, **kwargs)
         return fused_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
 
-    name = getattr(original, "__name__", type(original).__name__)  # a function, or kernels' module around one
+    name = getattr(original, "__name__", type(original).__name__)
     apply_rotary_pos_emb.__doc__ = "fusedlm.apply_rotary_pos_emb in place of transformers' " + name
     apply_rotary_pos_emb._fusedlm_original = original
     return apply_rotary_pos_emb
+
+
+def _install_rotary(modeling, original):
+    """Route the modeling module's rotary calls through the fused op. A plain function is replaced in the
+    module. With Hugging Face's ``kernels`` package installed, transformers 5.2x makes it an ``nn.Module``
+    instance that kernels pickles by its global name and rebuilds from the global's type: that object stays
+    the module's global, and only its forward (an instance attribute) becomes the fused one."""
+    if isinstance(original, nn.Module):
+        forward = original.forward
+        original.forward = _fused_rotary(forward)
+        original._fusedlm_original = forward
+    else:
+        modeling.apply_rotary_pos_emb = _fused_rotary(original)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,7 +256,7 @@ def _patch_decoder(model, modeling, prefix, counts, left):
         if not hf_compat.rotary_matches(original):
             left.append(f"{modeling.__name__}.apply_rotary_pos_emb (does not compute Llama's rotary on a probe)")
             return
-        modeling.apply_rotary_pos_emb = _fused_rotary(original)
+        _install_rotary(modeling, original)
     for m in model.modules():
         if type(m) is attention_cls and m not in _ROTARY_COUNTED:
             _ROTARY_COUNTED.add(m)
