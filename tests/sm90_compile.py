@@ -273,6 +273,11 @@ def attention_variants():
             (torch.float32, 64, 64, True, ()), (torch.float32, 128, 128, False, ()),
             (torch.bfloat16, 128, 64, True, ("varlen",)), (torch.bfloat16, 192, 192, True, ("gqa",)),
             (torch.bfloat16, 64, 64, True, ("window",)), (torch.bfloat16, 128, 128, False, ("window", "kpm")),
+            # dropout's Philox registers beside the features that add their own (attention_configs.dropout_config)
+            (torch.bfloat16, 64, 64, True, ("dropout",)),
+            (torch.bfloat16, 64, 64, True, ("gqa", "bool", "kpm", "dropout")),
+            (torch.bfloat16, 128, 128, True, ("float", "window", "dropout")),
+            (torch.bfloat16, 128, 64, True, ("varlen", "dropout")),
         ]:
             B, H, L = 2, 4, 64
             hkv = 2 if "gqa" in extras or "varlen" in extras else H
@@ -287,7 +292,7 @@ def attention_variants():
                 q, k, v = torch.randn(B * L, H, e, dtype=dt), torch.randn(B * L, hkv, e, dtype=dt), \
                     torch.randn(B * L, hkv, ev, dtype=dt)
                 cu = torch.tensor([0, L, 2 * L], dtype=torch.int32)
-                args = (q, k, v, None, None, cu, cu, L, L, 0.1, causal, True, 0.0, None)
+                args = (q, k, v, None, None, cu, cu, L, L, 0.1, causal, True, 0.1 if seed is not None else 0.0, seed)
             else:
                 q, k, v = torch.randn(B, H, L, e, dtype=dt), torch.randn(B, hkv, L, e, dtype=dt), \
                     torch.randn(B, hkv, L, ev, dtype=dt)

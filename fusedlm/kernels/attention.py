@@ -460,6 +460,8 @@ def attention_fwd(launch, q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu
     kv_range = key_padding_range(key_padding_mask) if key_padding_mask is not None else None
     mask_ptrs, mask_strides, mask_flags = _mask_args(attn_mask, key_padding_mask, kv_range, B, H, Lq, Lk, dummy)
     cfg = C.block_config(E, Ev, causal, q.dtype, q.device)
+    if dropout_p > 0:  # the Philox keep mask's registers: a smaller tile (see dropout_config)
+        cfg = C.dropout_config(cfg, "fwd", q.dtype)
     win_left, win_right, has_window = window_args(window, causal, Lq, Lk)
     args = (q, k, v, out, lse, *mask_ptrs,
             cu_seqlens_q if varlen else dummy, cu_seqlens_k if varlen else dummy, seed if seed is not None else dummy,
@@ -469,5 +471,5 @@ def attention_fwd(launch, q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu
     flags = dict(CAUSAL=causal, WINDOW=has_window, BOTTOM_RIGHT=bottom_right, VARLEN=varlen, DROPOUT=dropout_p > 0,
                  **mask_flags, PRECISION=precision(q), USE_TMA=tma_enabled(q.device, q, k, v))
     C._launch_blocks(launch, _attn_fwd, _attn_fwd_tuned, lambda bm, bn: _grid(Lq, bm, B * H), args, cfg,
-                   flags, q.device)
+                     flags, q.device)
     return out, lse

@@ -330,6 +330,9 @@ def attention_bwd(launch, do, dlse, q, k, v, out, lse, attn_mask, key_padding_ma
     lse_strides = _row_strides(lse, varlen)
     dummy = lse
     cfg = C.block_config(E, Ev, causal, q.dtype, q.device, backward=True)
+    dq_cfg, dkdv_cfg = cfg, C.dkdv_config(cfg)
+    if dropout_p > 0:  # the Philox keep mask's registers: smaller loop blocks (see dropout_config)
+        dq_cfg, dkdv_cfg = C.dropout_config(dq_cfg, "dq", q.dtype), C.dropout_config(dkdv_cfg, "dkdv", q.dtype)
     # delta_i = sum_e dO_ie * out_ie. A gradient reaching lse adds dlse_i * P_ij to dz_ij
     # (d lse_i / d z_ij = P_ij), i.e. dS = P * (dP - (delta - dlse)): folded into delta.
     delta = torch.empty_like(lse)
@@ -350,9 +353,9 @@ def attention_bwd(launch, do, dlse, q, k, v, out, lse, attn_mask, key_padding_ma
     flags = dict(CAUSAL=causal, WINDOW=has_window, BOTTOM_RIGHT=bottom_right, VARLEN=varlen, DROPOUT=dropout_p > 0,
                  **mask_flags, PRECISION=precision(q))
     C._launch_blocks(launch, _attn_bwd_dkdv, _attn_bwd_dkdv_tuned, lambda bm, bn: _grid(Lk, bn, B * Hkv),
-                   (q, k, v, do, lse, delta, dk, dv, *common_ptrs, *in_strides, *_bhm_strides(dk, varlen),
-                    *_bhm_strides(dv, varlen), *mask_strides, *scalars), C.dkdv_config(cfg), flags, q.device)
+                     (q, k, v, do, lse, delta, dk, dv, *common_ptrs, *in_strides, *_bhm_strides(dk, varlen),
+                      *_bhm_strides(dv, varlen), *mask_strides, *scalars), dkdv_cfg, flags, q.device)
     C._launch_blocks(launch, _attn_bwd_dq, _attn_bwd_dq_tuned, lambda bm, bn: _grid(Lq, bm, B * H),
-                   (q, k, v, do, lse, delta, dq, *common_ptrs, *in_strides, *_bhm_strides(dq, varlen),
-                    *mask_strides, *scalars), cfg, flags, q.device)
+                     (q, k, v, do, lse, delta, dq, *common_ptrs, *in_strides, *_bhm_strides(dq, varlen),
+                      *mask_strides, *scalars), dq_cfg, flags, q.device)
     return dq, dk, dv

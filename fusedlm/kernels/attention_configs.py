@@ -45,6 +45,32 @@ def dkdv_config(cfg):
     return dict(cfg, BLOCK_M=min(cfg["BLOCK_N"], 32), BLOCK_N=cfg["BLOCK_M"])
 
 
+def dropout_config(cfg, kernel, dtype):
+    """A kernel's config under dropout (kernel "fwd", "dq" or "dkdv", cfg its config without): smaller loop
+    blocks, the program block (wgmma's M) unchanged.
+
+    The keep mask is Philox at every element of the tile: four 32-bit counter words go through ten rounds for
+    all the elements a thread owns at once, ~4 registers an element beside the tile's own values (dQ's 64 x 64
+    tile on 4 warps: 32 elements, ~128 registers). So the backward kernels halve their loop block (dQ's
+    BLOCK_N, dK/dV's BLOCK_M; 16 at least, the least K of a tl.dot), every dtype; the forward, whose float32
+    accumulator is [BLOCK_M, Ev], halves BLOCK_N and takes 8 warps when the head dim passes 64 (half types;
+    float32 keeps its 32 x 32 tile, where neither helped).
+
+    sm_90 compiles of tests/sm90_compile.py's variants (bf16, causal), spilled bytes stored/loaded on Triton
+    3.6 | 3.9 before: E = 64 dQ 208/220 | 0 (254 registers); with a bool mask and key padding dQ 468/484 | 0
+    (254), and with GQA besides dK/dV 60/60 | 40/40; E = 128 with a float mask and a window forward 1120/1088 |
+    408/592, dQ 0 | 20/20, dK/dV 0 | 80/124; packed, E = 128 and Ev = 64, dK/dV 64/60 | 0 (255). After: none
+    spills on either (255 registers at most), every product still on wgmma. (E = 256 forward, not a variant
+    there: 64 x 32 on 4 warps spilled up to 128/156 | 136/180, 64 x 16 on 8 warps none, 232 registers.)"""
+    if kernel == "dq":
+        return dict(cfg, BLOCK_N=max(cfg["BLOCK_N"] // 2, 16))
+    if kernel == "dkdv":
+        return dict(cfg, BLOCK_M=max(cfg["BLOCK_M"] // 2, 16))
+    if dtype == torch.float32 or max(cfg["BLOCK_E"], cfg["BLOCK_EV"]) <= 64:
+        return cfg
+    return dict(cfg, BLOCK_N=max(cfg["BLOCK_N"] // 2, 16), num_warps=8)
+
+
 # Autotuning (FUSEDLM_AUTOTUNE=1, CUDA only): the candidates below, pruned to those whose tiles fit
 # shared memory for the head dims at hand, timed once per key (head dims, causal, masks, dropout,
 # varlen; the Autotuner adds the tensors' dtypes to the key). Off by default: the first call of each
