@@ -1,25 +1,33 @@
-"""The attention launchers' block shapes (fusedlm/kernels/attention_configs.py) as the kernels receive them:
-the rules that keep sm_90's registers free of spills (tests/sm90_compile.py holds the compiled figures).
+"""The attention launchers' block shapes (fusedlm/kernels/attention_configs.py) as the kernels receive them,
+and the code paths they choose: the rules that keep sm_90's registers free of spills (tests/sm90_compile.py
+holds the compiled figures).
 
-The launchers run on meta tensors with a ``launch`` that records each kernel's block shapes and runs nothing,
-with the configs a CUDA device gets (they are keyed on device.type).
+Block shapes: the launchers run on meta tensors with a ``launch`` that records each kernel's blocks and grid
+and runs nothing, with the configs a CUDA device gets (they are keyed on device.type). The dK/dV kernel's
+split (two programs a key block, dV and dK apart) is forced at small odd head dims under the interpreter and
+held to the unsplit kernel bit for bit (the same operations in the same order) and to the float64 oracle.
 """
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
+import fusedlm  # noqa: E402
 from fusedlm.kernels import attention, attention_backward, attention_configs  # noqa: E402
+from helpers import triton_or_skip  # noqa: E402
+from test_attention import cu, qkv, randn, run_dense  # noqa: E402
 
 
 class BlockRecorder:
     """A ``launch`` that records (kernel name, BLOCK_* meta) and runs nothing."""
 
     def __init__(self):
-        self.blocks = {}
+        self.blocks, self.grids, self.split = {}, {}, {}
 
     def __call__(self, kernel, grid, *args, **meta):
-        self.blocks[kernel.fn.__name__] = {k: v for k, v in meta.items() if k.startswith("BLOCK") or k == "num_warps"}
+        name = kernel.fn.__name__
+        self.blocks[name] = {k: v for k, v in meta.items() if k.startswith("BLOCK") or k == "num_warps"}
+        self.grids[name], self.split[name] = grid, meta.get("SPLIT", False)
 
 
 @pytest.fixture
@@ -30,7 +38,7 @@ def cuda_configs(monkeypatch):
     monkeypatch.setattr(attention_configs, "autotune_enabled", lambda device: False)
 
 
-def backward_blocks(E, Ev, dropout_p, dtype=torch.bfloat16, Hkv=4):
+def backward_launch(E, Ev, dropout_p, dtype=torch.bfloat16, Hkv=4):
     B, H, L = 2, 4, 128
     q = torch.empty(B, H, L, E, dtype=dtype, device="meta")
     k = torch.empty(B, Hkv, L, E, dtype=dtype, device="meta")
@@ -41,6 +49,11 @@ def backward_blocks(E, Ev, dropout_p, dtype=torch.bfloat16, Hkv=4):
     rec = BlockRecorder()
     attention_backward.attention_bwd(rec, out, None, q, k, v, out, lse, None, None, None, None, L, L, 0.1, True, False,
                                      dropout_p, seed)
+    return rec
+
+
+def backward_blocks(E, Ev, dropout_p, dtype=torch.bfloat16):
+    rec = backward_launch(E, Ev, dropout_p, dtype)
     return rec.blocks["_attn_bwd_dq"], rec.blocks["_attn_bwd_dkdv"]
 
 
@@ -87,3 +100,96 @@ def test_dropout_forward_blocks(cuda_configs, E, Ev, causal):
         assert dropped == dict(plain, BLOCK_N=plain["BLOCK_N"] // 2, num_warps=8)
         assert dropped["BLOCK_M"] in (64, 128) and dropped["BLOCK_N"] >= 16
     assert forward_blocks(E, Ev, 0.1, torch.float32, causal) == forward_blocks(E, Ev, 0.0, torch.float32, causal)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The dK/dV split (attention_configs.dkdv_split): two programs a key block at head dim 256
+
+
+@pytest.mark.parametrize("E, Ev, split", [(64, 64, False), (128, 128, False), (128, 256, True), (256, 256, True),
+                                          (192, 64, True)])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_dkdv_split_at_head_dim_256(cuda_configs, E, Ev, split, dropout_p):
+    """Split when a head-dim block is 256: twice the programs (B x Hkv x key blocks x 2), the same blocks."""
+    rec = backward_launch(E, Ev, dropout_p, Hkv=2)
+    assert rec.split["_attn_bwd_dkdv"] is split and not rec.split["_attn_bwd_dq"]
+    blocks = rec.blocks["_attn_bwd_dkdv"]
+    assert blocks["BLOCK_N"] == 64 and blocks["BLOCK_M"] >= 16
+    assert rec.grids["_attn_bwd_dkdv"] == (-(-128 // blocks["BLOCK_N"]) * 2 * 2 * (2 if split else 1),)
+
+
+@pytest.fixture
+def dkdv_split(monkeypatch):
+    """Run the dK/dV kernel split (True) or not (False) whatever the head dim."""
+    def force(on):
+        monkeypatch.setattr(attention_configs, "dkdv_split", lambda cfg: on)
+    return force
+
+
+def _grads(fn, inputs, g):
+    leaves = {n: t.clone().requires_grad_(True) for n, t in inputs.items()}
+    out = fn(**leaves)
+    return [out.detach()] + list(torch.autograd.grad(out, list(leaves.values()), g))
+
+
+SPLIT_CASES = {  # name -> (B, H, Hkv, L, S, E, Ev, sdpa keywords); odd sizes, GQA, Lq != Lk, E != Ev
+    "gqa_causal_kpm": (2, 4, 2, 67, 129, 40, 80, dict(is_causal=True, kpm=True)),
+    "bool_mask_dropout": (1, 2, 1, 45, 37, 24, 16, dict(bool_mask=True, dropout_p=0.3)),
+    "float_mask_window": (1, 3, 3, 70, 70, 16, 48, dict(float_mask=True, window_size=(9, 4))),
+    "varlen_causal_dropout": None,
+}
+
+
+@pytest.mark.parametrize("name", list(SPLIT_CASES))
+def test_dkdv_split_equals_unsplit(dkdv_split, name):
+    """dV from the even program and dK from the odd one are the unsplit kernel's, bit for bit: each program
+    does the same operations on its accumulator in the same order."""
+    triton_or_skip()
+    gen = torch.Generator().manual_seed(61)
+    if name == "varlen_causal_dropout":
+        lq, lk, H, Hkv = [5, 33, 1], [9, 20, 40], 4, 2
+        inputs = dict(q=randn(sum(lq), H, 40, gen=gen), k=randn(sum(lk), Hkv, 40, gen=gen),
+                      v=randn(sum(lk), Hkv, 24, gen=gen))
+
+        def fn(q, k, v):
+            torch.manual_seed(5)
+            return fusedlm.varlen_attention(q, k, v, cu(lq), cu(lk), max(lq), max(lk), causal=True, dropout_p=0.25,
+                                            backend="triton")
+    else:
+        B, H, Hkv, L, S, E, Ev, kw = SPLIT_CASES[name]
+        inputs = qkv(B, H, Hkv, L, S, E, Ev, gen)
+        kw = dict(kw)
+        mask = None
+        if kw.pop("bool_mask", False):
+            mask = torch.rand(L, S, generator=gen) < 0.7
+        if kw.pop("float_mask", False):
+            mask = randn(B, 1, L, S, gen=gen).float()
+        if kw.pop("kpm", False):
+            kw["key_padding_mask"] = torch.arange(S)[None, :] < torch.tensor([[S - 11], [S]])
+
+        def fn(query, key, value):
+            torch.manual_seed(5)
+            return fusedlm.scaled_dot_product_attention(query, key, value, mask, enable_gqa=H != Hkv,
+                                                        backend="triton", **kw)
+    inputs = {n: t.float() for n, t in inputs.items()}
+    out_shape = fn(**inputs).shape
+    g = torch.randn(out_shape, generator=gen)
+    dkdv_split(False)
+    plain = _grads(fn, inputs, g)
+    dkdv_split(True)
+    split = _grads(fn, inputs, g)
+    for a, b in zip(plain, split):
+        assert torch.equal(a, b)
+    assert any(t.abs().sum() > 0 for t in split[2:])
+
+
+@pytest.mark.parametrize("case", [(2, 4, 2, 67, 129, 40, 80, True), (1, 2, 2, 33, 17, 16, 24, False)],
+                         ids=["gqa_causal_E40_Ev80", "L_gt_S_E16_Ev24"])
+def test_dkdv_split_matches_oracle(dkdv_split, dtype, case):
+    """The split path against the float64 oracle, every gradient, within the dtype's earned bound."""
+    triton_or_skip()
+    dkdv_split(True)
+    B, H, Hkv, L, S, E, Ev, causal = case
+    inputs = qkv(B, H, Hkv, L, S, E, Ev, torch.Generator().manual_seed(67))
+    run_dense("triton", "cuda" if torch.cuda.is_available() else "cpu", dtype, inputs, is_causal=causal,
+              enable_gqa=H != Hkv)

@@ -92,12 +92,13 @@ def _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, KPM, offs_n, offs_e, off
                  seed, bh, max_q, max_k, dropout_p,
                  HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
                  WINDOW: tl.constexpr, DROPOUT: tl.constexpr, CHECK_BOUNDS: tl.constexpr, BLOCK_M: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    """Accumulate dK, dV of one key block over the query blocks [m_lo, m_hi) of one query head.
+                 PRECISION: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr):
+    """Accumulate dK (DO_DK), dV (DO_DV) of one key block over the query blocks [m_lo, m_hi) of one query head.
 
     Everything is computed transposed, keys along the rows ([BLOCK_N, BLOCK_M] tiles: P^T = exp(k q^T - lse),
     dP^T = v dO^T), so that all four products have the key block as their M dimension: with BLOCK_N = 64
-    each one runs on Hopper's wgmma, whatever BLOCK_M is (wgmma needs M = 64 per warpgroup).
+    each one runs on Hopper's wgmma, whatever BLOCK_M is (wgmma needs M = 64 per warpgroup). dV needs P only;
+    dK needs P and dP (so v). An accumulator not asked for is returned as it came.
     """
     offs_mb = tl.arange(0, BLOCK_M)
     for start_m in range(m_lo, m_hi, BLOCK_M):
@@ -108,21 +109,26 @@ def _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, KPM, offs_n, offs_e, off
         pT = _probs(k, qT, offs_m[None, :], offs_n[:, None], q_len, k_len, shift, win_left, win_right, qk_scale,
                     lse2[None, :], MASK, stride_mm, stride_mn, KPM, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW,
                     CHECK_BOUNDS, PRECISION)
-        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
+        if DO_DK:
+            dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], max_q, max_k, dropout_p)
             pdT = tl.where(keep, pT / (1.0 - dropout_p), 0.0)
-            dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
+            if DO_DK:
+                dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
         else:
             pdT = pT
-        dv += tl.dot(pdT.to(do.dtype), do, input_precision=PRECISION)
-        dsT = pT * (dpT - delta[None, :])
-        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION)
+        if DO_DV:
+            dv += tl.dot(pdT.to(do.dtype), do, input_precision=PRECISION)
+        if DO_DK:
+            dsT = pT * (dpT - delta[None, :])
+            dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION)
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv(
+def _dkdv_program(
+    n_block, bkv,
     Q, K, V, DO, LSE, DELTA, DK, DV,
     MASK, KPM, KV_RANGE, CU_Q, CU_K, SEED,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -134,10 +140,11 @@ def _attn_bwd_dkdv(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, VARLEN: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
-    PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for float32 inputs (no TF32 rounding)
+    PRECISION: tl.constexpr,  # tl.dot input precision: "tf32x3" for float32 inputs (see precision)
+    DO_DK: tl.constexpr, DO_DV: tl.constexpr,
 ):
-    """dK, dV of one key block of one kv head: summed over the GQA group's query heads and all queries."""
-    n_block, bkv = _program_block_and_head(tl.cdiv(Lk, BLOCK_N))
+    """dK (DO_DK) and dV (DO_DV) of key block n_block of kv head bkv (batch x kv head): summed over the GQA
+    group's query heads and all queries. Padding-only key blocks store zeros."""
     start_n = n_block * BLOCK_N
     HKV = H // GROUP
     b = bkv // HKV
@@ -155,9 +162,17 @@ def _attn_bwd_dkdv(
     K += b64 * stride_kb + kvh.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
     V += b64 * stride_vb + kvh.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
     k = _tile(K, offs_n, k_len, stride_kn, offs_e, E)  # [BLOCK_N, BLOCK_E]
-    v = _tile(V, offs_n, k_len, stride_vn, offs_ev, EV)  # [BLOCK_N, BLOCK_EV]
-    dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_EV], dtype=tl.float32)
+    # An accumulator this program does not own is a [1, 1] stand-in that _dkdv_blocks hands back untouched.
+    if DO_DK:
+        v = _tile(V, offs_n, k_len, stride_vn, offs_ev, EV)  # [BLOCK_N, BLOCK_EV]: dP^T = v dO^T
+        dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
+    else:
+        v = k  # unused
+        dk = tl.zeros([1, 1], dtype=tl.float32)
+    if DO_DV:
+        dv = tl.zeros([BLOCK_N, BLOCK_EV], dtype=tl.float32)
+    else:
+        dv = tl.zeros([1, 1], dtype=tl.float32)
     shift = k_len - q_len if BOTTOM_RIGHT else 0
     kv_begin, kv_end = _real_keys(KV_RANGE, b, k_len, HAS_KPM)
     seed = tl.load(SEED) if DROPOUT else 0
@@ -194,25 +209,80 @@ def _attn_bwd_dkdv(
                                   offs_n, offs_e, offs_ev, E, EV, lo, tl.minimum(m_masked, m_hi), q_len, k_len,
                                   shift, win_left, win_right, qk_scale, stride_qm, stride_dom, stride_lm, stride_mm,
                                   stride_mn, seed, bh, Lq, Lk, dropout_p, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW,
-                                  DROPOUT, True, BLOCK_M, PRECISION)
+                                  DROPOUT, True, BLOCK_M, PRECISION, DO_DK, DO_DV)
             dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, MASKh, KPM + b64 * stride_kpb,
                                   offs_n, offs_e, offs_ev, E, EV, tl.maximum(m_masked, lo), m_full_hi, q_len, k_len,
                                   shift, win_left, win_right, qk_scale, stride_qm, stride_dom, stride_lm, stride_mm,
                                   stride_mn, seed, bh, Lq, Lk, dropout_p, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW,
-                                  DROPOUT, False, BLOCK_M, PRECISION)
+                                  DROPOUT, False, BLOCK_M, PRECISION, DO_DK, DO_DV)
             if WINDOW:  # the query blocks on the band's far edge
                 dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, MASKh,
                                       KPM + b64 * stride_kpb, offs_n, offs_e, offs_ev, E, EV, m_full_hi, m_hi, q_len,
                                       k_len, shift, win_left, win_right, qk_scale, stride_qm, stride_dom, stride_lm,
                                       stride_mm, stride_mn, seed, bh, Lq, Lk, dropout_p, HAS_MASK, MASK_BOOL, HAS_KPM,
-                                      CAUSAL, WINDOW, DROPOUT, True, BLOCK_M, PRECISION)
-    dk = dk * sm_scale
-    DK += b64 * stride_dkb + kvh.to(tl.int64) * stride_dkh + k_start.to(tl.int64) * stride_dkn
-    DV += b64 * stride_dvb + kvh.to(tl.int64) * stride_dvh + k_start.to(tl.int64) * stride_dvn
-    tl.store(DK + offs_n[:, None].to(tl.int64) * stride_dkn + offs_e[None, :], dk.to(DK.dtype.element_ty),
-             mask=kv_ok[:, None] & (offs_e[None, :] < E))
-    tl.store(DV + offs_n[:, None].to(tl.int64) * stride_dvn + offs_ev[None, :], dv.to(DV.dtype.element_ty),
-             mask=kv_ok[:, None] & (offs_ev[None, :] < EV))
+                                      CAUSAL, WINDOW, DROPOUT, True, BLOCK_M, PRECISION, DO_DK, DO_DV)
+    if DO_DK:
+        dk = dk * sm_scale
+        DK += b64 * stride_dkb + kvh.to(tl.int64) * stride_dkh + k_start.to(tl.int64) * stride_dkn
+        tl.store(DK + offs_n[:, None].to(tl.int64) * stride_dkn + offs_e[None, :], dk.to(DK.dtype.element_ty),
+                 mask=kv_ok[:, None] & (offs_e[None, :] < E))
+    if DO_DV:
+        DV += b64 * stride_dvb + kvh.to(tl.int64) * stride_dvh + k_start.to(tl.int64) * stride_dvn
+        tl.store(DV + offs_n[:, None].to(tl.int64) * stride_dvn + offs_ev[None, :], dv.to(DV.dtype.element_ty),
+                 mask=kv_ok[:, None] & (offs_ev[None, :] < EV))
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    MASK, KPM, KV_RANGE, CU_Q, CU_K, SEED,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm,  # LSE and DELTA share strides
+    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+    stride_mb, stride_mh, stride_mm, stride_mn, stride_kpb,
+    H, GROUP, Lq, Lk, E, EV,
+    sm_scale, dropout_p, win_left, win_right,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, VARLEN: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    PRECISION: tl.constexpr,  # tl.dot input precision: "tf32x3" for float32 inputs (see precision)
+    SPLIT: tl.constexpr = False,  # two programs a key block, one for dV, one for dK (see dkdv_split)
+):
+    """dK, dV of one key block of one kv head: summed over the GQA group's query heads and all queries.
+
+    SPLIT: two programs a key block (adjacent, so they read the same query tiles while L2 has them), the
+    even one for dV (needs P: k q^T and P^T dO), the odd one for dK (needs P and dP: k q^T, v dO^T, dS^T q).
+    Each holds one [BLOCK_N, E] float32 accumulator instead of two, for 5 products a key and query block
+    instead of 4 (attention_configs.dkdv_split: at head dim 256 the two accumulators alone are 128 registers
+    a thread on 8 warps).
+    """
+    if SPLIT:
+        n_block2, bkv = _program_block_and_head(tl.cdiv(Lk, BLOCK_N) * 2)
+        if n_block2 % 2 == 0:
+            _dkdv_program(n_block2 // 2, bkv, Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM, KV_RANGE, CU_Q, CU_K, SEED,
+                          stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                          stride_vn, stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm, stride_dkb,
+                          stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_mb, stride_mh, stride_mm,
+                          stride_mn, stride_kpb, H, GROUP, Lq, Lk, E, EV, sm_scale, dropout_p, win_left, win_right,
+                          CAUSAL, WINDOW, BOTTOM_RIGHT, VARLEN, HAS_MASK, MASK_BOOL, HAS_KPM, DROPOUT, BLOCK_M, BLOCK_N,
+                          BLOCK_E, BLOCK_EV, PRECISION, False, True)
+        else:
+            _dkdv_program(n_block2 // 2, bkv, Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM, KV_RANGE, CU_Q, CU_K, SEED,
+                          stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                          stride_vn, stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm, stride_dkb,
+                          stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_mb, stride_mh, stride_mm,
+                          stride_mn, stride_kpb, H, GROUP, Lq, Lk, E, EV, sm_scale, dropout_p, win_left, win_right,
+                          CAUSAL, WINDOW, BOTTOM_RIGHT, VARLEN, HAS_MASK, MASK_BOOL, HAS_KPM, DROPOUT, BLOCK_M, BLOCK_N,
+                          BLOCK_E, BLOCK_EV, PRECISION, True, False)
+    else:
+        n_block, bkv = _program_block_and_head(tl.cdiv(Lk, BLOCK_N))
+        _dkdv_program(n_block, bkv, Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM, KV_RANGE, CU_Q, CU_K, SEED, stride_qb,
+                      stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                      stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm, stride_dkb, stride_dkh,
+                      stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_mb, stride_mh, stride_mm, stride_mn,
+                      stride_kpb, H, GROUP, Lq, Lk, E, EV, sm_scale, dropout_p, win_left, win_right, CAUSAL, WINDOW,
+                      BOTTOM_RIGHT, VARLEN, HAS_MASK, MASK_BOOL, HAS_KPM, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV,
+                      PRECISION, True, True)
 
 
 @triton.jit
@@ -253,7 +323,7 @@ def _attn_bwd_dq(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, VARLEN: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
-    PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for float32 inputs (no TF32 rounding)
+    PRECISION: tl.constexpr,  # tl.dot input precision: "tf32x3" for float32 inputs (see precision)
 ):
     """dQ of one query block of one head, over the key blocks it can see."""
     m_block, bh = _program_block_and_head(tl.cdiv(Lq, BLOCK_M))
@@ -352,9 +422,12 @@ def attention_bwd(launch, do, dlse, q, k, v, out, lse, attn_mask, key_padding_ma
     scalars = (H, H // Hkv, Lq, Lk, E, Ev, float(scale), float(dropout_p), win_left, win_right)
     flags = dict(CAUSAL=causal, WINDOW=has_window, BOTTOM_RIGHT=bottom_right, VARLEN=varlen, DROPOUT=dropout_p > 0,
                  **mask_flags, PRECISION=precision(q))
-    C._launch_blocks(launch, _attn_bwd_dkdv, _attn_bwd_dkdv_tuned, lambda bm, bn: _grid(Lk, bn, B * Hkv),
+    split = C.dkdv_split(dkdv_cfg)  # two programs a key block (dV, dK) at head dim 256
+    C._launch_blocks(launch, _attn_bwd_dkdv, _attn_bwd_dkdv_tuned,
+                     lambda bm, bn: _grid(Lk, bn, B * Hkv * (2 if split else 1)),
                      (q, k, v, do, lse, delta, dk, dv, *common_ptrs, *in_strides, *_bhm_strides(dk, varlen),
-                      *_bhm_strides(dv, varlen), *mask_strides, *scalars), dkdv_cfg, flags, q.device)
+                      *_bhm_strides(dv, varlen), *mask_strides, *scalars), dkdv_cfg, dict(flags, SPLIT=split),
+                     q.device)
     C._launch_blocks(launch, _attn_bwd_dq, _attn_bwd_dq_tuned, lambda bm, bn: _grid(Lq, bm, B * H),
                      (q, k, v, do, lse, delta, dq, *common_ptrs, *in_strides, *_bhm_strides(dq, varlen),
                       *mask_strides, *scalars), dq_cfg, flags, q.device)

@@ -45,6 +45,20 @@ def dkdv_config(cfg):
     return dict(cfg, BLOCK_M=min(cfg["BLOCK_N"], 32), BLOCK_N=cfg["BLOCK_M"])
 
 
+def dkdv_split(cfg):
+    """Whether the dK/dV kernel runs two programs a key block, one for dV and one for dK (its SPLIT), from its
+    config: when a head-dim block is 256.
+
+    Two [64, 256] float32 accumulators (dK, dV of a 64-key block) are 128 registers a thread on 8 warps, half
+    the register file, beside the K, V tiles and the [64, BLOCK_M] score tiles: every all-wgmma tile tried
+    spilled (16 x 64 on 8 warps: 24/24 B on Triton 3.6, 308/352 B on 3.9, causal bf16; 32 x 64 w8 472/504 B,
+    16 x 64 w16 436/492 B), and 32 x 32 ran every product on mma.sync. Split, each program holds one
+    accumulator; the cost is P recomputed: 5 products a key and query block instead of 4 (+25% for the dK/dV
+    kernel, +14% for the backward's 7 with dQ's 3), and the query tiles read twice (the pair of programs is
+    adjacent in the grid, so the second read mostly hits L2)."""
+    return max(cfg["BLOCK_E"], cfg["BLOCK_EV"]) > 128
+
+
 def dropout_config(cfg, kernel, dtype):
     """A kernel's config under dropout (kernel "fwd", "dq" or "dkdv", cfg its config without): smaller loop
     blocks, the program block (wgmma's M) unchanged.
