@@ -88,12 +88,19 @@ def _attn_bwd_delta(
 @triton.jit
 def _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, KPM, offs_n, offs_e, offs_ev, E, EV,
                  m_lo, m_hi, q_len, k_len, shift, win_left, win_right, qk_scale, stride_qm, stride_dom, stride_lm,
-                 stride_mm, stride_mn,
+                 stride_mm, stride_mn, GROUP, stride_qh, stride_doh, stride_lh, stride_mh,
                  seed, bh, max_q, max_k, dropout_p,
                  HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
                  WINDOW: tl.constexpr, DROPOUT: tl.constexpr, CHECK_BOUNDS: tl.constexpr, BLOCK_M: tl.constexpr,
-                 PRECISION: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr):
-    """Accumulate dK (DO_DK), dV (DO_DV) of one key block over the query blocks [m_lo, m_hi) of one query head.
+                 PRECISION: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr, GQA: tl.constexpr):
+    """Accumulate dK (DO_DK), dV (DO_DV) of one key block over the query blocks [m_lo, m_hi) of the GROUP query
+    heads that share its kv head (Q, DO, LSE, DELTA, MASK and bh at the first of them; GQA: GROUP > 1).
+
+    With GQA, one flat loop over (head, query block) rather than a loop over heads around the query loops:
+    nested, the sm_90 compiles held ~60 more registers a thread than one head's (E = 64 causal 32 x 64: 231
+    against 170 on Triton 3.6, 222 against 175 on 3.9; packed E = 128 32 x 64 w8: 252 | 233 against 194 |
+    177 flat), and every head drained and refilled the software pipeline. Without GQA the plain query loop:
+    the flat one's head arithmetic costs a single head 5 to 19 registers on 3.9.
 
     Everything is computed transposed, keys along the rows ([BLOCK_N, BLOCK_M] tiles: P^T = exp(k q^T - lse),
     dP^T = v dO^T), so that all four products have the key block as their M dimension: with BLOCK_N = 64
@@ -101,18 +108,32 @@ def _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, KPM, offs_n, offs_e, off
     dK needs P and dP (so v). An accumulator not asked for is returned as it came.
     """
     offs_mb = tl.arange(0, BLOCK_M)
-    for start_m in range(m_lo, m_hi, BLOCK_M):
+    if GQA:  # iteration it: head g = it // n_it, query block it % n_it
+        n_it = tl.maximum(tl.cdiv(m_hi - m_lo, BLOCK_M), 0)
+        it_lo, it_hi, it_step = 0, GROUP * n_it, 1
+    else:
+        it_lo, it_hi, it_step = m_lo, m_hi, BLOCK_M
+    for it in range(it_lo, it_hi, it_step):
+        if GQA:
+            g = it // n_it
+            start_m = m_lo + (it - g * n_it) * BLOCK_M
+            g64 = g.to(tl.int64)
+            Qg, DOg, MASKg, bhg = Q + g64 * stride_qh, DO + g64 * stride_doh, MASK + g64 * stride_mh, bh + g
+            LSEg, DELTAg = LSE + g64 * stride_lh, DELTA + g64 * stride_lh
+        else:
+            start_m = it
+            Qg, DOg, LSEg, DELTAg, MASKg, bhg = Q, DO, LSE, DELTA, MASK, bh
         offs_m = start_m + offs_mb
-        qT = _tile_t(Q, offs_m, q_len, stride_qm, offs_e, E)  # [BLOCK_E, BLOCK_M]
-        do = _tile(DO, offs_m, q_len, stride_dom, offs_ev, EV)  # [BLOCK_M, BLOCK_EV]
-        lse2, delta = _row_stats(LSE, DELTA, offs_m, q_len, stride_lm)
+        qT = _tile_t(Qg, offs_m, q_len, stride_qm, offs_e, E)  # [BLOCK_E, BLOCK_M]
+        do = _tile(DOg, offs_m, q_len, stride_dom, offs_ev, EV)  # [BLOCK_M, BLOCK_EV]
+        lse2, delta = _row_stats(LSEg, DELTAg, offs_m, q_len, stride_lm)
         pT = _probs(k, qT, offs_m[None, :], offs_n[:, None], q_len, k_len, shift, win_left, win_right, qk_scale,
-                    lse2[None, :], MASK, stride_mm, stride_mn, KPM, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW,
+                    lse2[None, :], MASKg, stride_mm, stride_mn, KPM, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW,
                     CHECK_BOUNDS, PRECISION)
         if DO_DK:
             dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], max_q, max_k, dropout_p)
+            keep = _dropout_keep(seed, bhg, offs_m[None, :], offs_n[:, None], max_q, max_k, dropout_p)
             pdT = tl.where(keep, pT / (1.0 - dropout_p), 0.0)
             if DO_DK:
                 dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
@@ -141,7 +162,7 @@ def _dkdv_program(
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     PRECISION: tl.constexpr,  # tl.dot input precision: "tf32x3" for float32 inputs (see precision)
-    DO_DK: tl.constexpr, DO_DV: tl.constexpr,
+    GQA: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr,
 ):
     """dK (DO_DK) and dV (DO_DV) of key block n_block of kv head bkv (batch x kv head): summed over the GQA
     group's query heads and all queries. Padding-only key blocks store zeros."""
@@ -196,31 +217,33 @@ def _dkdv_program(
         m_full_hi = q_len
         m_hi = q_len
     if (start_n < kv_end) & (start_n + BLOCK_N > kv_begin):  # else padding only: zero gradients
-        for g in range(0, GROUP):
-            h = kvh * GROUP + g
-            bh = b * H + h
-            Qh = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qm
-            DOh = DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + q_start.to(tl.int64) * stride_dom
-            row0 = b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start.to(tl.int64) * stride_lm
-            MASKh = MASK + b64 * stride_mb + h.to(tl.int64) * stride_mh
-            # Query blocks on the causal diagonal (or facing a partial key block) need the per-element
-            # test; the ones wholly below it do not.
-            dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, MASKh, KPM + b64 * stride_kpb,
-                                  offs_n, offs_e, offs_ev, E, EV, lo, tl.minimum(m_masked, m_hi), q_len, k_len,
-                                  shift, win_left, win_right, qk_scale, stride_qm, stride_dom, stride_lm, stride_mm,
-                                  stride_mn, seed, bh, Lq, Lk, dropout_p, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW,
-                                  DROPOUT, True, BLOCK_M, PRECISION, DO_DK, DO_DV)
-            dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, MASKh, KPM + b64 * stride_kpb,
-                                  offs_n, offs_e, offs_ev, E, EV, tl.maximum(m_masked, lo), m_full_hi, q_len, k_len,
-                                  shift, win_left, win_right, qk_scale, stride_qm, stride_dom, stride_lm, stride_mm,
-                                  stride_mn, seed, bh, Lq, Lk, dropout_p, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW,
-                                  DROPOUT, False, BLOCK_M, PRECISION, DO_DK, DO_DV)
-            if WINDOW:  # the query blocks on the band's far edge
-                dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, MASKh,
-                                      KPM + b64 * stride_kpb, offs_n, offs_e, offs_ev, E, EV, m_full_hi, m_hi, q_len,
-                                      k_len, shift, win_left, win_right, qk_scale, stride_qm, stride_dom, stride_lm,
-                                      stride_mm, stride_mn, seed, bh, Lq, Lk, dropout_p, HAS_MASK, MASK_BOOL, HAS_KPM,
-                                      CAUSAL, WINDOW, DROPOUT, True, BLOCK_M, PRECISION, DO_DK, DO_DV)
+        h = kvh * GROUP  # the group's first query head; _dkdv_blocks walks the GROUP heads
+        bh = b * H + h
+        Qh = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qm
+        DOh = DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + q_start.to(tl.int64) * stride_dom
+        row0 = b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start.to(tl.int64) * stride_lm
+        MASKh = MASK + b64 * stride_mb + h.to(tl.int64) * stride_mh
+        # Query blocks on the causal diagonal (or facing a partial key block) need the per-element
+        # test; the ones wholly below it do not.
+        dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, MASKh, KPM + b64 * stride_kpb,
+                              offs_n, offs_e, offs_ev, E, EV, lo, tl.minimum(m_masked, m_hi), q_len, k_len,
+                              shift, win_left, win_right, qk_scale, stride_qm, stride_dom, stride_lm, stride_mm,
+                              stride_mn, GROUP, stride_qh, stride_doh, stride_lh, stride_mh, seed, bh, Lq, Lk,
+                              dropout_p, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW,
+                              DROPOUT, True, BLOCK_M, PRECISION, DO_DK, DO_DV, GQA)
+        dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, MASKh, KPM + b64 * stride_kpb,
+                              offs_n, offs_e, offs_ev, E, EV, tl.maximum(m_masked, lo), m_full_hi, q_len, k_len,
+                              shift, win_left, win_right, qk_scale, stride_qm, stride_dom, stride_lm, stride_mm,
+                              stride_mn, GROUP, stride_qh, stride_doh, stride_lh, stride_mh, seed, bh, Lq, Lk,
+                              dropout_p, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW,
+                              DROPOUT, False, BLOCK_M, PRECISION, DO_DK, DO_DV, GQA)
+        if WINDOW:  # the query blocks on the band's far edge
+            dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, MASKh,
+                                  KPM + b64 * stride_kpb, offs_n, offs_e, offs_ev, E, EV, m_full_hi, m_hi, q_len,
+                                  k_len, shift, win_left, win_right, qk_scale, stride_qm, stride_dom, stride_lm,
+                                  stride_mm, stride_mn, GROUP, stride_qh, stride_doh, stride_lh, stride_mh, seed, bh,
+                                  Lq, Lk, dropout_p, HAS_MASK, MASK_BOOL, HAS_KPM,
+                                  CAUSAL, WINDOW, DROPOUT, True, BLOCK_M, PRECISION, DO_DK, DO_DV, GQA)
     if DO_DK:
         dk = dk * sm_scale
         DK += b64 * stride_dkb + kvh.to(tl.int64) * stride_dkh + k_start.to(tl.int64) * stride_dkn
@@ -247,6 +270,7 @@ def _attn_bwd_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     PRECISION: tl.constexpr,  # tl.dot input precision: "tf32x3" for float32 inputs (see precision)
     SPLIT: tl.constexpr = False,  # two programs a key block, one for dV, one for dK (see dkdv_split)
+    GQA: tl.constexpr = False,  # GROUP > 1: one flat loop over the group's heads and query blocks (_dkdv_blocks)
 ):
     """dK, dV of one key block of one kv head: summed over the GQA group's query heads and all queries.
 
@@ -265,7 +289,7 @@ def _attn_bwd_dkdv(
                           stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_mb, stride_mh, stride_mm,
                           stride_mn, stride_kpb, H, GROUP, Lq, Lk, E, EV, sm_scale, dropout_p, win_left, win_right,
                           CAUSAL, WINDOW, BOTTOM_RIGHT, VARLEN, HAS_MASK, MASK_BOOL, HAS_KPM, DROPOUT, BLOCK_M, BLOCK_N,
-                          BLOCK_E, BLOCK_EV, PRECISION, False, True)
+                          BLOCK_E, BLOCK_EV, PRECISION, GQA, False, True)
         else:
             _dkdv_program(n_block2 // 2, bkv, Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM, KV_RANGE, CU_Q, CU_K, SEED,
                           stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
@@ -273,7 +297,7 @@ def _attn_bwd_dkdv(
                           stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_mb, stride_mh, stride_mm,
                           stride_mn, stride_kpb, H, GROUP, Lq, Lk, E, EV, sm_scale, dropout_p, win_left, win_right,
                           CAUSAL, WINDOW, BOTTOM_RIGHT, VARLEN, HAS_MASK, MASK_BOOL, HAS_KPM, DROPOUT, BLOCK_M, BLOCK_N,
-                          BLOCK_E, BLOCK_EV, PRECISION, True, False)
+                          BLOCK_E, BLOCK_EV, PRECISION, GQA, True, False)
     else:
         n_block, bkv = _program_block_and_head(tl.cdiv(Lk, BLOCK_N))
         _dkdv_program(n_block, bkv, Q, K, V, DO, LSE, DELTA, DK, DV, MASK, KPM, KV_RANGE, CU_Q, CU_K, SEED, stride_qb,
@@ -282,7 +306,7 @@ def _attn_bwd_dkdv(
                       stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_mb, stride_mh, stride_mm, stride_mn,
                       stride_kpb, H, GROUP, Lq, Lk, E, EV, sm_scale, dropout_p, win_left, win_right, CAUSAL, WINDOW,
                       BOTTOM_RIGHT, VARLEN, HAS_MASK, MASK_BOOL, HAS_KPM, DROPOUT, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_EV,
-                      PRECISION, True, True)
+                      PRECISION, GQA, True, True)
 
 
 @triton.jit
@@ -426,8 +450,8 @@ def attention_bwd(launch, do, dlse, q, k, v, out, lse, attn_mask, key_padding_ma
     C._launch_blocks(launch, _attn_bwd_dkdv, _attn_bwd_dkdv_tuned,
                      lambda bm, bn: _grid(Lk, bn, B * Hkv * (2 if split else 1)),
                      (q, k, v, do, lse, delta, dk, dv, *common_ptrs, *in_strides, *_bhm_strides(dk, varlen),
-                      *_bhm_strides(dv, varlen), *mask_strides, *scalars), dkdv_cfg, dict(flags, SPLIT=split),
-                     q.device)
+                      *_bhm_strides(dv, varlen), *mask_strides, *scalars), dkdv_cfg,
+                     dict(flags, SPLIT=split, GQA=H != Hkv), q.device)
     C._launch_blocks(launch, _attn_bwd_dq, _attn_bwd_dq_tuned, lambda bm, bn: _grid(Lq, bm, B * H),
                      (q, k, v, do, lse, delta, dq, *common_ptrs, *in_strides, *_bhm_strides(dq, varlen),
                       *mask_strides, *scalars), dq_cfg, flags, q.device)
