@@ -24,6 +24,7 @@ Results are cached on disk per (Triton version, kernel source hash, specialisati
     python tests/sm90_compile.py                # table on stdout; exit 1 if a variant fails to compile
     python tests/sm90_compile.py --json out.json
     python tests/sm90_compile.py --write        # benchmarks/results/sm90_static.{json,md}
+    python tests/sm90_compile.py --only '_attn_bwd_dq$'   # only kernels whose name matches (while iterating)
 """
 import argparse
 import contextlib
@@ -56,6 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 _DTYPES = {"bf16", "fp16", "fp32"}
 
 rows, failures, _seen, _binders = [], [], set(), {}
+_only = [None]  # --only: a compiled regex; kernels whose name it does not match are skipped
 _default_mode = [True]  # False while driving autotune candidates
 
 
@@ -159,6 +161,8 @@ def aot_launch(kernel, grid, *args, **meta):
         return
     default = _default_mode[-1]
     name = kernel.fn.__name__
+    if _only[0] is not None and not _only[0].search(name):
+        return
     t0 = time.time()
     try:
         signature, constexprs, attrs, options = _specialise(kernel, args, meta)
@@ -197,18 +201,18 @@ def _row_text(r):
 
 @contextlib.contextmanager
 def cuda_configs():
-    from fusedlm.kernels import attention, deberta, lora
+    from fusedlm.kernels import attention_configs, deberta, lora
 
-    saved = attention.block_config, attention.autotune_enabled, lora._config, deberta.block_config
+    saved = attention_configs.block_config, attention_configs.autotune_enabled, lora._config, deberta.block_config
     cuda = torch.device("cuda")
-    attention.block_config = lambda e, ev, causal, dtype, device, backward=False: saved[0](
+    attention_configs.block_config = lambda e, ev, causal, dtype, device, backward=False: saved[0](
         e, ev, causal, dtype, cuda, backward)
     lora._config = lambda M, N, K, R, dtype, device, *masked: saved[2](M, N, K, R, dtype, cuda, *masked)
     deberta.block_config = lambda d, dtype, device, *args, **kw: saved[3](d, dtype, cuda, *args, **kw)
     try:
-        yield attention
+        yield
     finally:
-        attention.block_config, attention.autotune_enabled, lora._config, deberta.block_config = saved
+        attention_configs.block_config, attention_configs.autotune_enabled, lora._config, deberta.block_config = saved
 
 
 def memory_bound_variants():
@@ -240,15 +244,17 @@ def memory_bound_variants():
 
 
 def attention_variants():
-    with cuda_configs() as attention:
-        attention.autotune_enabled = lambda device: True  # the autotuning candidates, common cases
+    from fusedlm.kernels import attention, attention_backward, attention_configs
+
+    with cuda_configs():
+        attention_configs.autotune_enabled = lambda device: True  # the autotuning candidates, common cases
         for dt, e in [(torch.bfloat16, 64), (torch.bfloat16, 128)]:
             q = torch.randn(1, 2, 64, e, dtype=dt)
             out, lse = attention.attention_fwd(aot_launch, q, q, q, None, None, None, None, 64, 64, 0.1, True,
                                                False, 0.0, None)
-            attention.attention_bwd(aot_launch, out, None, q, q, q, out, lse, None, None, None, None, 64, 64, 0.1,
-                                    True, False, 0.0, None)
-        attention.autotune_enabled = lambda device: False
+            attention_backward.attention_bwd(aot_launch, out, None, q, q, q, out, lse, None, None, None, None, 64,
+                                             64, 0.1, True, False, 0.0, None)
+        attention_configs.autotune_enabled = lambda device: False
         os.environ["FUSEDLM_TMA"] = "1"  # the opt-in tensor-descriptor forward (not a default config)
         _default_mode.append(False)
         try:
@@ -267,6 +273,11 @@ def attention_variants():
             (torch.float32, 64, 64, True, ()), (torch.float32, 128, 128, False, ()),
             (torch.bfloat16, 128, 64, True, ("varlen",)), (torch.bfloat16, 192, 192, True, ("gqa",)),
             (torch.bfloat16, 64, 64, True, ("window",)), (torch.bfloat16, 128, 128, False, ("window", "kpm")),
+            # dropout's Philox registers beside the features that add their own (attention_configs.dropout_config)
+            (torch.bfloat16, 64, 64, True, ("dropout",)),
+            (torch.bfloat16, 64, 64, True, ("gqa", "bool", "kpm", "dropout")),
+            (torch.bfloat16, 128, 128, True, ("float", "window", "dropout")),
+            (torch.bfloat16, 128, 64, True, ("varlen", "dropout")),
         ]:
             B, H, L = 2, 4, 64
             hkv = 2 if "gqa" in extras or "varlen" in extras else H
@@ -281,7 +292,7 @@ def attention_variants():
                 q, k, v = torch.randn(B * L, H, e, dtype=dt), torch.randn(B * L, hkv, e, dtype=dt), \
                     torch.randn(B * L, hkv, ev, dtype=dt)
                 cu = torch.tensor([0, L, 2 * L], dtype=torch.int32)
-                args = (q, k, v, None, None, cu, cu, L, L, 0.1, causal, True, 0.0, None)
+                args = (q, k, v, None, None, cu, cu, L, L, 0.1, causal, True, 0.1 if seed is not None else 0.0, seed)
             else:
                 q, k, v = torch.randn(B, H, L, e, dtype=dt), torch.randn(B, hkv, L, e, dtype=dt), \
                     torch.randn(B, hkv, L, ev, dtype=dt)
@@ -290,8 +301,8 @@ def attention_variants():
             # sliding window: Mistral's (W - 1, 0) with causal, a two-sided band without
             window = ((31, 0) if causal else (16, 16)) if "window" in extras else None
             out, lse = attention.attention_fwd(aot_launch, *args, window)
-            attention.attention_bwd(aot_launch, torch.randn_like(out), None, q, k, v, out, torch.zeros_like(lse),
-                                    *args[3:], window)
+            attention_backward.attention_bwd(aot_launch, torch.randn_like(out), None, q, k, v, out,
+                                             torch.zeros_like(lse), *args[3:], window)
 
 
 def lora_variants():
@@ -386,7 +397,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", help="write the rows as JSON here")
     parser.add_argument("--write", action="store_true", help="write benchmarks/results/sm90_static.{json,md}")
+    parser.add_argument("--only", metavar="REGEX", help="compile only the kernels whose name matches (re.search)")
     a = parser.parse_args()
+    if a.only:
+        assert not a.write, "--only compiles part of the table: not with --write"
+        _only[0] = re.compile(a.only)
     t0 = time.time()
     run_all()
     doc = dict(triton=triton.__version__, torch=torch.__version__, target="sm_90", rows=rows, failures=failures)

@@ -925,6 +925,7 @@ TMA_CASES = [  # (B, H, Hkv, L, S, E, Ev, causal, layout)
 def test_tma_forward_matches_oracle(monkeypatch, case):
     triton_or_skip()
     from fusedlm.kernels import attention as K
+    from fusedlm.kernels import attention_configs as C
 
     monkeypatch.setenv("FUSEDLM_TMA", "1")
     if not torch.cuda.is_available():
@@ -943,8 +944,8 @@ def test_tma_forward_matches_oracle(monkeypatch, case):
         calls.append(flags["USE_TMA"])
         return launch_blocks(launch, kernel, tuned, grid_of, args, cfg, flags, device)
 
-    launch_blocks = K._launch_blocks
-    monkeypatch.setattr(K, "_launch_blocks", record)
+    launch_blocks = C._launch_blocks
+    monkeypatch.setattr(C, "_launch_blocks", record)
     got = fusedlm.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=H != Hkv, backend="triton")
     want = oracle(inputs["query"], inputs["key"], inputs["value"], is_causal=causal)
     assert calls == [True]

@@ -147,7 +147,7 @@ def test_window_blocks_outside_the_band_are_never_read(device):
 def test_window_with_tma_forward(monkeypatch):
     """The opt-in tensor-descriptor forward (FUSEDLM_TMA=1) loads key tiles at the band's block offsets."""
     triton_or_skip()
-    from fusedlm.kernels import attention as K
+    from fusedlm.kernels import attention_configs as C
 
     monkeypatch.setenv("FUSEDLM_TMA", "1")
     if not torch.cuda.is_available():
@@ -161,8 +161,8 @@ def test_window_with_tma_forward(monkeypatch):
         used.append((flags["USE_TMA"], flags["WINDOW"]))
         return launch_blocks(launch, kernel, tuned, grid_of, args, cfg, flags, device)
 
-    launch_blocks = K._launch_blocks
-    monkeypatch.setattr(K, "_launch_blocks", record)
+    launch_blocks = C._launch_blocks
+    monkeypatch.setattr(C, "_launch_blocks", record)
     got = fusedlm.scaled_dot_product_attention(q, k, v, is_causal=True, window_size=(20, 0), backend="triton")
     assert used == [(True, True)]
     want = oracle(inputs["query"], inputs["key"], inputs["value"], attn_mask=band(97, 97, 0, (20, 0)), is_causal=True)

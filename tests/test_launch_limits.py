@@ -14,7 +14,7 @@ import triton.language as tl
 
 import fusedlm
 from fusedlm import _triton
-from fusedlm.kernels import attention, lora, norm, rope, swiglu
+from fusedlm.kernels import attention, attention_backward, attention_configs, lora, norm, rope, swiglu
 
 from helpers import triton_or_skip
 
@@ -52,8 +52,8 @@ def meta(*shape, dtype=torch.bfloat16):
 def configs(request, monkeypatch):
     """The launchers' block shapes for the interpreter and for a CUDA device (keyed on device.type)."""
     if request.param == "cuda_config":
-        cfg, lcfg = attention.block_config, lora._config
-        monkeypatch.setattr(attention, "block_config", lambda e, ev, causal, dtype, device, backward=False: cfg(
+        cfg, lcfg = attention_configs.block_config, lora._config
+        monkeypatch.setattr(attention_configs, "block_config", lambda e, ev, causal, dtype, device, backward=False: cfg(
             e, ev, causal, dtype, torch.device("cuda"), backward))
         monkeypatch.setattr(lora, "_config", lambda M, N, K, R, dtype, device, *masked: lcfg(
             M, N, K, R, dtype, torch.device("cuda"), *masked))
@@ -68,13 +68,13 @@ def test_attention_grids_within_cuda_limits_at_a_million_heads(configs):
     kpm = torch.empty(B, L, dtype=torch.bool, device="meta")
     out, lse = attention.attention_fwd(rec, q, q, q, None, kpm, None, None, L, L, 0.1, True, False, 0.1,
                                        torch.empty(1, dtype=torch.int64, device="meta"))
-    attention.attention_bwd(rec, out, None, q, q, q, out, lse, None, kpm, None, None, L, L, 0.1, True, False, 0.0,
-                            None)
+    attention_backward.attention_bwd(rec, out, None, q, q, q, out, lse, None, kpm, None, None, L, L, 0.1, True, False,
+                                     0.0, None)
     qp = meta(B * L, H, E)
     cu = torch.empty(B + 1, dtype=torch.int32, device="meta")
     out, lse = attention.attention_fwd(rec, qp, qp, qp, None, None, cu, cu, L, L, 0.1, True, True, 0.0, None)
-    attention.attention_bwd(rec, out, lse, qp, qp, qp, out, lse, None, None, cu, cu, L, L, 0.1, True, True, 0.0,
-                            None)
+    attention_backward.attention_bwd(rec, out, lse, qp, qp, qp, out, lse, None, None, cu, cu, L, L, 0.1, True, True,
+                                     0.0, None)
     names = {n for n, _ in rec.grids}
     assert {"_attn_fwd", "_attn_bwd_delta", "_attn_bwd_dkdv", "_attn_bwd_dq"} <= names, names
     assert_within_limits(rec.grids)

@@ -37,10 +37,6 @@ KNOWN_FAILURES = {
     "_deberta_bwd_dq": "DeBERTa dQ with in-kernel position terms and the un-skewed dS: see above",
     "_deberta_bwd_dkdv": "DeBERTa dK/dV with in-kernel position terms and the un-skewed dS: see above",
     "_deberta_bwd_dpos": "DeBERTa band kernel (dpos on the diagonals): see above",
-    "_attn_bwd_dkdv BLOCK_E=256": "E = 256 dK/dV holds two [64, 256] float32 accumulators (128 registers a thread "
-                                  "at 8 warps) beside the K and V tiles: every all-wgmma tile tried spills (16x64 "
-                                  "w8 108/112 B, 32x64 w8 472/504 B, 16x64 w16 436/492 B); the old 32x32 tile ran "
-                                  "every product on mma.sync. Needs a split over E or a GPU-timed choice.",
 }
 
 

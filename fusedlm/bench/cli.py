@@ -129,7 +129,7 @@ def main(argv=None) -> int:
               "the harness on tiny CPU tensors.", file=sys.stderr)
         return 2
     if args.autotune:
-        os.environ["FUSEDLM_AUTOTUNE"] = "1"  # read by fusedlm.kernels.attention at every launch
+        os.environ["FUSEDLM_AUTOTUNE"] = "1"  # read by fusedlm.kernels.attention_configs at every launch
     try:
         run = Run(args)
     except ValueError as e:

@@ -89,7 +89,7 @@ class Run:
         """Whether fusedlm's attention kernels autotune here (FUSEDLM_AUTOTUNE=1 on a CUDA device)."""
         if _backend.why_unavailable("triton") is not None:
             return False
-        from fusedlm.kernels.attention import autotune_enabled
+        from fusedlm.kernels.attention_configs import autotune_enabled
         return bool(autotune_enabled(self.device))
 
     def sync(self):

@@ -78,16 +78,17 @@ def _inputs(B, H, S, D, dtype, packed):
 
 
 def flash_peak_bytes(B, H, S, D, dtype=torch.bfloat16, packed=False):
-    """Peak bytes fusedlm's flash attention (kernels/attention.py) allocates over forward + backward:
-    non-causal, no mask, no dropout, no gradient reaching lse. out and lse stay alive through the backward
-    (autograd saves them); dq, dk, dv and the backward's temporaries (delta) count too."""
+    """Peak bytes fusedlm's flash attention (kernels/attention.py, attention_backward.py) allocates over
+    forward + backward: non-causal, no mask, no dropout, no gradient reaching lse. out and lse stay alive
+    through the backward (autograd saves them); dq, dk, dv and the backward's temporaries (delta) count too."""
     from fusedlm.kernels import attention as A
+    from fusedlm.kernels import attention_backward as AB
 
     (q, k, v, do), cu = _inputs(B, H, S, D, dtype, packed)
     geo = (None, None, cu, cu, S, S, 1.0 / math.sqrt(D), False, False, 0.0, None)  # ... causal, bottom_right, p, seed
     with LiveBytes() as mem:
         out, lse = A.attention_fwd(_skip, q, k, v, *geo)
-        grads = A.attention_bwd(_skip, do, None, q, k, v, out, lse, *geo)
+        grads = AB.attention_bwd(_skip, do, None, q, k, v, out, lse, *geo)
         del out, lse, grads
     return mem.peak
 

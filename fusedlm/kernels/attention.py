@@ -1,5 +1,11 @@
-"""Flash attention, forward and backward: dense, padded (key padding mask) and packed (varlen) batches,
-causal or not, GQA, arbitrary bool/float masks, dropout. Never an L x S matrix in memory.
+"""Flash attention: dense, padded (key padding mask) and packed (varlen) batches, causal or not, GQA,
+arbitrary bool/float masks, dropout. Never an L x S matrix in memory.
+
+Three modules, imports one way (attention_configs <- attention <- attention_backward):
+    attention.py           the math (here), the tile helpers both passes share, the forward kernel, the host
+                           helpers both launchers share (strides, masks, window) and the forward launcher;
+    attention_backward.py  the backward's math, its kernels (delta, dK/dV, dQ) and launcher;
+    attention_configs.py   block shapes per head dim and dtype, the autotuning tables, the launch through them.
 
 For one head, queries q_i (E features), keys k_j, values v_j (Ev features), scale s:
 
@@ -14,24 +20,15 @@ block loop runs in two stages: blocks wholly visible to every query of the tile 
 test), then the blocks on the causal diagonal or the sequence end (per-element test). A key padding
 mask also bounds the loop to its first and last real keys, so leading and trailing padding cost nothing.
 
-Backward, with P = exp(z - lse) recomputed from the saved lse, dO the output gradient and
-delta_i = sum_e dO_ie * out_ie (minus the gradient reaching lse_i, when lse is used):
-
-    dV = P^T dO     dP = dO V^T     dS = P * (dP - delta)     dQ = s * dS K     dK = s * dS^T Q
-
-in two kernels without atomics, so the result is deterministic: one program per key block and kv head
-accumulates dK, dV over every query head of its GQA group and every query block; one per query block
-and head accumulates dQ over the key blocks.
-
 Dropout (rate p) multiplies P by keep_ij / (1 - p) after the softmax; keep_ij = uniform(seed, c_ij) >= p
 with Triton's counter-based Philox generator and the 64-bit counter c_ij = ((b * H + h) * max_L + i) *
 max_S + j (its two 32-bit halves as two Philox counter words), so forward and backward regenerate the
-same mask, and the same seed gives the same result.
+same mask, and the same seed gives the same result (attention_backward.py: dV = P_dropped^T dO, dP masked).
 
 Launch grids are one axis (CUDA caps axes 1 and 2 at 65535): block index fastest, then batch x head.
-On sm_90 every half-precision product runs on wgmma, which takes M = 64 rows per warpgroup: the dK/dV
-kernel therefore computes its tiles transposed (keys along the rows), so its own 64-key block is the M
-of all four products. float32 inputs multiply as 3xTF32 on the tensor cores (float32 accuracy).
+On sm_90 every half-precision product runs on wgmma, which takes M = 64 rows per warpgroup (the dK/dV
+kernel computes its tiles transposed for it, see attention_backward.py). float32 inputs multiply as 3xTF32
+on the tensor cores (float32 accuracy).
 
 Causal alignment: query i sees keys j <= i + shift, shift = 0 (top-left, torch's SDPA) or
 S_b - L_b (bottom-right, FlashAttention's varlen convention, per sequence).
@@ -41,12 +38,13 @@ then run in three stages: the partial blocks on the band's left edge, the blocks
 partial blocks on its right edge (or the diagonal); blocks outside the band are never loaded, so the cost
 is O(L * (left + right)) instead of O(L * S). The dK/dV kernel bounds its query loop the same way.
 """
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from . import attention_configs as C  # through the module: tests and sm90_compile.py swap its functions
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -238,24 +236,6 @@ def _window_key_range(start_m, q_len, kv_begin, kv_end, shift, win_left, win_rig
 
 
 @triton.jit
-def _window_query_range(start_n, q_len, k_len, shift, win_left, win_right,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The same for a key block (the dK/dV kernel): query i sees key j when
-    j - shift - right <= i <= j - shift + left. Returns (lo, full_lo, full_hi, hi) over query positions;
-    a key block running past k_len has no fully visible query block."""
-    last = tl.minimum(start_n + BLOCK_N, k_len) - 1
-    lo = tl.maximum(start_n - shift - win_right, 0) // BLOCK_M * BLOCK_M
-    hi = tl.minimum(q_len, tl.maximum(last - shift + win_left + 1, 0))
-    full_lo = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - shift - win_right, 0), BLOCK_M) * BLOCK_M
-    full_hi = tl.maximum(start_n - shift + win_left + 1, 0) // BLOCK_M * BLOCK_M
-    if start_n + BLOCK_N > k_len:
-        full_lo = hi
-    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
-    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
-    return lo, full_lo, full_hi, hi
-
-
-@triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE,  # q, k, v (last dim contiguous), out, lse (float32, natural log)
     MASK, KPM, KV_RANGE, CU_Q, CU_K, SEED,  # optional: attn mask, key padding (uint8), per-batch real-key range, cu_seqlens, seed
@@ -342,277 +322,6 @@ def _attn_fwd(
     tl.store(LSE + offs_m.to(tl.int64) * stride_lm, lse, mask=row_ok)
 
 
-@triton.jit
-def _probs(a, b, m2, n2, q_len, k_len, shift, win_left, win_right, qk_scale, lse2,
-           MASK, stride_mm, stride_mn, KPM,
-           HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-           WINDOW: tl.constexpr, CHECK_BOUNDS: tl.constexpr, PRECISION: tl.constexpr):
-    """P of a tile (either orientation, see _scores) recomputed from the saved lse (base 2, +inf for rows
-    with nothing visible), lse2 broadcast along the query axis of the tile."""
-    qk = _scores(a, b, m2, n2, q_len, k_len, shift, win_left, win_right, qk_scale, MASK, stride_mm, stride_mn, KPM,
-                 HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW, CHECK_BOUNDS, PRECISION)
-    return tl.math.exp2(qk - lse2)
-
-
-@triton.jit
-def _attn_bwd_delta(
-    O, DO, DLSE, DELTA, CU_Q,  # out, dO, the gradient reaching lse (optional), delta (float32, lse's layout)
-    stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
-    stride_gb, stride_gh, stride_gm, stride_lb, stride_lh, stride_lm,  # dlse and delta (= lse) row strides
-    H, Lq, EV,
-    VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_EV: tl.constexpr,
-):
-    """delta_i = sum_e dO_ie * out_ie (- dlse_i) in float32, one program per query block and head: one
-    read of out and dO, no float32 copies of them."""
-    m_block, bh = _program_block_and_head(tl.cdiv(Lq, BLOCK_M))
-    start_m = m_block * BLOCK_M
-    b = bh // H
-    h = (bh % H).to(tl.int64)
-    q_start, q_len, _, _ = _seq_bounds(CU_Q, CU_Q, b, Lq, Lq, VARLEN)
-    if start_m >= q_len:
-        return
-    b64 = b.to(tl.int64)
-    q0 = q_start.to(tl.int64)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_ev = tl.arange(0, BLOCK_EV)
-    o = _tile(O + b64 * stride_ob + h * stride_oh + q0 * stride_om, offs_m, q_len, stride_om, offs_ev, EV)
-    do = _tile(DO + b64 * stride_dob + h * stride_doh + q0 * stride_dom, offs_m, q_len, stride_dom, offs_ev, EV)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    rows = offs_m.to(tl.int64)
-    if HAS_DLSE:
-        delta -= tl.load(DLSE + b64 * stride_gb + h * stride_gh + (q0 + rows) * stride_gm, mask=offs_m < q_len,
-                         other=0.0)
-    tl.store(DELTA + b64 * stride_lb + h * stride_lh + (q0 + rows) * stride_lm, delta, mask=offs_m < q_len)
-
-
-@triton.jit
-def _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, KPM, offs_n, offs_e, offs_ev, E, EV,
-                 m_lo, m_hi, q_len, k_len, shift, win_left, win_right, qk_scale, stride_qm, stride_dom, stride_lm,
-                 stride_mm, stride_mn,
-                 seed, bh, max_q, max_k, dropout_p,
-                 HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-                 WINDOW: tl.constexpr, DROPOUT: tl.constexpr, CHECK_BOUNDS: tl.constexpr, BLOCK_M: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    """Accumulate dK, dV of one key block over the query blocks [m_lo, m_hi) of one query head.
-
-    Everything is computed transposed, keys along the rows ([BLOCK_N, BLOCK_M] tiles: P^T = exp(k q^T - lse),
-    dP^T = v dO^T), so that all four products have the key block as their M dimension: with BLOCK_N = 64
-    each one runs on Hopper's wgmma, whatever BLOCK_M is (wgmma needs M = 64 per warpgroup).
-    """
-    offs_mb = tl.arange(0, BLOCK_M)
-    for start_m in range(m_lo, m_hi, BLOCK_M):
-        offs_m = start_m + offs_mb
-        qT = _tile_t(Q, offs_m, q_len, stride_qm, offs_e, E)  # [BLOCK_E, BLOCK_M]
-        do = _tile(DO, offs_m, q_len, stride_dom, offs_ev, EV)  # [BLOCK_M, BLOCK_EV]
-        lse2, delta = _row_stats(LSE, DELTA, offs_m, q_len, stride_lm)
-        pT = _probs(k, qT, offs_m[None, :], offs_n[:, None], q_len, k_len, shift, win_left, win_right, qk_scale,
-                    lse2[None, :], MASK, stride_mm, stride_mn, KPM, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW,
-                    CHECK_BOUNDS, PRECISION)
-        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
-        if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], max_q, max_k, dropout_p)
-            pdT = tl.where(keep, pT / (1.0 - dropout_p), 0.0)
-            dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
-        else:
-            pdT = pT
-        dv += tl.dot(pdT.to(do.dtype), do, input_precision=PRECISION)
-        dsT = pT * (dpT - delta[None, :])
-        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION)
-    return dk, dv
-
-
-@triton.jit
-def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
-    MASK, KPM, KV_RANGE, CU_Q, CU_K, SEED,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm,  # LSE and DELTA share strides
-    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-    stride_mb, stride_mh, stride_mm, stride_mn, stride_kpb,
-    H, GROUP, Lq, Lk, E, EV,
-    sm_scale, dropout_p, win_left, win_right,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, VARLEN: tl.constexpr,
-    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
-    PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for float32 inputs (no TF32 rounding)
-):
-    """dK, dV of one key block of one kv head: summed over the GQA group's query heads and all queries."""
-    n_block, bkv = _program_block_and_head(tl.cdiv(Lk, BLOCK_N))
-    start_n = n_block * BLOCK_N
-    HKV = H // GROUP
-    b = bkv // HKV
-    kvh = bkv % HKV
-    q_start, q_len, k_start, k_len = _seq_bounds(CU_Q, CU_K, b, Lq, Lk, VARLEN)
-    if start_n >= k_len:
-        return
-    sm_scale = tl.cast(sm_scale, tl.float32)
-    dropout_p = tl.cast(dropout_p, tl.float32)
-    b64 = b.to(tl.int64)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_e = tl.arange(0, BLOCK_E)
-    offs_ev = tl.arange(0, BLOCK_EV)
-    kv_ok = offs_n < k_len
-    K += b64 * stride_kb + kvh.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
-    V += b64 * stride_vb + kvh.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
-    k = _tile(K, offs_n, k_len, stride_kn, offs_e, E)  # [BLOCK_N, BLOCK_E]
-    v = _tile(V, offs_n, k_len, stride_vn, offs_ev, EV)  # [BLOCK_N, BLOCK_EV]
-    dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_EV], dtype=tl.float32)
-    shift = k_len - q_len if BOTTOM_RIGHT else 0
-    kv_begin, kv_end = _real_keys(KV_RANGE, b, k_len, HAS_KPM)
-    seed = tl.load(SEED) if DROPOUT else 0
-    qk_scale = sm_scale * 1.4426950408889634
-    # Queries that can see this key block: with causal, i >= start_n - shift. From m_masked on, every
-    # query of a block sees every key of this one (i >= start_n + BLOCK_N - 1 - shift), unless the key
-    # block runs past the sequence end.
-    # With a window: [lo, m_masked) and [m_full_hi, m_hi) are the partial query blocks at the band's two
-    # edges, [m_masked, m_full_hi) the fully visible ones; no other query block is visited.
-    if WINDOW:
-        lo, m_masked, m_full_hi, m_hi = _window_query_range(start_n, q_len, k_len, shift, win_left, win_right,
-                                                            BLOCK_M, BLOCK_N)
-    else:
-        lo = tl.maximum(start_n - shift, 0) // BLOCK_M * BLOCK_M if CAUSAL else 0
-        if start_n + BLOCK_N > k_len:
-            m_masked = q_len
-        elif CAUSAL:
-            m_masked = tl.maximum(start_n + BLOCK_N - 1 - shift + BLOCK_M - 1, 0) // BLOCK_M * BLOCK_M
-        else:
-            m_masked = 0
-        m_full_hi = q_len
-        m_hi = q_len
-    if (start_n < kv_end) & (start_n + BLOCK_N > kv_begin):  # else padding only: zero gradients
-        for g in range(0, GROUP):
-            h = kvh * GROUP + g
-            bh = b * H + h
-            Qh = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qm
-            DOh = DO + b64 * stride_dob + h.to(tl.int64) * stride_doh + q_start.to(tl.int64) * stride_dom
-            row0 = b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start.to(tl.int64) * stride_lm
-            MASKh = MASK + b64 * stride_mb + h.to(tl.int64) * stride_mh
-            # Query blocks on the causal diagonal (or facing a partial key block) need the per-element
-            # test; the ones wholly below it do not.
-            dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, MASKh, KPM + b64 * stride_kpb,
-                                  offs_n, offs_e, offs_ev, E, EV, lo, tl.minimum(m_masked, m_hi), q_len, k_len,
-                                  shift, win_left, win_right, qk_scale, stride_qm, stride_dom, stride_lm, stride_mm,
-                                  stride_mn, seed, bh, Lq, Lk, dropout_p, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW,
-                                  DROPOUT, True, BLOCK_M, PRECISION)
-            dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, MASKh, KPM + b64 * stride_kpb,
-                                  offs_n, offs_e, offs_ev, E, EV, tl.maximum(m_masked, lo), m_full_hi, q_len, k_len,
-                                  shift, win_left, win_right, qk_scale, stride_qm, stride_dom, stride_lm, stride_mm,
-                                  stride_mn, seed, bh, Lq, Lk, dropout_p, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW,
-                                  DROPOUT, False, BLOCK_M, PRECISION)
-            if WINDOW:  # the query blocks on the band's far edge
-                dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE + row0, DELTA + row0, MASKh,
-                                      KPM + b64 * stride_kpb, offs_n, offs_e, offs_ev, E, EV, m_full_hi, m_hi, q_len,
-                                      k_len, shift, win_left, win_right, qk_scale, stride_qm, stride_dom, stride_lm,
-                                      stride_mm, stride_mn, seed, bh, Lq, Lk, dropout_p, HAS_MASK, MASK_BOOL, HAS_KPM,
-                                      CAUSAL, WINDOW, DROPOUT, True, BLOCK_M, PRECISION)
-    dk = dk * sm_scale
-    DK += b64 * stride_dkb + kvh.to(tl.int64) * stride_dkh + k_start.to(tl.int64) * stride_dkn
-    DV += b64 * stride_dvb + kvh.to(tl.int64) * stride_dvh + k_start.to(tl.int64) * stride_dvn
-    tl.store(DK + offs_n[:, None].to(tl.int64) * stride_dkn + offs_e[None, :], dk.to(DK.dtype.element_ty),
-             mask=kv_ok[:, None] & (offs_e[None, :] < E))
-    tl.store(DV + offs_n[:, None].to(tl.int64) * stride_dvn + offs_ev[None, :], dv.to(DV.dtype.element_ty),
-             mask=kv_ok[:, None] & (offs_ev[None, :] < EV))
-
-
-@triton.jit
-def _dq_blocks(dq, q, do, lse2, delta, K, V, MASK, KPM, offs_m, offs_e, offs_ev, E, EV, n_lo, n_hi, q_len, k_len,
-               shift, win_left, win_right, qk_scale, stride_kn, stride_vn, stride_mm, stride_mn, seed, bh, max_q, max_k,
-               dropout_p,
-               HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-               WINDOW: tl.constexpr, DROPOUT: tl.constexpr, CHECK_BOUNDS: tl.constexpr, BLOCK_N: tl.constexpr,
-               PRECISION: tl.constexpr):
-    """Accumulate dQ of one query block over the key blocks [n_lo, n_hi)."""
-    offs_nb = tl.arange(0, BLOCK_N)
-    for start_n in range(n_lo, n_hi, BLOCK_N):
-        offs_n = start_n + offs_nb
-        kT = _tile_t(K, offs_n, k_len, stride_kn, offs_e, E)
-        vT = _tile_t(V, offs_n, k_len, stride_vn, offs_ev, EV)
-        p = _probs(q, kT, offs_m[:, None], offs_n[None, :], q_len, k_len, shift, win_left, win_right, qk_scale,
-                   lse2[:, None], MASK, stride_mm, stride_mn, KPM,
-                   HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW, CHECK_BOUNDS, PRECISION)
-        dp = tl.dot(do, vT, input_precision=PRECISION)
-        if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], max_q, max_k, dropout_p)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
-    return dq
-
-
-@triton.jit
-def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ,
-    MASK, KPM, KV_RANGE, CU_Q, CU_K, SEED,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm,
-    stride_dqb, stride_dqh, stride_dqm,
-    stride_mb, stride_mh, stride_mm, stride_mn, stride_kpb,
-    H, GROUP, Lq, Lk, E, EV,
-    sm_scale, dropout_p, win_left, win_right,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, VARLEN: tl.constexpr,
-    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
-    PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for float32 inputs (no TF32 rounding)
-):
-    """dQ of one query block of one head, over the key blocks it can see."""
-    m_block, bh = _program_block_and_head(tl.cdiv(Lq, BLOCK_M))
-    start_m = m_block * BLOCK_M
-    b = bh // H
-    h = bh % H
-    q_start, q_len, k_start, k_len = _seq_bounds(CU_Q, CU_K, b, Lq, Lk, VARLEN)
-    if start_m >= q_len:
-        return
-    sm_scale = tl.cast(sm_scale, tl.float32)
-    dropout_p = tl.cast(dropout_p, tl.float32)
-    b64 = b.to(tl.int64)
-    kvh = (h // GROUP).to(tl.int64)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_e = tl.arange(0, BLOCK_E)
-    offs_ev = tl.arange(0, BLOCK_EV)
-    row_ok = offs_m < q_len
-    Q += b64 * stride_qb + h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qm
-    DO += b64 * stride_dob + h.to(tl.int64) * stride_doh + q_start.to(tl.int64) * stride_dom
-    K += b64 * stride_kb + kvh * stride_kh + k_start.to(tl.int64) * stride_kn
-    V += b64 * stride_vb + kvh * stride_vh + k_start.to(tl.int64) * stride_vn
-    MASK += b64 * stride_mb + h.to(tl.int64) * stride_mh
-    KPM += b64 * stride_kpb
-    row0 = b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start.to(tl.int64) * stride_lm
-    q = _tile(Q, offs_m, q_len, stride_qm, offs_e, E)
-    do = _tile(DO, offs_m, q_len, stride_dom, offs_ev, EV)
-    lse2, delta = _row_stats(LSE + row0, DELTA + row0, offs_m, q_len, stride_lm)
-    shift = k_len - q_len if BOTTOM_RIGHT else 0
-    kv_begin, kv_end = _real_keys(KV_RANGE, b, k_len, HAS_KPM)
-    if WINDOW:
-        lo, full_lo, n_full, hi = _window_key_range(start_m, q_len, kv_begin, kv_end, shift, win_left, win_right,
-                                                    BLOCK_M, BLOCK_N)
-    else:
-        n_full, hi = _key_range(start_m, q_len, k_len, kv_end, shift, CAUSAL, BLOCK_M, BLOCK_N)
-        lo = kv_begin // BLOCK_N * BLOCK_N
-        full_lo = lo
-    seed = tl.load(SEED) if DROPOUT else 0
-    qk_scale = sm_scale * 1.4426950408889634
-    dq = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
-    # As in the forward: (with a window, the band's left-edge blocks,) key blocks every query of the tile
-    # sees, then the diagonal / band edge / last blocks.
-    if WINDOW:
-        dq = _dq_blocks(dq, q, do, lse2, delta, K, V, MASK, KPM, offs_m, offs_e, offs_ev, E, EV, lo, full_lo, q_len,
-                        k_len, shift, win_left, win_right, qk_scale, stride_kn, stride_vn, stride_mm, stride_mn, seed,
-                        bh, Lq, Lk, dropout_p, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW, DROPOUT, True, BLOCK_N,
-                        PRECISION)
-    dq = _dq_blocks(dq, q, do, lse2, delta, K, V, MASK, KPM, offs_m, offs_e, offs_ev, E, EV, full_lo, n_full, q_len,
-                    k_len, shift, win_left, win_right, qk_scale, stride_kn, stride_vn, stride_mm, stride_mn, seed, bh,
-                    Lq, Lk, dropout_p, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL, WINDOW, DROPOUT, False, BLOCK_N, PRECISION)
-    dq = _dq_blocks(dq, q, do, lse2, delta, K, V, MASK, KPM, offs_m, offs_e, offs_ev, E, EV,
-                    tl.maximum(n_full, full_lo), hi, q_len, k_len, shift, win_left, win_right, qk_scale, stride_kn,
-                    stride_vn, stride_mm, stride_mn, seed, bh, Lq, Lk, dropout_p, HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL,
-                    WINDOW, DROPOUT, True, BLOCK_N, PRECISION)
-    dq = dq * sm_scale
-    DQ += b64 * stride_dqb + h.to(tl.int64) * stride_dqh + q_start.to(tl.int64) * stride_dqm
-    tl.store(DQ + offs_m[:, None].to(tl.int64) * stride_dqm + offs_e[None, :], dq.to(DQ.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_e[None, :] < E))
-
-
 # ---------------------------------------------------------------------------------------------------
 # Host launchers. Dense tensors are (B, H, L, E); packed (varlen) ones (total, H, E) with int32
 # cu_seqlens. Every kernel sees the strides of a logical (batch, head, position, feature) view: packed
@@ -632,115 +341,6 @@ def _bhm_strides(t, varlen):
 def _row_strides(t, varlen):
     """(batch, head, position) strides of a per-row tensor: dense (B, H, L) or packed (total, H)."""
     return (0, t.stride(1), t.stride(0)) if varlen else t.stride()
-
-
-def block_config(e, ev, causal, dtype, device, backward=False):
-    """Block shapes and warps, keyed on head dim, causal and dtype: the default when not autotuning.
-
-    On the interpreter one small config (speed of the NumPy emulation matters, not occupancy).
-    """
-    be, bev = max(16, triton.next_power_of_2(e)), max(16, triton.next_power_of_2(ev))
-    if device.type != "cuda":
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_E=be, BLOCK_EV=bev, num_warps=4, num_stages=1)
-    width = max(be, bev)
-    if dtype == torch.float32:
-        # 3xTF32 products (see precision) triple the operand registers: 32 x 32 tiles, one warpgroup. On
-        # sm_90 that keeps E <= 64 free of spills and E = 128 to ~1 KB (IEEE FMA dots spilled 55-63 KB).
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_E=be, BLOCK_EV=bev, num_warps=4, num_stages=1)
-    if backward:
-        # dQ's blocks (dkdv_config swaps them for dK/dV): the program's own block is 64, wgmma's M per
-        # warpgroup, so every product of both kernels runs on wgmma; the loop block shrinks with the head
-        # dim so the float32 accumulators (two of [64, E] in dK/dV) stay in registers.
-        bn = 64 if width <= 64 else 32 if width <= 128 else 16
-        return dict(BLOCK_M=64, BLOCK_N=bn, BLOCK_E=be, BLOCK_EV=bev, num_warps=4 if width <= 64 else 8,
-                    num_stages=2)
-    bm = 128 if width <= 128 else 64
-    bn = 64 if width <= 128 else 32
-    if causal and width <= 64:
-        bn = 32  # more, smaller diagonal blocks: less masked work on the diagonal
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=be, BLOCK_EV=bev, num_warps=8 if bm == 128 else 4,
-                num_stages=3 if width <= 128 else 2)
-
-
-def dkdv_config(cfg):
-    """The dK/dV kernel's blocks from the backward config (which is dQ's): the program block (keys here)
-    is dQ's BLOCK_M, the query loop block dQ's BLOCK_N, at most 32. Each kernel's products have its own
-    program block as their M dimension, the one wgmma needs at 64; the loop block can be smaller, which
-    keeps dK/dV's two accumulators in registers (E = 64 with masks and dropout: 64 x 64 spilled)."""
-    return dict(cfg, BLOCK_M=min(cfg["BLOCK_N"], 32), BLOCK_N=cfg["BLOCK_M"])
-
-
-# Autotuning (FUSEDLM_AUTOTUNE=1, CUDA only): the candidates below, pruned to those whose tiles fit
-# shared memory for the head dims at hand, timed once per key (head dims, causal, masks, dropout,
-# varlen; the Autotuner adds the tensors' dtypes to the key). Off by default: the first call of each
-# key compiles and times every candidate, which a test suite or a short benchmark cannot afford.
-_FWD_CANDIDATES = [(128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2),
-                   (128, 128, 8, 2)]
-_BWD_CANDIDATES = [(64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2),
-                   (128, 32, 8, 2)]
-_TUNE_KEY = ["BLOCK_E", "BLOCK_EV", "CAUSAL", "WINDOW", "VARLEN", "HAS_MASK", "HAS_KPM", "DROPOUT", "PRECISION"]
-SHARED_LIMIT = 232448  # bytes of shared memory a block may use on sm_90
-
-
-def _tile_bytes(bm, bn, stages, be, bev, itemsize, backward):
-    """Shared memory a config needs (calibrated on the sm_90 compiles of tests/sm90_compile.py): the
-    forward streams key/value tiles, the dK/dV kernel streams query/dO tiles past a fixed key tile."""
-    if backward:
-        return (stages * bm + bn) * (be + bev) * itemsize
-    return (bm * max(be, bev) + stages * bn * (be + bev)) * itemsize
-
-
-def _prune(configs, named_args, backward=False, **kwargs):
-    """Drop the candidates whose tiles would not fit shared memory. Triton hands the positional
-    arguments in ``named_args`` and the keyword ones (the head-dim blocks) in ``kwargs``."""
-    args = {**named_args, **kwargs}
-    be, bev = args["BLOCK_E"], args["BLOCK_EV"]
-    itemsize = args["Q"].element_size()
-    fit = [c for c in configs if _tile_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages, be, bev,
-                                             itemsize, backward) <= SHARED_LIMIT * 0.9]
-    return fit or configs[-1:]
-
-
-def tuning_configs(candidates):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in candidates]
-
-
-def tma_enabled(device, *tensors):
-    """Forward tile loads through tensor descriptors (TMA on sm_90): opt-in with FUSEDLM_TMA=1 until a GPU
-    has timed it. Descriptors need 16-byte aligned bases and row strides (unit stride along features); the
-    allocations themselves are aligned (CUDA 256 B, CPU 64 B), so the storage offset and strides decide."""
-    if os.environ.get("FUSEDLM_TMA", "0") != "1":
-        return False
-    for t in tensors:
-        if any(st * t.element_size() % 16 for st in (t.storage_offset(), *t.stride()[:-1])) or t.stride(-1) != 1:
-            return False
-    if device.type == "cuda":  # in-kernel descriptors live in a global scratch buffer Triton asks for
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device))
-    return True
-
-
-def autotune_enabled(device):
-    return device.type == "cuda" and os.environ.get("FUSEDLM_AUTOTUNE", "0") == "1"
-
-
-def _tuned(kernel, candidates, backward):
-    prune = functools.partial(_prune, backward=backward)
-    return triton.autotune(configs=tuning_configs(candidates), key=_TUNE_KEY,
-                           prune_configs_by={"early_config_prune": prune})(kernel)
-
-
-_attn_fwd_tuned = _tuned(_attn_fwd, _FWD_CANDIDATES, backward=False)
-_attn_bwd_dkdv_tuned = _tuned(_attn_bwd_dkdv, _BWD_CANDIDATES, backward=True)
-_attn_bwd_dq_tuned = _tuned(_attn_bwd_dq, _BWD_CANDIDATES, backward=True)
-
-
-def _launch_blocks(launch, kernel, tuned, grid_of, args, cfg, flags, device):
-    """Launch with the fixed config, or through the autotuner (grid from the chosen block shapes)."""
-    if autotune_enabled(device):
-        launch(tuned, lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"]), *args,
-               BLOCK_E=cfg["BLOCK_E"], BLOCK_EV=cfg["BLOCK_EV"], **flags)
-    else:
-        launch(kernel, grid_of(cfg["BLOCK_M"], cfg["BLOCK_N"]), *args, **cfg, **flags)
 
 
 def precision(q):
@@ -817,6 +417,24 @@ def window_args(window, causal, Lq, Lk):
     return int(left), int(right), True
 
 
+def tma_enabled(device, *tensors):
+    """Forward tile loads through tensor descriptors (TMA on sm_90): opt-in with FUSEDLM_TMA=1 until a GPU
+    has timed it. Descriptors need 16-byte aligned bases and row strides (unit stride along features); the
+    allocations themselves are aligned (CUDA 256 B, CPU 64 B), so the storage offset and strides decide."""
+    if os.environ.get("FUSEDLM_TMA", "0") != "1":
+        return False
+    for t in tensors:
+        if any(st * t.element_size() % 16 for st in (t.storage_offset(), *t.stride()[:-1])) or t.stride(-1) != 1:
+            return False
+    if device.type == "cuda":  # in-kernel descriptors live in a global scratch buffer Triton asks for
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device))
+    return True
+
+
+# The forward through the autotuner (FUSEDLM_AUTOTUNE=1): see attention_configs.py.
+_attn_fwd_tuned = C._tuned(_attn_fwd, C._FWD_CANDIDATES, backward=False)
+
+
 def attention_fwd(launch, q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_q, max_k,
                   scale, causal, bottom_right, dropout_p, seed, window=None):
     """-> (out, lse). out like q with v's head dim; lse float32 (B, H, L) or (total, H).
@@ -841,7 +459,9 @@ def attention_fwd(launch, q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu
     dummy = lse
     kv_range = key_padding_range(key_padding_mask) if key_padding_mask is not None else None
     mask_ptrs, mask_strides, mask_flags = _mask_args(attn_mask, key_padding_mask, kv_range, B, H, Lq, Lk, dummy)
-    cfg = block_config(E, Ev, causal, q.dtype, q.device)
+    cfg = C.block_config(E, Ev, causal, q.dtype, q.device)
+    if dropout_p > 0:  # the Philox keep mask's registers: a smaller tile (see dropout_config)
+        cfg = C.dropout_config(cfg, "fwd", q.dtype)
     win_left, win_right, has_window = window_args(window, causal, Lq, Lk)
     args = (q, k, v, out, lse, *mask_ptrs,
             cu_seqlens_q if varlen else dummy, cu_seqlens_k if varlen else dummy, seed if seed is not None else dummy,
@@ -850,46 +470,6 @@ def attention_fwd(launch, q, k, v, attn_mask, key_padding_mask, cu_seqlens_q, cu
             H, H // Hkv, Lq, Lk, E, Ev, float(scale), float(dropout_p), win_left, win_right)
     flags = dict(CAUSAL=causal, WINDOW=has_window, BOTTOM_RIGHT=bottom_right, VARLEN=varlen, DROPOUT=dropout_p > 0,
                  **mask_flags, PRECISION=precision(q), USE_TMA=tma_enabled(q.device, q, k, v))
-    _launch_blocks(launch, _attn_fwd, _attn_fwd_tuned, lambda bm, bn: _grid(Lq, bm, B * H), args, cfg,
-                   flags, q.device)
+    C._launch_blocks(launch, _attn_fwd, _attn_fwd_tuned, lambda bm, bn: _grid(Lq, bm, B * H), args, cfg,
+                     flags, q.device)
     return out, lse
-
-
-def attention_bwd(launch, do, dlse, q, k, v, out, lse, attn_mask, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-                  max_q, max_k, scale, causal, bottom_right, dropout_p, seed, window=None):
-    """-> (dq, dk, dv), new tensors shaped like q, k, v. ``dlse``: the gradient reaching lse, or None."""
-    varlen, B, H, Hkv, Lq, Lk, E, Ev = _geometry(q, k, v, cu_seqlens_q, max_q, max_k)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    if dq.numel() == 0 and dk.numel() == 0 and dv.numel() == 0:
-        return dq, dk, dv
-    if B == 0 or Lq == 0 or Lk == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    lse_strides = _row_strides(lse, varlen)
-    dummy = lse
-    cfg = block_config(E, Ev, causal, q.dtype, q.device, backward=True)
-    # delta_i = sum_e dO_ie * out_ie. A gradient reaching lse adds dlse_i * P_ij to dz_ij
-    # (d lse_i / d z_ij = P_ij), i.e. dS = P * (dP - (delta - dlse)): folded into delta.
-    delta = torch.empty_like(lse)
-    launch(_attn_bwd_delta, _grid(Lq, cfg["BLOCK_M"], B * H),
-           out, do, dlse if dlse is not None else lse, delta, cu_seqlens_q if varlen else lse,
-           *_bhm_strides(out, varlen), *_bhm_strides(do, varlen),
-           *(_row_strides(dlse, varlen) if dlse is not None else (0, 0, 0)), *lse_strides,
-           H, Lq, Ev, VARLEN=varlen, HAS_DLSE=dlse is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_EV=cfg["BLOCK_EV"],
-           num_warps=4)
-    kv_range = key_padding_range(key_padding_mask) if key_padding_mask is not None else None
-    mask_ptrs, mask_strides, mask_flags = _mask_args(attn_mask, key_padding_mask, kv_range, B, H, Lq, Lk, dummy)
-    common_ptrs = (*mask_ptrs, cu_seqlens_q if varlen else dummy, cu_seqlens_k if varlen else dummy,
-                   seed if seed is not None else dummy)
-    in_strides = (*_bhm_strides(q, varlen), *_bhm_strides(k, varlen), *_bhm_strides(v, varlen),
-                  *_bhm_strides(do, varlen), *lse_strides)
-    win_left, win_right, has_window = window_args(window, causal, Lq, Lk)
-    scalars = (H, H // Hkv, Lq, Lk, E, Ev, float(scale), float(dropout_p), win_left, win_right)
-    flags = dict(CAUSAL=causal, WINDOW=has_window, BOTTOM_RIGHT=bottom_right, VARLEN=varlen, DROPOUT=dropout_p > 0,
-                 **mask_flags, PRECISION=precision(q))
-    _launch_blocks(launch, _attn_bwd_dkdv, _attn_bwd_dkdv_tuned, lambda bm, bn: _grid(Lk, bn, B * Hkv),
-                   (q, k, v, do, lse, delta, dk, dv, *common_ptrs, *in_strides, *_bhm_strides(dk, varlen),
-                    *_bhm_strides(dv, varlen), *mask_strides, *scalars), dkdv_config(cfg), flags, q.device)
-    _launch_blocks(launch, _attn_bwd_dq, _attn_bwd_dq_tuned, lambda bm, bn: _grid(Lq, bm, B * H),
-                   (q, k, v, do, lse, delta, dq, *common_ptrs, *in_strides, *_bhm_strides(dq, varlen),
-                    *mask_strides, *scalars), cfg, flags, q.device)
-    return dq, dk, dv

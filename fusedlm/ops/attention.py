@@ -1,8 +1,8 @@
 """scaled_dot_product_attention and varlen_attention: validation, dispatch, the Triton ops and autograd.
 
-The kernels and the math are in fusedlm/kernels/attention.py. Two ops serve the Triton backend, dense
-and packed alike: fusedlm::attention_fwd -> (out, lse) and fusedlm::attention_bwd -> (dq, dk, dv);
-autograd on the first calls the second. The torch backend is fusedlm.reference.sdpa_ref / varlen_ref.
+The kernels and the math are in fusedlm/kernels/attention.py (forward) and attention_backward.py. Two
+ops serve the Triton backend, dense and packed alike: fusedlm::attention_fwd -> (out, lse) and
+fusedlm::attention_bwd -> (dq, dk, dv); autograd on the first calls the second. The torch backend is fusedlm.reference.sdpa_ref / varlen_ref.
 """
 import os
 from typing import Optional
@@ -20,6 +20,7 @@ def _triton_ops():
     if _fwd_op is not None:
         return _fwd_op
     from fusedlm.kernels import attention as K
+    from fusedlm.kernels import attention_backward as KB
 
     from .._triton import launch, register_op, unit_stride
 
@@ -40,9 +41,9 @@ def _triton_ops():
                       dropout_p: float, seed: Optional[torch.Tensor], window_left: int = -1, window_right: int = -1
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (dq, dk, dv); dlse: the gradient reaching lse (None when lse is unused)."""
-        return K.attention_bwd(launch, unit_stride(do), dlse, unit_stride(q), unit_stride(k), unit_stride(v), out,
-                               lse, attn_mask, key_padding_mask, unit_stride(cu_seqlens_q), unit_stride(cu_seqlens_k), max_seqlen_q, max_seqlen_k, scale,
-                               causal, bottom_right, dropout_p, seed, (window_left, window_right))
+        return KB.attention_bwd(launch, unit_stride(do), dlse, unit_stride(q), unit_stride(k), unit_stride(v), out,
+                                lse, attn_mask, key_padding_mask, unit_stride(cu_seqlens_q), unit_stride(cu_seqlens_k), max_seqlen_q, max_seqlen_k, scale,
+                                causal, bottom_right, dropout_p, seed, (window_left, window_right))
 
     fwd = register_op("attention_fwd", attention_fwd)
     bwd = register_op("attention_bwd", attention_bwd)
