@@ -4,6 +4,8 @@ Every failure names the argument and says what was expected and what was given. 
 value of the wrong kind (not a tensor, an integer dtype), ValueError for a wrong shape, rank, device
 or a mismatch between arguments.
 """
+import os
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -104,3 +106,53 @@ def window(name, value):
     if not ok:
         raise ValueError(f"{name}: expected None or a pair (left, right) of ints >= -1 (-1 = unbounded), got {value!r}")
     return tuple(value)
+
+
+def probability(name, p):
+    """A dropout probability: a number in [0, 1); returned as a float."""
+    p = number(name, p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{name}: expected a probability in [0, 1), got {p}")
+    return p
+
+
+def check_varlen_values(device):
+    """Whether to check the values of cu_seqlens / max_seqlen: always on CPU (free), on a GPU only with
+    env FUSEDLM_CHECK_VARLEN=1, because reading the verdict back costs one device synchronisation.
+    Unchecked, bad offsets give garbage rows (or reads out of bounds), not an error."""
+    return device.type == "cpu" or os.environ.get("FUSEDLM_CHECK_VARLEN", "0") == "1"
+
+
+def cu_seqlens(name, cu, total):
+    """int32 (B + 1,) offsets of packed sequences, from 0 to ``total`` (values checked where that is free)."""
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name}: expected an int32 torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name}: expected dtype torch.int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.shape[0] < 1:
+        raise ValueError(f"{name}: expected a 1-D tensor of B + 1 >= 1 offsets, got shape {tuple(cu.shape)}")
+    if check_varlen_values(cu.device):
+        # Reduced on cu's device to one flag: a single small read back, whatever B is.
+        bad = (cu[0] != 0) | (cu[-1] != total) | (cu[1:] < cu[:-1]).any()
+        if bool(bad):
+            shown = cu.tolist() if cu.numel() <= 32 else f"{cu[:16].tolist()} ... {cu[-16:].tolist()}"
+            raise ValueError(f"{name}: expected non-decreasing offsets from 0 to {total} (the packed length), "
+                             f"got {shown}")
+
+
+def max_seqlen(name, value, cu):
+    """A Python int >= 0, at least the longest sequence of ``cu`` (checked where that is free)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TypeError(f"{name}: expected a Python int >= 0, got {value!r}")
+    if check_varlen_values(cu.device) and cu.shape[0] > 1:
+        longest = int((cu[1:] - cu[:-1]).max().item())
+        if longest > value:
+            raise ValueError(f"{name}: expected at least the longest sequence, {longest}, got {value}")
+
+
+def dropout_seed(dropout_p, device):
+    """A dropout seed drawn from torch's generator of ``device`` (torch.manual_seed reproduces it), made
+    on the device as a tensor: no host-to-device copy, no sync, no graph break."""
+    if dropout_p == 0.0:
+        return None
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)

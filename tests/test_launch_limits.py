@@ -293,13 +293,13 @@ def test_launch_on_second_gpu():
 
 def test_varlen_offsets_checked_on_request(monkeypatch):
     """FUSEDLM_CHECK_VARLEN=1 checks offsets on every device (on CPU always): a clear ValueError."""
-    from fusedlm.ops import attention as ops
+    from fusedlm import _validate
 
     monkeypatch.delenv("FUSEDLM_CHECK_VARLEN", raising=False)
-    assert ops.check_varlen_values(torch.device("cpu"))
-    assert not ops.check_varlen_values(torch.device("cuda"))
+    assert _validate.check_varlen_values(torch.device("cpu"))
+    assert not _validate.check_varlen_values(torch.device("cuda"))
     monkeypatch.setenv("FUSEDLM_CHECK_VARLEN", "1")
-    assert ops.check_varlen_values(torch.device("cuda"))
+    assert _validate.check_varlen_values(torch.device("cuda"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     q = torch.randn(10, 2, 16, device=device)
     bad = torch.tensor([0, 7, 4, 10], dtype=torch.int32, device=device)

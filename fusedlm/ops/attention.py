@@ -4,7 +4,6 @@ The kernels and the math are in fusedlm/kernels/attention.py (forward) and atten
 ops serve the Triton backend, dense and packed alike: fusedlm::attention_fwd -> (out, lse) and
 fusedlm::attention_bwd -> (dq, dk, dv); autograd on the first calls the second. The torch backend is fusedlm.reference.sdpa_ref / varlen_ref.
 """
-import os
 from typing import Optional
 
 import torch
@@ -76,14 +75,6 @@ def _triton_ops():
 _fwd_op = None
 
 
-def _seed(dropout_p, device):
-    """A dropout seed drawn from torch's generator of ``device`` (torch.manual_seed reproduces it), made
-    on the device as a tensor: no host-to-device copy, no sync, no graph break."""
-    if dropout_p == 0.0:
-        return None
-    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
-
-
 def _head_dim_reason(e, ev):
     lo, hi = HEAD_DIMS
     if not (lo <= e <= hi and lo <= ev <= hi):
@@ -95,13 +86,6 @@ def _triton_reason(tensors, e, ev, attn_mask):
     return (_validate.kernel_dtype_reason(*tensors) or _head_dim_reason(e, ev)
             or ("the fused kernels do not differentiate attn_mask (use backend='torch')"
                 if attn_mask is not None and attn_mask.requires_grad else None))
-
-
-def _check_probability(name, p):
-    p = _validate.number(name, p)
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"{name}: expected a probability in [0, 1), got {p}")
-    return p
 
 
 def _check_scale(scale, e):
@@ -157,7 +141,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         _validate.bool_mask("key_padding_mask", key_padding_mask)
         _validate.shape("key_padding_mask", key_padding_mask, (B, S), "(batch, key length)")
     _validate.same_device(query=query, key=key, value=value, attn_mask=attn_mask, key_padding_mask=key_padding_mask)
-    dropout_p = _check_probability("dropout_p", dropout_p)
+    dropout_p = _validate.probability("dropout_p", dropout_p)
     _validate.flag("is_causal", is_causal)
     _validate.flag("enable_gqa", enable_gqa)
     window = _validate.window("window_size", window_size)
@@ -169,40 +153,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         return reference.sdpa_ref(query, key, value, attn_mask, dropout_p, is_causal, scale, H != Hkv,
                                   key_padding_mask, return_lse, window_size=window)
     out, lse = _triton_ops()(query, key, value, attn_mask, key_padding_mask, None, None, L, S, scale, is_causal,
-                             False, dropout_p, _seed(dropout_p, query.device), *(window or (-1, -1)))
+                             False, dropout_p, _validate.dropout_seed(dropout_p, query.device), *(window or (-1, -1)))
     return (out, lse) if return_lse else out
-
-
-def check_varlen_values(device):
-    """Whether to check the values of cu_seqlens / max_seqlen: always on CPU (free), on a GPU only with
-    env FUSEDLM_CHECK_VARLEN=1, because reading the verdict back costs one device synchronisation.
-    Unchecked, bad offsets give garbage rows (or reads out of bounds), not an error."""
-    return device.type == "cpu" or os.environ.get("FUSEDLM_CHECK_VARLEN", "0") == "1"
-
-
-def _check_cu_seqlens(name, cu, total):
-    if not isinstance(cu, torch.Tensor):
-        raise TypeError(f"{name}: expected an int32 torch.Tensor, got {type(cu).__name__}")
-    if cu.dtype != torch.int32:
-        raise TypeError(f"{name}: expected dtype torch.int32, got {cu.dtype}")
-    if cu.dim() != 1 or cu.shape[0] < 1:
-        raise ValueError(f"{name}: expected a 1-D tensor of B + 1 >= 1 offsets, got shape {tuple(cu.shape)}")
-    if check_varlen_values(cu.device):
-        # Reduced on cu's device to one flag: a single small read back, whatever B is.
-        bad = (cu[0] != 0) | (cu[-1] != total) | (cu[1:] < cu[:-1]).any()
-        if bool(bad):
-            shown = cu.tolist() if cu.numel() <= 32 else f"{cu[:16].tolist()} ... {cu[-16:].tolist()}"
-            raise ValueError(f"{name}: expected non-decreasing offsets from 0 to {total} (the packed length), "
-                             f"got {shown}")
-
-
-def _check_max_seqlen(name, value, cu):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise TypeError(f"{name}: expected a Python int >= 0, got {value!r}")
-    if check_varlen_values(cu.device) and cu.shape[0] > 1:
-        longest = int((cu[1:] - cu[:-1]).max().item())
-        if longest > value:
-            raise ValueError(f"{name}: expected at least the longest sequence, {longest}, got {value}")
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal=False, scale=None,
@@ -232,17 +184,17 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     Ev = v.shape[-1]
     if Hkv == 0 or H % Hkv != 0:
         raise ValueError(f"k: expected a number of heads dividing q's {H} (GQA), got {Hkv}")
-    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q)
-    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k)
+    _validate.cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q)
+    _validate.cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k)
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise ValueError(f"cu_seqlens_k: expected shape {tuple(cu_seqlens_q.shape)} (that of cu_seqlens_q), "
                          f"got {tuple(cu_seqlens_k.shape)}")
     _validate.same_device(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
-    _check_max_seqlen("max_seqlen_q", max_seqlen_q, cu_seqlens_q)
-    _check_max_seqlen("max_seqlen_k", max_seqlen_k, cu_seqlens_k)
+    _validate.max_seqlen("max_seqlen_q", max_seqlen_q, cu_seqlens_q)
+    _validate.max_seqlen("max_seqlen_k", max_seqlen_k, cu_seqlens_k)
     _validate.flag("causal", causal)
     window = _validate.window("window_size", window_size)
-    dropout_p = _check_probability("dropout_p", dropout_p)
+    dropout_p = _validate.probability("dropout_p", dropout_p)
     scale = _check_scale(scale, E)
     name = _backend.select("varlen_attention", backend, q.device, {
         "triton": _triton_reason((q, k, v), E, Ev, None),
@@ -251,5 +203,5 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         return reference.varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
                                     return_lse, window_size=window, dropout_p=dropout_p)
     out, lse = _triton_ops()(q, k, v, None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                             causal, True, dropout_p, _seed(dropout_p, q.device), *(window or (-1, -1)))
+                             causal, True, dropout_p, _validate.dropout_seed(dropout_p, q.device), *(window or (-1, -1)))
     return (out, lse) if return_lse else out

@@ -25,7 +25,6 @@ from typing import Optional
 import torch
 
 from .. import _backend, _validate, reference
-from .attention import _check_cu_seqlens, _check_max_seqlen, _check_probability, _seed
 
 HEAD_DIMS = (16, 256)  # head dims the fused kernels take
 
@@ -272,7 +271,7 @@ def deberta_attention(query, key, value, pos_key=None, pos_query=None, *, key_pa
         _validate.shape("key_padding_mask", key_padding_mask, (B, S), "(batch, sequence length)")
     _validate.same_device(query=query, key=key, value=value, pos_key=pos_key, pos_query=pos_query,
                           key_padding_mask=key_padding_mask)
-    dropout_p = _check_probability("dropout_p", dropout_p)
+    dropout_p = _validate.probability("dropout_p", dropout_p)
     _validate.flag("return_lse", return_lse)
     name = _select("deberta_attention", backend, query, pos_key, pos_query, D)
     if name == "torch":
@@ -301,10 +300,10 @@ def deberta_varlen_attention(q, k, v, pos_key, pos_query, cu_seqlens, max_seqlen
     _validate.shape("k", k, (total, H, D), "that of q")
     _validate.shape("v", v, (total, H, D), "that of q")
     _check_pos(q, H, D, pos_key, pos_query, position_buckets, max_relative_positions)
-    _check_cu_seqlens("cu_seqlens", cu_seqlens, total)
+    _validate.cu_seqlens("cu_seqlens", cu_seqlens, total)
     _validate.same_device(q=q, k=k, v=v, pos_key=pos_key, pos_query=pos_query, cu_seqlens=cu_seqlens)
-    _check_max_seqlen("max_seqlen", max_seqlen, cu_seqlens)
-    dropout_p = _check_probability("dropout_p", dropout_p)
+    _validate.max_seqlen("max_seqlen", max_seqlen, cu_seqlens)
+    dropout_p = _validate.probability("dropout_p", dropout_p)
     _validate.flag("return_lse", return_lse)
     name = _select("deberta_varlen_attention", backend, q, pos_key, pos_query, D)
     if name == "torch":
@@ -323,7 +322,7 @@ def _run_triton(q, k, v, pos_key, pos_query, key_padding_mask, cu_seqlens, max_s
     rel_idx = relative_index_table(max_seqlen, position_buckets, max_relative_positions, q.device)
     band = list(relative_band(position_buckets, max_relative_positions))
     return _triton_ops()(q, k, v, pos_key, pos_query, key_padding_mask, cu_seqlens, rel_idx, max_seqlen,
-                         1.0 / math.sqrt(q.shape[-1] * (1 + terms)), dropout_p, _seed(dropout_p, q.device), band)
+                         1.0 / math.sqrt(q.shape[-1] * (1 + terms)), dropout_p, _validate.dropout_seed(dropout_p, q.device), band)
 
 
 def deberta_attention_ref(query, key, value, pos_key=None, pos_query=None, key_padding_mask=None,
