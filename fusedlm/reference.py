@@ -9,6 +9,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ._deberta_positions import relative_index
+
 
 def _compute_dtype(t):
     return torch.float64 if t.dtype == torch.float64 else torch.float32
@@ -198,7 +200,7 @@ def deberta_ref(query, key, value, pos_key=None, pos_query=None, key_padding_mas
     """DeBERTa's disentangled attention by the book: (B, H, S, S) scores, then sdpa_ref.
 
     query, key, value (B, H, S, D); pos_key / pos_query (H, 2 span, D) or None. For query i and key j,
-    with idx = clamp(bucket(i - j) + span, 0, 2 span - 1) (fusedlm.ops.deberta.relative_index) and
+    with idx = clamp(bucket(i - j) + span, 0, 2 span - 1) (fusedlm._deberta_positions.relative_index) and
     s = 1 / sqrt(D (1 + #position terms)):
 
         score_ij = s * (q_i . k_j  +  q_i . pos_key[idx]  +  k_j . pos_query[idx])
@@ -207,7 +209,6 @@ def deberta_ref(query, key, value, pos_key=None, pos_query=None, key_padding_mas
     their gradients through it); key padding, rows with no real key (zeros, lse = -inf), dropout (torch's
     generator) and lse are sdpa_ref's. Returns out in query's dtype (and lse as sdpa_ref's).
     """
-    from .ops.deberta import relative_index  # the bucket table lives with the op (no import cycle)
 
     ct = _compute_dtype(query)
     B, H, S, D = query.shape
