@@ -98,15 +98,20 @@ def test_set_attn_implementation_back_and_forth(family):
 
 
 @pytest.mark.parametrize("family", ["llama", "bert"])
-@pytest.mark.parametrize("how", ["keyword", "config"])
+@pytest.mark.parametrize("how", ["keyword", "config", "config_after_patch"])
 def test_attention_weights_by_keyword_and_by_config(family, how):
     """Weights equal to transformers' eager ones whenever they are asked for: by keyword, or by
-    ``config.output_attentions`` (set before the attention implementation, as transformers requires)."""
+    ``config.output_attentions``, set before the model is built or on the patched model's config (which
+    transformers refuses for every implementation but "eager": the patched config takes it for "fusedlm")."""
     fusedlm.set_backend("torch")
     overrides = {"output_attentions": True} if how == "config" else {}
     ref, model = models(family, **overrides)
     hf.patch_model(model)
     assert model.config._attn_implementation == "fusedlm"
+    if how == "config_after_patch":
+        ref.config.output_attentions = True
+        model.config.output_attentions = True
+        assert model.config.output_attentions
     ids, mask = batch("right")
     kw = {"output_attentions": True} if how == "keyword" else {}
     expected = _forward(ref, reference=True, input_ids=ids, attention_mask=mask, **kw)
@@ -347,3 +352,81 @@ def test_patched_model_pickles_and_loads_in_a_fresh_process(family, tmp_path):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert float(run.stdout.split()[-1]) < 1e-6
+
+
+def test_output_attentions_setter_keeps_transformers_refusal_for_other_implementations():
+    fusedlm.set_backend("torch")
+    _, model = models("llama")
+    hf.patch_model(model)
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match="output_attentions"):
+        model.config.output_attentions = True
+    model.set_attn_implementation("fusedlm")
+    model.config.output_attentions = True
+    model.config.output_attentions = False
+    assert not model.config.output_attentions
+
+
+def test_patch_model_under_the_meta_device():
+    """transformers builds models under torch.device("meta") (from_pretrained, init_empty_weights): patching
+    there works, and the model then runs once its weights are real."""
+    fusedlm.set_backend("torch")
+    ref, _ = models("llama")
+    cfg = copy.deepcopy(ref.config)
+    with torch.device("meta"):
+        model = type(ref)(cfg)
+        counts = hf.patch_model(model)
+    assert counts["rms_norm"] == 5 and counts["rotary"] == 2
+    model.to_empty(device="cpu")
+    model.load_state_dict(ref.state_dict())
+    for name, buffer in ref.named_buffers():  # non-persistent ones (rotary inv_freq) are in no state dict
+        model.get_buffer(name).copy_(buffer)
+    ids, mask = batch("right")
+    _same_outputs(ref, model.eval(), input_ids=ids, attention_mask=mask)
+
+
+def test_generate_with_compiled_static_cache_never_recompiles():
+    """transformers' own compiled generation (static cache, CompileConfig(fullgraph=True, dynamic=False)):
+    two generations of the same shapes run without a single recompilation (dynamo raises on one) and give the
+    unpatched model's tokens. The mask generate precomputes keeps one rank and shape at every step."""
+    from transformers.generation import CompileConfig
+
+    fusedlm.set_backend("torch")
+    ref, model = models("llama")
+    hf.patch_model(model)
+    ids = torch.randint(3, 64, (2, 7))
+    mask = torch.tril(torch.ones_like(ids))  # rows with trailing zeros, as transformers' testers make them
+    compile_config = CompileConfig(fullgraph=True, dynamic=False)
+    compile_config._compile_all_devices = True  # transformers compiles on GPUs only unless told
+    kw = dict(max_new_tokens=5, do_sample=False, cache_implementation="static", eos_token_id=None, pad_token_id=0)
+    torch._dynamo.reset()
+    previous = torch._dynamo.config.error_on_recompile
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        for row in (0, 1):
+            got = model.generate(input_ids=ids[row:row + 1], attention_mask=mask[row:row + 1],
+                                 compile_config=compile_config, **kw)
+            with original_rotary(ref):
+                expected = ref.generate(input_ids=ids[row:row + 1], attention_mask=mask[row:row + 1], **kw)
+            assert torch.equal(got, expected)
+    finally:
+        torch._dynamo.config.error_on_recompile = previous
+        torch._dynamo.reset()
+
+
+def test_static_cache_attention_weights_span_the_cache():
+    """Weights asked for during static-cache generation cover every cache slot, as transformers' eager ones."""
+    fusedlm.set_backend("torch")
+    ref, model = models("llama")
+    hf.patch_model(model)
+    ids, mask = batch("left", S=6)
+    kw = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0, cache_implementation="static",
+              return_dict_in_generate=True, output_attentions=True)
+    with original_rotary(ref):
+        expected = ref.generate(ids, **kw)
+    got = model.generate(ids, **kw)
+    assert torch.equal(got.sequences, expected.sequences)
+    for step_got, step_expected in zip(got.attentions, expected.attentions):
+        for a, e in zip(step_got, step_expected):
+            assert a.shape == e.shape
+            assert_close(a[..., -1, :], e[..., -1, :], "weights of the last query")

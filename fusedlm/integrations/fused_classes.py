@@ -1,4 +1,5 @@
-"""The ``Fused<Name>`` classes patch_model turns transformers' modules into, made once per (mixins, original).
+"""The ``Fused<Name>`` classes patch_model turns transformers' modules (and configs) into, made once per
+(mixins, original).
 
 A fused class is ``type("Fused" + original.__name__, (*mixins, original), attrs)``: the mixins' forward,
 everything else the original's (its ``extra_repr`` too, so the module prints as before). Made at run time,
@@ -15,8 +16,10 @@ def fused_class(mixins, original, attrs=()):
     (name, value) pairs, part of the class's identity."""
     key = (tuple(mixins), original, tuple(attrs))
     if key not in _CLASSES:
-        namespace = {"_fusedlm_original": original, "__module__": __name__, "extra_repr": original.extra_repr,
-                     "_fusedlm_key": key, "__reduce_ex__": _reduce_ex, **dict(attrs)}
+        namespace = {"_fusedlm_original": original, "__module__": __name__, "_fusedlm_key": key,
+                     "__reduce_ex__": _reduce_ex, **dict(attrs)}
+        if hasattr(original, "extra_repr"):  # a module: printed as the original prints
+            namespace["extra_repr"] = original.extra_repr
         _CLASSES[key] = type(f"Fused{original.__name__}", (*mixins, original), namespace)
     return _CLASSES[key]
 

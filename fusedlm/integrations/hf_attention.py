@@ -118,11 +118,16 @@ def fusedlm_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offse
     is None when nothing is padded. Patterns that the attention cannot rebuild from its arguments get
     transformers' sdpa mask, a (B, 1, L, S) bool tensor (see the module docstring).
 
+    A static cache (more key slots than the 2-D mask has columns: the slots past it are empty; or a decoding
+    step for which transformers passes ``allow_is_causal_skip=False``, its sign of a compileable cache) gets
+    the sdpa mask too, so that keys keep the cache's fixed length and the mask one shape at every step: no
+    recompile per token under torch.compile, attention weights as wide as transformers' own.
+
     Under torch.compile nothing here may depend on tensor values (a guard on them recompiles every step,
     or breaks ``fullgraph=True``) and a mask factory's closure cannot be read: the 2-D mask is handed over
     as it is (no "is anything padded" check), only a bare causal / bidirectional factory counts as standard,
-    and whenever the queries are not the whole sequence (decoding, chunked prefill, a static cache's empty
-    slots) the sdpa mask is built: static shapes, no unpadding (for one query it is only (B, 1, 1, S)).
+    and whenever the queries are not the whole sequence (decoding, chunked prefill) the sdpa mask is
+    built: static shapes, no unpadding (for one query it is only (B, 1, 1, S)).
     """
     from transformers import masking_utils as mu
 
@@ -130,7 +135,13 @@ def fusedlm_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offse
         mask_function = mu.causal_mask_function
     compiling = torch.compiler.is_compiling()
     standard = _is_standard(_mask_parts(mask_function, mu, closures=not compiling), batch_size)
-    if compiling and (q_length != kv_length or (attention_mask is not None and attention_mask.shape[-1] != kv_length)):
+    if compiling and q_length != kv_length:
+        standard = False
+    if attention_mask is not None and attention_mask.shape[-1] < kv_length:
+        standard = False  # a static cache's empty slots: keys keep their full, fixed length
+    if q_length == 1 and kwargs.get("allow_is_causal_skip") is False:
+        # transformers says so for a compileable (static) cache's decoding step: the same (B, 1, 1, S) mask at
+        # every step, the last one too (where the 2-D mask has grown to the cache's length)
         standard = False
     if not standard:
         kwargs.pop("allow_is_causal_skip", None)

@@ -122,9 +122,11 @@ def _rotate_half_rotary(q, k, cos, sin):
 
 @functools.lru_cache(maxsize=None)
 def _rotary_matches_cached(fn):
+    # On the CPU whatever the default device is: models are built (and patched) under torch.device("meta").
     g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(2, 3, 5, 8, generator=g, dtype=torch.float64), torch.randn(2, 1, 5, 8, generator=g, dtype=torch.float64)
-    angle = torch.randn(2, 5, 4, generator=g, dtype=torch.float64).repeat(1, 1, 2)
+    kw = dict(generator=g, dtype=torch.float64, device="cpu")
+    q, k = torch.randn(2, 3, 5, 8, **kw), torch.randn(2, 1, 5, 8, **kw)
+    angle = torch.randn(2, 5, 4, **kw).repeat(1, 1, 2)
     cos, sin = angle.cos(), angle.sin()
     try:
         with torch.no_grad():
