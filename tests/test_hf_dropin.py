@@ -373,6 +373,7 @@ def test_patch_model_under_the_meta_device():
     fusedlm.set_backend("torch")
     ref, _ = models("llama")
     cfg = copy.deepcopy(ref.config)
+    hf_compat._rotary_matches_cached.cache_clear()  # as in a fresh process: the probe runs under "meta" here
     with torch.device("meta"):
         model = type(ref)(cfg)
         counts = hf.patch_model(model)
