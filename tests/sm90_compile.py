@@ -24,6 +24,7 @@ Results are cached on disk per (Triton version, kernel source hash, specialisati
     python tests/sm90_compile.py                # table on stdout; exit 1 if a variant fails to compile
     python tests/sm90_compile.py --json out.json
     python tests/sm90_compile.py --write        # benchmarks/results/sm90_static.{json,md}
+    python tests/sm90_compile.py --kernels deberta   # only kernels whose name matches (while iterating)
 """
 import argparse
 import contextlib
@@ -57,6 +58,7 @@ _DTYPES = {"bf16", "fp16", "fp32"}
 
 rows, failures, _seen, _binders = [], [], set(), {}
 _default_mode = [True]  # False while driving autotune candidates
+_only = [None]  # --kernels: a regex the kernel's name must match to be compiled
 
 
 def _binder(kernel):
@@ -159,6 +161,8 @@ def aot_launch(kernel, grid, *args, **meta):
         return
     default = _default_mode[-1]
     name = kernel.fn.__name__
+    if _only[0] and not re.search(_only[0], name):
+        return
     t0 = time.time()
     try:
         signature, constexprs, attrs, options = _specialise(kernel, args, meta)
@@ -386,7 +390,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", help="write the rows as JSON here")
     parser.add_argument("--write", action="store_true", help="write benchmarks/results/sm90_static.{json,md}")
+    parser.add_argument("--kernels", help="compile only kernels whose name matches this regex (not with --write)")
     a = parser.parse_args()
+    assert not (a.write and a.kernels), "--write records every kernel"
+    _only[0] = a.kernels
     t0 = time.time()
     run_all()
     doc = dict(triton=triton.__version__, torch=torch.__version__, target="sm_90", rows=rows, failures=failures)
