@@ -146,9 +146,9 @@ def test_programs_with_several_items(monkeypatch):
     """Every persistent program takes several (sequence, block) items: the band kernel sliced in two, and the
     dQ / dK-dV kernels with their interpreter count (a few programs a head): sums carried across items."""
     triton_or_skip()
-    from fusedlm.kernels import deberta_backward as KB
+    from fusedlm.kernels import deberta_band
 
-    monkeypatch.setattr(KB, "_BAND_PROGRAMS", 2)
+    monkeypatch.setattr(deberta_band, "_BAND_PROGRAMS", 2)
     pb, mr = 8, 12
     inputs = _dense(3, 2, 70, 24, pb, mr, "c2p,p2c", (70, 23, 41), seed=11)
     rows = check_case(_fn(pb, mr), _ref(pb, mr), inputs, dtype=torch.float32, device="cpu", grad=NAMES)
