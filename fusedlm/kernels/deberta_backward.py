@@ -33,7 +33,7 @@ from . import attention
 from . import deberta as F  # block_config through the module: tests swap it for the GPU's
 from .attention import _row_stats, _tile, _tile_t
 from .deberta import (_bhm, _col_runs, _fresh, _geometry, _keep, _masks, _new_out, _pos_args, _pos_row, _pos_rows,
-                      _real_keys, _row_runs, _sequence)
+                      _program, _real_keys, _row_runs, _sequence)
 from .deberta_band import band_position_grads
 
 
@@ -109,6 +109,30 @@ def _run_terms(x, RUN_ROWS, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _deberta_bwd_delta(
+    O, DO, DLSE, DELTA, CU,  # DELTA: float32, lse's layout
+    stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm,
+    stride_gb, stride_gh, stride_gm,  # DLSE (any strides: autograd may expand zeros)
+    H, SMAX, D, VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta_i = sum_d dO_id out_id - dlse_i (a gradient reaching lse adds dlse_i P_ij to dz_ij), for the
+    dQ / dK-dV / band kernels: a pass of its own keeps the out tile and its float32 products out of the dQ
+    kernel's registers."""
+    b, h, start, L = _program(CU, H, SMAX, VARLEN)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < L
+    o = _tile(O + (b * stride_ob + h * stride_oh + start * stride_om), offs_m, L, stride_om, offs_d, D)
+    do = _tile(DO + (b * stride_dob + h * stride_doh + start * stride_dom), offs_m, L, stride_dom, offs_d, D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + (b * stride_gb + h * stride_gh + start * stride_gm) + offs_m.to(tl.int64) * stride_gm,
+                         mask=row_ok, other=0.0)
+    tl.store(DELTA + (b * stride_lb + h * stride_lh + start * stride_lm) + offs_m.to(tl.int64) * stride_lm, delta,
+             mask=row_ok)
+
+
+@triton.jit
 def _dq_tiles(dq, rs_lo, rs_hi, q, do, lse2, delta, c_lo, c_hi, K, V, PK, PQ, IDX, KPM, SEED, stride_kn, stride_vn,
               stride_pkr, stride_pqr, start_m, offs_m, offs_d, D, L, SMAX, D_LO, D_HI, IDX_LO, IDX_HI, hi_end,
               lo_start, kv_end, qk_scale, b, h, H, dropout_p, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
@@ -177,85 +201,72 @@ def _dq_tiles(dq, rs_lo, rs_hi, q, do, lse2, delta, c_lo, c_hi, K, V, PK, PQ, ID
 
 @triton.jit
 def _deberta_bwd_dq(
-    Q, K, V, O, DO, DLSE, LSE, DELTA, DQ, SAT,  # DELTA: written here (float32, lse's layout)
-    PK, PQ, IDX, KPM, KV_END, CU, SEED,  # SAT: float32 (2, H, P, BLOCK_D), the runs' dpos_key sums
+    Q, K, V, DO, LSE, DELTA, DQ,  # DELTA: float32 (lse's layout) from _deberta_bwd_delta
+    PK, PQ, IDX, KPM, KV_END, CU, SEED,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
-    stride_lb, stride_lh, stride_lm, stride_gb, stride_gh, stride_gm,  # LSE and DELTA; DLSE
+    stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm,  # LSE and DELTA share strides
     stride_dqb, stride_dqh, stride_dqm,
     stride_pkh, stride_pkr, stride_pqh, stride_pqr, stride_kpb,
-    B, H, NM, P, SMAX, D, D_LO, D_HI, IDX_LO, IDX_HI,  # NM query blocks a sequence, P programs a head
+    H, SMAX, D, D_LO, D_HI, IDX_LO, IDX_HI,
     sm_scale, dropout_p,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
-    DROPOUT: tl.constexpr, HAS_DLSE: tl.constexpr, DPOS: tl.constexpr,
+    DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """delta and dQ of query blocks of one head over every key block; with DPOS the first / last run's share
-    of dpos_key. Persistent: P programs a head take the (sequence, query block) items p, p + P, ..., so the
-    runs' sums need P slots a head, whatever the batch and the sequence length."""
-    h = (tl.program_id(0) // P).to(tl.int64)
-    p = tl.program_id(0) % P
+    """dQ of one query block (grid: batch x heads, query blocks) over every key block. No state crosses
+    blocks (the runs' dpos_key sums come from the dK/dV kernel), so nothing is held between blocks either:
+    a loop over several blocks a program would keep the inner loop's hoisted values through the block's
+    prologue and epilogue (~60 registers a thread)."""
+    b, h, start, L = _program(CU, H, SMAX, VARLEN)
+    start_m = tl.program_id(1) * BLOCK_M
+    if start_m >= L:
+        return  # past this sequence's end (packed batches launch for the longest)
     sm_scale = tl.cast(sm_scale, tl.float32)
     dropout_p = tl.cast(dropout_p, tl.float32)
     offs_d = tl.arange(0, BLOCK_D)
     PK += h * stride_pkh
     PQ += h * stride_pqh
     qk_scale = sm_scale * 1.4426950408889634
-    sat = tl.zeros([BLOCK_D, 16], dtype=tl.float32)  # the runs' dpos_key sums, as _run_sums products
-    for item in range(p, B * NM, P):
-        b, start, L, m = _item(CU, item, NM, SMAX, VARLEN)
-        start_m = m * BLOCK_M
-        if start_m < L:  # blocks past a sequence's end (packed batches count blocks for the longest): none
-            offs_m = start_m + _fresh(tl.arange(0, BLOCK_M))
-            row_ok = offs_m < L
-            rows = b * stride_lb + h * stride_lh + start * stride_lm
-            q = _tile(Q + (b * stride_qb + h * stride_qh + start * stride_qm), offs_m, L, stride_qm, offs_d, D)
-            do = _tile(DO + (b * stride_dob + h * stride_doh + start * stride_dom), offs_m, L, stride_dom, offs_d, D)
-            # delta_i = sum_d dO_id out_id (- dlse_i: a gradient reaching lse adds dlse_i P_ij to dz_ij).
-            o = _tile(O + (b * stride_ob + h * stride_oh + start * stride_om), offs_m, L, stride_om, offs_d, D)
-            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-            if HAS_DLSE:  # any strides (autograd may expand zeros)
-                dlse_row = DLSE + (b * stride_gb + h * stride_gh + start * stride_gm)
-                delta -= tl.load(dlse_row + offs_m.to(tl.int64) * stride_gm, mask=row_ok, other=0.0)
-            tl.store(DELTA + rows + offs_m.to(tl.int64) * stride_lm, delta, mask=row_ok)
-            lse = tl.load(LSE + rows + offs_m.to(tl.int64) * stride_lm, mask=row_ok, other=float("-inf"))
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # P = 0 on empty rows
-            kv_end = tl.minimum(L, tl.load(KV_END + b)) if HAS_KPM else L
-            hi_end, lo_start = _row_runs(start_m, kv_end, D_LO, D_HI, BLOCK_M, BLOCK_N)
-            c_lo = tl.zeros([BLOCK_M], dtype=tl.float32)
-            c_hi = tl.zeros([BLOCK_M], dtype=tl.float32)
-            if HAS_C2P:  # the runs' C2P per row, q_i . pos_key[IDX_LO / IDX_HI]
-                c_lo, c_hi = _run_terms(q, _run_rows(PK, IDX_LO, IDX_HI, offs_d, D, stride_pkr), PRECISION)
-            dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-            rs_lo = tl.zeros([BLOCK_M], dtype=tl.float32)
-            rs_hi = tl.zeros([BLOCK_M], dtype=tl.float32)
-            dq, rs_lo, rs_hi = _dq_tiles(
-                dq, rs_lo, rs_hi, q, do, lse2, delta, c_lo, c_hi, K + (b * stride_kb + h * stride_kh + start * stride_kn),
-                V + (b * stride_vb + h * stride_vh + start * stride_vn), PK, PQ, IDX, KPM + b * stride_kpb, SEED,
-                stride_kn, stride_vn, stride_pkr, stride_pqr, start_m, offs_m, offs_d, D, L, SMAX, D_LO, D_HI, IDX_LO,
-                IDX_HI, hi_end, lo_start, kv_end, qk_scale, b, h, H, dropout_p, HAS_C2P, HAS_P2C, HAS_KPM, DROPOUT,
-                BLOCK_M, BLOCK_N, W, PRECISION)
-            if HAS_C2P:  # the runs' share: dQ_i += rs_i pos_key[run]; of dpos_key: sum_i rs_i q_i
-                r = _run_sums(rs_lo, rs_hi, q.dtype)
-                dq = tl.dot(r, _run_rows(PK, IDX_LO, IDX_HI, offs_d, D, stride_pkr), dq, input_precision=PRECISION)
-                if DPOS:
-                    sat = tl.dot(tl.trans(q), r, sat, input_precision=PRECISION)
-            DQb = DQ + (b * stride_dqb + h * stride_dqh + start * stride_dqm)
-            tl.store(DQb + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :],
-                     (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
-    if DPOS:  # SAT[side, h, p, :]
-        _store_run_sums(SAT + (h * P + p) * BLOCK_D, H * P * BLOCK_D, sat * sm_scale, offs_d)
+    offs_m = start_m + _fresh(tl.arange(0, BLOCK_M))
+    row_ok = offs_m < L
+    q = _tile(Q + (b * stride_qb + h * stride_qh + start * stride_qm), offs_m, L, stride_qm, offs_d, D)
+    do = _tile(DO + (b * stride_dob + h * stride_doh + start * stride_dom), offs_m, L, stride_dom, offs_d, D)
+    lse2, delta = _row_stats(LSE + (b * stride_lb + h * stride_lh + start * stride_lm),
+                             DELTA + (b * stride_lb + h * stride_lh + start * stride_lm), offs_m, L, stride_lm)
+    kv_end = tl.minimum(L, tl.load(KV_END + b)) if HAS_KPM else L
+    hi_end, lo_start = _row_runs(start_m, kv_end, D_LO, D_HI, BLOCK_M, BLOCK_N)
+    c_lo = tl.zeros([BLOCK_M], dtype=tl.float32)
+    c_hi = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_C2P:  # the runs' C2P per row, q_i . pos_key[IDX_LO / IDX_HI]
+        c_lo, c_hi = _run_terms(q, _run_rows(PK, IDX_LO, IDX_HI, offs_d, D, stride_pkr), PRECISION)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    rs_lo = tl.zeros([BLOCK_M], dtype=tl.float32)
+    rs_hi = tl.zeros([BLOCK_M], dtype=tl.float32)
+    dq, rs_lo, rs_hi = _dq_tiles(
+        dq, rs_lo, rs_hi, q, do, lse2, delta, c_lo, c_hi, K + (b * stride_kb + h * stride_kh + start * stride_kn),
+        V + (b * stride_vb + h * stride_vh + start * stride_vn), PK, PQ, IDX, KPM + b * stride_kpb, SEED, stride_kn,
+        stride_vn, stride_pkr, stride_pqr, start_m, offs_m, offs_d, D, L, SMAX, D_LO, D_HI, IDX_LO, IDX_HI, hi_end,
+        lo_start, kv_end, qk_scale, b, h, H, dropout_p, HAS_C2P, HAS_P2C, HAS_KPM, DROPOUT, BLOCK_M, BLOCK_N, W,
+        PRECISION)
+    if HAS_C2P:  # the runs' share: dQ_i += rs_i pos_key[run]
+        dq = tl.dot(_run_sums(rs_lo, rs_hi, q.dtype), _run_rows(PK, IDX_LO, IDX_HI, offs_d, D, stride_pkr), dq,
+                    input_precision=PRECISION)
+    DQb = DQ + (b * stride_dqb + h * stride_dqh + start * stride_dqm)
+    tl.store(DQb + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, cs_lo, cs_hi, k, v, real, p_lo, p_hi, Q, DO, LSE, DELTA, rows, PK, PQ, IDX, SEED,
+def _dkdv_tiles(dk, dv, cs_lo, cs_hi, sat_k, k, v, real, p_lo, p_hi, Q, DO, LSE, DELTA, rows, PK, PQ, IDX, SEED,
                 stride_qm, stride_dom, stride_lm, stride_pkr, stride_pqr, start_n, offs_n, offs_d, D, L, SMAX, D_LO,
                 D_HI, IDX_LO, IDX_HI, lo_end, hi_start, qk_scale, b, h, H, dropout_p, HAS_C2P: tl.constexpr,
-                HAS_P2C: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                W: tl.constexpr, PRECISION: tl.constexpr):
+                HAS_P2C: tl.constexpr, DROPOUT: tl.constexpr, DPOS_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr):
     """dK (unscaled) and dV of one key block over the query blocks [0, L), on transposed tiles (row = key,
-    column = query), and the keys' sums of dS over the first / last run (cs_lo / cs_hi). Query blocks before
-    lo_end lie in the first run, from hi_start in the last (_col_runs). p_lo / p_hi: the runs' P2C per key."""
+    column = query), the keys' sums of dS over the first / last run (cs_lo / cs_hi) and, with DPOS_K, the
+    runs' share of dpos_key: sat_k += Q^T [the queries' sums of dS over each run] (as _run_sums products).
+    Query blocks before lo_end lie in the first run, from hi_start in the last (_col_runs). p_lo / p_hi: the
+    runs' P2C per key."""
     offs_mb = tl.arange(0, BLOCK_M)
     offs_w = tl.arange(0, W)
     for start_m in range(0, L, BLOCK_M):
@@ -300,10 +311,14 @@ def _dkdv_tiles(dk, dv, cs_lo, cs_hi, k, v, real, p_lo, p_hi, Q, DO, LSE, DELTA,
             pdT = pT
         dv = tl.dot(pdT.to(do.dtype), do, dv, input_precision=PRECISION)
         dsT = pT * (dpT - delta[None, :])
-        if HAS_P2C:  # the runs' key sums, by distance
-            dist = offs_m[None, :] - offs_n[:, None]
+        dist = offs_m[None, :] - offs_n[:, None]
+        if HAS_P2C:  # the runs' key sums, by distance (a window tile holds distances of the runs too)
             cs_lo += tl.sum(tl.where(dist <= D_LO, dsT, 0.0), 1)
             cs_hi += tl.sum(tl.where(dist >= D_HI, dsT, 0.0), 1)
+        if DPOS_K:  # the runs' share of dpos_key: sum_i q_i (the query's sum of dS over each run)
+            r = _run_sums(tl.sum(tl.where(dist <= D_LO, dsT, 0.0), 0), tl.sum(tl.where(dist >= D_HI, dsT, 0.0), 0),
+                          k.dtype)
+            sat_k = tl.dot(qT, r, sat_k, input_precision=PRECISION)
         if window and HAS_P2C:
             # X[c, w] = dS^T[c, a] at the query a of key c at distance dmin + w (band distances), and
             # X[c, W - BLOCK_M + a] = dS^T[c, a]: dK += X Z is the band's share and dS^T Q at once
@@ -316,12 +331,12 @@ def _dkdv_tiles(dk, dv, cs_lo, cs_hi, k, v, real, p_lo, p_hi, Q, DO, LSE, DELTA,
             dk = tl.dot(x.to(k.dtype), zr, dk, input_precision=PRECISION)
         else:
             dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PRECISION)
-    return dk, dv, cs_lo, cs_hi
+    return dk, dv, cs_lo, cs_hi, sat_k
 
 
 @triton.jit
 def _deberta_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, SAT,  # SAT: float32 (2, H, P, BLOCK_D), the runs' dpos_query sums
+    Q, K, V, DO, LSE, DELTA, DK, DV, SATK, SATQ,  # SAT*: float32 (2, H, P, BLOCK_D), the runs' dpos_key / query sums
     PK, PQ, IDX, KPM, KV_END, CU, SEED,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm,  # LSE and DELTA share strides
@@ -330,11 +345,12 @@ def _deberta_bwd_dkdv(
     B, H, NM, P, SMAX, D, D_LO, D_HI, IDX_LO, IDX_HI,  # NM key blocks a sequence, P programs a head
     sm_scale, dropout_p,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
-    DROPOUT: tl.constexpr, DPOS: tl.constexpr,
+    DROPOUT: tl.constexpr, DPOS_K: tl.constexpr, DPOS_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dK and dV of key blocks of one head over every query block; with DPOS the first / last run's share of
-    dpos_query. Persistent as the dQ kernel: P programs a head, P slots of run sums. Every product has the key
+    """dK and dV of key blocks of one head over every query block; with DPOS_K / DPOS_Q the first / last run's
+    share of dpos_key / dpos_query. Persistent: P programs a head take the (sequence, key block) items p,
+    p + P, ..., so the runs' sums need P slots a head, whatever the batch and the sequence length. Every product has the key
     block as its M dimension or the window (K Q^T, dV += P^T dO, dK += X Z, PK Q^T, K Z^T): BLOCK_N = 64 per
     warpgroup keeps them on Hopper's wgmma."""
     h = (tl.program_id(0) // P).to(tl.int64)
@@ -345,7 +361,8 @@ def _deberta_bwd_dkdv(
     PK += h * stride_pkh
     PQ += h * stride_pqh
     qk_scale = sm_scale * 1.4426950408889634
-    sat = tl.zeros([BLOCK_D, 16], dtype=tl.float32)  # the runs' dpos_query sums, as _run_sums products
+    sat_k = tl.zeros([BLOCK_D, 16], dtype=tl.float32)  # the runs' dpos_key / dpos_query sums (_run_sums products)
+    sat_q = tl.zeros([BLOCK_D, 16], dtype=tl.float32)
     for item in range(p, B * NM, P):
         b, start, L, n = _item(CU, item, NM, SMAX, VARLEN)
         start_n = n * BLOCK_N
@@ -366,26 +383,28 @@ def _deberta_bwd_dkdv(
                 p_hi = tl.zeros([BLOCK_N], dtype=tl.float32)
                 if HAS_P2C:  # the runs' P2C per key, k_j . pos_query[IDX_LO / IDX_HI]
                     p_lo, p_hi = _run_terms(k, _run_rows(PQ, IDX_LO, IDX_HI, offs_d, D, stride_pqr), PRECISION)
-                dk, dv, cs_lo, cs_hi = _dkdv_tiles(
-                    dk, dv, cs_lo, cs_hi, k, v, real, p_lo, p_hi, Q + (b * stride_qb + h * stride_qh + start * stride_qm),
+                dk, dv, cs_lo, cs_hi, sat_k = _dkdv_tiles(
+                    dk, dv, cs_lo, cs_hi, sat_k, k, v, real, p_lo, p_hi, Q + (b * stride_qb + h * stride_qh + start * stride_qm),
                     DO + (b * stride_dob + h * stride_doh + start * stride_dom), LSE, DELTA,
                     b * stride_lb + h * stride_lh + start * stride_lm, PK, PQ, IDX, SEED, stride_qm, stride_dom,
                     stride_lm, stride_pkr, stride_pqr, start_n, offs_n, offs_d, D, L, SMAX, D_LO, D_HI, IDX_LO, IDX_HI,
-                    lo_end, hi_start, qk_scale, b, h, H, dropout_p, HAS_C2P, HAS_P2C, DROPOUT, BLOCK_M, BLOCK_N, W,
-                    PRECISION)
+                    lo_end, hi_start, qk_scale, b, h, H, dropout_p, HAS_C2P, HAS_P2C, DROPOUT, DPOS_K, BLOCK_M,
+                    BLOCK_N, W, PRECISION)
                 if HAS_P2C:  # the runs' share: dK_j += cs_j pos_query[run]; of dpos_query: sum_j cs_j k_j
                     r = _run_sums(cs_lo, cs_hi, k.dtype)
                     dk = tl.dot(r, _run_rows(PQ, IDX_LO, IDX_HI, offs_d, D, stride_pqr), dk, input_precision=PRECISION)
-                    if DPOS:
-                        sat = tl.dot(tl.trans(k), r, sat, input_precision=PRECISION)
+                    if DPOS_Q:
+                        sat_q = tl.dot(tl.trans(k), r, sat_q, input_precision=PRECISION)
             DKb = DK + (b * stride_dkb + h * stride_dkh + start * stride_dkn)
             DVb = DV + (b * stride_dvb + h * stride_dvh + start * stride_dvn)
             tl.store(DKb + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :],
                      (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_ok[:, None] & (offs_d[None, :] < D))
             tl.store(DVb + offs_n[:, None].to(tl.int64) * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
                      mask=kv_ok[:, None] & (offs_d[None, :] < D))
-    if DPOS:  # SAT[side, h, p, :]
-        _store_run_sums(SAT + (h * P + p) * BLOCK_D, H * P * BLOCK_D, sat * sm_scale, offs_d)
+    if DPOS_K:  # SATK[side, h, p, :]
+        _store_run_sums(SATK + (h * P + p) * BLOCK_D, H * P * BLOCK_D, sat_k * sm_scale, offs_d)
+    if DPOS_Q:
+        _store_run_sums(SATQ + (h * P + p) * BLOCK_D, H * P * BLOCK_D, sat_q * sm_scale, offs_d)
 
 
 def deberta_bwd(launch, do, dlse, q, k, v, pos_key, pos_query, out, lse, key_padding_mask, cu_seqlens, rel_idx,
@@ -400,7 +419,7 @@ def deberta_bwd(launch, do, dlse, q, k, v, pos_key, pos_query, out, lse, key_pad
         dq.zero_(), dk.zero_(), dv.zero_()
         return (dq, dk, dv, torch.zeros_like(pos_key) if grad_pos_key else None,
                 torch.zeros_like(pos_query) if grad_pos_query else None)
-    delta = torch.empty_like(lse)  # written by the dQ kernel, read by the dK/dV and band kernels
+    delta = torch.empty_like(lse)  # written by _deberta_bwd_delta, read by the dQ, dK/dV and band kernels
     kpm, kv_end, kpb = _masks(key_padding_mask, lse)
     (pk, pq), pos_strides = _pos_args(pos_key, pos_query, q)
     cfg_dq = F.block_config(D, q.dtype, q.device, "dq")
@@ -421,20 +440,22 @@ def deberta_bwd(launch, do, dlse, q, k, v, pos_key, pos_query, out, lse, key_pad
         """float32 (2, H, P, BLOCK_D): each program's sums of the runs' dpos shares (every program writes its own)."""
         return torch.empty(2, H, programs, cfg["BLOCK_D"], device=q.device) if wanted else None
 
-    nm, programs = persistent(cfg_dq, "BLOCK_M")
-    sat_k = run_sums(grad_pos_key, programs, cfg_dq)
-    launch(_deberta_bwd_dq, (H * programs,),
-           q, k, v, out, do, dlse if dlse is not None else lse, lse, delta, dq,
-           sat_k if sat_k is not None else lse, *common,
-           *io, *_bhm(out, varlen), *_bhm(do, varlen), *_bhm(lse, varlen),
-           *(_bhm(dlse, varlen) if dlse is not None else (0, 0, 0)), *_bhm(dq, varlen), *pos_strides, kpb,
-           B, H, nm, programs, *scalars, HAS_DLSE=dlse is not None, DPOS=grad_pos_key, **flags, **cfg_dq)
+    launch(_deberta_bwd_delta, (B * H, triton.cdiv(max_seqlen, 64)),
+           out, do, dlse if dlse is not None else lse, delta, cu_seqlens if varlen else lse,
+           *_bhm(out, varlen), *_bhm(do, varlen), *_bhm(lse, varlen),
+           *(_bhm(dlse, varlen) if dlse is not None else (0, 0, 0)), H, max_seqlen, D, VARLEN=varlen,
+           HAS_DLSE=dlse is not None, BLOCK_M=64, BLOCK_D=cfg_dq["BLOCK_D"])
+    launch(_deberta_bwd_dq, (B * H, triton.cdiv(max_seqlen, cfg_dq["BLOCK_M"])),
+           q, k, v, do, lse, delta, dq, *common,
+           *io, *_bhm(do, varlen), *_bhm(lse, varlen), *_bhm(dq, varlen), *pos_strides, kpb,
+           H, *scalars, **flags, **cfg_dq)
     nn, programs = persistent(cfg_dkdv, "BLOCK_N")
+    sat_k = run_sums(grad_pos_key, programs, cfg_dkdv)
     sat_q = run_sums(grad_pos_query, programs, cfg_dkdv)
     launch(_deberta_bwd_dkdv, (H * programs,),
-           q, k, v, do, lse, delta, dk, dv, sat_q if sat_q is not None else lse, *common,
-           *io, *_bhm(do, varlen), *_bhm(lse, varlen), *_bhm(dk, varlen), *_bhm(dv, varlen), *pos_strides, kpb,
-           B, H, nn, programs, *scalars, DPOS=grad_pos_query, **flags, **cfg_dkdv)
+           q, k, v, do, lse, delta, dk, dv, sat_k if sat_k is not None else lse, sat_q if sat_q is not None else lse,
+           *common, *io, *_bhm(do, varlen), *_bhm(lse, varlen), *_bhm(dk, varlen), *_bhm(dv, varlen), *pos_strides,
+           kpb, B, H, nn, programs, *scalars, DPOS_K=grad_pos_key, DPOS_Q=grad_pos_query, **flags, **cfg_dkdv)
     if not (grad_pos_key or grad_pos_query):
         return dq, dk, dv, None, None
     dpk, dpq = band_position_grads(launch, q, k, v, do, lse, delta, pos_key, pos_query, common, io, pos_strides, kpb,

@@ -67,8 +67,13 @@ def _deberta_bwd_dpos(
     w_ok = offs_w < NB - dblk * BLOCK_W
     PK += h * stride_pkh
     PQ += h * stride_pqh
-    ekT = tl.zeros([BLOCK_D, BLOCK_W], dtype=tl.float32)  # E_key^T, E_query^T of this block of distances
-    eqT = tl.zeros([BLOCK_D, BLOCK_W], dtype=tl.float32)
+    # E_key^T, E_query^T of this block of distances: this program's slots, added to per item (read-modify-write:
+    # carried in registers through the loop they would be held through every item's products)
+    out = (h * stride_eh + g * stride_eg) + (dblk * BLOCK_W + offs_w[None, :]).to(tl.int64) * BLOCK_D + offs_d[:, None]
+    if DPOS_K:
+        tl.store(EK + out, tl.zeros([BLOCK_D, BLOCK_W], dtype=tl.float32))
+    if DPOS_Q:
+        tl.store(EQ + out, tl.zeros([BLOCK_D, BLOCK_W], dtype=tl.float32))
     for item in range(g, B * NM, G):
         start, L = _sequence(CU, item // NM, SMAX, VARLEN)
         b = (item // NM).to(tl.int64)
@@ -104,19 +109,14 @@ def _deberta_bwd_dpos(
             if DROPOUT:
                 keep = _keep(SEED, b, h, H, SMAX, offs_m[:, None], j, dropout_p)
                 dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-            ds = p * (dp - delta[:, None])  # [BLOCK_M, BLOCK_W]: dS_ij on the diagonals d0 + w
+            ds = p * (dp - delta[:, None]) * sm_scale  # [BLOCK_M, BLOCK_W]: s dS_ij on the diagonals d0 + w
             if DPOS_K:  # E_key[w] += sum_a dS[a, w] q_a
-                ekT = tl.dot(tl.trans(q), ds.to(q.dtype), ekT, input_precision=PRECISION)
+                tl.store(EK + out, tl.dot(tl.trans(q), ds.to(q.dtype), tl.load(EK + out), input_precision=PRECISION))
             if DPOS_Q:  # E_query[w] += sum_c dS[a(c, w), w] k_c, a(c, w) = c - BLOCK_W + 1 + w
                 a = offs_r[:, None] - (BLOCK_W - 1) + offs_w[None, :] + z  # [BLOCK_M + BLOCK_W, BLOCK_W]
                 dsr = tl.where((a >= 0) & (a < BLOCK_M),
                                tl.gather(ds.to(k.dtype), tl.minimum(tl.maximum(a, 0), BLOCK_M - 1), axis=0), 0.0)
-                eqT = tl.dot(tl.trans(k), dsr.to(k.dtype), eqT, input_precision=PRECISION)
-    out = (h * stride_eh + g * stride_eg) + (dblk * BLOCK_W + offs_w[None, :]).to(tl.int64) * BLOCK_D + offs_d[:, None]
-    if DPOS_K:
-        tl.store(EK + out, ekT * sm_scale)
-    if DPOS_Q:
-        tl.store(EQ + out, eqT * sm_scale)
+                tl.store(EQ + out, tl.dot(tl.trans(k), dsr.to(k.dtype), tl.load(EQ + out), input_precision=PRECISION))
 
 
 @triton.jit
