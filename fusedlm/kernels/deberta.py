@@ -43,14 +43,15 @@ dQ kernel, which runs first) and dS = P * (dP - delta) (dP and P^T of dV through
     dpos_key[r]   = s sum_{b, i, j: idx(i - j) = r} dS_ij q_i
     dpos_query[r] = s sum_{b, i, j: idx(i - j) = r} dS_ij k_j          (only when asked for)
 
-The dQ kernel (kernels/deberta_backward.py) owns query rows: per window tile it un-skews dS into
-X[a, w] = dS[a, c] (c the key at distance dmin + w) and adds X PK over the band's distances, in one product with
-the content part (the window's spare rows carry the tile's keys: dQ += [X | dS] [PK; K]); dS of the first /
-last run is summed per row (rs_lo, rs_hi) and added as rs_lo pos_key[IDX_LO] + rs_hi pos_key[IDX_HI] at the
-end. The dK/dV kernel does the same for the keys on transposed [key, query] tiles (every product has the key
-block or the window as its M dimension: wgmma on Hopper). Both are persistent: P programs a head take every
-P-th (sequence, block) item, so the runs' shares of dpos (those row / column sums times q / k) collect in P
-float32 slots a head, (2, H, P, BLOCK_D), whatever the batch and the length. The band's share comes from a
+The dQ kernel (kernels/deberta_backward.py, after a pass for delta) owns query rows: per window tile it
+un-skews dS into X[a, w] = dS[a, c] (c the key at distance dmin + w) and adds X PK over the band's distances,
+in one product with the content part (the window's spare rows carry the tile's keys: dQ += [X | dS] [PK; K]);
+dS of the first / last run is summed per row (rs_lo, rs_hi) and added as rs_lo pos_key[IDX_LO] + rs_hi
+pos_key[IDX_HI] at the end. The dK/dV kernel does the same for the keys on transposed [key, query] tiles
+(every product has the key block or the window as its M dimension: wgmma on Hopper). dQ runs one program per
+query block; dK/dV is persistent: P programs a head take every P-th (sequence, key block) item, so the runs'
+shares of dpos (the queries' and the keys' sums of dS over each run, times q / k) collect in P float32 slots
+a head, (2, H, P, BLOCK_D), whatever the batch and the length. The band's share comes from a
 third kernel (kernels/deberta_band.py) that owns a block of band distances and one head and walks every query
 block of every sequence: for distances d0 + w it recomputes dS on the diagonals j = i - d0 - w only (gathered
 from [BLOCK_M, BLOCK_M + BLOCK_W] products) and accumulates E_key[w] = sum_i dS q_i and E_query[w] =

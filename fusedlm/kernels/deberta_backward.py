@@ -1,26 +1,33 @@
-"""DeBERTa attention's backward: the dQ and dK/dV kernels and the launcher of the whole backward. The math,
-the tile kinds and the shared helpers are in kernels/deberta.py (read it first); the band's share of the
-position gradients is in kernels/deberta_band.py.
+"""DeBERTa attention's backward: the delta pass, the dQ and dK/dV kernels and the launcher of the whole
+backward. The math, the tile kinds and the shared helpers are in kernels/deberta.py (read it first); the band's
+share of the position gradients is in kernels/deberta_band.py.
 
-Tiles and registers. Each program of these kernels keeps its block (64 query rows for dQ, 64 keys for dK/dV)
-for the whole loop over the other side, with one loop for every tile kind: a branch per tile picks the run
-terms (one pos_key / pos_query row) or the window's products. What fits in 255 registers a thread (8 warps)
-decided the rest:
+Order: delta_i = dO_i . out_i - dlse_i (_deberta_bwd_delta), dQ (one program per query block), dK/dV
+(persistent: P programs a head, which also collect the first / last run's shares of both position gradients
+in P slots a head), the band kernel and the bucket fold (deberta_band).
+
+Tiles and registers. A dQ (dK/dV) program keeps its block of 64 query rows (64 keys) for the whole loop over
+the other side, one loop for every tile kind: a branch per tile picks the run terms (one pos_key / pos_query
+row) or the window's products. What fits in 255 registers a thread (8 warps) decided the rest:
 
 - Products whose result flows into another product are 'chained' for Triton, which then lays all 8 warps
   along the 64 rows: both warpgroups compute the same tile (twice the registers, twice the tensor-core
   work). Scores and dP pass through a branch before they are used, which hides the chain: their warps split
-  the columns instead (see _unchain).
-- A window tile's products are transposed where that puts the long window (W = 128) on the M side
-  (PK Q^T: [W, 64]), and every index tensor of the skews is made inside the loop from a value the compiler
-  cannot see through (_fresh): hoisted out of the loop, the skews' indices and the shuffles' bookkeeping
-  held ~100 registers through it.
+  the columns instead (_unchain).
+- A window tile's products put the long window (W = 128) on the M side (PK Q^T: [W, 64], PQ K^T: [W, 32]) and
+  are gathered down the columns; every index tensor of the skews is made inside the loop from a value the
+  compiler cannot see through (_fresh): hoisted out of the loop, the skews' indices and the shuffles'
+  bookkeeping held ~100 registers through it.
 - The band's share of dQ (resp. dK) and the content product are one product: the window spans
   BLOCK_M + BLOCK_N - 1 distances of its W = 128 rows, and the spare rows hold the tile's own keys (resp.
   queries), so dQ += X Y with X the un-skewed dS next to dS itself and Y the window's pos_key rows next to
   K (dK += X Z with Z = [pos_query rows; Q]).
-- The first / last run's shares (dQ_i += rs_i pos_key[run], the runs' dpos sums) go through small tensor-core
-  products ([BLOCK, 16] x [16, BLOCK_D]) instead of elementwise outer products and reductions.
+- The runs' shares (dQ_i += rs_i pos_key[run], the runs' dpos sums) and the runs' C2P / P2C per row go through
+  small tensor-core products ([BLOCK, 16] x [16, BLOCK_D]) instead of elementwise outer products and
+  reductions.
+- Nothing crosses dQ's blocks: a loop over several blocks a program would hold the inner loop's hoisted
+  values through every block's prologue and epilogue (about 60 registers more); the runs' dpos_key sums,
+  which need a slot per program, are made by the dK/dV kernel from the queries' sums of dS over each run.
 num_stages is 1: Triton 3.6's software pipeliner fails on products inside the tile-kind branch.
 """
 import torch
@@ -350,9 +357,9 @@ def _deberta_bwd_dkdv(
 ):
     """dK and dV of key blocks of one head over every query block; with DPOS_K / DPOS_Q the first / last run's
     share of dpos_key / dpos_query. Persistent: P programs a head take the (sequence, key block) items p,
-    p + P, ..., so the runs' sums need P slots a head, whatever the batch and the sequence length. Every product has the key
-    block as its M dimension or the window (K Q^T, dV += P^T dO, dK += X Z, PK Q^T, K Z^T): BLOCK_N = 64 per
-    warpgroup keeps them on Hopper's wgmma."""
+    p + P, ..., so the runs' sums need P slots a head, whatever the batch and the sequence length. Every
+    product has the key block or the window as its M dimension (K Q^T, dV += P^T dO, dK += X Z, PK Q^T,
+    Z K^T): BLOCK_N = 64 per warpgroup keeps them on Hopper's wgmma."""
     h = (tl.program_id(0) // P).to(tl.int64)
     p = tl.program_id(0) % P
     sm_scale = tl.cast(sm_scale, tl.float32)
@@ -384,7 +391,8 @@ def _deberta_bwd_dkdv(
                 if HAS_P2C:  # the runs' P2C per key, k_j . pos_query[IDX_LO / IDX_HI]
                     p_lo, p_hi = _run_terms(k, _run_rows(PQ, IDX_LO, IDX_HI, offs_d, D, stride_pqr), PRECISION)
                 dk, dv, cs_lo, cs_hi, sat_k = _dkdv_tiles(
-                    dk, dv, cs_lo, cs_hi, sat_k, k, v, real, p_lo, p_hi, Q + (b * stride_qb + h * stride_qh + start * stride_qm),
+                    dk, dv, cs_lo, cs_hi, sat_k, k, v, real, p_lo, p_hi,
+                    Q + (b * stride_qb + h * stride_qh + start * stride_qm),
                     DO + (b * stride_dob + h * stride_doh + start * stride_dom), LSE, DELTA,
                     b * stride_lb + h * stride_lh + start * stride_lm, PK, PQ, IDX, SEED, stride_qm, stride_dom,
                     stride_lm, stride_pkr, stride_pqr, start_n, offs_n, offs_d, D, L, SMAX, D_LO, D_HI, IDX_LO, IDX_HI,

@@ -91,11 +91,15 @@ def _deberta_bwd_dpos(
             v = _rows_at(V + b * stride_vb + h * stride_vh + start * stride_vn, offs_j, L, stride_vn, offs_d, D)
             rows = b * stride_lb + h * stride_lh + start * stride_lm
             lse2, delta = _row_stats(LSE + rows, DELTA + rows, offs_m, L, stride_lm)
-            j = jstart + col  # [BLOCK_M, BLOCK_W] key of (a, w)
-            ok = (offs_m[:, None] < L) & (j >= 0) & (j < L) & w_ok[None, :]
+            # the rectangle's keys that exist and are not padding, masked before the skew (a [BLOCK_M +
+            # BLOCK_W] row of flags, not a [BLOCK_M, BLOCK_W] gathered load): -inf in q.k is -inf in s
+            real = (offs_j >= 0) & (offs_j < L)
             if HAS_KPM:
-                ok &= tl.load(KPM + b * stride_kpb + j, mask=ok, other=0) != 0
-            s = tl.gather(_unchain(tl.dot(q, tl.trans(k), input_precision=PRECISION), L > 0), col, axis=1)
+                real &= tl.load(KPM + b * stride_kpb + offs_j, mask=real, other=0) != 0
+            qk = tl.where(real[None, :], _unchain(tl.dot(q, tl.trans(k), input_precision=PRECISION), L > 0),
+                          float("-inf"))
+            s = tl.gather(qk, col, axis=1)
+            ok = (offs_m[:, None] < L) & w_ok[None, :]
             if HAS_C2P:  # the tile's own distances: a plain product
                 pk = _pos_rows(PK, IDX, d0 + offs_w, SMAX, offs_d, D, stride_pkr, True)
                 s += _unchain(tl.dot(q, tl.trans(pk), input_precision=PRECISION), L > 0).to(q.dtype).to(tl.float32)
@@ -107,7 +111,7 @@ def _deberta_bwd_dpos(
             p = tl.math.exp2(s - lse2[:, None])
             dp = tl.gather(_unchain(tl.dot(do, tl.trans(v), input_precision=PRECISION), L > 0), col, axis=1)
             if DROPOUT:
-                keep = _keep(SEED, b, h, H, SMAX, offs_m[:, None], j, dropout_p)
+                keep = _keep(SEED, b, h, H, SMAX, offs_m[:, None], jstart + col, dropout_p)
                 dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
             ds = p * (dp - delta[:, None]) * sm_scale  # [BLOCK_M, BLOCK_W]: s dS_ij on the diagonals d0 + w
             if DPOS_K:  # E_key[w] += sum_a dS[a, w] q_a
