@@ -68,12 +68,14 @@ def _deberta_bwd_dpos(
     PK += h * stride_pkh
     PQ += h * stride_pqh
     # E_key^T, E_query^T of this block of distances: this program's slots, added to per item (read-modify-write:
-    # carried in registers through the loop they would be held through every item's products)
+    # carried in registers through the loop they would be held through every item's products). A barrier after
+    # each write: the next read of an element may come from another thread of the program.
     out = (h * stride_eh + g * stride_eg) + (dblk * BLOCK_W + offs_w[None, :]).to(tl.int64) * BLOCK_D + offs_d[:, None]
     if DPOS_K:
         tl.store(EK + out, tl.zeros([BLOCK_D, BLOCK_W], dtype=tl.float32))
     if DPOS_Q:
         tl.store(EQ + out, tl.zeros([BLOCK_D, BLOCK_W], dtype=tl.float32))
+    tl.debug_barrier()
     for item in range(g, B * NM, G):
         start, L = _sequence(CU, item // NM, SMAX, VARLEN)
         b = (item // NM).to(tl.int64)
@@ -121,6 +123,7 @@ def _deberta_bwd_dpos(
                 dsr = tl.where((a >= 0) & (a < BLOCK_M),
                                tl.gather(ds.to(k.dtype), tl.minimum(tl.maximum(a, 0), BLOCK_M - 1), axis=0), 0.0)
                 tl.store(EQ + out, tl.dot(tl.trans(k), dsr.to(k.dtype), tl.load(EQ + out), input_precision=PRECISION))
+            tl.debug_barrier()
 
 
 @triton.jit
