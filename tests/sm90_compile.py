@@ -321,7 +321,7 @@ def lora_variants():
 
 def deberta_variants():
     """Forward and both backward kernels: every position-term combination, key padding, the dtypes."""
-    from fusedlm.kernels import deberta
+    from fusedlm.kernels import deberta, deberta_backward
     from fusedlm.ops.deberta import relative_band, relative_index_table
 
     with cuda_configs():
@@ -339,7 +339,7 @@ def deberta_variants():
             pq = torch.randn(H, 512, d, dtype=dt) if "p2c" in terms else None
             mask = torch.ones(B, S, dtype=torch.bool) if kpm else None
             out, lse = deberta.deberta_fwd(aot_launch, q, k, v, pk, pq, mask, None, idx, S, 0.1, 0.0, None, band)
-            deberta.deberta_bwd(aot_launch, torch.randn_like(out), None, q, k, v, pk, pq, out, torch.zeros_like(lse),
+            deberta_backward.deberta_bwd(aot_launch, torch.randn_like(out), None, q, k, v, pk, pq, out, torch.zeros_like(lse),
                                 mask, None, idx, S, 0.1, 0.0, None, pk is not None, pq is not None, band)
         # packed sequences with dropout and a gradient reaching lse (the training configuration)
         q = torch.randn(B * S, H, 64, dtype=torch.bfloat16)
@@ -347,7 +347,7 @@ def deberta_variants():
         cu = torch.tensor([0, S, 2 * S], dtype=torch.int32)
         seed = torch.tensor([7])
         out, lse = deberta.deberta_fwd(aot_launch, q, q, q, pos, pos, None, cu, idx, S, 0.1, 0.1, seed, band)
-        deberta.deberta_bwd(aot_launch, out, lse, q, q, q, pos, pos, out, lse, None, cu, idx, S, 0.1, 0.1, seed,
+        deberta_backward.deberta_bwd(aot_launch, out, lse, q, q, q, pos, pos, out, lse, None, cu, idx, S, 0.1, 0.1, seed,
                             True, True, band)
 
 

@@ -145,12 +145,42 @@ def test_dropout_across_runs():
 
 def test_programs_with_several_items(monkeypatch):
     """Every persistent program takes several (sequence, block) items: the band kernel sliced in two, and the
-    dQ / dK-dV kernels with their interpreter count (a few programs a head): sums carried across items."""
+    dK/dV kernel with its interpreter count (a few programs a head): the runs' sums added across items."""
     triton_or_skip()
-    from fusedlm.kernels import deberta_backward as KB
+    from fusedlm.kernels import deberta_band
 
-    monkeypatch.setattr(KB, "_BAND_PROGRAMS", 2)
+    monkeypatch.setattr(deberta_band, "_BAND_PROGRAMS", 2)
     pb, mr = 8, 12
     inputs = _dense(3, 2, 70, 24, pb, mr, "c2p,p2c", (70, 23, 41), seed=11)
     rows = check_case(_fn(pb, mr), _ref(pb, mr), inputs, dtype=torch.float32, device="cpu", grad=NAMES)
     assert_within(rows, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_one_loop_over_runs_and_window_gpu_tiles(dtype, monkeypatch):
+    """The backward's tile loop on the GPU's shapes, run on the interpreter: 64-row query blocks whose loop
+    meets the last run, the window and the first run (plain distances clamped at 20, S = 203), with the
+    window's spare rows carrying the tile's own keys / queries (W = 128); odd head dim 40, key padding, lse and
+    its gradient (the delta pass), both position gradients (the runs' sums in the dK/dV kernel); fresh
+    inputs. float16: the runs' row sums go through the tensor cores as two half terms."""
+    triton_or_skip()
+    from fusedlm.kernels import deberta as K
+
+    configs = K.block_config
+    monkeypatch.setattr(K, "block_config", lambda d, dt, device, *a, **kw: configs(d, dt, torch.device("cuda"),
+                                                                                  *a, **kw))
+    pb, mr = -1, 20
+    inputs = _dense(2, 1, 203, 40, pb, mr, "c2p,p2c", (203, 150), seed=203)
+
+    def fn(query, key, value, pos_key, pos_query, key_padding_mask):
+        out, lse = fusedlm.deberta_attention(query, key, value, pos_key, pos_query, key_padding_mask=key_padding_mask,
+                                             position_buckets=pb, max_relative_positions=mr, return_lse=True,
+                                             backend="triton")
+        return out, lse
+
+    def ref(**kw):
+        return oracle(**kw, position_buckets=pb, max_relative_positions=mr, return_lse=True)
+
+    rows = check_case(fn, ref, inputs, dtype=dtype, device="cpu", grad=NAMES)
+    assert len(rows) == 2 + len(NAMES)
+    assert_within(rows, dtype)

@@ -302,6 +302,7 @@ def test_launch_grids_within_cuda_limits(varlen):
     CUDA's limits: axis 0 < 2^31, axes 1 and 2 <= 65535 (computed on meta tensors, nothing launched)."""
     triton_or_skip()
     from fusedlm.kernels import deberta as K
+    from fusedlm.kernels import deberta_backward as KB
     from fusedlm.ops.deberta import relative_band
 
     H, D, span = 12, 64, 256
@@ -326,7 +327,7 @@ def test_launch_grids_within_cuda_limits(varlen):
                     torch.empty(1, dtype=torch.int64, device="meta"))
         band = relative_band(256, 512)
         K.deberta_fwd(record, q, q, q, pos, pos, *args, band)
-        K.deberta_bwd(record, q, lse, q, q, q, pos, pos, q, lse, *args, True, True, band)
+        KB.deberta_bwd(record, q, lse, q, q, q, pos, pos, q, lse, *args, True, True, band)
     assert grids
     for grid in grids:
         assert grid[0] < 2**31 and all(g <= 65535 for g in grid[1:]), grid

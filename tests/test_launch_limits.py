@@ -129,10 +129,12 @@ def test_deberta_grids_within_cuda_limits_at_a_hundred_thousand_heads(configs):
     else:
         from fusedlm.ops.deberta import relative_band
 
+        from fusedlm.kernels import deberta_backward
+
         band = relative_band(256, 512)
         out, lse = deberta.deberta_fwd(rec, q, q, q, pk, pk, None, None, idx, S, 0.1, 0.0, None, band)
-        deberta.deberta_bwd(rec, out, None, q, q, q, pk, pk, out, lse, None, None, idx, S, 0.1, 0.0, None, True, True,
-                            band)
+        deberta_backward.deberta_bwd(rec, out, None, q, q, q, pk, pk, out, lse, None, None, idx, S, 0.1, 0.0, None,
+                                     True, True, band)
     assert {"_deberta_fwd", "_deberta_bwd_dq", "_deberta_bwd_dkdv", "_deberta_bwd_dpos",
             "_dpos_fold"} <= {n for n, _ in rec.grids}
     assert_within_limits(rec.grids)

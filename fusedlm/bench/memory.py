@@ -117,15 +117,15 @@ def deberta_peak_bytes(B, H, S, D, dtype=torch.bfloat16, span=256, terms=("c2p",
     K.block_config = lambda d, dtype, device, *args, **kw: configs(d, dtype, torch.device("cuda"), *args, **kw)
     KB.num_programs = lambda device, rows: max(1, min(rows, 2 * 132))
     try:
-        return _deberta_peak(K, q, k, v, do, pos_key, pos_query, geo, band)
+        return _deberta_peak(K, KB, q, k, v, do, pos_key, pos_query, geo, band)
     finally:
         K.block_config, KB.num_programs = configs, programs
 
 
-def _deberta_peak(K, q, k, v, do, pos_key, pos_query, geo, band):
+def _deberta_peak(K, KB, q, k, v, do, pos_key, pos_query, geo, band):
     with LiveBytes() as mem:
         out, lse = K.deberta_fwd(_skip, q, k, v, pos_key, pos_query, *geo, band)
-        grads = K.deberta_bwd(_skip, do, None, q, k, v, pos_key, pos_query, out, lse, *geo,
+        grads = KB.deberta_bwd(_skip, do, None, q, k, v, pos_key, pos_query, out, lse, *geo,
                               pos_key is not None, pos_query is not None, band)
         del out, lse, grads
     return mem.peak

@@ -43,23 +43,28 @@ dQ kernel, which runs first) and dS = P * (dP - delta) (dP and P^T of dV through
     dpos_key[r]   = s sum_{b, i, j: idx(i - j) = r} dS_ij q_i
     dpos_query[r] = s sum_{b, i, j: idx(i - j) = r} dS_ij k_j          (only when asked for)
 
-The dQ kernel owns query rows: per window tile it un-skews dS into Dw[a, w] = dS[a, c] (c the key at
-distance dmin + w) and adds Dw PK over the band's distances; dS of the first / last run is summed per row
-(rs_lo, rs_hi) and added as rs_lo pos_key[IDX_LO] + rs_hi pos_key[IDX_HI] at the end. The dK/dV kernel does
-the same for the keys on transposed [key, query] tiles (every product has the key block as its M
-dimension: wgmma on Hopper). Both are persistent: P programs a head take every P-th (sequence, block) item,
-so the runs' shares of dpos (those row / column sums times q / k) collect in P float32 slots a head,
-(2, H, P, BLOCK_D), whatever the batch and the length. The band's share comes from a third kernel that owns
-a block of band distances and one head and walks every query block of every sequence: for distances
-d0 + w it recomputes dS on the diagonals j = i - d0 - w only (gathered from [BLOCK_M, BLOCK_M + BLOCK_W]
-products) and accumulates E_key[w] = sum_i dS q_i and E_query[w] = sum_i dS k_j, (G, H, band, BLOCK_D)
-float32 with G slices of the batch. A fold kernel (_dpos_fold) sums each bucket's run of band distances
-and the runs' slots into dpos. Every sum has a fixed order: the backward is deterministic (no atomics).
-Memory beyond flash attention's: the band's sums, O(H * band * D), and dpos itself.
+The dQ kernel (kernels/deberta_backward.py, after a pass for delta) owns query rows: per window tile it
+un-skews dS into X[a, w] = dS[a, c] (c the key at distance dmin + w) and adds X PK over the band's distances,
+in one product with the content part (the window's spare rows carry the tile's keys: dQ += [X | dS] [PK; K]);
+dS of the first / last run is summed per row (rs_lo, rs_hi) and added as rs_lo pos_key[IDX_LO] + rs_hi
+pos_key[IDX_HI] at the end. The dK/dV kernel does the same for the keys on transposed [key, query] tiles
+(every product has the key block or the window as its M dimension: wgmma on Hopper). dQ runs one program per
+query block; dK/dV is persistent: P programs a head take every P-th (sequence, key block) item, so the runs'
+shares of dpos (the queries' and the keys' sums of dS over each run, times q / k) collect in P float32 slots
+a head, (2, H, P, BLOCK_D), whatever the batch and the length. The band's share comes from a
+third kernel (kernels/deberta_band.py) that owns a block of band distances and one head and walks every query
+block of every sequence: for distances d0 + w it recomputes dS on the diagonals j = i - d0 - w only (gathered
+from [BLOCK_M, BLOCK_M + BLOCK_W] products) and accumulates E_key[w] = sum_i dS q_i and E_query[w] =
+sum_i dS k_j, (G, H, band, BLOCK_D) float32 with G slices of the batch. A fold kernel (_dpos_fold) sums each
+bucket's run of band distances and the runs' slots into dpos. Every sum has a fixed order: the backward is
+deterministic (no atomics). Memory beyond flash attention's: the band's sums, O(H * band * D), and dpos itself.
+Imports run one way: deberta_band from this module, deberta_backward from both.
 """
 import torch
 import triton
 import triton.language as tl
+
+from fusedlm._backend import triton_interpret
 
 from . import attention
 from .attention import _tile, _tile_t
@@ -93,13 +98,31 @@ def _keep(SEED, b, h, H, SMAX, i, j, dropout_p):
     return tl.rand(tl.load(SEED), ((b * H + h) * SMAX + i.to(tl.int64)) * SMAX + j.to(tl.int64)) >= dropout_p
 
 
+if triton_interpret():
+    @triton.jit
+    def _fresh(x):
+        """x (the interpreter has no hoisting to defeat, nor inline assembly)."""
+        return x
+else:
+    @triton.jit
+    def _fresh(x):
+        """x, through one PTX move the compiler may not hoist or see through. Index tensors built from
+        x - x + ... are then made where they are used, every iteration, instead of once before a loop and
+        held in registers all through it (LLVM hoists loop-invariant arithmetic: the skews' indices and the
+        gathers' shuffle bookkeeping took ~100 registers a thread that way)."""
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)
+
+
 @triton.jit
-def _pos_rows(POS, IDX, d, SMAX, offs_d, D, stride_posr):
+def _pos_rows(POS, IDX, d, SMAX, offs_d, D, stride_posr, ok):
     """[len(d), BLOCK_D] rows pos[idx(d)] of one head's embeddings for distances d (clamped into the table:
-    a distance outside it only reaches elements that are masked out)."""
+    a distance outside it only reaches elements that are masked out); zeros where ``ok`` is false."""
     dc = tl.minimum(tl.maximum(d, 1 - SMAX), SMAX - 1)
-    r = tl.load(IDX + (dc + SMAX - 1))
-    return tl.load(POS + r[:, None].to(tl.int64) * stride_posr + offs_d[None, :], mask=offs_d[None, :] < D, other=0.0)
+    ok = tl.where(ok, dc == dc, False)  # a tensor whatever ``ok`` is (a where: the interpreter's & of a scalar
+    # and a tensor of booleans gives integers)
+    r = tl.load(IDX + (dc + SMAX - 1), mask=ok, other=0)
+    return tl.load(POS + r[:, None].to(tl.int64) * stride_posr + offs_d[None, :],
+                   mask=(offs_d[None, :] < D) & ok[:, None], other=0.0)
 
 
 @triton.jit
@@ -130,36 +153,21 @@ def _real_keys(KPM, offs_n, L, HAS_KPM: tl.constexpr):
 def _window(q, kT, PK, PQ, IDX, offs_m, offs_n, dmin, SMAX, offs_d, D, stride_pkr, stride_pqr,
             HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             W: tl.constexpr, PRECISION: tl.constexpr):
-    """C2P + P2C of a window tile [BLOCK_M, BLOCK_N] (q: [BLOCK_M, BLOCK_D], kT: [BLOCK_D, BLOCK_N])."""
+    """C2P + P2C of a window tile [BLOCK_M, BLOCK_N] (q: [BLOCK_M, BLOCK_D], kT: [BLOCK_D, BLOCK_N]). Both
+    products put the window on the M side (PK Q^T: [W, BLOCK_M], PQ K^T: [W, BLOCK_N]): the tensor cores'
+    warps split W rows, none duplicated, and the skew gathers down the columns."""
     dw = dmin + tl.arange(0, W)
-    # w of each element, i - j - dmin (from the tile's own positions: an index tensor made once outside the
-    # loop would hold its registers through the whole loop)
-    skew = offs_m[:, None] - offs_n[None, :] - dmin
+    z = _fresh(dmin) - dmin  # 0 the compiler cannot see: the skews' indices are made per tile
     t = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if HAS_C2P:
-        pk = _pos_rows(PK, IDX, dw, SMAX, offs_d, D, stride_pkr)
-        t += tl.gather(tl.dot(q, tl.trans(pk), input_precision=PRECISION).to(q.dtype), skew, axis=1).to(tl.float32)
-    if HAS_P2C:
-        pq = _pos_rows(PQ, IDX, dw, SMAX, offs_d, D, stride_pqr)
+    if HAS_C2P:  # C2P_ij = (PK Q^T)[i - j - dmin, i - i0]
+        pk = _pos_rows(PK, IDX, dw, SMAX, offs_d, D, stride_pkr, True)
+        skew_t = offs_m[None, :] - offs_n[:, None] - dmin + z
+        t += tl.trans(tl.gather(tl.dot(pk, tl.trans(q), input_precision=PRECISION).to(q.dtype), skew_t,
+                                axis=0)).to(tl.float32)
+    if HAS_P2C:  # P2C_ij = (PQ K^T)[i - j - dmin, j - j0]
+        pq = _pos_rows(PQ, IDX, dw, SMAX, offs_d, D, stride_pqr, True)
+        skew = offs_m[:, None] - offs_n[None, :] - dmin + z
         t += tl.gather(tl.dot(pq, kT, input_precision=PRECISION).to(q.dtype), skew, axis=0).to(tl.float32)
-    return t
-
-
-@triton.jit
-def _window_t(qT, k, PK, PQ, IDX, offs_m, offs_n, dmin, SMAX, offs_d, D, stride_pkr, stride_pqr,
-              HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              W: tl.constexpr, PRECISION: tl.constexpr):
-    """The same on a transposed tile [BLOCK_N keys, BLOCK_M queries] (qT: [BLOCK_D, BLOCK_M], k: [BLOCK_N,
-    BLOCK_D])."""
-    dw = dmin + tl.arange(0, W)
-    skew = offs_m[None, :] - offs_n[:, None] - dmin
-    t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    if HAS_C2P:
-        pk = _pos_rows(PK, IDX, dw, SMAX, offs_d, D, stride_pkr)
-        t += tl.gather(tl.dot(pk, qT, input_precision=PRECISION).to(k.dtype), skew, axis=0).to(tl.float32)
-    if HAS_P2C:
-        pq = _pos_rows(PQ, IDX, dw, SMAX, offs_d, D, stride_pqr)
-        t += tl.gather(tl.dot(k, tl.trans(pq), input_precision=PRECISION).to(k.dtype), skew, axis=1).to(tl.float32)
     return t
 
 
@@ -302,11 +310,15 @@ def block_config(d, dtype, device, kernel="fwd"):
     """Block shapes and warps of ``kernel`` ("fwd", "dq", "dkdv" or "dpos") for head dim d, and the window W.
 
     Chosen on the sm_90 compile (tests/sm90_compile.py): every product keeps an M dimension of 64 per
-    warpgroup (wgmma): the query block of the forward and dQ, the key block of the transposed dK/dV tiles.
-    The window W (the distances a tile spans) is BLOCK_M + BLOCK_N - 1 rounded up to a power of two: 128 for
-    the GPU's 64 x 32 tiles, so a window product costs four of the tile's q.k product per position term.
-    On the interpreter smaller, non-square tiles (the NumPy emulation's speed matters, not occupancy).
-    "dpos": BLOCK_W band distances a program, and BLOCK_M + BLOCK_W must be a power of two.
+    warpgroup (wgmma): the query block of the forward and dQ, the key block of the transposed dK/dV tiles,
+    or the window. The window W is the distances a tile spans, BLOCK_M + BLOCK_N - 1, rounded up to a power of
+    two; the backward's windows also hold the tile's own keys (dQ) or queries (dK/dV) in spare rows
+    (kernels/deberta_backward.py), so theirs is rounded up from BLOCK_M + 2 BLOCK_N - 1 (resp. 2 BLOCK_M +
+    BLOCK_N - 1): 128 for the GPU's 64 x 32 / 32 x 64 tiles, four times the tile's q.k product a position
+    term. The backward runs one stage (no cross-iteration prefetch): Triton 3.6's pipeliner fails on its
+    loops' tile-kind branches. On the interpreter smaller, non-square tiles (the NumPy emulation's speed
+    matters, not occupancy). "dpos": BLOCK_W band distances a program, and BLOCK_M + BLOCK_W must be a power
+    of two.
     """
     bd = max(16, triton.next_power_of_2(d))
     if device.type != "cuda":  # non-square tiles, as on the GPU, so the tests see the skews' general case
@@ -314,18 +326,19 @@ def block_config(d, dtype, device, kernel="fwd"):
         warps, stages = 4, 1
     else:
         # (BLOCK_M, BLOCK_N, warps, stages) per kernel: every product has M = 64 rows a warpgroup (wgmma)
-        # where shared memory allows (227 KB); the backward kernels spill (KNOWN_FAILURES, tests/test_sm90_compile.py)
+        # where shared memory allows (227 KB)
         big = bd * (4 if dtype == torch.float32 else 2) > 256  # float32 D = 128, half D = 256
         table = dict(fwd=(64, 32, 8, 2 if bd <= 64 and dtype != torch.float32 else 1),
-                     dq=(32, 32, 4, 1) if big else (64, 32, 8, 2 if dtype != torch.float32 else 1),
-                     dkdv=(32, 32, 4, 1) if big else (32, 64, 8, 2 if dtype != torch.float32 else 1),
+                     dq=(32, 16, 4, 1) if big else (64, 32, 8, 1),  # big: W = 64 (shared memory: the window's rows)
+                     dkdv=(16, 32, 4, 1) if big else (32, 64, 8, 1),
                      dpos=(32, 32, 4, 1) if big else (64, 64, 8, 1))
         bm, bn, warps, stages = table[kernel]
     cfg = dict(BLOCK_M=bm, BLOCK_D=bd, num_warps=warps, num_stages=stages)
     if kernel == "dpos":
         assert bm + bn == triton.next_power_of_2(bm + bn), "the band kernel's rectangle is BLOCK_M + BLOCK_W wide"
         return dict(cfg, BLOCK_W=bn)
-    return dict(cfg, BLOCK_N=bn, W=triton.next_power_of_2(bm + bn - 1))
+    span = dict(fwd=bm + bn - 1, dq=bm + 2 * bn - 1, dkdv=2 * bm + bn - 1)[kernel]  # distances + spare rows
+    return dict(cfg, BLOCK_N=bn, W=triton.next_power_of_2(span))
 
 
 def _bhm(t, varlen):
@@ -384,5 +397,3 @@ def deberta_fwd(launch, q, k, v, pos_key, pos_query, key_padding_mask, cu_seqlen
            VARLEN=varlen, DROPOUT=dropout_p > 0, PRECISION=attention.precision(q), **cfg)
     return out, lse
 
-
-from .deberta_backward import deberta_bwd  # noqa: E402,F401  (the backward's kernels and launcher)

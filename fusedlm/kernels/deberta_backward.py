@@ -1,62 +1,47 @@
-"""DeBERTa attention's backward: the dQ, dK/dV and band kernels, the bucket fold, and their launcher.
-The math, the tile kinds and the shared helpers are in kernels/deberta.py (read it first).
+"""DeBERTa attention's backward: the delta pass, the dQ and dK/dV kernels and the launcher of the whole
+backward. The math, the tile kinds and the shared helpers are in kernels/deberta.py (read it first); the band's
+share of the position gradients is in kernels/deberta_band.py.
+
+Order: delta_i = dO_i . out_i - dlse_i (_deberta_bwd_delta), dQ (one program per query block), dK/dV
+(persistent: P programs a head, which also collect the first / last run's shares of both position gradients
+in P slots a head), the band kernel and the bucket fold (deberta_band).
+
+Tiles and registers. A dQ (dK/dV) program keeps its block of 64 query rows (64 keys) for the whole loop over
+the other side, one loop for every tile kind: a branch per tile picks the run terms (one pos_key / pos_query
+row) or the window's products. What fits in 255 registers a thread (8 warps) decided the rest:
+
+- Products whose result flows into another product are 'chained' for Triton, which then lays all 8 warps
+  along the 64 rows: both warpgroups compute the same tile (twice the registers, twice the tensor-core
+  work). Scores and dP pass through a branch before they are used, which hides the chain: their warps split
+  the columns instead (_unchain).
+- A window tile's products put the long window (W = 128) on the M side (PK Q^T: [W, 64], PQ K^T: [W, 32]) and
+  are gathered down the columns; every index tensor of the skews is made inside the loop from a value the
+  compiler cannot see through (_fresh): hoisted out of the loop, the skews' indices and the shuffles'
+  bookkeeping held ~100 registers through it.
+- The band's share of dQ (resp. dK) and the content product are one product: the window spans
+  BLOCK_M + BLOCK_N - 1 distances of its W = 128 rows, and the spare rows hold the tile's own keys (resp.
+  queries), so dQ += X Y with X the un-skewed dS next to dS itself and Y the window's pos_key rows next to
+  K (dK += X Z with Z = [pos_query rows; Q]).
+- The runs' shares (dQ_i += rs_i pos_key[run], the runs' dpos sums) and the runs' C2P / P2C per row go through
+  small tensor-core products ([BLOCK, 16] x [16, BLOCK_D]) instead of elementwise outer products and
+  reductions.
+- Nothing crosses dQ's blocks: a loop over several blocks a program would hold the inner loop's hoisted
+  values through every block's prologue and epilogue (about 60 registers more); the runs' dpos_key sums,
+  which need a slot per program, are made by the dK/dV kernel from the queries' sums of dS over each run.
+num_stages is 1: Triton 3.6's software pipeliner fails on products inside the tile-kind branch.
 """
 import torch
 import triton
 import triton.language as tl
 
-from . import attention
-from . import deberta as F  # block_config through the module: tests swap it for the GPU's
 from fusedlm._triton import num_programs
 
+from . import attention
+from . import deberta as F  # block_config through the module: tests swap it for the GPU's
 from .attention import _row_stats, _tile, _tile_t
-from .deberta import (_bhm, _col_runs, _dot_rows, _geometry, _keep, _masks, _new_out, _pos_args, _pos_row,
-                      _pos_rows, _real_keys, _row_runs, _scores, _sequence, _window_t)
-
-
-@triton.jit
-def _dq_blocks(dq, rs_lo, rs_hi, q, do, lse2, delta, c_run, pq_run, K, V, PK, PQ, IDX, KPM, SEED, stride_kn,
-               stride_vn, stride_pkr, stride_pqr, start_m, offs_m, offs_d, D, L, SMAX, D_LO, D_HI, lo, hi, qk_scale,
-               b, h, H, dropout_p, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_KPM: tl.constexpr,
-               DROPOUT: tl.constexpr, WINDOW: tl.constexpr, LAST_RUN: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr):
-    """dQ over key blocks [lo, hi) (unscaled), and the rows' sums of dS over the first / last run."""
-    offs_nb = tl.arange(0, BLOCK_N)
-    offs_w = tl.arange(0, W)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + offs_nb
-        kT = _tile_t(K, offs_n, L, stride_kn, offs_d, D)
-        vT = _tile_t(V, offs_n, L, stride_vn, offs_d, D)
-        s = _scores(q, kT, c_run, pq_run, PK, PQ, IDX, KPM, offs_m, offs_n, start_m, start_n, L, SMAX, offs_d, D,
-                    stride_pkr, stride_pqr, qk_scale, HAS_C2P, HAS_P2C, HAS_KPM, WINDOW, BLOCK_M, BLOCK_N, W,
-                    PRECISION)
-        dmin = start_m - start_n - (BLOCK_N - 1)
-        p = tl.math.exp2(s - lse2[:, None])
-        dp = tl.dot(do, vT, input_precision=PRECISION)
-        if DROPOUT:
-            keep = _keep(SEED, b, h, H, SMAX, offs_m[:, None], offs_n[None, :], dropout_p)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
-        if WINDOW:
-            if HAS_C2P:
-                # un-skew: Dw[a, w] = dS[a, c] with c the key at distance dmin + w; band distances go through the
-                # window's rows now, the runs' through the row sums (and pos_key[IDX_LO / IDX_HI] at the end)
-                dw = dmin + offs_w
-                c = offs_m[:, None] - dw[None, :] - start_n  # key (in the block) of row i at distance dw
-                dsw = tl.where((c >= 0) & (c < BLOCK_N),
-                               tl.gather(ds.to(kT.dtype), tl.minimum(tl.maximum(c, 0), BLOCK_N - 1), axis=1), 0.0)
-                band = (dw > D_LO) & (dw < D_HI)
-                pk = _pos_rows(PK, IDX, dw, SMAX, offs_d, D, stride_pkr)  # loaded again: a short live range
-                dq += tl.dot(tl.where(band[None, :], dsw, 0.0).to(pk.dtype), pk, input_precision=PRECISION)
-                rs_lo += tl.sum(tl.where(dw[None, :] <= D_LO, dsw, 0.0), 1)
-                rs_hi += tl.sum(tl.where(dw[None, :] >= D_HI, dsw, 0.0), 1)
-        else:
-            if LAST_RUN:
-                rs_hi += tl.sum(ds, 1)
-            else:
-                rs_lo += tl.sum(ds, 1)
-    return dq, rs_lo, rs_hi
+from .deberta import (_bhm, _col_runs, _fresh, _geometry, _keep, _masks, _new_out, _pos_args, _pos_row, _pos_rows,
+                      _program, _real_keys, _row_runs, _sequence)
+from .deberta_band import band_position_grads
 
 
 @triton.jit
@@ -67,157 +52,298 @@ def _item(CU, item, NM, SMAX, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _unchain(x, cond):
+    """x itself, routed through a branch on a runtime condition: Triton's layout choice for the product that
+    made x stops at the branch, so it does not see that x feeds another product (see the module docstring)."""
+    if cond:
+        x = x + 0.0
+    return x
+
+
+@triton.jit
+def _window_rows(POS, OWN, IDX, dmin, own0, SMAX, L, offs_d, D, stride_posr, stride_own, window,
+                 SPARE: tl.constexpr, W: tl.constexpr):
+    """[W, BLOCK_D]: row w < W - SPARE is POS[idx(dmin + w)] (the window's embedding rows), row W - SPARE + c
+    is OWN[own0 + c] (the tile's own keys / queries, zeros past L). Loaded for window tiles only."""
+    offs_w = tl.arange(0, W)
+    own = offs_w >= W - SPARE
+    dc = tl.minimum(tl.maximum(dmin + offs_w, 1 - SMAX), SMAX - 1)
+    r = tl.load(IDX + (dc + SMAX - 1), mask=tl.where(window, ~own, False), other=0)
+    j = own0 + offs_w - (W - SPARE)
+    row = tl.where(own, OWN + j.to(tl.int64) * stride_own, POS + r.to(tl.int64) * stride_posr)
+    # (masks joined to the scalar ``window`` by a where: the interpreter's & of the two gives integers)
+    ok = tl.where(window, ~own | (j < L), False)
+    return tl.load(row[:, None] + offs_d[None, :], mask=(offs_d[None, :] < D) & ok[:, None], other=0.0)
+
+
+@triton.jit
+def _run_rows(POS, IDX_LO, IDX_HI, offs_d, D, stride_posr):
+    """[16, BLOCK_D]: rows 0, 1 are POS[IDX_LO], rows 2, 3 POS[IDX_HI], zeros after (the partner of _run_sums)."""
+    offs_r = tl.arange(0, 16)
+    r = tl.where(offs_r < 2, IDX_LO, IDX_HI)
+    return tl.load(POS + r[:, None].to(tl.int64) * stride_posr + offs_d[None, :],
+                   mask=(offs_r[:, None] < 4) & (offs_d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _run_sums(s_lo, s_hi, dtype):
+    """[len(s), 16] in ``dtype``: columns 0 + 1 carry s_lo as two terms (the value and its rounding error, so
+    the pair is exact to ~2^-16 in half precision), columns 2 + 3 s_hi, zeros after: times _run_rows this is
+    s_lo pos[IDX_LO] + s_hi pos[IDX_HI] on the tensor cores."""
+    col = tl.arange(0, 16)[None, :]
+    lo = s_lo.to(dtype).to(tl.float32)
+    hi = s_hi.to(dtype).to(tl.float32)
+    r = tl.where(col == 0, lo[:, None], tl.where(col == 1, (s_lo - lo)[:, None], 0.0))
+    return tl.where(col == 2, hi[:, None], tl.where(col == 3, (s_hi - hi)[:, None], r)).to(dtype)
+
+
+@triton.jit
+def _store_run_sums(SLOT, side_stride, sums, offs_d):
+    """sums [BLOCK_D, 16] from products with _run_sums: the first run's total (columns 0 + 1) at SLOT, the
+    last run's (columns 2 + 3) at SLOT + side_stride."""
+    col = tl.arange(0, 16)[None, :]
+    tl.store(SLOT + offs_d, tl.sum(tl.where(col < 2, sums, 0.0), 1))
+    tl.store(SLOT + side_stride + offs_d, tl.sum(tl.where((col >= 2) & (col < 4), sums, 0.0), 1))
+
+
+@triton.jit
+def _run_terms(x, RUN_ROWS, PRECISION: tl.constexpr):
+    """(x . pos[IDX_LO], x . pos[IDX_HI]) for each row of x [N, BLOCK_D], from one [N, 16] product with the
+    run rows (columns 0 and 2)."""
+    t = tl.dot(x, tl.trans(RUN_ROWS), input_precision=PRECISION)
+    col = tl.arange(0, 16)[None, :]
+    return tl.sum(tl.where(col == 0, t, 0.0), 1), tl.sum(tl.where(col == 2, t, 0.0), 1)
+
+
+@triton.jit
+def _deberta_bwd_delta(
+    O, DO, DLSE, DELTA, CU,  # DELTA: float32, lse's layout
+    stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm,
+    stride_gb, stride_gh, stride_gm,  # DLSE (any strides: autograd may expand zeros)
+    H, SMAX, D, VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta_i = sum_d dO_id out_id - dlse_i (a gradient reaching lse adds dlse_i P_ij to dz_ij), for the
+    dQ / dK-dV / band kernels: a pass of its own keeps the out tile and its float32 products out of the dQ
+    kernel's registers."""
+    b, h, start, L = _program(CU, H, SMAX, VARLEN)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < L
+    o = _tile(O + (b * stride_ob + h * stride_oh + start * stride_om), offs_m, L, stride_om, offs_d, D)
+    do = _tile(DO + (b * stride_dob + h * stride_doh + start * stride_dom), offs_m, L, stride_dom, offs_d, D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + (b * stride_gb + h * stride_gh + start * stride_gm) + offs_m.to(tl.int64) * stride_gm,
+                         mask=row_ok, other=0.0)
+    tl.store(DELTA + (b * stride_lb + h * stride_lh + start * stride_lm) + offs_m.to(tl.int64) * stride_lm, delta,
+             mask=row_ok)
+
+
+@triton.jit
+def _dq_tiles(dq, rs_lo, rs_hi, q, do, lse2, delta, c_lo, c_hi, K, V, PK, PQ, IDX, KPM, SEED, stride_kn, stride_vn,
+              stride_pkr, stride_pqr, start_m, offs_m, offs_d, D, L, SMAX, D_LO, D_HI, IDX_LO, IDX_HI, hi_end,
+              lo_start, kv_end, qk_scale, b, h, H, dropout_p, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
+              HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              W: tl.constexpr, PRECISION: tl.constexpr):
+    """dQ (unscaled) of one query block over the key blocks [0, kv_end), and the rows' sums of dS over the
+    first / last run (rs_lo / rs_hi). Key blocks before hi_end lie in the last run, from lo_start in the first,
+    the window tiles between (_row_runs)."""
+    offs_nb = tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, W)
+    for start_n in range(0, kv_end, BLOCK_N):
+        offs_n = start_n + offs_nb
+        kT = _tile_t(K, offs_n, L, stride_kn, offs_d, D)
+        vT = _tile_t(V, offs_n, L, stride_vn, offs_d, D)
+        dmin = start_m - start_n - (BLOCK_N - 1)  # the window's first distance
+        window = (start_n >= hi_end) & (start_n < lo_start)
+        last = start_n < hi_end
+        z = _fresh(dmin) - dmin  # 0 the compiler cannot see: the skews' indices are made per tile
+        # loaded outside the branch (masked to window tiles): Triton's pipeliner keeps loads out of branches
+        if HAS_C2P:  # Y: the window's pos_key rows; in its spare rows the tile's keys
+            y = _window_rows(PK, K, IDX, dmin, start_n, SMAX, L, offs_d, D, stride_pkr, stride_kn, window,
+                             BLOCK_N, W)
+        if HAS_P2C:
+            pq = _pos_rows(PQ, IDX, dmin + offs_w, SMAX, offs_d, D, stride_pqr, window)
+            pq_run = _pos_row(PQ, tl.where(last, IDX_HI, IDX_LO), offs_d, D, stride_pqr, True)
+        s = tl.dot(q, kT, input_precision=PRECISION)
+        if window:
+            if HAS_C2P:  # C2P_ij = (PK Q^T)[i - j - dmin, i - i0]: gathered down the columns, transposed
+                skew_t = offs_m[None, :] - offs_n[:, None] - dmin + z
+                s += tl.trans(tl.gather(tl.dot(y, tl.trans(q), input_precision=PRECISION).to(q.dtype), skew_t,
+                                        axis=0)).to(tl.float32)
+            if HAS_P2C:  # P2C_ij = (PQ K^T)[i - j - dmin, j - j0]
+                skew = offs_m[:, None] - offs_n[None, :] - dmin + z
+                s += tl.gather(tl.dot(pq, kT, input_precision=PRECISION).to(q.dtype), skew,
+                               axis=0).to(tl.float32)
+        else:  # a run: C2P is the row's c_run, P2C k_j . pos_query[run]
+            if HAS_C2P:
+                s += tl.where(last, c_hi, c_lo)[:, None]
+            if HAS_P2C:
+                s += tl.sum(kT.to(tl.float32) * pq_run[:, None], 0)[None, :]
+        s = tl.where(_real_keys(KPM, offs_n, L, HAS_KPM)[None, :], s * qk_scale, float("-inf"))
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = _unchain(tl.dot(do, vT, input_precision=PRECISION), window)
+        if DROPOUT:
+            keep = _keep(SEED, b, h, H, SMAX, offs_m[:, None], offs_n[None, :], dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        if HAS_C2P:  # the runs' row sums, by distance (a window tile holds distances of the runs too)
+            dist = offs_m[:, None] - offs_n[None, :]
+            rs_lo += tl.sum(tl.where(dist <= D_LO, ds, 0.0), 1)
+            rs_hi += tl.sum(tl.where(dist >= D_HI, ds, 0.0), 1)
+        if window and HAS_C2P:
+            # X[a, w] = dS[a, c] at the key c of row a at distance dmin + w (band distances only: the runs' go
+            # through rs), and X[a, W - BLOCK_N + c] = dS[a, c]: dQ += X Y is the band's share and dS K at once
+            c = offs_m[:, None] - start_m + (BLOCK_N - 1) - offs_w[None, :] + z
+            c = tl.where(offs_w[None, :] >= W - BLOCK_N, (offs_w - (W - BLOCK_N))[None, :] + z, c)
+            dw = dmin + offs_w
+            keep_w = (offs_w >= W - BLOCK_N) | ((dw > D_LO) & (dw < D_HI))
+            x = tl.where((c >= 0) & (c < BLOCK_N) & keep_w[None, :],
+                         tl.gather(ds.to(q.dtype), tl.minimum(tl.maximum(c, 0), BLOCK_N - 1), axis=1), 0.0)
+            dq = tl.dot(x.to(q.dtype), y, dq, input_precision=PRECISION)
+        else:
+            dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PRECISION)
+    return dq, rs_lo, rs_hi
+
+
+@triton.jit
 def _deberta_bwd_dq(
-    Q, K, V, O, DO, DLSE, LSE, DELTA, DQ, SAT,  # DELTA: written here (float32, lse's layout)
-    PK, PQ, IDX, KPM, KV_END, CU, SEED,  # SAT: float32 (2, H, P, BLOCK_D), the runs' dpos_key sums
+    Q, K, V, DO, LSE, DELTA, DQ,  # DELTA: float32 (lse's layout) from _deberta_bwd_delta
+    PK, PQ, IDX, KPM, KV_END, CU, SEED,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
-    stride_lb, stride_lh, stride_lm, stride_gb, stride_gh, stride_gm,  # LSE and DELTA; DLSE
+    stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm,  # LSE and DELTA share strides
     stride_dqb, stride_dqh, stride_dqm,
     stride_pkh, stride_pkr, stride_pqh, stride_pqr, stride_kpb,
-    B, H, NM, P, SMAX, D, D_LO, D_HI, IDX_LO, IDX_HI,  # NM query blocks a sequence, P programs a head
+    H, SMAX, D, D_LO, D_HI, IDX_LO, IDX_HI,
     sm_scale, dropout_p,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
-    DROPOUT: tl.constexpr, HAS_DLSE: tl.constexpr, DPOS: tl.constexpr,
+    DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """delta and dQ of query blocks of one head over every key block; with DPOS the first / last run's share
-    of dpos_key. Persistent: P programs a head take the (sequence, query block) items p, p + P, ..., so the
-    runs' sums need P slots a head, whatever the batch and the sequence length."""
-    h = (tl.program_id(0) // P).to(tl.int64)
-    p = tl.program_id(0) % P
+    """dQ of one query block (grid: batch x heads, query blocks) over every key block. No state crosses
+    blocks (the runs' dpos_key sums come from the dK/dV kernel), so nothing is held between blocks either:
+    a loop over several blocks a program would keep the inner loop's hoisted values through the block's
+    prologue and epilogue (~60 registers a thread)."""
+    b, h, start, L = _program(CU, H, SMAX, VARLEN)
+    start_m = tl.program_id(1) * BLOCK_M
+    if start_m >= L:
+        return  # past this sequence's end (packed batches launch for the longest)
     sm_scale = tl.cast(sm_scale, tl.float32)
     dropout_p = tl.cast(dropout_p, tl.float32)
     offs_d = tl.arange(0, BLOCK_D)
     PK += h * stride_pkh
     PQ += h * stride_pqh
     qk_scale = sm_scale * 1.4426950408889634
-    sat_lo = tl.zeros([BLOCK_D], dtype=tl.float32)
-    sat_hi = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for item in range(p, B * NM, P):
-        b, start, L, m = _item(CU, item, NM, SMAX, VARLEN)
-        start_m = m * BLOCK_M
-        if start_m < L:  # blocks past a sequence's end (packed batches count blocks for the longest): none
-            # the runs' embedding rows, loaded per item (cached; held across the loop they would take registers)
-            pk_hi = _pos_row(PK, IDX_HI, offs_d, D, stride_pkr, HAS_C2P)
-            pk_lo = _pos_row(PK, IDX_LO, offs_d, D, stride_pkr, HAS_C2P)
-            pq_hi = _pos_row(PQ, IDX_HI, offs_d, D, stride_pqr, HAS_P2C)
-            pq_lo = _pos_row(PQ, IDX_LO, offs_d, D, stride_pqr, HAS_P2C)
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < L
-            Kb = K + (b * stride_kb + h * stride_kh + start * stride_kn)
-            Vb = V + (b * stride_vb + h * stride_vh + start * stride_vn)
-            rows = b * stride_lb + h * stride_lh + start * stride_lm
-            KPMb = KPM + b * stride_kpb
-            q = _tile(Q + (b * stride_qb + h * stride_qh + start * stride_qm), offs_m, L, stride_qm, offs_d, D)
-            do = _tile(DO + (b * stride_dob + h * stride_doh + start * stride_dom), offs_m, L, stride_dom, offs_d, D)
-            # delta_i = sum_d dO_id out_id (- dlse_i: a gradient reaching lse adds dlse_i P_ij to dz_ij).
-            o = _tile(O + (b * stride_ob + h * stride_oh + start * stride_om), offs_m, L, stride_om, offs_d, D)
-            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-            if HAS_DLSE:  # any strides (autograd may expand zeros)
-                dlse_row = DLSE + (b * stride_gb + h * stride_gh + start * stride_gm)
-                delta -= tl.load(dlse_row + offs_m.to(tl.int64) * stride_gm, mask=row_ok, other=0.0)
-            tl.store(DELTA + rows + offs_m.to(tl.int64) * stride_lm, delta, mask=row_ok)
-            lse = tl.load(LSE + rows + offs_m.to(tl.int64) * stride_lm, mask=row_ok, other=float("-inf"))
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # P = 0 on empty rows
-            kv_end = tl.minimum(L, tl.load(KV_END + b)) if HAS_KPM else L
-            hi_end, lo_start = _row_runs(start_m, kv_end, D_LO, D_HI, BLOCK_M, BLOCK_N)
-            c_hi = _dot_rows(q, pk_hi)
-            c_lo = _dot_rows(q, pk_lo)
-            dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-            rs_lo = tl.zeros([BLOCK_M], dtype=tl.float32)
-            rs_hi = tl.zeros([BLOCK_M], dtype=tl.float32)
-            dq, rs_lo, rs_hi = _dq_blocks(dq, rs_lo, rs_hi, q, do, lse2, delta, c_hi, pq_hi, Kb, Vb, PK, PQ, IDX, KPMb,
-                                          SEED, stride_kn, stride_vn, stride_pkr, stride_pqr, start_m, offs_m, offs_d,
-                                          D, L, SMAX, D_LO, D_HI, 0, hi_end, qk_scale, b, h, H, dropout_p, HAS_C2P,
-                                          HAS_P2C, HAS_KPM, DROPOUT, False, True, BLOCK_M, BLOCK_N, W, PRECISION)
-            dq, rs_lo, rs_hi = _dq_blocks(dq, rs_lo, rs_hi, q, do, lse2, delta, c_hi, pq_hi, Kb, Vb, PK, PQ, IDX, KPMb,
-                                          SEED, stride_kn, stride_vn, stride_pkr, stride_pqr, start_m, offs_m, offs_d,
-                                          D, L, SMAX, D_LO, D_HI, hi_end, lo_start, qk_scale, b, h, H, dropout_p,
-                                          HAS_C2P, HAS_P2C, HAS_KPM, DROPOUT, True, True, BLOCK_M, BLOCK_N, W,
-                                          PRECISION)
-            dq, rs_lo, rs_hi = _dq_blocks(dq, rs_lo, rs_hi, q, do, lse2, delta, c_lo, pq_lo, Kb, Vb, PK, PQ, IDX, KPMb,
-                                          SEED, stride_kn, stride_vn, stride_pkr, stride_pqr, start_m, offs_m, offs_d,
-                                          D, L, SMAX, D_LO, D_HI, lo_start, kv_end, qk_scale, b, h, H, dropout_p,
-                                          HAS_C2P, HAS_P2C, HAS_KPM, DROPOUT, False, False, BLOCK_M, BLOCK_N, W,
-                                          PRECISION)
-            if HAS_C2P:  # the runs' share: dQ_i += rs pos_key[run]; of dpos_key: sum_i rs_i q_i
-                dq += rs_lo[:, None] * pk_lo[None, :] + rs_hi[:, None] * pk_hi[None, :]
-                if DPOS:
-                    qf = q.to(tl.float32)
-                    sat_lo += tl.sum(rs_lo[:, None] * qf, 0)
-                    sat_hi += tl.sum(rs_hi[:, None] * qf, 0)
-            dq = dq * sm_scale
-            DQb = DQ + (b * stride_dqb + h * stride_dqh + start * stride_dqm)
-            tl.store(DQb + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-                     mask=row_ok[:, None] & (offs_d[None, :] < D))
-    if DPOS:  # SAT[side, h, p, :]
-        slot = SAT + (h * P + p) * BLOCK_D + offs_d
-        tl.store(slot, sat_lo * sm_scale)
-        tl.store(slot + H * P * BLOCK_D, sat_hi * sm_scale)
+    offs_m = start_m + _fresh(tl.arange(0, BLOCK_M))
+    row_ok = offs_m < L
+    q = _tile(Q + (b * stride_qb + h * stride_qh + start * stride_qm), offs_m, L, stride_qm, offs_d, D)
+    do = _tile(DO + (b * stride_dob + h * stride_doh + start * stride_dom), offs_m, L, stride_dom, offs_d, D)
+    lse2, delta = _row_stats(LSE + (b * stride_lb + h * stride_lh + start * stride_lm),
+                             DELTA + (b * stride_lb + h * stride_lh + start * stride_lm), offs_m, L, stride_lm)
+    kv_end = tl.minimum(L, tl.load(KV_END + b)) if HAS_KPM else L
+    hi_end, lo_start = _row_runs(start_m, kv_end, D_LO, D_HI, BLOCK_M, BLOCK_N)
+    c_lo = tl.zeros([BLOCK_M], dtype=tl.float32)
+    c_hi = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_C2P:  # the runs' C2P per row, q_i . pos_key[IDX_LO / IDX_HI]
+        c_lo, c_hi = _run_terms(q, _run_rows(PK, IDX_LO, IDX_HI, offs_d, D, stride_pkr), PRECISION)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    rs_lo = tl.zeros([BLOCK_M], dtype=tl.float32)
+    rs_hi = tl.zeros([BLOCK_M], dtype=tl.float32)
+    dq, rs_lo, rs_hi = _dq_tiles(
+        dq, rs_lo, rs_hi, q, do, lse2, delta, c_lo, c_hi, K + (b * stride_kb + h * stride_kh + start * stride_kn),
+        V + (b * stride_vb + h * stride_vh + start * stride_vn), PK, PQ, IDX, KPM + b * stride_kpb, SEED, stride_kn,
+        stride_vn, stride_pkr, stride_pqr, start_m, offs_m, offs_d, D, L, SMAX, D_LO, D_HI, IDX_LO, IDX_HI, hi_end,
+        lo_start, kv_end, qk_scale, b, h, H, dropout_p, HAS_C2P, HAS_P2C, HAS_KPM, DROPOUT, BLOCK_M, BLOCK_N, W,
+        PRECISION)
+    if HAS_C2P:  # the runs' share: dQ_i += rs_i pos_key[run]
+        dq = tl.dot(_run_sums(rs_lo, rs_hi, q.dtype), _run_rows(PK, IDX_LO, IDX_HI, offs_d, D, stride_pkr), dq,
+                    input_precision=PRECISION)
+    DQb = DQ + (b * stride_dqb + h * stride_dqh + start * stride_dqm)
+    tl.store(DQb + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, cs_lo, cs_hi, k, v, real, c_run, p_run, Q, DO, LSE, DELTA, rows, PK, PQ, IDX, SEED,
-                 stride_qm, stride_dom, stride_lm, stride_pkr, stride_pqr, start_n, offs_n, offs_d, D, L, SMAX,
-                 D_LO, D_HI, lo, hi, qk_scale, b, h, H, dropout_p,
-                 HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, DROPOUT: tl.constexpr, WINDOW: tl.constexpr,
-                 LAST_RUN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    """dK (unscaled), dV over query blocks [lo, hi) on transposed tiles (row = key, column = query), and the
-    keys' sums of dS over the first / last run. c_run: the run's pos_key row; p_run: its P2C per key."""
+def _dkdv_tiles(dk, dv, cs_lo, cs_hi, sat_k, k, v, real, p_lo, p_hi, Q, DO, LSE, DELTA, rows, PK, PQ, IDX, SEED,
+                stride_qm, stride_dom, stride_lm, stride_pkr, stride_pqr, start_n, offs_n, offs_d, D, L, SMAX, D_LO,
+                D_HI, IDX_LO, IDX_HI, lo_end, hi_start, qk_scale, b, h, H, dropout_p, HAS_C2P: tl.constexpr,
+                HAS_P2C: tl.constexpr, DROPOUT: tl.constexpr, DPOS_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr):
+    """dK (unscaled) and dV of one key block over the query blocks [0, L), on transposed tiles (row = key,
+    column = query), the keys' sums of dS over the first / last run (cs_lo / cs_hi) and, with DPOS_K, the
+    runs' share of dpos_key: sat_k += Q^T [the queries' sums of dS over each run] (as _run_sums products).
+    Query blocks before lo_end lie in the first run, from hi_start in the last (_col_runs). p_lo / p_hi: the
+    runs' P2C per key."""
     offs_mb = tl.arange(0, BLOCK_M)
     offs_w = tl.arange(0, W)
-    for start_m in range(lo, hi, BLOCK_M):
+    for start_m in range(0, L, BLOCK_M):
         offs_m = start_m + offs_mb
         qT = _tile_t(Q, offs_m, L, stride_qm, offs_d, D)  # [BLOCK_D, BLOCK_M]
         do = _tile(DO, offs_m, L, stride_dom, offs_d, D)  # [BLOCK_M, BLOCK_D]
         lse2, delta = _row_stats(LSE + rows, DELTA + rows, offs_m, L, stride_lm)
-        sT = tl.dot(k, qT, input_precision=PRECISION)
         dmin = start_m - start_n - (BLOCK_N - 1)
-        if WINDOW:
-            sT += _window_t(qT, k, PK, PQ, IDX, offs_m, offs_n, dmin, SMAX, offs_d, D, stride_pkr, stride_pqr,
-                            HAS_C2P, HAS_P2C, BLOCK_M, BLOCK_N, W, PRECISION)
+        window = (start_m >= lo_end) & (start_m < hi_start)
+        first = start_m < lo_end
+        z = _fresh(dmin) - dmin
+        if HAS_P2C:  # Z: the window's pos_query rows; in its spare rows the tile's queries
+            zr = _window_rows(PQ, Q, IDX, dmin, start_m, SMAX, L, offs_d, D, stride_pqr, stride_qm, window,
+                              BLOCK_M, W)
+        sT = tl.dot(k, qT, input_precision=PRECISION)
+        if window:
+            if HAS_C2P:  # C2P^T[c, a] = (PK Q^T)[a - c + BLOCK_N - 1, a]
+                pk = _pos_rows(PK, IDX, dmin + offs_w, SMAX, offs_d, D, stride_pkr, True)
+                skew = offs_m[None, :] - offs_n[:, None] - dmin + z
+                sT += tl.gather(tl.dot(pk, qT, input_precision=PRECISION).to(k.dtype), skew, axis=0).to(tl.float32)
+            if HAS_P2C:  # P2C^T[c, a] = (Z K^T)[a - c + BLOCK_N - 1, c]: gathered down the columns, transposed
+                skew_t = offs_m[:, None] - offs_n[None, :] - dmin + z
+                sT += tl.trans(tl.gather(tl.dot(zr, tl.trans(k), input_precision=PRECISION).to(k.dtype), skew_t,
+                                         axis=0)).to(tl.float32)
         else:
-            if HAS_C2P:
-                sT += tl.sum(qT.to(tl.float32) * c_run[:, None], 0)[None, :]
+            if HAS_C2P:  # q_i . pos_key[run] for every key: a tile of pos_key[run] rows times Q^T (added, not
+                # accumulated by the product: fed to a product, sT would be 'chained')
+                r_run = tl.where(first, IDX_LO, IDX_HI).to(tl.int64)
+                pk_run = tl.load(PK + r_run * stride_pkr + (0 * offs_n)[:, None] + offs_d[None, :],
+                                 mask=offs_d[None, :] < D, other=0.0)
+                sT += _unchain(tl.dot(pk_run, qT, input_precision=PRECISION), first)
             if HAS_P2C:
-                sT += p_run[:, None]
+                sT += tl.where(first, p_lo, p_hi)[:, None]
         sT = tl.where(real[:, None], sT * qk_scale, float("-inf"))
         pT = tl.math.exp2(sT - lse2[None, :])
-        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BLOCK_N, BLOCK_M]
+        dpT = _unchain(tl.dot(v, tl.trans(do), input_precision=PRECISION), window)  # [BLOCK_N, BLOCK_M]
         if DROPOUT:
             keepT = _keep(SEED, b, h, H, SMAX, offs_m[None, :], offs_n[:, None], dropout_p)
             pdT = tl.where(keepT, pT / (1.0 - dropout_p), 0.0)
             dpT = tl.where(keepT, dpT / (1.0 - dropout_p), 0.0)
         else:
             pdT = pT
-        dv += tl.dot(pdT.to(do.dtype), do, input_precision=PRECISION)
+        dv = tl.dot(pdT.to(do.dtype), do, dv, input_precision=PRECISION)
         dsT = pT * (dpT - delta[None, :])
-        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION)
-        if WINDOW:
-            if HAS_P2C:
-                # un-skew: DwT[c, w] = dS^T[c, a] with a the query of key c at distance dmin + w
-                dw = dmin + offs_w
-                a = offs_n[:, None] + dw[None, :] - start_m  # query (in the block) of key j at distance dw
-                dsw = tl.where((a >= 0) & (a < BLOCK_M),
-                               tl.gather(dsT.to(k.dtype), tl.minimum(tl.maximum(a, 0), BLOCK_M - 1), axis=1), 0.0)
-                band = (dw > D_LO) & (dw < D_HI)
-                pq = _pos_rows(PQ, IDX, dw, SMAX, offs_d, D, stride_pqr)  # loaded again: a short live range
-                dk += tl.dot(tl.where(band[None, :], dsw, 0.0).to(pq.dtype), pq, input_precision=PRECISION)
-                cs_lo += tl.sum(tl.where(dw[None, :] <= D_LO, dsw, 0.0), 1)
-                cs_hi += tl.sum(tl.where(dw[None, :] >= D_HI, dsw, 0.0), 1)
+        dist = offs_m[None, :] - offs_n[:, None]
+        if HAS_P2C:  # the runs' key sums, by distance (a window tile holds distances of the runs too)
+            cs_lo += tl.sum(tl.where(dist <= D_LO, dsT, 0.0), 1)
+            cs_hi += tl.sum(tl.where(dist >= D_HI, dsT, 0.0), 1)
+        if DPOS_K:  # the runs' share of dpos_key: sum_i q_i (the query's sum of dS over each run)
+            r = _run_sums(tl.sum(tl.where(dist <= D_LO, dsT, 0.0), 0), tl.sum(tl.where(dist >= D_HI, dsT, 0.0), 0),
+                          k.dtype)
+            sat_k = tl.dot(qT, r, sat_k, input_precision=PRECISION)
+        if window and HAS_P2C:
+            # X[c, w] = dS^T[c, a] at the query a of key c at distance dmin + w (band distances), and
+            # X[c, W - BLOCK_M + a] = dS^T[c, a]: dK += X Z is the band's share and dS^T Q at once
+            a = offs_n[:, None] - start_n + offs_w[None, :] - (BLOCK_N - 1) + z
+            a = tl.where(offs_w[None, :] >= W - BLOCK_M, (offs_w - (W - BLOCK_M))[None, :] + z, a)
+            dw = dmin + offs_w
+            keep_w = (offs_w >= W - BLOCK_M) | ((dw > D_LO) & (dw < D_HI))
+            x = tl.where((a >= 0) & (a < BLOCK_M) & keep_w[None, :],
+                         tl.gather(dsT.to(k.dtype), tl.minimum(tl.maximum(a, 0), BLOCK_M - 1), axis=1), 0.0)
+            dk = tl.dot(x.to(k.dtype), zr, dk, input_precision=PRECISION)
         else:
-            if LAST_RUN:
-                cs_hi += tl.sum(dsT, 1)
-            else:
-                cs_lo += tl.sum(dsT, 1)
-    return dk, dv, cs_lo, cs_hi
+            dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PRECISION)
+    return dk, dv, cs_lo, cs_hi, sat_k
 
 
 @triton.jit
 def _deberta_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, SAT,  # SAT: float32 (2, H, P, BLOCK_D), the runs' dpos_query sums
+    Q, K, V, DO, LSE, DELTA, DK, DV, SATK, SATQ,  # SAT*: float32 (2, H, P, BLOCK_D), the runs' dpos_key / query sums
     PK, PQ, IDX, KPM, KV_END, CU, SEED,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm,  # LSE and DELTA share strides
@@ -226,11 +352,14 @@ def _deberta_bwd_dkdv(
     B, H, NM, P, SMAX, D, D_LO, D_HI, IDX_LO, IDX_HI,  # NM key blocks a sequence, P programs a head
     sm_scale, dropout_p,
     HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
-    DROPOUT: tl.constexpr, DPOS: tl.constexpr,
+    DROPOUT: tl.constexpr, DPOS_K: tl.constexpr, DPOS_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dK and dV of key blocks of one head over every query block; with DPOS the first / last run's share of
-    dpos_query. Persistent as the dQ kernel: P programs a head, P slots of run sums."""
+    """dK and dV of key blocks of one head over every query block; with DPOS_K / DPOS_Q the first / last run's
+    share of dpos_key / dpos_query. Persistent: P programs a head take the (sequence, key block) items p,
+    p + P, ..., so the runs' sums need P slots a head, whatever the batch and the sequence length. Every
+    product has the key block or the window as its M dimension (K Q^T, dV += P^T dO, dK += X Z, PK Q^T,
+    Z K^T): BLOCK_N = 64 per warpgroup keeps them on Hopper's wgmma."""
     h = (tl.program_id(0) // P).to(tl.int64)
     p = tl.program_id(0) % P
     sm_scale = tl.cast(sm_scale, tl.float32)
@@ -239,23 +368,14 @@ def _deberta_bwd_dkdv(
     PK += h * stride_pkh
     PQ += h * stride_pqh
     qk_scale = sm_scale * 1.4426950408889634
-    sat_lo = tl.zeros([BLOCK_D], dtype=tl.float32)
-    sat_hi = tl.zeros([BLOCK_D], dtype=tl.float32)
+    sat_k = tl.zeros([BLOCK_D, 16], dtype=tl.float32)  # the runs' dpos_key / dpos_query sums (_run_sums products)
+    sat_q = tl.zeros([BLOCK_D, 16], dtype=tl.float32)
     for item in range(p, B * NM, P):
         b, start, L, n = _item(CU, item, NM, SMAX, VARLEN)
         start_n = n * BLOCK_N
         if start_n < L:
-            pk_hi = _pos_row(PK, IDX_HI, offs_d, D, stride_pkr, HAS_C2P)  # per item, as in the dQ kernel
-            pk_lo = _pos_row(PK, IDX_LO, offs_d, D, stride_pkr, HAS_C2P)
-            pq_hi = _pos_row(PQ, IDX_HI, offs_d, D, stride_pqr, HAS_P2C)
-            pq_lo = _pos_row(PQ, IDX_LO, offs_d, D, stride_pqr, HAS_P2C)
-            offs_n = start_n + tl.arange(0, BLOCK_N)
+            offs_n = start_n + _fresh(tl.arange(0, BLOCK_N))
             kv_ok = offs_n < L
-            Qb = Q + (b * stride_qb + h * stride_qh + start * stride_qm)
-            DOb = DO + (b * stride_dob + h * stride_doh + start * stride_dom)
-            rows = b * stride_lb + h * stride_lh + start * stride_lm
-            # Every product has the key block as its M dimension (sT = K Q^T, dV += P^T dO, dK += dS^T Q,
-            # K PQ^T, DwT PQ), so BLOCK_N = 64 per warpgroup keeps them on Hopper's wgmma.
             k = _tile(K + (b * stride_kb + h * stride_kh + start * stride_kn), offs_n, L, stride_kn, offs_d, D)
             v = _tile(V + (b * stride_vb + h * stride_vh + start * stride_vn), offs_n, L, stride_vn, offs_d, D)
             dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -263,184 +383,36 @@ def _deberta_bwd_dkdv(
             cs_lo = tl.zeros([BLOCK_N], dtype=tl.float32)
             cs_hi = tl.zeros([BLOCK_N], dtype=tl.float32)
             kv_end = tl.minimum(L, tl.load(KV_END + b)) if HAS_KPM else L
-            real = _real_keys(KPM + b * stride_kpb, offs_n, L, HAS_KPM)
             if start_n < kv_end:  # a block of padding only: its gradients are zeros
+                real = _real_keys(KPM + b * stride_kpb, offs_n, L, HAS_KPM)
                 lo_end, hi_start = _col_runs(start_n, L, D_LO, D_HI, BLOCK_M, BLOCK_N)
-                p_lo = _dot_rows(k, pq_lo)
-                p_hi = _dot_rows(k, pq_hi)
-                dk, dv, cs_lo, cs_hi = _dkdv_blocks(dk, dv, cs_lo, cs_hi, k, v, real, pk_lo, p_lo, Qb, DOb, LSE, DELTA,
-                                                    rows, PK, PQ, IDX, SEED, stride_qm, stride_dom, stride_lm,
-                                                    stride_pkr, stride_pqr, start_n, offs_n, offs_d, D, L, SMAX, D_LO,
-                                                    D_HI, 0, lo_end, qk_scale, b, h, H, dropout_p, HAS_C2P, HAS_P2C,
-                                                    DROPOUT, False, False, BLOCK_M, BLOCK_N, W, PRECISION)
-                dk, dv, cs_lo, cs_hi = _dkdv_blocks(dk, dv, cs_lo, cs_hi, k, v, real, pk_lo, p_lo, Qb, DOb, LSE, DELTA,
-                                                    rows, PK, PQ, IDX, SEED, stride_qm, stride_dom, stride_lm,
-                                                    stride_pkr, stride_pqr, start_n, offs_n, offs_d, D, L, SMAX, D_LO,
-                                                    D_HI, lo_end, hi_start, qk_scale, b, h, H, dropout_p, HAS_C2P,
-                                                    HAS_P2C, DROPOUT, True, False, BLOCK_M, BLOCK_N, W, PRECISION)
-                dk, dv, cs_lo, cs_hi = _dkdv_blocks(dk, dv, cs_lo, cs_hi, k, v, real, pk_hi, p_hi, Qb, DOb, LSE, DELTA,
-                                                    rows, PK, PQ, IDX, SEED, stride_qm, stride_dom, stride_lm,
-                                                    stride_pkr, stride_pqr, start_n, offs_n, offs_d, D, L, SMAX, D_LO,
-                                                    D_HI, hi_start, L, qk_scale, b, h, H, dropout_p, HAS_C2P, HAS_P2C,
-                                                    DROPOUT, False, True, BLOCK_M, BLOCK_N, W, PRECISION)
-            if HAS_P2C:  # the runs' share: dK_j += cs pos_query[run]; of dpos_query: sum_j cs_j k_j
-                dk += cs_lo[:, None] * pq_lo[None, :] + cs_hi[:, None] * pq_hi[None, :]
-                if DPOS:
-                    kf = k.to(tl.float32)
-                    sat_lo += tl.sum(cs_lo[:, None] * kf, 0)
-                    sat_hi += tl.sum(cs_hi[:, None] * kf, 0)
-            dk = dk * sm_scale
+                p_lo = tl.zeros([BLOCK_N], dtype=tl.float32)
+                p_hi = tl.zeros([BLOCK_N], dtype=tl.float32)
+                if HAS_P2C:  # the runs' P2C per key, k_j . pos_query[IDX_LO / IDX_HI]
+                    p_lo, p_hi = _run_terms(k, _run_rows(PQ, IDX_LO, IDX_HI, offs_d, D, stride_pqr), PRECISION)
+                dk, dv, cs_lo, cs_hi, sat_k = _dkdv_tiles(
+                    dk, dv, cs_lo, cs_hi, sat_k, k, v, real, p_lo, p_hi,
+                    Q + (b * stride_qb + h * stride_qh + start * stride_qm),
+                    DO + (b * stride_dob + h * stride_doh + start * stride_dom), LSE, DELTA,
+                    b * stride_lb + h * stride_lh + start * stride_lm, PK, PQ, IDX, SEED, stride_qm, stride_dom,
+                    stride_lm, stride_pkr, stride_pqr, start_n, offs_n, offs_d, D, L, SMAX, D_LO, D_HI, IDX_LO, IDX_HI,
+                    lo_end, hi_start, qk_scale, b, h, H, dropout_p, HAS_C2P, HAS_P2C, DROPOUT, DPOS_K, BLOCK_M,
+                    BLOCK_N, W, PRECISION)
+                if HAS_P2C:  # the runs' share: dK_j += cs_j pos_query[run]; of dpos_query: sum_j cs_j k_j
+                    r = _run_sums(cs_lo, cs_hi, k.dtype)
+                    dk = tl.dot(r, _run_rows(PQ, IDX_LO, IDX_HI, offs_d, D, stride_pqr), dk, input_precision=PRECISION)
+                    if DPOS_Q:
+                        sat_q = tl.dot(tl.trans(k), r, sat_q, input_precision=PRECISION)
             DKb = DK + (b * stride_dkb + h * stride_dkh + start * stride_dkn)
             DVb = DV + (b * stride_dvb + h * stride_dvh + start * stride_dvn)
-            tl.store(DKb + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty),
-                     mask=kv_ok[:, None] & (offs_d[None, :] < D))
+            tl.store(DKb + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :],
+                     (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_ok[:, None] & (offs_d[None, :] < D))
             tl.store(DVb + offs_n[:, None].to(tl.int64) * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
                      mask=kv_ok[:, None] & (offs_d[None, :] < D))
-    if DPOS:  # SAT[side, h, p, :]
-        slot = SAT + (h * P + p) * BLOCK_D + offs_d
-        tl.store(slot, sat_lo * sm_scale)
-        tl.store(slot + H * P * BLOCK_D, sat_hi * sm_scale)
-
-
-@triton.jit
-def _rows_at(PTR, pos, n_pos, stride, offs_d, D):
-    """[len(pos), BLOCK_D] rows at positions pos that may be negative (zeros outside [0, n_pos))."""
-    ok = (pos >= 0) & (pos < n_pos)
-    return tl.load(PTR + pos[:, None].to(tl.int64) * stride + offs_d[None, :],
-                   mask=ok[:, None] & (offs_d[None, :] < D), other=0.0)
-
-
-@triton.jit
-def _deberta_bwd_dpos(
-    Q, K, V, DO, LSE, DELTA, EK, EQ,  # EK / EQ: float32 (G, H, band blocks * BLOCK_W, D) per-distance sums
-    PK, PQ, IDX, KPM, KV_END, CU, SEED,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm,
-    stride_pkh, stride_pkr, stride_pqh, stride_pqr, stride_kpb, stride_eg, stride_eh,
-    B, H, SMAX, D, D_LO, NB, NDB, G, NM,  # sequences, heads, longest, head dim; band start - 1 and length;
-    sm_scale, dropout_p,                 # band blocks, slices, query blocks per sequence
-    HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
-    DROPOUT: tl.constexpr, DPOS_K: tl.constexpr, DPOS_Q: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """The band's share of dpos_key / dpos_query: one head, BLOCK_W band distances d0 + w, slice g of every
-    sequence's query blocks. For queries i = i0 + a the keys j = i - d0 - w lie in the rectangle
-    jstart + [0, BLOCK_M + BLOCK_W) (jstart = i0 - d0 - BLOCK_W + 1) at column c(a, w) = a + BLOCK_W - 1 - w:
-    the [BLOCK_M, BLOCK_W] diagonals of dS are gathered from products over the rectangle."""
-    pid = tl.program_id(0)
-    g = pid % G
-    dblk = (pid // G) % NDB
-    h = (pid // G // NDB).to(tl.int64)
-    sm_scale = tl.cast(sm_scale, tl.float32)
-    dropout_p = tl.cast(dropout_p, tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
-    d0 = D_LO + 1 + dblk * BLOCK_W
-    offs_w = tl.arange(0, BLOCK_W)
-    offs_a = tl.arange(0, BLOCK_M)
-    offs_r = tl.arange(0, BLOCK_M + BLOCK_W)
-    offs_d = tl.arange(0, BLOCK_D)
-    w_ok = offs_w < NB - dblk * BLOCK_W
-    col = offs_a[:, None] + (BLOCK_W - 1) - offs_w[None, :]  # [BLOCK_M, BLOCK_W] rectangle column of (a, w)
-    row = offs_r[:, None] - (BLOCK_W - 1) + offs_w[None, :]  # [BLOCK_M + BLOCK_W, BLOCK_W] query of (c, w)
-    row_in = (row >= 0) & (row < BLOCK_M)
-    row = tl.minimum(tl.maximum(row, 0), BLOCK_M - 1)
-    PK += h * stride_pkh
-    PQ += h * stride_pqh
-    pk = tl.zeros([BLOCK_W, BLOCK_D], dtype=Q.dtype.element_ty)  # the band's rows [BLOCK_W, BLOCK_D]
-    pq = tl.zeros([BLOCK_W, BLOCK_D], dtype=Q.dtype.element_ty)
-    if HAS_C2P:
-        pk = _pos_rows(PK, IDX, d0 + offs_w, SMAX, offs_d, D, stride_pkr)
-    if HAS_P2C:
-        pq = _pos_rows(PQ, IDX, d0 + offs_w, SMAX, offs_d, D, stride_pqr)
-    ek = tl.zeros([BLOCK_W, BLOCK_D], dtype=tl.float32)
-    eq = tl.zeros([BLOCK_W, BLOCK_D], dtype=tl.float32)
-    for item in range(g, B * NM, G):
-        b, start, L, m = _item(CU, item, NM, SMAX, VARLEN)
-        i0 = m * BLOCK_M
-        kv_end = tl.minimum(L, tl.load(KV_END + b)) if HAS_KPM else L
-        jstart = i0 - d0 - (BLOCK_W - 1)
-        if (i0 < L) & (jstart + BLOCK_M + BLOCK_W > 0) & (jstart < kv_end):
-            offs_m = i0 + offs_a
-            offs_j = jstart + offs_r
-            q = _tile(Q + b * stride_qb + h * stride_qh + start * stride_qm, offs_m, L, stride_qm, offs_d, D)
-            do = _tile(DO + b * stride_dob + h * stride_doh + start * stride_dom, offs_m, L, stride_dom, offs_d, D)
-            k = _rows_at(K + b * stride_kb + h * stride_kh + start * stride_kn, offs_j, L, stride_kn, offs_d, D)
-            v = _rows_at(V + b * stride_vb + h * stride_vh + start * stride_vn, offs_j, L, stride_vn, offs_d, D)
-            rows = b * stride_lb + h * stride_lh + start * stride_lm
-            lse2, delta = _row_stats(LSE + rows, DELTA + rows, offs_m, L, stride_lm)
-            j = jstart + col  # [BLOCK_M, BLOCK_W] key of (a, w)
-            ok = (offs_m[:, None] < L) & (j >= 0) & (j < L) & w_ok[None, :]
-            if HAS_KPM:
-                ok &= tl.load(KPM + b * stride_kpb + j, mask=ok, other=0) != 0
-            s = tl.gather(tl.dot(q, tl.trans(k), input_precision=PRECISION), col, axis=1)
-            if HAS_C2P:
-                s += tl.dot(q, tl.trans(pk), input_precision=PRECISION).to(q.dtype).to(tl.float32)
-            if HAS_P2C:
-                s += tl.gather(tl.dot(k, tl.trans(pq), input_precision=PRECISION).to(k.dtype), col,
-                               axis=0).to(tl.float32)
-            s = tl.where(ok, s * qk_scale, float("-inf"))
-            p = tl.math.exp2(s - lse2[:, None])
-            dp = tl.gather(tl.dot(do, tl.trans(v), input_precision=PRECISION), col, axis=1)
-            if DROPOUT:
-                keep = _keep(SEED, b, h, H, SMAX, offs_m[:, None], j, dropout_p)
-                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-            ds = p * (dp - delta[:, None])  # [BLOCK_M, BLOCK_W]: dS_ij on the diagonals d0 + w
-            if DPOS_K:  # E_key[w] += sum_a dS[a, w] q_a
-                ek += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
-            if DPOS_Q:  # E_query[w] += sum_c dS[row(c, w), w] k_c
-                dsr = tl.where(row_in, tl.gather(ds, row, axis=0), 0.0)  # [BLOCK_M + BLOCK_W, BLOCK_W]
-                eq += tl.dot(tl.trans(dsr).to(k.dtype), k, input_precision=PRECISION)
-    out = (h * stride_eh + g * stride_eg) + (dblk * BLOCK_W + offs_w[:, None]).to(tl.int64) * BLOCK_D + offs_d[None, :]
-    if DPOS_K:
-        tl.store(EK + out, ek * sm_scale)
+    if DPOS_K:  # SATK[side, h, p, :]
+        _store_run_sums(SATK + (h * P + p) * BLOCK_D, H * P * BLOCK_D, sat_k * sm_scale, offs_d)
     if DPOS_Q:
-        tl.store(EQ + out, eq * sm_scale)
-
-
-@triton.jit
-def _dpos_fold(E, RUNS, STARTS, OUT, stride_eg, stride_eh, stride_rs, stride_rh, stride_oh, stride_or,
-               G, D, TWO_SPAN, IDX_LO, IDX_HI, HAS_BAND: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dpos[h, r] = sum over the G slices and the band distances STARTS[r] .. STARTS[r + 1] - 1 of E (a run
-    of idx = r), plus the first / last run's sum at IDX_LO / IDX_HI: one program per head and bucket, in a
-    fixed order."""
-    h = tl.program_id(0) // TWO_SPAN
-    r = tl.program_id(0) % TWO_SPAN
-    offs_d = tl.arange(0, BLOCK_D)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_BAND:
-        first = tl.load(STARTS + r)
-        end = tl.load(STARTS + r + 1)
-        for g in range(G):
-            for n in range(first, end):
-                acc += tl.load(E + g * stride_eg + h * stride_eh + n * BLOCK_D + offs_d)
-    acc += tl.where(r == IDX_LO, tl.load(RUNS + h * stride_rh + offs_d), 0.0)
-    acc += tl.where(r == IDX_HI, tl.load(RUNS + stride_rs + h * stride_rh + offs_d), 0.0)
-    tl.store(OUT + h * stride_oh + r * stride_or + offs_d, acc.to(OUT.dtype.element_ty), mask=offs_d < D)
-
-
-# The band kernel slices the batch up to about one wave of an H100 / H200 (132 SMs) only: each slice is
-# another float32 (H, band, D) buffer.
-_BAND_PROGRAMS = 128
-
-
-def _position_grads(launch, sat, e, rel_idx, band, first, max_seqlen, pos, nb):
-    """dpos (pos's shape and dtype) from the runs' per-program sums (2, H, P, BLOCK_D) and the band's
-    per-distance sums e (G, H, blocks * BLOCK_W, BLOCK_D) or None; distances -> buckets by _dpos_fold."""
-    _, _, idx_lo, idx_hi = band
-    H, two_span, d = pos.shape
-    runs = sat.sum(dim=2)  # (2, H, BLOCK_D): a torch reduction, fixed order
-    out = torch.empty_like(pos)
-    if nb > 0:  # STARTS[r]: the band distances with idx < r (idx is non-decreasing over the band)
-        band_idx = rel_idx.narrow(0, first + max_seqlen - 1, nb)
-        starts = torch.searchsorted(band_idx, torch.arange(two_span + 1, device=pos.device, dtype=torch.int32))
-        e_ptr, e_strides, slices = e, (e.stride(0), e.stride(1)), e.shape[0]
-    else:
-        starts, e_ptr, e_strides, slices = runs, runs, (0, 0), 0
-    assert e is None or e.shape[-1] == runs.shape[-1], "the fold reads both with one BLOCK_D"
-    launch(_dpos_fold, (H * two_span,), e_ptr, runs, starts, out, *e_strides, runs.stride(0), runs.stride(1),
-                out.stride(0), out.stride(1), slices, d, two_span, idx_lo, idx_hi, HAS_BAND=nb > 0,
-                BLOCK_D=runs.shape[-1])
-    return out
+        _store_run_sums(SATQ + (h * P + p) * BLOCK_D, H * P * BLOCK_D, sat_q * sm_scale, offs_d)
 
 
 def deberta_bwd(launch, do, dlse, q, k, v, pos_key, pos_query, out, lse, key_padding_mask, cu_seqlens, rel_idx,
@@ -455,7 +427,7 @@ def deberta_bwd(launch, do, dlse, q, k, v, pos_key, pos_query, out, lse, key_pad
         dq.zero_(), dk.zero_(), dv.zero_()
         return (dq, dk, dv, torch.zeros_like(pos_key) if grad_pos_key else None,
                 torch.zeros_like(pos_query) if grad_pos_query else None)
-    delta = torch.empty_like(lse)  # written by the dQ kernel, read by the dK/dV and band kernels
+    delta = torch.empty_like(lse)  # written by _deberta_bwd_delta, read by the dQ, dK/dV and band kernels
     kpm, kv_end, kpb = _masks(key_padding_mask, lse)
     (pk, pq), pos_strides = _pos_args(pos_key, pos_query, q)
     cfg_dq = F.block_config(D, q.dtype, q.device, "dq")
@@ -476,40 +448,24 @@ def deberta_bwd(launch, do, dlse, q, k, v, pos_key, pos_query, out, lse, key_pad
         """float32 (2, H, P, BLOCK_D): each program's sums of the runs' dpos shares (every program writes its own)."""
         return torch.empty(2, H, programs, cfg["BLOCK_D"], device=q.device) if wanted else None
 
-    nm, programs = persistent(cfg_dq, "BLOCK_M")
-    sat_k = run_sums(grad_pos_key, programs, cfg_dq)
-    launch(_deberta_bwd_dq, (H * programs,),
-           q, k, v, out, do, dlse if dlse is not None else lse, lse, delta, dq,
-           sat_k if sat_k is not None else lse, *common,
-           *io, *_bhm(out, varlen), *_bhm(do, varlen), *_bhm(lse, varlen),
-           *(_bhm(dlse, varlen) if dlse is not None else (0, 0, 0)), *_bhm(dq, varlen), *pos_strides, kpb,
-           B, H, nm, programs, *scalars, HAS_DLSE=dlse is not None, DPOS=grad_pos_key, **flags, **cfg_dq)
+    launch(_deberta_bwd_delta, (B * H, triton.cdiv(max_seqlen, 64)),
+           out, do, dlse if dlse is not None else lse, delta, cu_seqlens if varlen else lse,
+           *_bhm(out, varlen), *_bhm(do, varlen), *_bhm(lse, varlen),
+           *(_bhm(dlse, varlen) if dlse is not None else (0, 0, 0)), H, max_seqlen, D, VARLEN=varlen,
+           HAS_DLSE=dlse is not None, BLOCK_M=64, BLOCK_D=cfg_dq["BLOCK_D"])
+    launch(_deberta_bwd_dq, (B * H, triton.cdiv(max_seqlen, cfg_dq["BLOCK_M"])),
+           q, k, v, do, lse, delta, dq, *common,
+           *io, *_bhm(do, varlen), *_bhm(lse, varlen), *_bhm(dq, varlen), *pos_strides, kpb,
+           H, *scalars, **flags, **cfg_dq)
     nn, programs = persistent(cfg_dkdv, "BLOCK_N")
+    sat_k = run_sums(grad_pos_key, programs, cfg_dkdv)
     sat_q = run_sums(grad_pos_query, programs, cfg_dkdv)
     launch(_deberta_bwd_dkdv, (H * programs,),
-           q, k, v, do, lse, delta, dk, dv, sat_q if sat_q is not None else lse, *common,
-           *io, *_bhm(do, varlen), *_bhm(lse, varlen), *_bhm(dk, varlen), *_bhm(dv, varlen), *pos_strides, kpb,
-           B, H, nn, programs, *scalars, DPOS=grad_pos_query, **flags, **cfg_dkdv)
+           q, k, v, do, lse, delta, dk, dv, sat_k if sat_k is not None else lse, sat_q if sat_q is not None else lse,
+           *common, *io, *_bhm(do, varlen), *_bhm(lse, varlen), *_bhm(dk, varlen), *_bhm(dv, varlen), *pos_strides,
+           kpb, B, H, nn, programs, *scalars, DPOS_K=grad_pos_key, DPOS_Q=grad_pos_query, **flags, **cfg_dkdv)
     if not (grad_pos_key or grad_pos_query):
         return dq, dk, dv, None, None
-    # the band's distances within this table: first .. first + nb - 1
-    first = max(band[0] + 1, 1 - max_seqlen)
-    nb = max(min(band[1] - 1, max_seqlen - 1) - first + 1, 0)
-    ek = eq = None
-    if nb > 0:
-        cfg = F.block_config(D, q.dtype, q.device, "dpos")
-        nm, ndb = triton.cdiv(max_seqlen, cfg["BLOCK_M"]), triton.cdiv(nb, cfg["BLOCK_W"])
-        slices = max(1, min(B * nm, triton.cdiv(_BAND_PROGRAMS, H * ndb)))
-        shape = (slices, H, ndb * cfg["BLOCK_W"], cfg["BLOCK_D"])
-        ek = torch.empty(shape, device=q.device) if grad_pos_key else None
-        eq = torch.empty(shape, device=q.device) if grad_pos_query else None
-        dummy = ek if ek is not None else eq
-        launch(_deberta_bwd_dpos, (H * ndb * slices,),
-               q, k, v, do, lse, delta, ek if ek is not None else dummy, eq if eq is not None else dummy, *common,
-               *io, *_bhm(do, varlen), *_bhm(lse, varlen), *pos_strides, kpb, dummy.stride(0), dummy.stride(1),
-               B, H, max_seqlen, D, first - 1, nb, ndb, slices, nm, float(scale), float(dropout_p),
-               DPOS_K=grad_pos_key, DPOS_Q=grad_pos_query, **flags, **cfg)
-    dpk = _position_grads(launch, sat_k, ek, rel_idx, band, first, max_seqlen, pos_key, nb) if grad_pos_key else None
-    dpq = (_position_grads(launch, sat_q, eq, rel_idx, band, first, max_seqlen, pos_query, nb) if grad_pos_query
-           else None)
+    dpk, dpq = band_position_grads(launch, q, k, v, do, lse, delta, pos_key, pos_query, common, io, pos_strides, kpb,
+                                   varlen, B, H, D, max_seqlen, scale, dropout_p, band, rel_idx, sat_k, sat_q, flags)
     return dq, dk, dv, dpk, dpq

@@ -34,6 +34,7 @@ def _triton_ops():
     if _fwd_op is not None:
         return _fwd_op
     from fusedlm.kernels import deberta as K
+    from fusedlm.kernels import deberta_backward as KB
 
     from .._triton import empty, launch, register_op, unit_stride
 
@@ -54,7 +55,7 @@ def _triton_ops():
                     dropout_p: float, seed: Optional[torch.Tensor], grad_pos_key: bool, grad_pos_query: bool,
                     band: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (dq, dk, dv, dpos_key, dpos_query); an empty tensor for a position gradient not asked for."""
-        dq, dk, dv, dpk, dpq = K.deberta_bwd(
+        dq, dk, dv, dpk, dpq = KB.deberta_bwd(
             launch, unit_stride(do), dlse, unit_stride(q), unit_stride(k), unit_stride(v), unit_stride(pos_key),
             unit_stride(pos_query), out, lse, key_padding_mask, cu_seqlens, rel_idx, max_seqlen, scale, dropout_p,
             seed, grad_pos_key, grad_pos_query, band)
