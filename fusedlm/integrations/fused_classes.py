@@ -1,5 +1,4 @@
-"""The ``Fused<Name>`` classes patch_model turns transformers' modules (and configs) into, made once per
-(mixins, original).
+"""The ``Fused<Name>`` classes patch_model turns transformers' modules into, made once per (mixins, original).
 
 A fused class is ``type("Fused" + original.__name__, (*mixins, original), attrs)``: the mixins' forward,
 everything else the original's (its ``extra_repr`` too, so the module prints as before). Made at run time,

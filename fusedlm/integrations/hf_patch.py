@@ -274,46 +274,9 @@ def _patch_post_norm_outputs(model, modeling, prefix, counts, left):
             counts["residual_norm"] += 1
 
 
-class _WeightsConfig:
-    """A model config whose "fusedlm" attention may be asked for weights: transformers' ``output_attentions``
-    setter refuses every implementation but "eager", and the "fusedlm" one serves weights through the model's
-    eager attention. The check is run as for "eager" (the rest of the setter as it is); other implementations
-    keep transformers' refusal."""
-
-    @property
-    def output_attentions(self):  # transformers' getter (torch.compile cannot trace a call of property.fget)
-        return self._output_attentions
-
-    @output_attentions.setter
-    def output_attentions(self, value):
-        setter = type(self)._fusedlm_original.output_attentions.fset
-        if not (value and self._attn_implementation == "fusedlm"):
-            return setter(self, value)
-        self._attn_implementation_internal = "eager"
-        try:
-            setter(self, value)
-        finally:
-            self._attn_implementation_internal = "fusedlm"
-
-
-def _allow_weights_by_config(config):
-    """Swap ``config``'s class for one whose output_attentions setter takes "fusedlm", where the installed
-    transformers keeps the attention implementation and that setting as this code expects (properties over
-    ``_attn_implementation_internal`` and ``_output_attentions``); otherwise the config stays as it is."""
-    cls = type(config)
-    if "_fusedlm_original" in cls.__dict__:
-        return
-    prop, impl = getattr(cls, "output_attentions", None), getattr(cls, "_attn_implementation", None)
-    if not (isinstance(prop, property) and prop.fset is not None and isinstance(impl, property)
-            and "_attn_implementation_internal" in vars(config) and "_output_attentions" in vars(config)):
-        return
-    config.__class__ = fused_class((_WeightsConfig,), cls)
-
-
 def _select_attention(hf_model, modeling, prefix, kind, counts, left):
     names = (f"{prefix}Attention",) if kind == "decoder" else (f"{prefix}SelfAttention", f"{prefix}CrossAttention")
     classes = tuple(c for c in (getattr(modeling, n, None) for n in names) if c is not None)
-    _allow_weights_by_config(hf_model.config)
     if hf_model.config._attn_implementation == "fusedlm":
         return
     try:
