@@ -184,10 +184,11 @@ def test_static_cache_decode_compiles_fullgraph_without_recompiling_per_step(fam
     assert graphs["fusedlm"] <= max(graphs["sdpa"], 2), graphs
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "bert", "deberta_v3"])
 def test_compile_fullgraph_with_padding_masks(family):
-    """torch.compile(fullgraph=True) of a patched model on a left-padded batch (and Mistral's sliding window)
-    equals transformers' eager model on the real tokens."""
+    """torch.compile(fullgraph=True) of a patched model on a left-padded batch (and Mistral's sliding window;
+    DeBERTa on its dense op, as packing needs the token count on the host) equals transformers' eager model
+    on the real tokens."""
     fusedlm.set_backend("torch")
     ref, model = models(family)
     hf.patch_model(model)
@@ -434,3 +435,21 @@ def test_static_cache_attention_weights_span_the_cache():
         for a, e in zip(step_got, step_expected):
             assert a.shape == e.shape
             assert_close(a[..., -1, :], e[..., -1, :], "weights of the last query")
+
+
+def test_compiled_deberta_refuses_a_mask_that_is_not_a_padding_mask():
+    """Under torch.compile the fused DeBERTa attention cannot check the mask on the host: a 4-D mask that is
+    not a padding mask's outer product fails an assertion on the device instead of giving wrong output."""
+    fusedlm.set_backend("torch")
+    _, model = models("deberta_v3")
+    hf.patch_model(model)
+    attention = model.encoder.layer[0].attention.self
+    hidden = torch.randn(2, 6, 64)
+    rel = model.encoder.get_rel_embedding()
+    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+    mask[0, 0, 2, 4] = False  # not an outer product of any padding mask
+    torch._dynamo.reset()
+    compiled = torch.compile(attention, fullgraph=True)
+    with pytest.raises(RuntimeError, match="outer"):
+        compiled(hidden, mask, rel_embeddings=rel)
+    torch._dynamo.reset()

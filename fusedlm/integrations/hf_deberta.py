@@ -25,14 +25,19 @@ from .fused_classes import fused_class
 
 
 
-@functools.lru_cache(maxsize=2)
-def _default_positions(length, position_buckets, max_relative_positions, device):
-    """The relative positions DebertaV2Encoder passes, (1, S, S): those the fused op computes itself. Made
-    once per shape for all layers of a forward (two kept at most: each is 8 S^2 bytes)."""
+def _relative_positions(length, position_buckets, max_relative_positions, device):
+    """The relative positions DebertaV2Encoder passes, (1, S, S): those the fused op computes itself."""
     from transformers.models.deberta_v2.modeling_deberta_v2 import build_relative_position
 
     x = torch.empty(length, 0, device=device)
     return build_relative_position(x, x, bucket_size=position_buckets, max_position=max_relative_positions)
+
+
+@functools.lru_cache(maxsize=2)
+def _default_positions(length, position_buckets, max_relative_positions, device):
+    """_relative_positions made once per shape for all layers of a forward (two kept at most: each is 8 S^2
+    bytes). Eager only: under torch.compile they are built in the graph."""
+    return _relative_positions(length, position_buckets, max_relative_positions, device)
 
 
 class _ServeOrFallBack:
@@ -46,15 +51,27 @@ class _ServeOrFallBack:
         if attention_mask is None or tuple(attention_mask.shape) not in ((B, S), (B, 1, S, S)):
             return None
         padding = attention_mask.bool()
+        compiling = torch.compiler.is_compiling()
         if padding.dim() == 4:  # the encoder's outer product of the padding mask with itself
             mask = padding[:, 0]
             padding = mask.diagonal(dim1=-2, dim2=-1)
-            if not torch.equal(mask, padding[:, :, None] & padding[:, None, :]):
+            outer = padding[:, :, None] & padding[:, None, :]
+            if compiling:  # no branch on values under torch.compile: asserted on the device instead
+                torch._assert_async(torch.eq(mask, outer).all(), "fusedlm: DeBERTa's 4-D mask is not the outer "
+                                    "product of a padding mask; run it uncompiled (transformers' forward then)")
+            elif not torch.equal(mask, outer):
                 return None
         if relative_pos is not None and self.relative_attention:
-            expected = _default_positions(S, self.position_buckets, self.max_relative_positions, hidden_states.device)
-            if not torch.equal(relative_pos, expected):
-                return None
+            if compiling:
+                expected = _relative_positions(S, self.position_buckets, self.max_relative_positions,
+                                               hidden_states.device)
+                torch._assert_async(torch.eq(relative_pos, expected).all(), "fusedlm: DeBERTa relative positions "
+                                    "other than the encoder's; run it uncompiled (transformers' forward then)")
+            else:
+                expected = _default_positions(S, self.position_buckets, self.max_relative_positions,
+                                              hidden_states.device)
+                if not torch.equal(relative_pos, expected):
+                    return None
         return padding
 
     def forward(self, hidden_states, attention_mask, output_attentions=False, query_states=None,
@@ -64,7 +81,9 @@ class _ServeOrFallBack:
             return type(self)._fusedlm_original.forward(self, hidden_states, attention_mask, output_attentions,
                                                          query_states=query_states, relative_pos=relative_pos,
                                                          rel_embeddings=rel_embeddings)
-        if has_holes(padding):  # packing would close the gaps: transformers counts positions over them
+        # Under torch.compile the dense op (static shapes: packing needs the token count on the host); in
+        # eager mode too where packing would close gaps that transformers counts positions over
+        if torch.compiler.is_compiling() or has_holes(padding):
             return FusedModule.forward_padded(self, hidden_states, padding, rel_embeddings), None
         # the 2-D mask: the fused forward takes it as it is (the 4-D one it would check again)
         return FusedModule.forward(self, hidden_states, padding, rel_embeddings=rel_embeddings)
