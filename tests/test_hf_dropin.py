@@ -453,3 +453,20 @@ def test_compiled_deberta_refuses_a_mask_that_is_not_a_padding_mask():
     with pytest.raises(RuntimeError, match="outer"):
         compiled(hidden, mask, rel_embeddings=rel)
     torch._dynamo.reset()
+
+
+def test_deberta_batch_with_holes_equals_its_rows_alone():
+    """A batch whose rows take different paths (one row with a hole: the dense op; alone, a contiguous row:
+    the packed one) gives each row what it gives alone, padded positions included (transformers' own
+    batching-equivalence check compares every position)."""
+    fusedlm.set_backend("torch")
+    _, model = models("deberta_v3")
+    hf.patch_model(model)
+    ids = torch.randint(2, 64, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, 4] = 0   # a hole
+    mask[1, 6:] = 0  # right padding only
+    batched = _forward(model, input_ids=ids, attention_mask=mask).last_hidden_state
+    for row in (0, 1):
+        alone = _forward(model, input_ids=ids[row:row + 1], attention_mask=mask[row:row + 1]).last_hidden_state
+        assert_close(batched[row], alone[0], f"row {row}, every position")

@@ -202,7 +202,7 @@ class DisentangledSelfAttention(nn.Module):
     def forward_padded(self, x, key_padding_mask, rel_embeddings=None):
         """x (B, S, hidden), key_padding_mask (B, S) bool -> (B, S, hidden): the dense fused op, positions
         counted over the padded layout (transformers' positions, also where real tokens are not contiguous).
-        Padded query rows hold values no real token reads."""
+        Padded query rows are zeros."""
         B, S = x.shape[:2]
         q, k, v = (self._heads(proj(x).reshape(B * S, -1)).view(B, S, self.num_attention_heads, -1).transpose(1, 2)
                    for proj in (self.query_proj, self.key_proj, self.value_proj))  # (B, H, S, D)
@@ -216,7 +216,9 @@ class DisentangledSelfAttention(nn.Module):
             out = fusedlm.deberta_attention(q, k, v, pos_key, pos_query, key_padding_mask=key_padding_mask,
                                             position_buckets=self.position_buckets,
                                             max_relative_positions=self.max_relative_positions, dropout_p=p)
-        return out.transpose(1, 2).reshape(B, S, -1)
+        # Padded rows read zeros, as the packed path leaves them: the result at every position is then the
+        # same whichever path a batch takes (a batch with holes runs this one, a row of it alone the other)
+        return out.transpose(1, 2).reshape(B, S, -1).masked_fill(~key_padding_mask[:, :, None], 0)
 
     def forward(self, hidden_states, attention_mask, output_attentions=False, query_states=None,
                 relative_pos=None, rel_embeddings=None):
