@@ -331,7 +331,7 @@ def block_config(d, dtype, device, kernel="fwd"):
         table = dict(fwd=(64, 32, 8, 2 if bd <= 64 and dtype != torch.float32 else 1),
                      dq=(32, 16, 4, 1) if big else (64, 32, 8, 1),  # big: W = 64 (shared memory: the window's rows)
                      dkdv=(16, 32, 4, 1) if big else (32, 64, 8, 1),
-                     dpos=(32, 32, 4, 1) if big else (64, 64, 8, 1))
+                     dpos=(32, 32, 8, 1))
         bm, bn, warps, stages = table[kernel]
     cfg = dict(BLOCK_M=bm, BLOCK_D=bd, num_warps=warps, num_stages=stages)
     if kernel == "dpos":
