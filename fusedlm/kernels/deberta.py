@@ -83,10 +83,11 @@ def _sequence(CU, b, SMAX, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _program(CU, H, SMAX, VARLEN: tl.constexpr):
+def _program(CU, H, SMAX, VARLEN: tl.constexpr, bh=None):
     """This program's (batch, head, first row, length) from axis 0 of the grid (batch x heads: axis 0 has
-    no 65535 cap)."""
-    bh = tl.program_id(0)
+    no 65535 cap), or from ``bh`` (an opaque copy of it, see _fresh)."""
+    if bh is None:
+        bh = tl.program_id(0)
     start, seq_len = _sequence(CU, bh // H, SMAX, VARLEN)
     return (bh // H).to(tl.int64), (bh % H).to(tl.int64), start, seq_len
 

@@ -25,6 +25,8 @@ row) or the window's products. What fits in 255 registers a thread (8 warps) dec
 - The runs' shares (dQ_i += rs_i pos_key[run], the runs' dpos sums) and the runs' C2P / P2C per row go through
   small tensor-core products ([BLOCK, 16] x [16, BLOCK_D]) instead of elementwise outer products and
   reductions.
+- Nothing the prologue makes is reused after the loop: dQ's epilogue makes its program ids, offsets and addresses
+  again from _fresh copies (else held through the loop: they spilled on Triton 3.6).
 - Nothing crosses dQ's blocks: a loop over several blocks a program would hold the inner loop's hoisted
   values through every block's prologue and epilogue (about 60 registers more); the runs' dpos_key sums,
   which need a slot per program, are made by the dK/dV kernel from the queries' sums of dS over each run.
@@ -235,11 +237,10 @@ def _deberta_bwd_dq(
     sm_scale = tl.cast(sm_scale, tl.float32)
     dropout_p = tl.cast(dropout_p, tl.float32)
     offs_d = tl.arange(0, BLOCK_D)
-    PK += h * stride_pkh
+    PKh = PK + h * stride_pkh
     PQ += h * stride_pqh
     qk_scale = sm_scale * 1.4426950408889634
     offs_m = start_m + _fresh(tl.arange(0, BLOCK_M))
-    row_ok = offs_m < L
     q = _tile(Q + (b * stride_qb + h * stride_qh + start * stride_qm), offs_m, L, stride_qm, offs_d, D)
     do = _tile(DO + (b * stride_dob + h * stride_doh + start * stride_dom), offs_m, L, stride_dom, offs_d, D)
     lse2, delta = _row_stats(LSE + (b * stride_lb + h * stride_lh + start * stride_lm),
@@ -249,19 +250,27 @@ def _deberta_bwd_dq(
     c_lo = tl.zeros([BLOCK_M], dtype=tl.float32)
     c_hi = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_C2P:  # the runs' C2P per row, q_i . pos_key[IDX_LO / IDX_HI]
-        c_lo, c_hi = _run_terms(q, _run_rows(PK, IDX_LO, IDX_HI, offs_d, D, stride_pkr), PRECISION)
+        c_lo, c_hi = _run_terms(q, _run_rows(PKh, IDX_LO, IDX_HI, offs_d, D, stride_pkr), PRECISION)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     rs_lo = tl.zeros([BLOCK_M], dtype=tl.float32)
     rs_hi = tl.zeros([BLOCK_M], dtype=tl.float32)
     dq, rs_lo, rs_hi = _dq_tiles(
         dq, rs_lo, rs_hi, q, do, lse2, delta, c_lo, c_hi, K + (b * stride_kb + h * stride_kh + start * stride_kn),
-        V + (b * stride_vb + h * stride_vh + start * stride_vn), PK, PQ, IDX, KPM + b * stride_kpb, SEED, stride_kn,
+        V + (b * stride_vb + h * stride_vh + start * stride_vn), PKh, PQ, IDX, KPM + b * stride_kpb, SEED, stride_kn,
         stride_vn, stride_pkr, stride_pqr, start_m, offs_m, offs_d, D, L, SMAX, D_LO, D_HI, IDX_LO, IDX_HI, hi_end,
         lo_start, kv_end, qk_scale, b, h, H, dropout_p, HAS_C2P, HAS_P2C, HAS_KPM, DROPOUT, BLOCK_M, BLOCK_N, W,
         PRECISION)
+    if BLOCK_D <= 64:
+        # the epilogue's ids, offsets and addresses anew, from opaque copies of the program ids and ranges
+        # (_fresh): the prologue's, reused here, were held through the loop (Triton 3.6 spilled them: 12-60 bytes
+        # at D = 64). Not at BLOCK_D >= 128, whose larger epilogue tiles spill more on Triton 3.9 that way.
+        b, h, start, L = _program(CU, H, SMAX, VARLEN, _fresh(tl.program_id(0)))
+        offs_d = _fresh(tl.arange(0, BLOCK_D))
+        offs_m = _fresh(tl.program_id(1)) * BLOCK_M + _fresh(tl.arange(0, BLOCK_M))
+    row_ok = offs_m < L
     if HAS_C2P:  # the runs' share: dQ_i += rs_i pos_key[run]
-        dq = tl.dot(_run_sums(rs_lo, rs_hi, q.dtype), _run_rows(PK, IDX_LO, IDX_HI, offs_d, D, stride_pkr), dq,
-                    input_precision=PRECISION)
+        dq = tl.dot(_run_sums(rs_lo, rs_hi, q.dtype),
+                    _run_rows(PK + h * stride_pkh, IDX_LO, IDX_HI, offs_d, D, stride_pkr), dq, input_precision=PRECISION)
     DQb = DQ + (b * stride_dqb + h * stride_dqh + start * stride_dqm)
     tl.store(DQb + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < D))
