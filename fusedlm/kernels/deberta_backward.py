@@ -25,11 +25,15 @@ row) or the window's products. What fits in 255 registers a thread (8 warps) dec
 - The runs' shares (dQ_i += rs_i pos_key[run], the runs' dpos sums) and the runs' C2P / P2C per row go through
   small tensor-core products ([BLOCK, 16] x [16, BLOCK_D]) instead of elementwise outer products and
   reductions.
-- Nothing the prologue makes is reused after the loop: dQ's epilogue makes its program ids, offsets and addresses
-  again from _fresh copies (else held through the loop: they spilled on Triton 3.6).
+- Nothing the prologue makes is reused after the loop: the epilogues make their program ids, offsets and
+  addresses again from _fresh copies, and the rows a loop loads are addressed from opaque offsets too (else
+  held through the loop: they spilled). Per-key values are formed per tile, not held: the padding flags, and a
+  run tile's P2C (K times a tile of pos_query[run] rows, like C2P's pos_key[run] rows times Q^T).
 - Nothing crosses dQ's blocks: a loop over several blocks a program would hold the inner loop's hoisted
   values through every block's prologue and epilogue (about 60 registers more); the runs' dpos_key sums,
-  which need a slot per program, are made by the dK/dV kernel from the queries' sums of dS over each run.
+  which need a slot per program, are made by the persistent dK/dV kernel (from dK's content part, _snapshot).
+- No function is left as a call (noinline): ptxas then serialises every wgmma (its C7510 notice, recorded by
+  tests/sm90_compile.py), each waiting for the one before.
 num_stages is 1: Triton 3.6's software pipeliner fails on products inside the tile-kind branch.
 """
 import torch
@@ -291,14 +295,14 @@ def _snapshot(SAT, side_stride, dk, SIGN_HI: tl.constexpr):
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, cs_lo, cs_hi, k, v, real, p_lo, p_hi, Q, DO, LSE, DELTA, SATK, side_stride, PK, PQ, IDX,
+def _dkdv_tiles(dk, dv, cs_lo, cs_hi, k, v, KPM, Q, DO, LSE, DELTA, SATK, side_stride, PK, PQ, IDX,
                 SEED, stride_qm, stride_dom, stride_lm, stride_pkr, stride_pqr, start_n, offs_n, offs_d, D, L, SMAX,
                 IDX_LO, IDX_HI, lo_end, hi_start, qk_scale, b, h, H, dropout_p, HAS_C2P: tl.constexpr,
-                HAS_P2C: tl.constexpr, DROPOUT: tl.constexpr, DPOS_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr):
+                HAS_P2C: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, DPOS_K: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr):
     """dK (unscaled) and dV of one key block over the query blocks [0, L), on transposed tiles (row = key,
     column = query), and the keys' sums of dS over the run tiles (cs_lo / cs_hi). Query blocks before lo_end lie
-    in the first run, from hi_start in the last (_col_runs); p_lo / p_hi: the runs' P2C per key.
+    in the first run, from hi_start in the last (_col_runs).
 
     The blocks go last run, first run, window: the runs' share of dpos_key, s sum over the run tiles of dS^T Q
     summed over the keys, is then dK's content part summed over the keys, read twice (_snapshot) where the
@@ -311,9 +315,10 @@ def _dkdv_tiles(dk, dv, cs_lo, cs_hi, k, v, real, p_lo, p_hi, Q, DO, LSE, DELTA,
         start_m = tl.where(t < n_hi, hi_start + t * BLOCK_M,
                            tl.where(t < n_hi + n_lo, (t - n_hi) * BLOCK_M, lo_end + (t - n_hi - n_lo) * BLOCK_M))
         offs_m = start_m + offs_mb
-        qT = _tile_t(Q, offs_m, L, stride_qm, offs_d, D)  # [BLOCK_D, BLOCK_M]
-        do = _tile(DO, offs_m, L, stride_dom, offs_d, D)  # [BLOCK_M, BLOCK_D]
-        lse2, delta = _row_stats(LSE, DELTA, offs_m, L, stride_lm)
+        rows_m = start_m + _fresh(offs_mb)  # (opaque: the rows' addresses are made per tile, not held)
+        qT = _tile_t(Q, rows_m, L, stride_qm, offs_d, D)  # [BLOCK_D, BLOCK_M]
+        do = _tile(DO, rows_m, L, stride_dom, offs_d, D)  # [BLOCK_M, BLOCK_D]
+        lse2, delta = _row_stats(LSE, DELTA, rows_m, L, stride_lm)
         dmin = start_m - start_n - (BLOCK_N - 1)
         window = t >= n_hi + n_lo
         first = t >= n_hi
@@ -329,7 +334,7 @@ def _dkdv_tiles(dk, dv, cs_lo, cs_hi, k, v, real, p_lo, p_hi, Q, DO, LSE, DELTA,
         sT = tl.dot(k, qT, input_precision=PRECISION)
         if window:
             if HAS_C2P:  # C2P^T[c, a] = (PK Q^T)[a - c + BLOCK_N - 1, a]
-                pk = _pos_rows(PK, IDX, dmin + offs_w, SMAX, offs_d, D, stride_pkr, True)
+                pk = _pos_rows(PK, IDX, dmin + fw, SMAX, offs_d, D, stride_pkr, True)
                 skew = fa[None, :] - fc[:, None] + (BLOCK_N - 1)
                 sT += tl.gather(tl.dot(pk, qT, input_precision=PRECISION).to(k.dtype), skew, axis=0).to(tl.float32)
             if HAS_P2C:  # P2C^T[c, a] = (Z K^T)[a - c + BLOCK_N - 1, c]: gathered down the columns, transposed
@@ -343,13 +348,18 @@ def _dkdv_tiles(dk, dv, cs_lo, cs_hi, k, v, real, p_lo, p_hi, Q, DO, LSE, DELTA,
                 pk_run = tl.load(PK + r_run * stride_pkr + (0 * offs_n)[:, None] + offs_d[None, :],
                                  mask=offs_d[None, :] < D, other=0.0)
                 sT += _unchain(tl.dot(pk_run, qT, input_precision=PRECISION), first)
-            if HAS_P2C:
-                sT += tl.where(first, p_lo, p_hi)[:, None]
-        sT = tl.where(real[:, None], sT * qk_scale, float("-inf"))
+            if HAS_P2C:  # k_j . pos_query[run] for every query: K times a tile of pos_query[run] rows (made
+                # here, not held through the loop as per-key values)
+                r_run = tl.where(first, IDX_LO, IDX_HI).to(tl.int64)
+                pq_run = tl.load(PQ + r_run * stride_pqr + (0 * offs_m)[:, None] + offs_d[None, :],
+                                 mask=offs_d[None, :] < D, other=0.0)
+                sT += _unchain(tl.dot(k, tl.trans(pq_run), input_precision=PRECISION), first)
+        # the keys' padding flags loaded per tile (a 64-byte read from L1), not held through the loop
+        sT = tl.where(_real_keys(KPM, offs_n, L, HAS_KPM)[:, None], sT * qk_scale, float("-inf"))
         pT = tl.math.exp2(sT - lse2[None, :])
         dpT = _unchain(tl.dot(v, tl.trans(do), input_precision=PRECISION), window)  # [BLOCK_N, BLOCK_M]
         if DROPOUT:
-            keepT = _keep(SEED, b, h, H, SMAX, offs_m[None, :], offs_n[:, None], dropout_p)
+            keepT = _keep(SEED, b, h, H, SMAX, rows_m[None, :], offs_n[:, None], dropout_p)
             pdT = tl.where(keepT, pT / (1.0 - dropout_p), 0.0)
             dpT = tl.where(keepT, dpT / (1.0 - dropout_p), 0.0)
         else:
@@ -378,48 +388,74 @@ def _dkdv_tiles(dk, dv, cs_lo, cs_hi, k, v, real, p_lo, p_hi, Q, DO, LSE, DELTA,
     return dk, dv, cs_lo, cs_hi
 
 
-@triton.jit(noinline=True)
-def _dkdv_item(Q, K, V, DO, LSE, DELTA, DK, DV, SATK, SATQ, PK, PQ, IDX, KPM, SEED, stride_qm, stride_kn, stride_vn,
-               stride_dom, stride_lm, stride_dkn, stride_dvn, stride_pkr, stride_pqr, side_stride, b, h, H, start_n, L,
-               kv_end, SMAX, D, D_LO, D_HI, IDX_LO, IDX_HI, sm_scale, dropout_p, HAS_C2P: tl.constexpr,
-               HAS_P2C: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, DPOS_K: tl.constexpr,
-               DPOS_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               W: tl.constexpr, PRECISION: tl.constexpr):
-    """dK and dV of the key block start_n of one sequence (pointers at its first row), and its runs' shares of
-    dpos_key / dpos_query added to the program's slots SATK / SATQ (first run; last run side_stride further).
-    Not inlined (a call takes scalars only, hence the slots in memory): inlined in the item loop, the compiler
-    hoisted the block's shared-memory addresses and descriptors out of it and held them through every item."""
-    qk_scale = sm_scale * 1.4426950408889634
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    kv_ok = offs_n < L
-    k = _tile(K, offs_n, L, stride_kn, offs_d, D)
-    v = _tile(V, offs_n, L, stride_vn, offs_d, D)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    if start_n < kv_end:  # a block of padding only: its gradients are zeros
-        real = _real_keys(KPM, offs_n, L, HAS_KPM)
-        lo_end, hi_start = _col_runs(start_n, L, D_LO, D_HI, BLOCK_M, BLOCK_N)
+@triton.jit
+def _dkdv_item(Q, K, V, DO, LSE, DELTA, DK, DV, SATK, SATQ, PK, PQ, IDX, KPM, KV_END, CU, SEED,
+               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+               stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm,
+               stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+               stride_pkh, stride_pkr, stride_pqh, stride_pqr, stride_kpb,
+               H, NM, P, SMAX, D, D_LO, D_HI, IDX_LO, IDX_HI, sm_scale, dropout_p, item, HAS_C2P: tl.constexpr,
+               HAS_P2C: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+               DPOS_K: tl.constexpr, DPOS_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_D: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr):
+    """dK and dV of the work item ``item`` (a key block of one sequence) of this program, and its runs' shares of
+    dpos_key / dpos_query added to the program's slots in SATK / SATQ (first run; last run H P BLOCK_D further).
+
+    Registers: the item's ids, offsets and addresses are made from opaque copies of the program id and the
+    ranges (_fresh), once for the prologue and again for the epilogue. Made once, the compiler held them (and the
+    shared-memory addresses it derives from them) through the loop over query tiles and from one item to the
+    next: they spilled. (As a non-inlined call instead, ptxas serialises every wgmma: its C7510 notice.)"""
+    pid = _fresh(tl.program_id(0))
+    h = (pid // P).to(tl.int64)
+    b, start, L, n = _item(CU, item, NM, SMAX, VARLEN)
+    start_n = n * BLOCK_N
+    if start_n < L:
+        qk_scale = tl.cast(sm_scale, tl.float32) * 1.4426950408889634
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        side_stride = H * P * BLOCK_D
+        Kb = K + (b * stride_kb + h * stride_kh + start * stride_kn)
+        # K / V's rows from an opaque copy of the block's offsets: their row-times-stride addresses (loop
+        # invariant) were hoisted out of the item loop and held through it
+        rows_n = start_n + _fresh(tl.arange(0, BLOCK_N))
+        k = _tile(Kb, rows_n, L, stride_kn, offs_d, D)
+        v = _tile(V + (b * stride_vb + h * stride_vh + start * stride_vn), rows_n, L, stride_vn, offs_d, D)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         cs_lo = tl.zeros([BLOCK_N], dtype=tl.float32)
         cs_hi = tl.zeros([BLOCK_N], dtype=tl.float32)
-        p_lo = tl.zeros([BLOCK_N], dtype=tl.float32)
-        p_hi = tl.zeros([BLOCK_N], dtype=tl.float32)
-        if HAS_P2C:  # the runs' P2C per key, k_j . pos_query[IDX_LO / IDX_HI]
-            p_lo, p_hi = _run_terms(k, _run_rows(PQ, IDX_LO, IDX_HI, offs_d, D, stride_pqr), PRECISION)
-        dk, dv, cs_lo, cs_hi = _dkdv_tiles(
-            dk, dv, cs_lo, cs_hi, k, v, real, p_lo, p_hi, Q, DO, LSE, DELTA, SATK, side_stride, PK, PQ, IDX, SEED,
-            stride_qm, stride_dom, stride_lm, stride_pkr, stride_pqr, start_n, offs_n, offs_d, D, L, SMAX, IDX_LO,
-            IDX_HI, lo_end, hi_start, qk_scale, b, h, H, dropout_p, HAS_C2P, HAS_P2C, DROPOUT, DPOS_K, BLOCK_M,
-            BLOCK_N, W, PRECISION)
+        kv_end = tl.minimum(L, tl.load(KV_END + b)) if HAS_KPM else L
+        if start_n < kv_end:  # a block of padding only: its gradients are zeros
+            lo_end, hi_start = _col_runs(start_n, L, D_LO, D_HI, BLOCK_M, BLOCK_N)
+            dk, dv, cs_lo, cs_hi = _dkdv_tiles(
+                dk, dv, cs_lo, cs_hi, k, v, KPM + b * stride_kpb, Q + (b * stride_qb + h * stride_qh + start * stride_qm),
+                DO + (b * stride_dob + h * stride_doh + start * stride_dom),
+                LSE + (b * stride_lb + h * stride_lh + start * stride_lm),
+                DELTA + (b * stride_lb + h * stride_lh + start * stride_lm), SATK + (h * P + pid % P) * BLOCK_D,
+                side_stride, PK + h * stride_pkh, PQ + h * stride_pqh, IDX, SEED, stride_qm, stride_dom, stride_lm,
+                stride_pkr, stride_pqr, start_n, offs_n, offs_d, D, L, SMAX, IDX_LO, IDX_HI, lo_end, hi_start,
+                qk_scale, b, h, H, tl.cast(dropout_p, tl.float32), HAS_C2P, HAS_P2C, HAS_KPM, DROPOUT, DPOS_K, BLOCK_M,
+                BLOCK_N, W, PRECISION)
+        # the epilogue's ids, offsets and addresses anew (see above)
+        pid = _fresh(tl.program_id(0))
+        h = (pid // P).to(tl.int64)
+        b, start, L, n = _item(CU, _fresh(item), NM, SMAX, VARLEN)
+        offs_d = _fresh(tl.arange(0, BLOCK_D))
+        offs_n = n * BLOCK_N + _fresh(tl.arange(0, BLOCK_N))
         if HAS_P2C:  # the runs' share: dK_j += cs_j pos_query[run]; of dpos_query: sum_j cs_j k_j
             r = _run_sums(cs_lo, cs_hi, k.dtype)
-            dk = tl.dot(r, _run_rows(PQ, IDX_LO, IDX_HI, offs_d, D, stride_pqr), dk, input_precision=PRECISION)
+            dk = tl.dot(r, _run_rows(PQ + h * stride_pqh, IDX_LO, IDX_HI, offs_d, D, stride_pqr), dk,
+                        input_precision=PRECISION)
             if DPOS_Q:
-                _add_run_sums(SATQ, side_stride, tl.dot(tl.trans(k), r, input_precision=PRECISION), offs_d)
-    tl.store(DK + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
-             mask=kv_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(DV + offs_n[:, None].to(tl.int64) * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=kv_ok[:, None] & (offs_d[None, :] < D))
+                _add_run_sums(SATQ + (h * P + pid % P) * BLOCK_D, H * P * BLOCK_D,
+                              tl.dot(tl.trans(k), r, input_precision=PRECISION), offs_d)
+        kv_ok = (offs_n < L)[:, None] & (offs_d[None, :] < D)
+        DKb = DK + (b * stride_dkb + h * stride_dkh + start * stride_dkn)
+        DVb = DV + (b * stride_dvb + h * stride_dvh + start * stride_dvn)
+        tl.store(DKb + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :],
+                 (dk * tl.cast(sm_scale, tl.float32)).to(DK.dtype.element_ty), mask=kv_ok)
+        tl.store(DVb + offs_n[:, None].to(tl.int64) * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
+                 mask=kv_ok)
 
 
 @triton.jit
@@ -452,28 +488,13 @@ def _deberta_bwd_dkdv(
             tl.store(SATQ + (h * P + p) * BLOCK_D + side * side_stride + offs_d, tl.zeros([BLOCK_D], dtype=tl.float32))
     tl.debug_barrier()
     for item in range(p, B * NM, P):
-        # everything below from an opaque copy of the program id, per item: nothing is hoisted out of the loop
-        # and held through the call
-        pid = _fresh(tl.program_id(0))
-        h = (pid // P).to(tl.int64)
-        b, start, L, n = _item(CU, item, NM, SMAX, VARLEN)
-        start_n = n * BLOCK_N
-        if start_n < L:
-            kv_end = tl.minimum(L, tl.load(KV_END + b)) if HAS_KPM else L
-            _dkdv_item(Q + (b * stride_qb + h * stride_qh + start * stride_qm),
-                       K + (b * stride_kb + h * stride_kh + start * stride_kn),
-                       V + (b * stride_vb + h * stride_vh + start * stride_vn),
-                       DO + (b * stride_dob + h * stride_doh + start * stride_dom),
-                       LSE + (b * stride_lb + h * stride_lh + start * stride_lm),
-                       DELTA + (b * stride_lb + h * stride_lh + start * stride_lm),
-                       DK + (b * stride_dkb + h * stride_dkh + start * stride_dkn),
-                       DV + (b * stride_dvb + h * stride_dvh + start * stride_dvn),
-                       SATK + (h * P + pid % P) * BLOCK_D, SATQ + (h * P + pid % P) * BLOCK_D,
-                       PK + h * stride_pkh, PQ + h * stride_pqh, IDX, KPM + b * stride_kpb, SEED, stride_qm, stride_kn,
-                       stride_vn, stride_dom, stride_lm, stride_dkn, stride_dvn, stride_pkr, stride_pqr, side_stride,
-                       b, h, H, start_n, L, kv_end, SMAX, D, D_LO, D_HI, IDX_LO, IDX_HI, tl.cast(sm_scale, tl.float32),
-                       tl.cast(dropout_p, tl.float32), HAS_C2P, HAS_P2C, HAS_KPM, DROPOUT, DPOS_K, DPOS_Q, BLOCK_M,
-                       BLOCK_N, BLOCK_D, W, PRECISION)
+        _dkdv_item(Q, K, V, DO, LSE, DELTA, DK, DV, SATK, SATQ, PK, PQ, IDX, KPM, KV_END, CU, SEED,
+                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                   stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm,
+                   stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                   stride_pkh, stride_pkr, stride_pqh, stride_pqr, stride_kpb,
+                   H, NM, P, SMAX, D, D_LO, D_HI, IDX_LO, IDX_HI, sm_scale, dropout_p, item, HAS_C2P, HAS_P2C,
+                   HAS_KPM, VARLEN, DROPOUT, DPOS_K, DPOS_Q, BLOCK_M, BLOCK_N, BLOCK_D, W, PRECISION)
 
 
 def deberta_bwd(launch, do, dlse, q, k, v, pos_key, pos_query, out, lse, key_padding_mask, cu_seqlens, rel_idx,

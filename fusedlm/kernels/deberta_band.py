@@ -48,7 +48,7 @@ def _dkdv_window(i, j, D_LO, D_HI, TILE_M: tl.constexpr, TILE_N: tl.constexpr):
     return (start_m + TILE_M - 1 - start_n > D_LO) & (start_m - start_n - (TILE_N - 1) < D_HI)
 
 
-@triton.jit(noinline=True)
+@triton.jit
 def _band_item(EK, EQ, Q, K, V, DO, LSE, DELTA, KPM, PK, PQ, IDX, SEED, stride_qm, stride_kn, stride_vn, stride_dom,
                stride_lm, stride_pkr, stride_pqr, b, h, H, SMAX, L, D, D_LO, D_HI, i0, d0, nw, sm_scale, dropout_p,
                HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
@@ -56,15 +56,16 @@ def _band_item(EK, EQ, Q, K, V, DO, LSE, DELTA, KPM, PK, PQ, IDX, SEED, stride_q
                BLOCK_D: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr, PRECISION: tl.constexpr):
     """One item of the band kernel: query block i0 of one sequence (pointers at its first row) against the
     distances d0 + w (w < nw), added to the program's E_key^T / E_query^T at EK / EQ ([BLOCK_D, BLOCK_W], rows
-    BLOCK_D apart). Not inlined (a function call takes scalars only, hence the sums in memory): the item's
-    shared-memory addresses and skew indices are made per call; inlined, the compiler hoisted them out of the
-    item loop and held them through it (~120 registers a thread)."""
+    BLOCK_D apart; the sums go through memory, read and written per item). Its ranges, and the program's head and
+    slot (made in the item loop), come from opaque copies (_fresh): made once, the compiler hoisted them and what
+    it derives from them (the skews' indices, the rows' addresses) out of the item loop and held them through it
+    (~120 registers a thread). (A non-inlined call would do the same, but ptxas then serialises every wgmma.)"""
     R: tl.constexpr = BLOCK_M + BLOCK_W
     qk_scale = sm_scale * 1.4426950408889634
-    offs_w = tl.arange(0, BLOCK_W)
-    offs_a = tl.arange(0, BLOCK_M)
-    offs_c = tl.arange(0, R)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_w = _fresh(tl.arange(0, BLOCK_W))
+    offs_a = _fresh(tl.arange(0, BLOCK_M))
+    offs_c = _fresh(tl.arange(0, R))
+    offs_d = _fresh(tl.arange(0, BLOCK_D))
     w_ok = offs_w < nw
     jstart = i0 - d0 - (BLOCK_W - 1)
     z = _fresh(i0) - i0  # 0 the compiler cannot see: the skews' indices are made per item
@@ -151,8 +152,6 @@ def _deberta_bwd_dpos(
     R: tl.constexpr = BLOCK_M + BLOCK_W  # the rectangle's keys
     offs_w = tl.arange(0, BLOCK_W)
     offs_d = tl.arange(0, BLOCK_D)
-    PK += h * stride_pkh
-    PQ += h * stride_pqh
     # E_key^T, E_query^T of this block of distances: this program's slots, added to per item
     slot = (h * stride_eh + g * stride_eg) + dblk * BLOCK_W * BLOCK_D
     out = offs_w[None, :] * BLOCK_D + offs_d[:, None]
@@ -162,6 +161,13 @@ def _deberta_bwd_dpos(
         tl.store(EQ + slot + out, tl.zeros([BLOCK_D, BLOCK_W], dtype=tl.float32))
     tl.debug_barrier()
     for item in range(g, B * NM, G):
+        # the program's head / slot made again per item from an opaque copy of its id: hoisted out of the loop,
+        # they and everything derived from them were held through every item
+        pid = _fresh(tl.program_id(0))
+        h = (pid // G // NDB).to(tl.int64)
+        dblk = (pid // G) % NDB
+        d0 = DFIRST + dblk * BLOCK_W
+        slot = (h * stride_eh + (pid % G) * stride_eg) + dblk * BLOCK_W * BLOCK_D
         start, L = _sequence(CU, item // NM, SMAX, VARLEN)
         b = (item // NM).to(tl.int64)
         i0 = (item % NM) * BLOCK_M
@@ -174,7 +180,7 @@ def _deberta_bwd_dpos(
                                 DO + b * stride_dob + h * stride_doh + start * stride_dom,
                                 LSE + (b * stride_lb + h * stride_lh + start * stride_lm),
                                 DELTA + (b * stride_lb + h * stride_lh + start * stride_lm), KPM + b * stride_kpb,
-                                PK, PQ, IDX, SEED, stride_qm, stride_kn, stride_vn, stride_dom, stride_lm, stride_pkr,
+                                PK + h * stride_pkh, PQ + h * stride_pqh, IDX, SEED, stride_qm, stride_kn, stride_vn, stride_dom, stride_lm, stride_pkr,
                                 stride_pqr, b, h, H, SMAX, L, D, D_LO, D_HI, i0, d0, NB - dblk * BLOCK_W, sm_scale,
                                 dropout_p, HAS_C2P, HAS_P2C, HAS_KPM, DROPOUT, DPOS_K, DPOS_Q, BLOCK_M, BLOCK_W, BLOCK_D,
                                 TILE_M, TILE_N, PRECISION)
