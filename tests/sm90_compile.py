@@ -60,6 +60,7 @@ ROOT = Path(__file__).resolve().parent.parent
 _DTYPES = {"bf16", "fp16", "fp32"}
 
 rows, failures, _seen, _binders = [], [], set(), {}
+_note = [""]  # a word a driver adds to its rows' configs (the head dim, where the specialisation does not show it)
 _only = [None]  # --only: a compiled regex; kernels whose name it does not match are skipped
 _default_mode = [True]  # False while driving autotune candidates
 
@@ -196,7 +197,7 @@ def aot_launch(kernel, grid, *args, **meta):
         print(f"FAIL {name}: cannot bind the arguments: {type(e).__name__}: {e}", flush=True)
         return
     dtype = next((v[1:] for v in signature.values() if v.startswith("*") and v[1:] in _DTYPES), "-")
-    label = _label(name, signature, constexprs, options)
+    label = _label(name, signature, constexprs, options) + (f" {_note[0]}" if _note[0] else "")
     key = (name, dtype, label, str(attrs), str(sorted(signature.items())))
     if key in _seen:
         return
@@ -360,6 +361,7 @@ def deberta_variants():
                                   (torch.bfloat16, 64, "", False), (torch.float16, 128, "c2p,p2c", True),
                                   (torch.float32, 64, "c2p,p2c", True), (torch.float32, 128, "c2p,p2c", False),
                                   (torch.bfloat16, 256, "c2p,p2c", True), (torch.bfloat16, 40, "c2p,p2c", False)]:
+            _note[0] = f"D={d}"  # D = 40 and D = 64 share BLOCK_D = 64: the row says which
             q, k, v = (torch.randn(B, H, S, d, dtype=dt) for _ in range(3))
             pk = torch.randn(H, 512, d, dtype=dt) if "c2p" in terms else None
             pq = torch.randn(H, 512, d, dtype=dt) if "p2c" in terms else None
@@ -368,6 +370,7 @@ def deberta_variants():
             deberta_backward.deberta_bwd(aot_launch, torch.randn_like(out), None, q, k, v, pk, pq, out, torch.zeros_like(lse),
                                 mask, None, idx, S, 0.1, 0.0, None, pk is not None, pq is not None, band)
         # packed sequences with dropout and a gradient reaching lse (the training configuration)
+        _note[0] = "D=64"
         q = torch.randn(B * S, H, 64, dtype=torch.bfloat16)
         pos = torch.randn(H, 512, 64, dtype=torch.bfloat16)
         cu = torch.tensor([0, S, 2 * S], dtype=torch.int32)
@@ -375,6 +378,7 @@ def deberta_variants():
         out, lse = deberta.deberta_fwd(aot_launch, q, q, q, pos, pos, None, cu, idx, S, 0.1, 0.1, seed, band)
         deberta_backward.deberta_bwd(aot_launch, out, lse, q, q, q, pos, pos, out, lse, None, cu, idx, S, 0.1, 0.1, seed,
                             True, True, band)
+        _note[0] = ""
 
 
 def _run_group(group):
