@@ -17,7 +17,10 @@ Per kernel and config it records (from ptxas -v and the PTX / TTGIR):
     wgmma (wgmma.mma_async), mma_sync (mma.sync, Ampere-style tensor cores), tma (cp.async.bulk.tensor),
     ld_global / st_global (global load / store instructions), ld_global_16B (loads of 16 bytes a thread),
     mma_sync_eligible: dots left on mma.sync whose shape and operand types wgmma takes (M % 64 == 0,
-    N % 8 == 0, fp16/bf16 operands, warps a multiple of 4): what the gate forbids in half precision.
+    N % 8 == 0, fp16/bf16 operands, warps a multiple of 4): what the gate forbids in half precision,
+    wgmma_serialized: ptxas serialised the wgmma instructions (its C7510 notice),
+    inner_loop_local: local-memory instructions (STL / LDL) inside the SASS's innermost loops (from cuobjdump,
+    which ships with Triton): whether what spills is paid every tile or once a block.
 Results are cached on disk per (Triton version, kernel source hash, specialisation, options) in
 ~/.cache/fusedlm/sm90 (FUSEDLM_SM90_CACHE): a second run recompiles only kernels whose source changed.
 
@@ -57,6 +60,7 @@ ROOT = Path(__file__).resolve().parent.parent
 _DTYPES = {"bf16", "fp16", "fp32"}
 
 rows, failures, _seen, _binders = [], [], set(), {}
+_note = [""]  # a word a driver adds to its rows' configs (the head dim, where the specialisation does not show it)
 _only = [None]  # --only: a compiled regex; kernels whose name it does not match are skipped
 _default_mode = [True]  # False while driving autotune candidates
 
@@ -84,12 +88,16 @@ def _specialise(kernel, args, meta):
 
 
 def _ptxas_figures(log):
-    """registers, spill store/load bytes, stack frame bytes from ptxas -v."""
-    def grab(pattern):
-        m = re.search(pattern, log)
-        return int(m.group(1)) if m else 0
-    return dict(regs=grab(r"Used (\d+) registers"), spill_stores=grab(r"(\d+) bytes spill stores"),
-                spill_loads=grab(r"(\d+) bytes spill loads"), stack=grab(r"(\d+) bytes stack frame"))
+    """From ptxas -v: registers (the most any function uses), spill store / load bytes and stack frame bytes
+    (summed over the kernel and the functions it calls: a noinline callee reports its own), and whether ptxas
+    serialised the wgmma instructions (C7510: e.g. a wgmma pipeline crossing a function call; every wgmma then
+    waits for the previous one, which costs the tensor cores' overlap)."""
+    def total(pattern):
+        return sum(int(x) for x in re.findall(pattern, log))
+    regs = [int(x) for x in re.findall(r"Used (\d+) registers", log)]
+    return dict(regs=max(regs, default=0), spill_stores=total(r"(\d+) bytes spill stores"),
+                spill_loads=total(r"(\d+) bytes spill loads"), stack=total(r"(\d+) bytes stack frame"),
+                wgmma_serialized=int("wgmma.mma_async instructions are serialized" in log))
 
 
 _OPERAND = re.compile(r"tensor<\d+x\d+x(\w+)")
@@ -113,9 +121,26 @@ def _mma_sync_eligible(ttgir, num_warps):
     return n
 
 
+_LABEL = re.compile(r"^\s*(\.?L\w+):")
+_BRANCH = re.compile(r"\bBRA\b.*?(\.?L\w+)")
+
+
+def _inner_loop_local(cubin):
+    """Local-memory instructions (STL / LDL: spill traffic and stack) inside the innermost loops of the SASS:
+    a spill there costs a round trip every iteration (every tile); one outside costs once a block. A loop is a
+    backward branch to a label; innermost: no other loop inside it."""
+    from triton.tools.disasm import get_sass
+    lines = get_sass(cubin).splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := _LABEL.match(line))}
+    loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
+             if (m := _BRANCH.search(line)) and labels.get(m.group(1), i) < i]
+    inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    return sum(1 for a, b in inner for line in lines[a:b] if re.search(r"\b(STL|LDL)\b", line))
+
+
 def _compile(kernel, signature, constexprs, attrs, options):
     src = ASTSource(kernel, signature, constexprs, attrs)
-    key = hashlib.sha256(f"v2-{triton.__version__}-{src.hash()}-{sorted(options.__dict__.items())}".encode()).hexdigest()
+    key = hashlib.sha256(f"v4-{triton.__version__}-{src.hash()}-{sorted(options.__dict__.items())}".encode()).hexdigest()
     path = CACHE / f"{key}.json"
     if path.exists():
         return json.loads(path.read_text()), True
@@ -130,7 +155,8 @@ def _compile(kernel, signature, constexprs, attrs, options):
                    tma=len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx)),
                    ld_global=len(re.findall(r"\bld\.global", ptx)), st_global=len(re.findall(r"\bst\.global", ptx)),
                    ld_global_16B=len(re.findall(r"\bld\.global(?:\.\w+)*\.v4\.(?:b32|f32|u32)", ptx)),
-                   mma_sync_eligible=_mma_sync_eligible(ttgir, options.num_warps))
+                   mma_sync_eligible=_mma_sync_eligible(ttgir, options.num_warps),
+                   inner_loop_local=_inner_loop_local(compiled.asm["cubin"]))
     CACHE.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(figures))
     return figures, False
@@ -171,7 +197,7 @@ def aot_launch(kernel, grid, *args, **meta):
         print(f"FAIL {name}: cannot bind the arguments: {type(e).__name__}: {e}", flush=True)
         return
     dtype = next((v[1:] for v in signature.values() if v.startswith("*") and v[1:] in _DTYPES), "-")
-    label = _label(name, signature, constexprs, options)
+    label = _label(name, signature, constexprs, options) + (f" {_note[0]}" if _note[0] else "")
     key = (name, dtype, label, str(attrs), str(sorted(signature.items())))
     if key in _seen:
         return
@@ -189,7 +215,8 @@ def aot_launch(kernel, grid, *args, **meta):
 
 def _row_text(r):
     return (f"{r['kernel']:<20} {r['dtype']:<4} {'def ' if r['default'] else 'tune'} regs={r['regs']:3d} "
-            f"spill={r['spill_stores']}/{r['spill_loads']} smem={r['shared']:6d} wgmma={r['wgmma']} "
+            f"spill={r['spill_stores']}/{r['spill_loads']} loop_local={r['inner_loop_local']} "
+            f"{'WGMMA-SERIALIZED ' if r['wgmma_serialized'] else ''}smem={r['shared']:6d} wgmma={r['wgmma']} "
             f"mma.sync={r['mma_sync']} (wgmma-able {r['mma_sync_eligible']}) tma={r['tma']} ld={r['ld_global']}"
             f"({r['ld_global_16B']}x16B) st={r['st_global']}  {r['config']}")
 
@@ -334,6 +361,7 @@ def deberta_variants():
                                   (torch.bfloat16, 64, "", False), (torch.float16, 128, "c2p,p2c", True),
                                   (torch.float32, 64, "c2p,p2c", True), (torch.float32, 128, "c2p,p2c", False),
                                   (torch.bfloat16, 256, "c2p,p2c", True), (torch.bfloat16, 40, "c2p,p2c", False)]:
+            _note[0] = f"D={d}"  # D = 40 and D = 64 share BLOCK_D = 64: the row says which
             q, k, v = (torch.randn(B, H, S, d, dtype=dt) for _ in range(3))
             pk = torch.randn(H, 512, d, dtype=dt) if "c2p" in terms else None
             pq = torch.randn(H, 512, d, dtype=dt) if "p2c" in terms else None
@@ -342,6 +370,7 @@ def deberta_variants():
             deberta_backward.deberta_bwd(aot_launch, torch.randn_like(out), None, q, k, v, pk, pq, out, torch.zeros_like(lse),
                                 mask, None, idx, S, 0.1, 0.0, None, pk is not None, pq is not None, band)
         # packed sequences with dropout and a gradient reaching lse (the training configuration)
+        _note[0] = "D=64"
         q = torch.randn(B * S, H, 64, dtype=torch.bfloat16)
         pos = torch.randn(H, 512, 64, dtype=torch.bfloat16)
         cu = torch.tensor([0, S, 2 * S], dtype=torch.int32)
@@ -349,6 +378,7 @@ def deberta_variants():
         out, lse = deberta.deberta_fwd(aot_launch, q, q, q, pos, pos, None, cu, idx, S, 0.1, 0.1, seed, band)
         deberta_backward.deberta_bwd(aot_launch, out, lse, q, q, q, pos, pos, out, lse, None, cu, idx, S, 0.1, 0.1, seed,
                             True, True, band)
+        _note[0] = ""
 
 
 def _run_group(group):
@@ -380,14 +410,15 @@ def markdown(rows):
              "Generated by `python tests/sm90_compile.py --write` (no GPU: Triton's compiler and ptxas for sm_90, with the "
              "specialisation a launch gets). `def` = a default launch config, `tune` = an autotune candidate "
              "(FUSEDLM_AUTOTUNE=1). Spills in bytes (stores/loads), shared memory in bytes (limit 232448), "
-             "instruction counts static in the PTX. `wgmma-able`: dots left on mma.sync that wgmma could take. "
+             "instruction counts static in the PTX. `loop` = local-memory instructions (spill traffic) inside the "
+             "innermost loops of the SASS, paid every iteration. `wgmma-able`: dots left on mma.sync that wgmma could take. "
              "`ld (16 B)`: global load instructions (those moving 16 bytes a thread), `st`: global stores.", "",
-             "| kernel | dtype | kind | config | regs | spill st/ld | smem | wgmma | mma.sync | wgmma-able | tma | "
+             "| kernel | dtype | kind | config | regs | spill st/ld | loop | smem | wgmma | mma.sync | wgmma-able | tma | "
              "ld (16 B) | st |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['kernel']} | {r['dtype']} | {'def' if r['default'] else 'tune'} | {r['config']} | "
-                     f"{r['regs']} | {r['spill_stores']}/{r['spill_loads']} | {r['shared']} | {r['wgmma']} | "
+                     f"{r['regs']} | {r['spill_stores']}/{r['spill_loads']} | {r['inner_loop_local']} | {r['shared']} | {r['wgmma']} | "
                      f"{r['mma_sync']} | {r['mma_sync_eligible']} | {r['tma']} | {r['ld_global']} ({r['ld_global_16B']}) | "
                      f"{r['st_global']} |")
     return "\n".join(lines) + "\n"

@@ -7,10 +7,13 @@ kernel source in ~/.cache/fusedlm/sm90, so only changed kernels recompile) and c
 - every variant compiles (the interpreter accepts code the real compiler rejects);
 - no variant needs more shared memory than an H100/H200 block may have (227 KB): it would not launch;
 - a default bfloat16/float16 config (what users get without FUSEDLM_AUTOTUNE) spills no register, and
-  runs no product on Ampere-style mma.sync: every one of them goes to wgmma, Hopper's tensor-core path.
+  runs no product on Ampere-style mma.sync: every one of them goes to wgmma, Hopper's tensor-core path;
+- where one still spills (allowlisted), no spill traffic sits inside an innermost loop of its SASS, and ptxas
+  does not serialise its wgmma.
 
 float32 configurations and autotune candidates are recorded in the table but only held to the shared-memory
-limit. KNOWN_FAILURES lists the kernels allowed to break the half-precision rules for now, with the reason.
+limit. KNOWN_FAILURES (KNOWN_LOOP_SPILLS, KNOWN_SERIALIZED) lists the kernels allowed to break the
+half-precision rules for now, with the reason.
 """
 import json
 import os
@@ -23,30 +26,93 @@ import pytest
 SHARED_LIMIT = 232448
 
 # "kernel [config words]" -> why it may still break the spill / mma.sync rules (a row matches when its kernel is
-# the first word and its config contains every other word). Remove an entry when its fix lands:
-# test_known_failures_still_fail then names the entries that no longer fail.
+# the first word and its config contains every other word; a word "triton<X.Y" / "triton>=X.Y" limits the entry
+# to those Triton versions: CI runs the gate with the newest Triton and with 3.6). Remove an entry when its fix
+# lands: test_known_failures_still_fail then names the entries that no longer fail. The DeBERTa rows carry their
+# head dim (D=...; D = 40 and 64 share BLOCK_D = 64).
 KNOWN_FAILURES = {
     # issues 8 / 16: the position terms are formed inside the kernels (no (B, H, S, 2 span) buffers). Issue 16
-    # restructured the backward (kernels/deberta_backward.py docstring): at D = 64, bf16, the dQ kernel compiles
-    # with 0 spills in all six launch cases on Triton 3.9 (0-68 B on 3.6; it was 0.9-2.1 KB). Left, as bytes
-    # spilled (stores) on 3.9 / 3.6: forward d = 40 48 / 76 (others 0, packed + dropout 4 / 0), D = 128
-    # 92 / 0, D = 256 472 / 584; dK/dV D = 64 64-232 / 100-312 (0 without pos_query), D = 128 432 / 640; band
-    # kernel D = 64 232-1036 / 212-1086 (0 with C2P only), D = 128 472 / 552; at D = 256 the backward keeps
-    # 4-warp tiles of 16-32 rows (mma.sync): 64-row ones need more than 227 KB of shared memory.
-    "_deberta_fwd HAS_C2P": "DeBERTa forward window tiles at d = 40 and D >= 128: see above",
-    "_deberta_fwd HAS_P2C": "DeBERTa forward window tiles, P2C (the rows with both terms): see above",
-    "_deberta_bwd_dq": "DeBERTa dQ: Triton 3.6 at D = 64, D >= 128 (mma.sync at D = 256): see above",
-    "_deberta_bwd_dkdv": "DeBERTa dK/dV with the P2C window products and both runs' sums: see above",
-    "_deberta_bwd_dpos": "DeBERTa band kernel (dpos on the diagonals, four skews a tile): see above",
+    # restructured the backward for registers (kernels/deberta_backward.py docstring): at D = 64, the DeBERTa-v3
+    # training configurations, the dQ and band kernels spill nothing on Triton 3.6 and 3.9 (they spilled
+    # 0.2-2.1 KB), dK/dV 0-16 bytes a key block, outside its loop over query tiles (below). Left, bytes of spill
+    # stores on Triton 3.9 / 3.6 (benchmarks/results/sm90_static.md): forward d = 40 48 / 76, D = 128 92 / 0,
+    # D = 256 472 / 584, packed + dropout D = 64 4 / 0; dQ D = 40 0 / 12, D = 128 76 / 368, D = 256 368 / 168;
+    # dK/dV D = 40 0 / 20, D = 128 28 / 20, D = 256 1252 / 492; band D = 128 52 / 4, D = 256 444 / 36. At D = 256
+    # the backward keeps 4-warp tiles of 16-32 rows (mma.sync): 64-row ones need more than 227 KB of shared memory.
+    "_deberta_fwd D=40": "DeBERTa forward window tiles at the unaligned head dim: see above",
+    "_deberta_fwd D=128 triton>=3.7": "DeBERTa forward window tiles at D = 128 (Triton 3.9's allocation): see above",
+    "_deberta_fwd D=256": "DeBERTa forward window tiles at D = 256: see above",
+    "_deberta_fwd D=64 VARLEN DROPOUT triton>=3.7": "DeBERTa forward, packed with dropout: 4 bytes, see above",
+    "_deberta_bwd_dq D=40 triton<3.7": "DeBERTa dQ at the unaligned head dim on Triton 3.6: see above",
+    "_deberta_bwd_dq D=128": "DeBERTa dQ at D = 128: see above",
+    "_deberta_bwd_dq D=256": "DeBERTa dQ at D = 256 (mma.sync: 4-warp tiles for shared memory): see above",
+    # dK/dV at D = 64 with pos_query: Triton 3.6 8-16 bytes in every such case, Triton 3.9 4 bytes packed with
+    # dropout: shared-memory addresses the compiler derives once and keeps from one key block to the next,
+    # stored once and reloaded once a key block (the loop over query tiles has no local-memory access)
+    "_deberta_bwd_dkdv D=64 HAS_P2C triton<3.7": "DeBERTa dK/dV at D = 64 on Triton 3.6: see above",
+    "_deberta_bwd_dkdv D=64 VARLEN DROPOUT triton>=3.7": "DeBERTa dK/dV packed with dropout on Triton 3.9: above",
+    "_deberta_bwd_dkdv D=40 triton<3.7": "DeBERTa dK/dV at the unaligned head dim on Triton 3.6: see above",
+    "_deberta_bwd_dkdv D=128": "DeBERTa dK/dV at D = 128: see above",
+    "_deberta_bwd_dkdv D=256": "DeBERTa dK/dV at D = 256 (mma.sync: 4-warp tiles for shared memory): see above",
+    "_deberta_bwd_dpos D=128": "DeBERTa band kernel at D = 128: see above",
+    "_deberta_bwd_dpos D=256": "DeBERTa band kernel at D = 256: see above",
+}
+
+# Default half-precision configs allowed spill traffic inside an innermost loop (paid every iteration): only
+# DeBERTa's D >= 128 window tiles, whose products do not fit 255 registers a thread with the tile shapes wgmma
+# and shared memory leave.
+KNOWN_LOOP_SPILLS = {
+    "_deberta_fwd D=128 triton>=3.7", "_deberta_fwd D=256", "_deberta_bwd_dq D=128", "_deberta_bwd_dq D=256",
+    "_deberta_bwd_dkdv D=128 triton>=3.7", "_deberta_bwd_dkdv D=256", "_deberta_bwd_dpos D=128",
+    "_deberta_bwd_dpos D=256 triton>=3.7",
+}
+
+# Default half-precision configs whose wgmma ptxas serialises (its C7510-C7515 notices: every wgmma then waits for
+# the one before). Found when the gate learned to read the notice (issue 16); not yet looked into.
+KNOWN_SERIALIZED = {
+    # C7515: "non wgmma instructions defining accumulator registers of a wgmma between start and end of the
+    # pipeline stage" (Triton 3.6 and 3.9)
+    "_attn_fwd BLOCK_E=128 CAUSAL WINDOW HAS_MASK DROPOUT",
 }
 
 
-def _known(r):
-    for key in KNOWN_FAILURES:
+def _triton_version():
+    import triton
+    return tuple(int(x) for x in triton.__version__.split("+")[0].split(".")[:2])
+
+
+def _applies(word):
+    """A "triton<X.Y" / "triton>=X.Y" word: whether the installed Triton is in that range."""
+    op, version = ("<", word[len("triton<"):]) if word.startswith("triton<") else (">=", word[len("triton>="):])
+    bound = tuple(int(x) for x in version.split("."))
+    return _triton_version() < bound if op == "<" else _triton_version() >= bound
+
+
+def _entries(keys):
+    """(kernel, config words) of the entries that apply to the installed Triton."""
+    out = []
+    for key in keys:
         name, *words = key.split()
-        if r["kernel"] == name and all(w in r["config"].split() for w in words):
-            return True
-    return False
+        versions = [w for w in words if w.startswith("triton")]
+        if all(_applies(w) for w in versions):
+            out.append((key, name, [w for w in words if not w.startswith("triton")]))
+    return out
+
+
+def _matches(r, name, words):
+    return r["kernel"] == name and all(w in r["config"].split() for w in words)
+
+
+def _known(r):
+    return any(_matches(r, name, words) for _, name, words in _entries(KNOWN_FAILURES))
+
+
+def _known_in_loop(r):
+    return any(_matches(r, name, words) for _, name, words in _entries(KNOWN_LOOP_SPILLS))
+
+
+def _known_serialized(r):
+    return any(_matches(r, name, words) for _, name, words in _entries(KNOWN_SERIALIZED))
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +161,21 @@ def test_default_half_precision_configs_do_not_spill(sm90_rows):
     assert not bad, "register spills in default bf16/fp16 configs:\n" + "\n".join(bad)
 
 
+def test_default_half_precision_configs_keep_spills_out_of_inner_loops(sm90_rows):
+    """Where a listed kernel still spills, the spill must not be paid every tile: no local-memory instruction
+    inside an innermost loop of the SASS (the DeBERTa kernels' remaining bytes are per block)."""
+    bad = [_show(r) + f", {r['inner_loop_local']} local-memory instructions in inner loops"
+           for r in _half_defaults(sm90_rows["rows"]) if r["inner_loop_local"] > 0 and not _known_in_loop(r)]
+    assert not bad, "spill traffic inside inner loops of default bf16/fp16 configs:\n" + "\n".join(bad)
+
+
+def test_default_half_precision_wgmma_is_not_serialized(sm90_rows):
+    """ptxas serialises wgmma it cannot keep in flight (e.g. across a function call: a noinline helper did it in
+    issue 16): each then waits for the one before, losing the tensor cores' overlap."""
+    bad = [_show(r) for r in _half_defaults(sm90_rows["rows"]) if r["wgmma_serialized"] and not _known_serialized(r)]
+    assert not bad, "wgmma serialised by ptxas in default bf16/fp16 configs:\n" + "\n".join(bad)
+
+
 def test_default_half_precision_products_run_on_wgmma(sm90_rows):
     bad = [_show(r) for r in _half_defaults(sm90_rows["rows"])
            if r["mma_sync"] > 0 and not _known(r)]
@@ -104,10 +185,10 @@ def test_default_half_precision_products_run_on_wgmma(sm90_rows):
 def test_known_failures_still_fail(sm90_rows):
     """An allowlist entry whose kernel now meets the rules must go (so the list only shrinks)."""
     half = _half_defaults(sm90_rows["rows"])
-    fixed = []
-    for key in KNOWN_FAILURES:
-        name, *words = key.split()
-        rows = [r for r in half if r["kernel"] == name and all(w in r["config"].split() for w in words)]
-        if not any(_spills(r) or r["mma_sync"] > 0 for r in rows):
-            fixed.append(key)
-    assert not fixed, f"remove from KNOWN_FAILURES, these now pass the gate: {fixed}"
+    fixed = [key for key, name, words in _entries(KNOWN_FAILURES)
+             if not any(_spills(r) or r["mma_sync"] > 0 for r in half if _matches(r, name, words))]
+    fixed += [key for key, name, words in _entries(KNOWN_LOOP_SPILLS)
+              if not any(r["inner_loop_local"] > 0 for r in half if _matches(r, name, words))]
+    fixed += [key for key, name, words in _entries(KNOWN_SERIALIZED)
+              if not any(r["wgmma_serialized"] for r in half if _matches(r, name, words))]
+    assert not fixed, f"remove from the allowlists, these now pass the gate: {fixed}"

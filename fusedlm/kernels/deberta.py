@@ -83,10 +83,11 @@ def _sequence(CU, b, SMAX, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _program(CU, H, SMAX, VARLEN: tl.constexpr):
+def _program(CU, H, SMAX, VARLEN: tl.constexpr, bh=None):
     """This program's (batch, head, first row, length) from axis 0 of the grid (batch x heads: axis 0 has
-    no 65535 cap)."""
-    bh = tl.program_id(0)
+    no 65535 cap), or from ``bh`` (an opaque copy of it, see _fresh)."""
+    if bh is None:
+        bh = tl.program_id(0)
     start, seq_len = _sequence(CU, bh // H, SMAX, VARLEN)
     return (bh // H).to(tl.int64), (bh % H).to(tl.int64), start, seq_len
 
@@ -331,7 +332,7 @@ def block_config(d, dtype, device, kernel="fwd"):
         table = dict(fwd=(64, 32, 8, 2 if bd <= 64 and dtype != torch.float32 else 1),
                      dq=(32, 16, 4, 1) if big else (64, 32, 8, 1),  # big: W = 64 (shared memory: the window's rows)
                      dkdv=(16, 32, 4, 1) if big else (32, 64, 8, 1),
-                     dpos=(32, 32, 4, 1) if big else (64, 64, 8, 1))
+                     dpos=(32, 32, 8, 1))
         bm, bn, warps, stages = table[kernel]
     cfg = dict(BLOCK_M=bm, BLOCK_D=bd, num_warps=warps, num_stages=stages)
     if kernel == "dpos":

@@ -25,9 +25,15 @@ row) or the window's products. What fits in 255 registers a thread (8 warps) dec
 - The runs' shares (dQ_i += rs_i pos_key[run], the runs' dpos sums) and the runs' C2P / P2C per row go through
   small tensor-core products ([BLOCK, 16] x [16, BLOCK_D]) instead of elementwise outer products and
   reductions.
+- Nothing the prologue makes is reused after the loop: the epilogues make their program ids, offsets and
+  addresses again from _fresh copies, and the rows a loop loads are addressed from opaque offsets too (else
+  held through the loop: they spilled). Per-key values are formed per tile, not held: the padding flags, and a
+  run tile's P2C (K times a tile of pos_query[run] rows, like C2P's pos_key[run] rows times Q^T).
 - Nothing crosses dQ's blocks: a loop over several blocks a program would hold the inner loop's hoisted
   values through every block's prologue and epilogue (about 60 registers more); the runs' dpos_key sums,
-  which need a slot per program, are made by the dK/dV kernel from the queries' sums of dS over each run.
+  which need a slot per program, are made by the persistent dK/dV kernel (from dK's content part, _snapshot).
+- No function is left as a call (noinline): ptxas then serialises every wgmma (its C7510 notice, recorded by
+  tests/sm90_compile.py), each waiting for the one before.
 num_stages is 1: Triton 3.6's software pipeliner fails on products inside the tile-kind branch.
 """
 import torch
@@ -98,12 +104,15 @@ def _run_sums(s_lo, s_hi, dtype):
 
 
 @triton.jit
-def _store_run_sums(SLOT, side_stride, sums, offs_d):
-    """sums [BLOCK_D, 16] from products with _run_sums: the first run's total (columns 0 + 1) at SLOT, the
-    last run's (columns 2 + 3) at SLOT + side_stride."""
+def _add_run_sums(SLOT, side_stride, sums, offs_d):
+    """sums [BLOCK_D, 16] from products with _run_sums: the first run's total (columns 0 + 1) added to SLOT, the
+    last run's (columns 2 + 3) to SLOT + side_stride (then a barrier: the next read of an element may come from
+    another thread)."""
     col = tl.arange(0, 16)[None, :]
-    tl.store(SLOT + offs_d, tl.sum(tl.where(col < 2, sums, 0.0), 1))
-    tl.store(SLOT + side_stride + offs_d, tl.sum(tl.where((col >= 2) & (col < 4), sums, 0.0), 1))
+    tl.store(SLOT + offs_d, tl.load(SLOT + offs_d) + tl.sum(tl.where(col < 2, sums, 0.0), 1))
+    tl.store(SLOT + side_stride + offs_d,
+             tl.load(SLOT + side_stride + offs_d) + tl.sum(tl.where((col >= 2) & (col < 4), sums, 0.0), 1))
+    tl.debug_barrier()
 
 
 @triton.jit
@@ -157,7 +166,10 @@ def _dq_tiles(dq, rs_lo, rs_hi, q, do, lse2, delta, c_lo, c_hi, K, V, PK, PQ, ID
         dmin = start_m - start_n - (BLOCK_N - 1)  # the window's first distance
         window = (start_n >= hi_end) & (start_n < lo_start)
         last = start_n < hi_end
-        z = _fresh(dmin) - dmin  # 0 the compiler cannot see: the skews' indices are made per tile
+        # the tile's own query / key / window offsets through an opaque move, every iteration (see _dkdv_tiles)
+        fa = _fresh(tl.arange(0, BLOCK_M))
+        fc = _fresh(offs_nb)
+        fw = _fresh(offs_w)
         # loaded outside the branch (masked to window tiles): Triton's pipeliner keeps loads out of branches
         if HAS_C2P:  # Y: the window's pos_key rows; in its spare rows the tile's keys
             y = _window_rows(PK, K, IDX, dmin, start_n, SMAX, L, offs_d, D, stride_pkr, stride_kn, window,
@@ -168,11 +180,11 @@ def _dq_tiles(dq, rs_lo, rs_hi, q, do, lse2, delta, c_lo, c_hi, K, V, PK, PQ, ID
         s = tl.dot(q, kT, input_precision=PRECISION)
         if window:
             if HAS_C2P:  # C2P_ij = (PK Q^T)[i - j - dmin, i - i0]: gathered down the columns, transposed
-                skew_t = offs_m[None, :] - offs_n[:, None] - dmin + z
+                skew_t = fa[None, :] - fc[:, None] + (BLOCK_N - 1)
                 s += tl.trans(tl.gather(tl.dot(y, tl.trans(q), input_precision=PRECISION).to(q.dtype), skew_t,
                                         axis=0)).to(tl.float32)
             if HAS_P2C:  # P2C_ij = (PQ K^T)[i - j - dmin, j - j0]
-                skew = offs_m[:, None] - offs_n[None, :] - dmin + z
+                skew = fa[:, None] - fc[None, :] + (BLOCK_N - 1)
                 s += tl.gather(tl.dot(pq, kT, input_precision=PRECISION).to(q.dtype), skew,
                                axis=0).to(tl.float32)
         else:  # a run: C2P is the row's c_run, P2C k_j . pos_query[run]
@@ -187,21 +199,19 @@ def _dq_tiles(dq, rs_lo, rs_hi, q, do, lse2, delta, c_lo, c_hi, K, V, PK, PQ, ID
             keep = _keep(SEED, b, h, H, SMAX, offs_m[:, None], offs_n[None, :], dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
-        if HAS_C2P:  # the runs' row sums, by distance (a window tile holds distances of the runs too)
-            dist = offs_m[:, None] - offs_n[None, :]
-            rs_lo += tl.sum(tl.where(dist <= D_LO, ds, 0.0), 1)
-            rs_hi += tl.sum(tl.where(dist >= D_HI, ds, 0.0), 1)
         if window and HAS_C2P:
-            # X[a, w] = dS[a, c] at the key c of row a at distance dmin + w (band distances only: the runs' go
-            # through rs), and X[a, W - BLOCK_N + c] = dS[a, c]: dQ += X Y is the band's share and dS K at once
-            c = offs_m[:, None] - start_m + (BLOCK_N - 1) - offs_w[None, :] + z
-            c = tl.where(offs_w[None, :] >= W - BLOCK_N, (offs_w - (W - BLOCK_N))[None, :] + z, c)
-            dw = dmin + offs_w
-            keep_w = (offs_w >= W - BLOCK_N) | ((dw > D_LO) & (dw < D_HI))
-            x = tl.where((c >= 0) & (c < BLOCK_N) & keep_w[None, :],
+            # X[a, w] = dS[a, c] at the key c of row a at distance dmin + w (every distance of the window, those
+            # of the runs too), and X[a, W - BLOCK_N + c] = dS[a, c]: dQ += X Y is the position share and dS K at once
+            c = fa[:, None] + (BLOCK_N - 1) - fw[None, :]
+            c = tl.where(fw[None, :] >= W - BLOCK_N, (fw - (W - BLOCK_N))[None, :], c)
+            x = tl.where((c >= 0) & (c < BLOCK_N),
                          tl.gather(ds.to(q.dtype), tl.minimum(tl.maximum(c, 0), BLOCK_N - 1), axis=1), 0.0)
             dq = tl.dot(x.to(q.dtype), y, dq, input_precision=PRECISION)
         else:
+            if HAS_C2P:  # a run tile: its rows' sums of dS, times pos_key[run] at the end
+                rs = tl.sum(ds, 1)
+                rs_hi += tl.where(last, rs, 0.0)
+                rs_lo += tl.where(last, 0.0, rs)
             dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PRECISION)
     return dq, rs_lo, rs_hi
 
@@ -231,11 +241,10 @@ def _deberta_bwd_dq(
     sm_scale = tl.cast(sm_scale, tl.float32)
     dropout_p = tl.cast(dropout_p, tl.float32)
     offs_d = tl.arange(0, BLOCK_D)
-    PK += h * stride_pkh
+    PKh = PK + h * stride_pkh
     PQ += h * stride_pqh
     qk_scale = sm_scale * 1.4426950408889634
     offs_m = start_m + _fresh(tl.arange(0, BLOCK_M))
-    row_ok = offs_m < L
     q = _tile(Q + (b * stride_qb + h * stride_qh + start * stride_qm), offs_m, L, stride_qm, offs_d, D)
     do = _tile(DO + (b * stride_dob + h * stride_doh + start * stride_dom), offs_m, L, stride_dom, offs_d, D)
     lse2, delta = _row_stats(LSE + (b * stride_lb + h * stride_lh + start * stride_lm),
@@ -245,57 +254,91 @@ def _deberta_bwd_dq(
     c_lo = tl.zeros([BLOCK_M], dtype=tl.float32)
     c_hi = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_C2P:  # the runs' C2P per row, q_i . pos_key[IDX_LO / IDX_HI]
-        c_lo, c_hi = _run_terms(q, _run_rows(PK, IDX_LO, IDX_HI, offs_d, D, stride_pkr), PRECISION)
+        c_lo, c_hi = _run_terms(q, _run_rows(PKh, IDX_LO, IDX_HI, offs_d, D, stride_pkr), PRECISION)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     rs_lo = tl.zeros([BLOCK_M], dtype=tl.float32)
     rs_hi = tl.zeros([BLOCK_M], dtype=tl.float32)
     dq, rs_lo, rs_hi = _dq_tiles(
         dq, rs_lo, rs_hi, q, do, lse2, delta, c_lo, c_hi, K + (b * stride_kb + h * stride_kh + start * stride_kn),
-        V + (b * stride_vb + h * stride_vh + start * stride_vn), PK, PQ, IDX, KPM + b * stride_kpb, SEED, stride_kn,
+        V + (b * stride_vb + h * stride_vh + start * stride_vn), PKh, PQ, IDX, KPM + b * stride_kpb, SEED, stride_kn,
         stride_vn, stride_pkr, stride_pqr, start_m, offs_m, offs_d, D, L, SMAX, D_LO, D_HI, IDX_LO, IDX_HI, hi_end,
         lo_start, kv_end, qk_scale, b, h, H, dropout_p, HAS_C2P, HAS_P2C, HAS_KPM, DROPOUT, BLOCK_M, BLOCK_N, W,
         PRECISION)
+    if BLOCK_D <= 64:
+        # the epilogue's ids, offsets and addresses anew, from opaque copies of the program ids and ranges
+        # (_fresh): the prologue's, reused here, were held through the loop (Triton 3.6 spilled them: 12-60 bytes
+        # at D = 64). Not at BLOCK_D >= 128, whose larger epilogue tiles spill more on Triton 3.9 that way.
+        b, h, start, L = _program(CU, H, SMAX, VARLEN, _fresh(tl.program_id(0)))
+        offs_d = _fresh(tl.arange(0, BLOCK_D))
+        offs_m = _fresh(tl.program_id(1)) * BLOCK_M + _fresh(tl.arange(0, BLOCK_M))
+    row_ok = offs_m < L
     if HAS_C2P:  # the runs' share: dQ_i += rs_i pos_key[run]
-        dq = tl.dot(_run_sums(rs_lo, rs_hi, q.dtype), _run_rows(PK, IDX_LO, IDX_HI, offs_d, D, stride_pkr), dq,
-                    input_precision=PRECISION)
+        dq = tl.dot(_run_sums(rs_lo, rs_hi, q.dtype),
+                    _run_rows(PK + h * stride_pkh, IDX_LO, IDX_HI, offs_d, D, stride_pkr), dq, input_precision=PRECISION)
     DQb = DQ + (b * stride_dqb + h * stride_dqh + start * stride_dqm)
     tl.store(DQb + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, cs_lo, cs_hi, sat_k, k, v, real, p_lo, p_hi, Q, DO, LSE, DELTA, rows, PK, PQ, IDX, SEED,
-                stride_qm, stride_dom, stride_lm, stride_pkr, stride_pqr, start_n, offs_n, offs_d, D, L, SMAX, D_LO,
-                D_HI, IDX_LO, IDX_HI, lo_end, hi_start, qk_scale, b, h, H, dropout_p, HAS_C2P: tl.constexpr,
-                HAS_P2C: tl.constexpr, DROPOUT: tl.constexpr, DPOS_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr):
+def _snapshot(SAT, side_stride, dk, SIGN_HI: tl.constexpr):
+    """The runs' share of dpos_key from dK's content part: SAT (first run) and SAT + side_stride (last run) get
+    + / - (SIGN_HI) the keys' sum of dk so far (see _dkdv_tiles)."""
+    offs_d = tl.arange(0, dk.shape[1])
+    total = tl.sum(dk, 0)
+    if SIGN_HI:  # after the last run's tiles: its share, and minus it from the first run's slot
+        tl.store(SAT + side_stride + offs_d, tl.load(SAT + side_stride + offs_d) + total)
+        tl.store(SAT + offs_d, tl.load(SAT + offs_d) - total)
+    else:  # after the first run's tiles too: the first run's slot ends with the difference
+        tl.store(SAT + offs_d, tl.load(SAT + offs_d) + total)
+    tl.debug_barrier()  # the next read of an element may come from another thread
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, cs_lo, cs_hi, k, v, KPM, Q, DO, LSE, DELTA, SATK, side_stride, PK, PQ, IDX,
+                SEED, stride_qm, stride_dom, stride_lm, stride_pkr, stride_pqr, start_n, offs_n, offs_d, D, L, SMAX,
+                IDX_LO, IDX_HI, lo_end, hi_start, qk_scale, b, h, H, dropout_p, HAS_C2P: tl.constexpr,
+                HAS_P2C: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, DPOS_K: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr):
     """dK (unscaled) and dV of one key block over the query blocks [0, L), on transposed tiles (row = key,
-    column = query), the keys' sums of dS over the first / last run (cs_lo / cs_hi) and, with DPOS_K, the
-    runs' share of dpos_key: sat_k += Q^T [the queries' sums of dS over each run] (as _run_sums products).
-    Query blocks before lo_end lie in the first run, from hi_start in the last (_col_runs). p_lo / p_hi: the
-    runs' P2C per key."""
+    column = query), and the keys' sums of dS over the run tiles (cs_lo / cs_hi). Query blocks before lo_end lie
+    in the first run, from hi_start in the last (_col_runs).
+
+    The blocks go last run, first run, window: the runs' share of dpos_key, s sum over the run tiles of dS^T Q
+    summed over the keys, is then dK's content part summed over the keys, read twice (_snapshot) where the
+    tile kind changes. (The band kernel takes the window tiles' pairs.)"""
     offs_mb = tl.arange(0, BLOCK_M)
     offs_w = tl.arange(0, W)
-    for start_m in range(0, L, BLOCK_M):
+    n_lo = tl.cdiv(lo_end, BLOCK_M)
+    n_hi = tl.cdiv(L - hi_start, BLOCK_M)
+    for t in range(0, tl.cdiv(L, BLOCK_M)):
+        start_m = tl.where(t < n_hi, hi_start + t * BLOCK_M,
+                           tl.where(t < n_hi + n_lo, (t - n_hi) * BLOCK_M, lo_end + (t - n_hi - n_lo) * BLOCK_M))
         offs_m = start_m + offs_mb
-        qT = _tile_t(Q, offs_m, L, stride_qm, offs_d, D)  # [BLOCK_D, BLOCK_M]
-        do = _tile(DO, offs_m, L, stride_dom, offs_d, D)  # [BLOCK_M, BLOCK_D]
-        lse2, delta = _row_stats(LSE + rows, DELTA + rows, offs_m, L, stride_lm)
+        rows_m = start_m + _fresh(offs_mb)  # (opaque: the rows' addresses are made per tile, not held)
+        qT = _tile_t(Q, rows_m, L, stride_qm, offs_d, D)  # [BLOCK_D, BLOCK_M]
+        do = _tile(DO, rows_m, L, stride_dom, offs_d, D)  # [BLOCK_M, BLOCK_D]
+        lse2, delta = _row_stats(LSE, DELTA, rows_m, L, stride_lm)
         dmin = start_m - start_n - (BLOCK_N - 1)
-        window = (start_m >= lo_end) & (start_m < hi_start)
-        first = start_m < lo_end
-        z = _fresh(dmin) - dmin
+        window = t >= n_hi + n_lo
+        first = t >= n_hi
+        # the tile's own query / key / window offsets through an opaque move, every iteration: the skews' index
+        # tensors are built from these alone, so no part of them is loop-invariant (LLVM reassociates sums and
+        # would hoist the invariant part, a [64, 128] index tensor held through the loop)
+        fa = _fresh(offs_mb)
+        fc = _fresh(tl.arange(0, BLOCK_N))
+        fw = _fresh(offs_w)
         if HAS_P2C:  # Z: the window's pos_query rows; in its spare rows the tile's queries
             zr = _window_rows(PQ, Q, IDX, dmin, start_m, SMAX, L, offs_d, D, stride_pqr, stride_qm, window,
                               BLOCK_M, W)
         sT = tl.dot(k, qT, input_precision=PRECISION)
         if window:
             if HAS_C2P:  # C2P^T[c, a] = (PK Q^T)[a - c + BLOCK_N - 1, a]
-                pk = _pos_rows(PK, IDX, dmin + offs_w, SMAX, offs_d, D, stride_pkr, True)
-                skew = offs_m[None, :] - offs_n[:, None] - dmin + z
+                pk = _pos_rows(PK, IDX, dmin + fw, SMAX, offs_d, D, stride_pkr, True)
+                skew = fa[None, :] - fc[:, None] + (BLOCK_N - 1)
                 sT += tl.gather(tl.dot(pk, qT, input_precision=PRECISION).to(k.dtype), skew, axis=0).to(tl.float32)
             if HAS_P2C:  # P2C^T[c, a] = (Z K^T)[a - c + BLOCK_N - 1, c]: gathered down the columns, transposed
-                skew_t = offs_m[:, None] - offs_n[None, :] - dmin + z
+                skew_t = fa[:, None] - fc[None, :] + (BLOCK_N - 1)
                 sT += tl.trans(tl.gather(tl.dot(zr, tl.trans(k), input_precision=PRECISION).to(k.dtype), skew_t,
                                          axis=0)).to(tl.float32)
         else:
@@ -305,40 +348,114 @@ def _dkdv_tiles(dk, dv, cs_lo, cs_hi, sat_k, k, v, real, p_lo, p_hi, Q, DO, LSE,
                 pk_run = tl.load(PK + r_run * stride_pkr + (0 * offs_n)[:, None] + offs_d[None, :],
                                  mask=offs_d[None, :] < D, other=0.0)
                 sT += _unchain(tl.dot(pk_run, qT, input_precision=PRECISION), first)
-            if HAS_P2C:
-                sT += tl.where(first, p_lo, p_hi)[:, None]
-        sT = tl.where(real[:, None], sT * qk_scale, float("-inf"))
+            if HAS_P2C:  # k_j . pos_query[run] for every query: K times a tile of pos_query[run] rows (made
+                # here, not held through the loop as per-key values)
+                r_run = tl.where(first, IDX_LO, IDX_HI).to(tl.int64)
+                pq_run = tl.load(PQ + r_run * stride_pqr + (0 * offs_m)[:, None] + offs_d[None, :],
+                                 mask=offs_d[None, :] < D, other=0.0)
+                sT += _unchain(tl.dot(k, tl.trans(pq_run), input_precision=PRECISION), first)
+        # the keys' padding flags loaded per tile (a 64-byte read from L1), not held through the loop
+        sT = tl.where(_real_keys(KPM, offs_n, L, HAS_KPM)[:, None], sT * qk_scale, float("-inf"))
         pT = tl.math.exp2(sT - lse2[None, :])
         dpT = _unchain(tl.dot(v, tl.trans(do), input_precision=PRECISION), window)  # [BLOCK_N, BLOCK_M]
         if DROPOUT:
-            keepT = _keep(SEED, b, h, H, SMAX, offs_m[None, :], offs_n[:, None], dropout_p)
+            keepT = _keep(SEED, b, h, H, SMAX, rows_m[None, :], offs_n[:, None], dropout_p)
             pdT = tl.where(keepT, pT / (1.0 - dropout_p), 0.0)
             dpT = tl.where(keepT, dpT / (1.0 - dropout_p), 0.0)
         else:
             pdT = pT
         dv = tl.dot(pdT.to(do.dtype), do, dv, input_precision=PRECISION)
         dsT = pT * (dpT - delta[None, :])
-        dist = offs_m[None, :] - offs_n[:, None]
-        if HAS_P2C:  # the runs' key sums, by distance (a window tile holds distances of the runs too)
-            cs_lo += tl.sum(tl.where(dist <= D_LO, dsT, 0.0), 1)
-            cs_hi += tl.sum(tl.where(dist >= D_HI, dsT, 0.0), 1)
-        if DPOS_K:  # the runs' share of dpos_key: sum_i q_i (the query's sum of dS over each run)
-            r = _run_sums(tl.sum(tl.where(dist <= D_LO, dsT, 0.0), 0), tl.sum(tl.where(dist >= D_HI, dsT, 0.0), 0),
-                          k.dtype)
-            sat_k = tl.dot(qT, r, sat_k, input_precision=PRECISION)
         if window and HAS_P2C:
-            # X[c, w] = dS^T[c, a] at the query a of key c at distance dmin + w (band distances), and
-            # X[c, W - BLOCK_M + a] = dS^T[c, a]: dK += X Z is the band's share and dS^T Q at once
-            a = offs_n[:, None] - start_n + offs_w[None, :] - (BLOCK_N - 1) + z
-            a = tl.where(offs_w[None, :] >= W - BLOCK_M, (offs_w - (W - BLOCK_M))[None, :] + z, a)
-            dw = dmin + offs_w
-            keep_w = (offs_w >= W - BLOCK_M) | ((dw > D_LO) & (dw < D_HI))
-            x = tl.where((a >= 0) & (a < BLOCK_M) & keep_w[None, :],
+            # X[c, w] = dS^T[c, a] at the query a of key c at distance dmin + w (every distance of the window), and
+            # X[c, W - BLOCK_M + a] = dS^T[c, a]: dK += X Z is the position share and dS^T Q at once
+            a = fc[:, None] + fw[None, :] - (BLOCK_N - 1)
+            a = tl.where(fw[None, :] >= W - BLOCK_M, (fw - (W - BLOCK_M))[None, :], a)
+            x = tl.where((a >= 0) & (a < BLOCK_M),
                          tl.gather(dsT.to(k.dtype), tl.minimum(tl.maximum(a, 0), BLOCK_M - 1), axis=1), 0.0)
             dk = tl.dot(x.to(k.dtype), zr, dk, input_precision=PRECISION)
         else:
+            if HAS_P2C and not window:  # a run tile: the keys' sums of dS, times pos_query[run] at the end
+                cs = tl.sum(dsT, 1)
+                cs_lo += tl.where(first, cs, 0.0)
+                cs_hi += tl.where(first, 0.0, cs)
             dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PRECISION)
-    return dk, dv, cs_lo, cs_hi, sat_k
+        if DPOS_K:
+            if t == n_hi - 1:
+                _snapshot(SATK, side_stride, dk, True)
+            if t == n_hi + n_lo - 1:
+                _snapshot(SATK, side_stride, dk, False)
+    return dk, dv, cs_lo, cs_hi
+
+
+@triton.jit
+def _dkdv_item(Q, K, V, DO, LSE, DELTA, DK, DV, SATK, SATQ, PK, PQ, IDX, KPM, KV_END, CU, SEED,
+               stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+               stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm,
+               stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+               stride_pkh, stride_pkr, stride_pqh, stride_pqr, stride_kpb,
+               H, NM, P, SMAX, D, D_LO, D_HI, IDX_LO, IDX_HI, sm_scale, dropout_p, item, HAS_C2P: tl.constexpr,
+               HAS_P2C: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+               DPOS_K: tl.constexpr, DPOS_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_D: tl.constexpr, W: tl.constexpr, PRECISION: tl.constexpr):
+    """dK and dV of the work item ``item`` (a key block of one sequence) of this program, and its runs' shares of
+    dpos_key / dpos_query added to the program's slots in SATK / SATQ (first run; last run H P BLOCK_D further).
+
+    Registers: the item's ids, offsets and addresses are made from opaque copies of the program id and the
+    ranges (_fresh), once for the prologue and again for the epilogue. Made once, the compiler held them (and the
+    shared-memory addresses it derives from them) through the loop over query tiles and from one item to the
+    next: they spilled. (As a non-inlined call instead, ptxas serialises every wgmma: its C7510 notice.)"""
+    pid = _fresh(tl.program_id(0))
+    h = (pid // P).to(tl.int64)
+    b, start, L, n = _item(CU, item, NM, SMAX, VARLEN)
+    start_n = n * BLOCK_N
+    if start_n < L:
+        qk_scale = tl.cast(sm_scale, tl.float32) * 1.4426950408889634
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        side_stride = H * P * BLOCK_D
+        Kb = K + (b * stride_kb + h * stride_kh + start * stride_kn)
+        # K / V's rows from an opaque copy of the block's offsets: their row-times-stride addresses (loop
+        # invariant) were hoisted out of the item loop and held through it
+        rows_n = start_n + _fresh(tl.arange(0, BLOCK_N))
+        k = _tile(Kb, rows_n, L, stride_kn, offs_d, D)
+        v = _tile(V + (b * stride_vb + h * stride_vh + start * stride_vn), rows_n, L, stride_vn, offs_d, D)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        cs_lo = tl.zeros([BLOCK_N], dtype=tl.float32)
+        cs_hi = tl.zeros([BLOCK_N], dtype=tl.float32)
+        kv_end = tl.minimum(L, tl.load(KV_END + b)) if HAS_KPM else L
+        if start_n < kv_end:  # a block of padding only: its gradients are zeros
+            lo_end, hi_start = _col_runs(start_n, L, D_LO, D_HI, BLOCK_M, BLOCK_N)
+            dk, dv, cs_lo, cs_hi = _dkdv_tiles(
+                dk, dv, cs_lo, cs_hi, k, v, KPM + b * stride_kpb, Q + (b * stride_qb + h * stride_qh + start * stride_qm),
+                DO + (b * stride_dob + h * stride_doh + start * stride_dom),
+                LSE + (b * stride_lb + h * stride_lh + start * stride_lm),
+                DELTA + (b * stride_lb + h * stride_lh + start * stride_lm), SATK + (h * P + pid % P) * BLOCK_D,
+                side_stride, PK + h * stride_pkh, PQ + h * stride_pqh, IDX, SEED, stride_qm, stride_dom, stride_lm,
+                stride_pkr, stride_pqr, start_n, offs_n, offs_d, D, L, SMAX, IDX_LO, IDX_HI, lo_end, hi_start,
+                qk_scale, b, h, H, tl.cast(dropout_p, tl.float32), HAS_C2P, HAS_P2C, HAS_KPM, DROPOUT, DPOS_K, BLOCK_M,
+                BLOCK_N, W, PRECISION)
+        # the epilogue's ids, offsets and addresses anew (see above)
+        pid = _fresh(tl.program_id(0))
+        h = (pid // P).to(tl.int64)
+        b, start, L, n = _item(CU, _fresh(item), NM, SMAX, VARLEN)
+        offs_d = _fresh(tl.arange(0, BLOCK_D))
+        offs_n = n * BLOCK_N + _fresh(tl.arange(0, BLOCK_N))
+        if HAS_P2C:  # the runs' share: dK_j += cs_j pos_query[run]; of dpos_query: sum_j cs_j k_j
+            r = _run_sums(cs_lo, cs_hi, k.dtype)
+            dk = tl.dot(r, _run_rows(PQ + h * stride_pqh, IDX_LO, IDX_HI, offs_d, D, stride_pqr), dk,
+                        input_precision=PRECISION)
+            if DPOS_Q:
+                _add_run_sums(SATQ + (h * P + pid % P) * BLOCK_D, H * P * BLOCK_D,
+                              tl.dot(tl.trans(k), r, input_precision=PRECISION), offs_d)
+        kv_ok = (offs_n < L)[:, None] & (offs_d[None, :] < D)
+        DKb = DK + (b * stride_dkb + h * stride_dkh + start * stride_dkn)
+        DVb = DV + (b * stride_dvb + h * stride_dvh + start * stride_dvn)
+        tl.store(DKb + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :],
+                 (dk * tl.cast(sm_scale, tl.float32)).to(DK.dtype.element_ty), mask=kv_ok)
+        tl.store(DVb + offs_n[:, None].to(tl.int64) * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
+                 mask=kv_ok)
 
 
 @triton.jit
@@ -362,57 +479,22 @@ def _deberta_bwd_dkdv(
     Z K^T): BLOCK_N = 64 per warpgroup keeps them on Hopper's wgmma."""
     h = (tl.program_id(0) // P).to(tl.int64)
     p = tl.program_id(0) % P
-    sm_scale = tl.cast(sm_scale, tl.float32)
-    dropout_p = tl.cast(dropout_p, tl.float32)
     offs_d = tl.arange(0, BLOCK_D)
-    PK += h * stride_pkh
-    PQ += h * stride_pqh
-    qk_scale = sm_scale * 1.4426950408889634
-    sat_k = tl.zeros([BLOCK_D, 16], dtype=tl.float32)  # the runs' dpos_key / dpos_query sums (_run_sums products)
-    sat_q = tl.zeros([BLOCK_D, 16], dtype=tl.float32)
+    side_stride = H * P * BLOCK_D
+    for side in range(2):  # this program's slots: SAT*[side, h, p, :]
+        if DPOS_K:
+            tl.store(SATK + (h * P + p) * BLOCK_D + side * side_stride + offs_d, tl.zeros([BLOCK_D], dtype=tl.float32))
+        if DPOS_Q:
+            tl.store(SATQ + (h * P + p) * BLOCK_D + side * side_stride + offs_d, tl.zeros([BLOCK_D], dtype=tl.float32))
+    tl.debug_barrier()
     for item in range(p, B * NM, P):
-        b, start, L, n = _item(CU, item, NM, SMAX, VARLEN)
-        start_n = n * BLOCK_N
-        if start_n < L:
-            offs_n = start_n + _fresh(tl.arange(0, BLOCK_N))
-            kv_ok = offs_n < L
-            k = _tile(K + (b * stride_kb + h * stride_kh + start * stride_kn), offs_n, L, stride_kn, offs_d, D)
-            v = _tile(V + (b * stride_vb + h * stride_vh + start * stride_vn), offs_n, L, stride_vn, offs_d, D)
-            dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-            dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-            cs_lo = tl.zeros([BLOCK_N], dtype=tl.float32)
-            cs_hi = tl.zeros([BLOCK_N], dtype=tl.float32)
-            kv_end = tl.minimum(L, tl.load(KV_END + b)) if HAS_KPM else L
-            if start_n < kv_end:  # a block of padding only: its gradients are zeros
-                real = _real_keys(KPM + b * stride_kpb, offs_n, L, HAS_KPM)
-                lo_end, hi_start = _col_runs(start_n, L, D_LO, D_HI, BLOCK_M, BLOCK_N)
-                p_lo = tl.zeros([BLOCK_N], dtype=tl.float32)
-                p_hi = tl.zeros([BLOCK_N], dtype=tl.float32)
-                if HAS_P2C:  # the runs' P2C per key, k_j . pos_query[IDX_LO / IDX_HI]
-                    p_lo, p_hi = _run_terms(k, _run_rows(PQ, IDX_LO, IDX_HI, offs_d, D, stride_pqr), PRECISION)
-                dk, dv, cs_lo, cs_hi, sat_k = _dkdv_tiles(
-                    dk, dv, cs_lo, cs_hi, sat_k, k, v, real, p_lo, p_hi,
-                    Q + (b * stride_qb + h * stride_qh + start * stride_qm),
-                    DO + (b * stride_dob + h * stride_doh + start * stride_dom), LSE, DELTA,
-                    b * stride_lb + h * stride_lh + start * stride_lm, PK, PQ, IDX, SEED, stride_qm, stride_dom,
-                    stride_lm, stride_pkr, stride_pqr, start_n, offs_n, offs_d, D, L, SMAX, D_LO, D_HI, IDX_LO, IDX_HI,
-                    lo_end, hi_start, qk_scale, b, h, H, dropout_p, HAS_C2P, HAS_P2C, DROPOUT, DPOS_K, BLOCK_M,
-                    BLOCK_N, W, PRECISION)
-                if HAS_P2C:  # the runs' share: dK_j += cs_j pos_query[run]; of dpos_query: sum_j cs_j k_j
-                    r = _run_sums(cs_lo, cs_hi, k.dtype)
-                    dk = tl.dot(r, _run_rows(PQ, IDX_LO, IDX_HI, offs_d, D, stride_pqr), dk, input_precision=PRECISION)
-                    if DPOS_Q:
-                        sat_q = tl.dot(tl.trans(k), r, sat_q, input_precision=PRECISION)
-            DKb = DK + (b * stride_dkb + h * stride_dkh + start * stride_dkn)
-            DVb = DV + (b * stride_dvb + h * stride_dvh + start * stride_dvn)
-            tl.store(DKb + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :],
-                     (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_ok[:, None] & (offs_d[None, :] < D))
-            tl.store(DVb + offs_n[:, None].to(tl.int64) * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
-                     mask=kv_ok[:, None] & (offs_d[None, :] < D))
-    if DPOS_K:  # SATK[side, h, p, :]
-        _store_run_sums(SATK + (h * P + p) * BLOCK_D, H * P * BLOCK_D, sat_k * sm_scale, offs_d)
-    if DPOS_Q:
-        _store_run_sums(SATQ + (h * P + p) * BLOCK_D, H * P * BLOCK_D, sat_q * sm_scale, offs_d)
+        _dkdv_item(Q, K, V, DO, LSE, DELTA, DK, DV, SATK, SATQ, PK, PQ, IDX, KPM, KV_END, CU, SEED,
+                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                   stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm,
+                   stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                   stride_pkh, stride_pkr, stride_pqh, stride_pqr, stride_kpb,
+                   H, NM, P, SMAX, D, D_LO, D_HI, IDX_LO, IDX_HI, sm_scale, dropout_p, item, HAS_C2P, HAS_P2C,
+                   HAS_KPM, VARLEN, DROPOUT, DPOS_K, DPOS_Q, BLOCK_M, BLOCK_N, BLOCK_D, W, PRECISION)
 
 
 def deberta_bwd(launch, do, dlse, q, k, v, pos_key, pos_query, out, lse, key_padding_mask, cu_seqlens, rel_idx,
@@ -467,5 +549,6 @@ def deberta_bwd(launch, do, dlse, q, k, v, pos_key, pos_query, out, lse, key_pad
     if not (grad_pos_key or grad_pos_query):
         return dq, dk, dv, None, None
     dpk, dpq = band_position_grads(launch, q, k, v, do, lse, delta, pos_key, pos_query, common, io, pos_strides, kpb,
-                                   varlen, B, H, D, max_seqlen, scale, dropout_p, band, rel_idx, sat_k, sat_q, flags)
+                                   varlen, B, H, D, max_seqlen, scale, dropout_p, band, rel_idx, sat_k, sat_q, flags,
+                                   (cfg_dkdv["BLOCK_M"], cfg_dkdv["BLOCK_N"]))
     return dq, dk, dv, dpk, dpq
