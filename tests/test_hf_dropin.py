@@ -81,6 +81,61 @@ def test_repr_keys_and_hooks_stay(family):
     assert fired == ["before", "after"]
 
 
+@pytest.mark.parametrize("family,norm", [("llama", "model.layers.0.post_attention_layernorm"),
+                                         ("bert", "encoder.layer.0.output.LayerNorm"),
+                                         ("bert", "encoder.layer.0.attention.output.LayerNorm")])
+def test_hooks_on_residual_norms_see_what_they_see_unpatched(family, norm):
+    """A norm whose residual add the patch fuses: a hook on it gets the one input tensor transformers passes
+    (h + residual) and the one output tensor, equal to the unpatched model's; a hook that replaces the output
+    is obeyed; removing the hook brings the fused path back (same outputs)."""
+    fusedlm.set_backend("torch")
+    ref, model = models(family)
+    hf.patch_model(model)
+    seen = {}
+
+    def record(key):
+        def hook(module, args, output):
+            seen[key] = ([a.detach().clone() for a in args], output)
+        return hook
+
+    handles = [ref.get_submodule(norm).register_forward_hook(record("ref")),
+               model.get_submodule(norm).register_forward_hook(record("fused"))]
+    ids, mask = batch("right")
+    _same_outputs(ref, model, input_ids=ids, attention_mask=mask)
+    (ref_args, ref_out), (args, out) = seen["ref"], seen["fused"]
+    assert len(args) == len(ref_args) == 1 and isinstance(out, torch.Tensor)
+    assert_close(args[0], ref_args[0], "the norm's input")
+    assert_close(out.detach(), ref_out.detach(), "the norm's output")
+    for h in handles:
+        h.remove()
+    for m in (ref, model):  # a hook returning a tensor replaces the output, patched or not
+        m.get_submodule(norm).register_forward_hook(lambda module, args, output: output * 0.5)
+    _same_outputs(ref, model, input_ids=ids, attention_mask=mask)
+
+
+def test_deberta_attention_keeps_hooks_and_attributes():
+    """The DeBERTa attention the patch replaces: hooks registered on it before the patch still fire after it
+    (and their handles remove them), attributes set on it stay."""
+    fusedlm.set_backend("torch")
+    ref, model = models("deberta_v3")
+    name = "encoder.layer.0.attention.self"
+    fired = []
+    handle = model.get_submodule(name).register_forward_hook(lambda *a: fired.append("hook"))
+    model.get_submodule(name).user_note = "mine"
+    initialized = getattr(model.get_submodule(name), "_is_hf_initialized", None)
+    hf.patch_model(model)
+    attention = model.get_submodule(name)
+    assert type(attention) is not type(ref.get_submodule(name))  # replaced by the fused module
+    assert attention.user_note == "mine"
+    assert getattr(attention, "_is_hf_initialized", None) == initialized
+    ids, mask = batch("right")
+    _forward(model, input_ids=ids, attention_mask=mask)
+    assert fired == ["hook"]
+    handle.remove()
+    _forward(model, input_ids=ids, attention_mask=mask)
+    assert fired == ["hook"]
+
+
 # ------------------------------------------------------------------------------------------------
 # Attention implementation switches and attention weights
 # ------------------------------------------------------------------------------------------------

@@ -96,5 +96,22 @@ def replace_attention(module, config):
     fused = FusedModule.from_hf(module, config)
     if module.relative_attention:  # what transformers' forward reads besides the shared attributes
         fused.pos_ebd_size = module.pos_ebd_size
+    _carry_over(module, fused)
     fused.__class__ = fused_class((_ServeOrFallBack, FusedModule), original)
     return fused
+
+
+def _carry_over(module, fused):
+    """What a user or transformers put on ``module`` besides its layers, onto its replacement: the hooks
+    registered on it (every registry nn.Module keeps in its __dict__, whatever this torch version names them:
+    the same dict objects, so the hooks' handles still remove them) and plain attributes the fused module
+    does not have (``_is_hf_initialized``, a user's own)."""
+    for name, value in vars(module).items():
+        if name in ("_parameters", "_buffers", "_modules"):
+            continue
+        mine = vars(fused).get(name)
+        if "hook" in name and isinstance(value, dict) and isinstance(mine, dict):
+            value.update(mine)  # the same dict object: a hook's handle removes it from there
+            vars(fused)[name] = value
+        elif name not in vars(fused) and not hasattr(type(fused), name):
+            setattr(fused, name, value)

@@ -76,6 +76,25 @@ def _swap_class(module, mixin, **attrs):
 # Forwards of the swapped classes
 # ----------------------------------------------------------------------------------------------
 
+def _hooked(module):
+    """Whether forward hooks would see ``module``'s call: its own, or global ones (nn.modules.module's
+    registries, read defensively). A norm that is hooked is called as transformers calls it, on ``x +
+    residual`` alone, so a hook sees the tensors it would unpatched (the fused residual add passes two)."""
+    registries = (module._forward_hooks, module._forward_pre_hooks,
+                  getattr(nn.modules.module, "_global_forward_hooks", None),
+                  getattr(nn.modules.module, "_global_forward_pre_hooks", None))
+    return any(bool(r) for r in registries if r is not None)
+
+
+def _add_and_norm(norm, x, residual):
+    """(norm(x + residual), x + residual): fused into the norm, or, when the norm is hooked, the add first
+    and the norm called on one tensor as transformers calls it."""
+    if _hooked(norm):
+        total = x + residual
+        return norm(total), total
+    return norm(x, residual)
+
+
 class _PreNormDecoderLayer(nn.Module):
     """Llama / Mistral / Qwen2 decoder layer with ``h + attn`` fused into post_attention_layernorm:
     transformers' forward, except that rms_norm(x, residual=...) returns (norm(x + residual), x + residual).
@@ -94,7 +113,7 @@ class _PreNormDecoderLayer(nn.Module):
         hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask,
                                           position_ids=position_ids, use_cache=use_cache,
                                           position_embeddings=position_embeddings, **kwargs)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        hidden_states, residual = _add_and_norm(self.post_attention_layernorm, hidden_states, residual)
         return residual + self.mlp(hidden_states)
 
 
@@ -103,7 +122,7 @@ class _PostNormOutput(nn.Module):
 
     def forward(self, hidden_states, input_tensor):
         hidden_states = self.dropout(self.dense(hidden_states))
-        return self.LayerNorm(hidden_states, input_tensor)[0]
+        return _add_and_norm(self.LayerNorm, hidden_states, input_tensor)[0]
 
 
 class _FusedLoraLinear(nn.Module):
