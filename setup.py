@@ -95,8 +95,9 @@ setup(
     install_requires=[
         # Install torch first (README): an open-ended torch requirement met by nothing pulls a
         # CUDA build of torch with gigabytes of dependencies.
-        # The supported range, both ends tested (.ci/run): torch 2.11-2.13, triton 3.6 to the newest,
-        # transformers 5.17 to the newest (the optional Hugging Face integration).
+        # The supported range: torch 2.11-2.13 (2.13 on CPU in .ci/run, 2.11 in the GPU image's runs), triton
+        # 3.6 to the newest and transformers 5.17 to the newest (the optional Hugging Face integration), both
+        # ends of these two tested by .ci/run.
         "torch>=2.11",
         "triton>=3.6; platform_system == 'Linux'",
         "pybind11",

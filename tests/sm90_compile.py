@@ -52,6 +52,8 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
+from sass_loops import inner_loop_local  # noqa: E402  (tests/, this script's folder)
+
 TARGET = GPUTarget("cuda", 90, 32)
 BACKEND = make_backend(TARGET)
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
@@ -121,26 +123,17 @@ def _mma_sync_eligible(ttgir, num_warps):
     return n
 
 
-_LABEL = re.compile(r"^\s*(\.?L\w+):")
-_BRANCH = re.compile(r"\bBRA\b.*?(\.?L\w+)")
-
-
 def _inner_loop_local(cubin):
-    """Local-memory instructions (STL / LDL: spill traffic and stack) inside the innermost loops of the SASS:
-    a spill there costs a round trip every iteration (every tile); one outside costs once a block. A loop is a
-    backward branch to a label; innermost: no other loop inside it."""
+    """Local-memory instructions (STL / LDL: spill traffic) inside the innermost loops of the SASS
+    (tests/sass_loops.py): a spill there costs a round trip every iteration (every tile); one outside costs
+    once a block."""
     from triton.tools.disasm import get_sass
-    lines = get_sass(cubin).splitlines()
-    labels = {m.group(1): i for i, line in enumerate(lines) if (m := _LABEL.match(line))}
-    loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
-             if (m := _BRANCH.search(line)) and labels.get(m.group(1), i) < i]
-    inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
-    return sum(1 for a, b in inner for line in lines[a:b] if re.search(r"\b(STL|LDL)\b", line))
+    return inner_loop_local(get_sass(cubin))
 
 
 def _compile(kernel, signature, constexprs, attrs, options):
     src = ASTSource(kernel, signature, constexprs, attrs)
-    key = hashlib.sha256(f"v4-{triton.__version__}-{src.hash()}-{sorted(options.__dict__.items())}".encode()).hexdigest()
+    key = hashlib.sha256(f"v5-{triton.__version__}-{src.hash()}-{sorted(options.__dict__.items())}".encode()).hexdigest()
     path = CACHE / f"{key}.json"
     if path.exists():
         return json.loads(path.read_text()), True
@@ -369,8 +362,16 @@ def deberta_variants():
             out, lse = deberta.deberta_fwd(aot_launch, q, k, v, pk, pq, mask, None, idx, S, 0.1, 0.0, None, band)
             deberta_backward.deberta_bwd(aot_launch, torch.randn_like(out), None, q, k, v, pk, pq, out, torch.zeros_like(lse),
                                 mask, None, idx, S, 0.1, 0.0, None, pk is not None, pq is not None, band)
-        # packed sequences with dropout and a gradient reaching lse (the training configuration)
+        # float16 at D = 64 with key padding and dropout (dense batches in training)
         _note[0] = "D=64"
+        q, k, v = (torch.randn(B, H, S, 64, dtype=torch.float16) for _ in range(3))
+        pos = torch.randn(H, 512, 64, dtype=torch.float16)
+        mask = torch.ones(B, S, dtype=torch.bool)
+        seed = torch.tensor([7])
+        out, lse = deberta.deberta_fwd(aot_launch, q, k, v, pos, pos, mask, None, idx, S, 0.1, 0.1, seed, band)
+        deberta_backward.deberta_bwd(aot_launch, torch.randn_like(out), None, q, k, v, pos, pos, out, lse, mask, None,
+                                     idx, S, 0.1, 0.1, seed, True, True, band)
+        # packed sequences with dropout and a gradient reaching lse (the training configuration)
         q = torch.randn(B * S, H, 64, dtype=torch.bfloat16)
         pos = torch.randn(H, 512, 64, dtype=torch.bfloat16)
         cu = torch.tensor([0, S, 2 * S], dtype=torch.int32)

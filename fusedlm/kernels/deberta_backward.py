@@ -45,7 +45,7 @@ from fusedlm._triton import num_programs
 from . import attention
 from . import deberta as F  # block_config through the module: tests swap it for the GPU's
 from .attention import _row_stats, _tile, _tile_t
-from .deberta import (_bhm, _col_runs, _fresh, _geometry, _keep, _masks, _new_out, _pos_args, _pos_row, _pos_rows,
+from .deberta import (_bhm, _col_runs, _fresh, _fresh_range, _geometry, _keep, _masks, _new_out, _pos_args, _pos_row, _pos_rows,
                       _program, _real_keys, _row_runs, _sequence)
 from .deberta_band import band_position_grads
 
@@ -150,12 +150,12 @@ def _deberta_bwd_delta(
 
 @triton.jit
 def _dq_tiles(dq, rs_lo, rs_hi, q, do, lse2, delta, c_lo, c_hi, K, V, PK, PQ, IDX, KPM, SEED, stride_kn, stride_vn,
-              stride_pkr, stride_pqr, start_m, offs_m, offs_d, D, L, SMAX, D_LO, D_HI, IDX_LO, IDX_HI, hi_end,
+              stride_pkr, stride_pqr, start_m, offs_m, offs_d, D, L, SMAX, IDX_LO, IDX_HI, hi_end,
               lo_start, kv_end, qk_scale, b, h, H, dropout_p, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
               HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               W: tl.constexpr, PRECISION: tl.constexpr):
     """dQ (unscaled) of one query block over the key blocks [0, kv_end), and the rows' sums of dS over the
-    first / last run (rs_lo / rs_hi). Key blocks before hi_end lie in the last run, from lo_start in the first,
+    first / last run's tiles (rs_lo / rs_hi; a window tile's run distances go through its window product). Key blocks before hi_end lie in the last run, from lo_start in the first,
     the window tiles between (_row_runs)."""
     offs_nb = tl.arange(0, BLOCK_N)
     offs_w = tl.arange(0, W)
@@ -261,7 +261,7 @@ def _deberta_bwd_dq(
     dq, rs_lo, rs_hi = _dq_tiles(
         dq, rs_lo, rs_hi, q, do, lse2, delta, c_lo, c_hi, K + (b * stride_kb + h * stride_kh + start * stride_kn),
         V + (b * stride_vb + h * stride_vh + start * stride_vn), PKh, PQ, IDX, KPM + b * stride_kpb, SEED, stride_kn,
-        stride_vn, stride_pkr, stride_pqr, start_m, offs_m, offs_d, D, L, SMAX, D_LO, D_HI, IDX_LO, IDX_HI, hi_end,
+        stride_vn, stride_pkr, stride_pqr, start_m, offs_m, offs_d, D, L, SMAX, IDX_LO, IDX_HI, hi_end,
         lo_start, kv_end, qk_scale, b, h, H, dropout_p, HAS_C2P, HAS_P2C, HAS_KPM, DROPOUT, BLOCK_M, BLOCK_N, W,
         PRECISION)
     if BLOCK_D <= 64:
@@ -269,7 +269,7 @@ def _deberta_bwd_dq(
         # (_fresh): the prologue's, reused here, were held through the loop (Triton 3.6 spilled them: 12-60 bytes
         # at D = 64). Not at BLOCK_D >= 128, whose larger epilogue tiles spill more on Triton 3.9 that way.
         b, h, start, L = _program(CU, H, SMAX, VARLEN, _fresh(tl.program_id(0)))
-        offs_d = _fresh(tl.arange(0, BLOCK_D))
+        offs_d = _fresh_range(BLOCK_D)
         offs_m = _fresh(tl.program_id(1)) * BLOCK_M + _fresh(tl.arange(0, BLOCK_M))
     row_ok = offs_m < L
     if HAS_C2P:  # the runs' share: dQ_i += rs_i pos_key[run]
@@ -440,7 +440,7 @@ def _dkdv_item(Q, K, V, DO, LSE, DELTA, DK, DV, SATK, SATQ, PK, PQ, IDX, KPM, KV
         pid = _fresh(tl.program_id(0))
         h = (pid // P).to(tl.int64)
         b, start, L, n = _item(CU, _fresh(item), NM, SMAX, VARLEN)
-        offs_d = _fresh(tl.arange(0, BLOCK_D))
+        offs_d = _fresh_range(BLOCK_D)
         offs_n = n * BLOCK_N + _fresh(tl.arange(0, BLOCK_N))
         if HAS_P2C:  # the runs' share: dK_j += cs_j pos_query[run]; of dpos_query: sum_j cs_j k_j
             r = _run_sums(cs_lo, cs_hi, k.dtype)

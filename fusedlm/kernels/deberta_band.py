@@ -17,7 +17,7 @@ import triton.language as tl
 
 from . import deberta as F  # block_config through the module: tests swap it for the GPU's
 from .attention import _row_stats, _tile_t
-from .deberta import _bhm, _fresh, _keep, _pos_rows, _sequence
+from .deberta import _bhm, _fresh, _fresh_range, _keep, _pos_rows, _sequence
 
 
 @triton.jit
@@ -65,7 +65,7 @@ def _band_item(EK, EQ, Q, K, V, DO, LSE, DELTA, KPM, PK, PQ, IDX, SEED, stride_q
     offs_w = _fresh(tl.arange(0, BLOCK_W))
     offs_a = _fresh(tl.arange(0, BLOCK_M))
     offs_c = _fresh(tl.arange(0, R))
-    offs_d = _fresh(tl.arange(0, BLOCK_D))
+    offs_d = tl.arange(0, BLOCK_D)  # (not opaque: the rows' loads along it stay 16-byte vectors)
     w_ok = offs_w < nw
     jstart = i0 - d0 - (BLOCK_W - 1)
     z = _fresh(i0) - i0  # 0 the compiler cannot see: the skews' indices are made per item
@@ -113,7 +113,7 @@ def _band_item(EK, EQ, Q, K, V, DO, LSE, DELTA, KPM, PK, PQ, IDX, SEED, stride_q
         keep = _keep(SEED, b, h, H, SMAX, i, jstart + c_wa, dropout_p)
         dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
     ds = p * (dp - delta[None, :]) * sm_scale  # [BLOCK_W, BLOCK_M]: s dS_ij on the diagonals d0 + w
-    out = offs_w[None, :] * BLOCK_D + offs_d[:, None]
+    out = offs_w[None, :] * BLOCK_D + _fresh(tl.arange(0, BLOCK_D))[:, None]  # (made per item, not held)
     if DPOS_K:  # E_key[w] += sum_a dS[a, w] q_a
         tl.store(EK + out, tl.dot(qT, tl.trans(ds.to(k.dtype)), tl.load(EK + out), input_precision=PRECISION))
     if DPOS_Q:  # E_query[w] += sum_c dS[a(c, w), w] k_c, a(c, w) = c - BLOCK_W + 1 + w
