@@ -110,16 +110,9 @@ def _matches(r, name, words):
             and all(r["spill_stores"] <= c for c in ceilings))
 
 
-def _known(r):
-    return any(_matches(r, name, words) for _, name, words in _entries(KNOWN_FAILURES))
-
-
-def _known_in_loop(r):
-    return any(_matches(r, name, words) for _, name, words in _entries(KNOWN_LOOP_SPILLS))
-
-
-def _known_serialized(r):
-    return any(_matches(r, name, words) for _, name, words in _entries(KNOWN_SERIALIZED))
+def _covered(r, allowlist):
+    """Whether an entry of ``allowlist`` (KNOWN_FAILURES, KNOWN_LOOP_SPILLS or KNOWN_SERIALIZED) covers row r."""
+    return any(_matches(r, name, words) for _, name, words in _entries(allowlist))
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +158,7 @@ def test_no_variant_exceeds_hopper_shared_memory(sm90_rows):
 
 
 def test_default_half_precision_configs_do_not_spill(sm90_rows):
-    bad = [_show(r) for r in _half_defaults(sm90_rows["rows"]) if _spills(r) and not _known(r)]
+    bad = [_show(r) for r in _half_defaults(sm90_rows["rows"]) if _spills(r) and not _covered(r, KNOWN_FAILURES)]
     assert not bad, "register spills in default bf16/fp16 configs:\n" + "\n".join(bad)
 
 
@@ -173,20 +166,22 @@ def test_default_half_precision_configs_keep_spills_out_of_inner_loops(sm90_rows
     """Where a listed kernel still spills, the spill must not be paid every tile: no local-memory instruction
     inside an innermost loop of the SASS (the DeBERTa kernels' remaining bytes are per block)."""
     bad = [_show(r) + f", {r['inner_loop_local']} local-memory instructions in inner loops"
-           for r in _half_defaults(sm90_rows["rows"]) if r["inner_loop_local"] > 0 and not _known_in_loop(r)]
+           for r in _half_defaults(sm90_rows["rows"]) if r["inner_loop_local"] > 0
+           and not _covered(r, KNOWN_LOOP_SPILLS)]
     assert not bad, "spill traffic inside inner loops of default bf16/fp16 configs:\n" + "\n".join(bad)
 
 
 def test_default_half_precision_wgmma_is_not_serialized(sm90_rows):
     """ptxas serialises wgmma it cannot keep in flight (e.g. across a function call: a noinline helper did it in
     issue 16): each then waits for the one before, losing the tensor cores' overlap."""
-    bad = [_show(r) for r in _half_defaults(sm90_rows["rows"]) if r["wgmma_serialized"] and not _known_serialized(r)]
+    bad = [_show(r) for r in _half_defaults(sm90_rows["rows"]) if r["wgmma_serialized"]
+           and not _covered(r, KNOWN_SERIALIZED)]
     assert not bad, "wgmma serialised by ptxas in default bf16/fp16 configs:\n" + "\n".join(bad)
 
 
 def test_default_half_precision_products_run_on_wgmma(sm90_rows):
     bad = [_show(r) for r in _half_defaults(sm90_rows["rows"])
-           if r["mma_sync"] > 0 and not _known(r)]
+           if r["mma_sync"] > 0 and not _covered(r, KNOWN_FAILURES)]
     assert not bad, "products left on mma.sync where Hopper has wgmma:\n" + "\n".join(bad)
 
 

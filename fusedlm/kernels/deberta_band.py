@@ -17,7 +17,7 @@ import triton.language as tl
 
 from . import deberta as F  # block_config through the module: tests swap it for the GPU's
 from .attention import _row_stats, _tile_t
-from .deberta import _bhm, _fresh, _fresh_range, _keep, _pos_rows, _sequence
+from .deberta import _bhm, _fresh, _keep, _pos_rows, _sequence
 
 
 @triton.jit
@@ -148,7 +148,6 @@ def _deberta_bwd_dpos(
     h = (pid // G // NDB).to(tl.int64)
     sm_scale = tl.cast(sm_scale, tl.float32)
     dropout_p = tl.cast(dropout_p, tl.float32)
-    d0 = DFIRST + dblk * BLOCK_W
     R: tl.constexpr = BLOCK_M + BLOCK_W  # the rectangle's keys
     offs_w = tl.arange(0, BLOCK_W)
     offs_d = tl.arange(0, BLOCK_D)
