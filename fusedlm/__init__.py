@@ -2,11 +2,12 @@
 
 Public API (see the README and shared/API.md): backend selection, and the ops
 rms_norm, layer_norm, swiglu, apply_rotary_pos_emb, scaled_dot_product_attention, varlen_attention,
-unpad_input, pad_input, deberta_attention, deberta_varlen_attention, lora_linear; modules in fusedlm.nn.
+unpad_input, pad_input, deberta_attention, deberta_varlen_attention, kv_cache_attention, lora_linear; modules in fusedlm.nn.
 """
 from ._backend import available_backends, get_backend, set_backend, use_backend
 from .ops.attention import scaled_dot_product_attention, varlen_attention
 from .ops.deberta import deberta_attention, deberta_varlen_attention
+from .ops.kv_cache import kv_cache_attention
 from .ops.lora import lora_linear
 from .ops.norm import layer_norm, rms_norm
 from .ops.padding import pad_input, unpad_input
@@ -19,7 +20,7 @@ __all__ = [
     "available_backends", "get_backend", "set_backend", "use_backend",
     "rms_norm", "layer_norm", "swiglu", "apply_rotary_pos_emb",
     "scaled_dot_product_attention", "varlen_attention", "unpad_input", "pad_input", "deberta_attention",
-    "deberta_varlen_attention",
+    "deberta_varlen_attention", "kv_cache_attention",
     "lora_linear", "nn",
 ]
 
@@ -29,10 +30,11 @@ def _register_triton_ops():
     from . import _backend
 
     if _backend.why_unavailable("triton") is None:
-        from .ops import attention, deberta, lora, norm, rope, swiglu
+        from .ops import attention, deberta, kv_cache, lora, norm, rope, swiglu
 
         attention._triton_ops()
         deberta._triton_ops()
+        kv_cache._triton_ops()
         lora._triton_ops()
         norm._triton_ops()
         rope._triton_ops()

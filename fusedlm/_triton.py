@@ -17,14 +17,15 @@ from torch._subclasses.fake_tensor import is_fake
 from ._backend import triton_interpret
 
 
-def register_op(name, fn):
-    """Register ``fn`` (annotated Python function, returns new tensors only) as op ``fusedlm::name``."""
+def register_op(name, fn, mutates_args=()):
+    """Register ``fn`` (annotated Python function, returns new tensors only) as op ``fusedlm::name``;
+    ``mutates_args``: the names of the arguments it writes in place (a KV cache)."""
     qualname = f"fusedlm::{name}"
     if triton_interpret():
-        op = torch.library.custom_op(qualname, fn, mutates_args=())
+        op = torch.library.custom_op(qualname, fn, mutates_args=mutates_args)
         op.register_fake(fn)
     else:
-        op = torch.library.triton_op(qualname, fn, mutates_args=())
+        op = torch.library.triton_op(qualname, fn, mutates_args=mutates_args)
     return op
 
 

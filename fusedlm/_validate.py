@@ -156,3 +156,13 @@ def dropout_seed(dropout_p, device):
     if dropout_p == 0.0:
         return None
     return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
+
+
+def index_tensor(name, t, ndim):
+    """An int32 tensor of rank ``ndim`` (sequence lengths, block tables)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected an int32 torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name}: expected dtype torch.int32, got {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got {t.dim()}-D with shape {tuple(t.shape)}")

@@ -250,3 +250,70 @@ def deberta_varlen_ref(q, k, v, pos_key, pos_query, cu_seqlens, position_buckets
         if return_lse:
             lse = torch.cat([lse[:starts[0]], *lses, lse[starts[-1]:]])
     return (out, lse) if return_lse else out
+
+
+def _cache_rows(cache, block_table):
+    """(B, capacity, Hkv, E): a contiguous cache as it stands, a paged pool gathered through its block table
+    (entries past a sequence's blocks may hold anything: clamped into the pool, their keys are masked)."""
+    if block_table is None:
+        return cache
+    blocks = block_table.long().clamp(0, cache.shape[0] - 1)  # (B, max_blocks)
+    return cache[blocks].flatten(1, 2)  # (B, max_blocks * block_size, Hkv, E)
+
+
+def _rotate_at(x, cos, sin, positions, interleaved):
+    """x (B, L, heads, D) rotated at positions (B, L) of the (P, R) tables (clamped into them)."""
+    p = positions.long().clamp(0, cos.shape[0] - 1)
+    return _rope_one(x, cos[p].unsqueeze(2), sin[p].unsqueeze(2), interleaved)
+
+
+def kv_cache_append_ref(k_cache, v_cache, cache_seqlens, k, v, cos=None, sin=None, interleaved=False,
+                        block_table=None):
+    """Writes k (after rotary when cos / sin are given) and v into the cache in place, sequence b's at
+    positions cache_seqlens[b] + [0, Lnew): contiguous caches (B, S_max, Hkv, E) at [b, t], paged pools at
+    [block_table[b, t // block_size], t % block_size]. Tensor ops only (no host synchronisation)."""
+    B, Lnew = k.shape[0], k.shape[1]
+    pos = cache_seqlens.long()[:, None] + torch.arange(Lnew, device=k.device)  # (B, Lnew)
+    if cos is not None:
+        k = _rotate_at(k, cos, sin, pos, interleaved)
+    if block_table is None:
+        rows = (torch.arange(B, device=k.device)[:, None].expand(B, Lnew), pos)
+    else:
+        bs = k_cache.shape[1]
+        rows = (block_table.long().gather(1, pos // bs), pos % bs)
+    k_cache.index_put_(rows, k.to(k_cache.dtype))
+    v_cache.index_put_(rows, v.to(v_cache.dtype))
+
+
+def kv_cache_ref(q, k_cache, v_cache, cache_seqlens, k=None, v=None, cos=None, sin=None, interleaved=False,
+                 block_table=None, causal=True, scale=None, window_size=None, return_lse=False):
+    """Attention of q (B, Lq, H, E) over a KV cache, after appending k / v (kv_cache_append_ref): sequence b
+    has T_b = cache_seqlens[b] + Lnew keys, its query i sits at position T_b - Lq + i (rotated there when
+    cos / sin are given) and sees key t < T_b when t <= that position (``causal``) and within
+    ``window_size`` of it. Math attention over the whole capacity (sdpa_ref) with those rows masked; no
+    host synchronisation. Returns (B, Lq, H, Ev) in q's dtype, and with ``return_lse`` (B, H, Lq)."""
+    B, Lq = q.shape[0], q.shape[1]
+    Lnew = 0
+    if k is not None:
+        kv_cache_append_ref(k_cache, v_cache, cache_seqlens, k, v, cos, sin, interleaved, block_table)
+        Lnew = k.shape[1]
+    total = cache_seqlens.long() + Lnew  # (B,) T_b
+    qpos = total[:, None] - Lq + torch.arange(Lq, device=q.device)  # (B, Lq)
+    if cos is not None:
+        q = _rotate_at(q, cos, sin, qpos, interleaved)
+    keys, values = _cache_rows(k_cache, block_table), _cache_rows(v_cache, block_table)
+    t = torch.arange(keys.shape[1], device=q.device)[None, None, :]  # (1, 1, capacity)
+    allowed = t < total[:, None, None]  # (B, Lq, capacity)
+    rel = t - qpos[:, :, None]  # key position - query position
+    left, right = window_size if window_size is not None else (-1, -1)
+    if causal:
+        allowed = allowed & (rel <= 0)
+    if left >= 0:
+        allowed = allowed & (rel >= -left)
+    if right >= 0:
+        allowed = allowed & (rel <= right)
+    res = sdpa_ref(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=allowed[:, None],
+                   scale=scale, enable_gqa=True, return_lse=return_lse)
+    out, lse = res if return_lse else (res, None)
+    out = out.transpose(1, 2)
+    return (out, lse.float() if lse.dtype != torch.float64 else lse) if return_lse else out
