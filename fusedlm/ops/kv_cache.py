@@ -106,7 +106,7 @@ def _check(q, k_cache, v_cache, cache_seqlens, k, v, cos, sin, interleaved, bloc
     window = _validate.window("window_size", window_size)
     device = _validate.same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, k=k, v=v,
                                    cos=cos, sin=sin, block_table=block_table)
-    if _validate.check_varlen_values(device):
+    if _validate.check_varlen_values(device) and not torch.compiler.is_compiling():  # (traced: values unknown)
         _check_values(cache_seqlens, Lnew, capacity, block_table, k_cache.shape[0], cos)
     return capacity, Lnew, window
 
