@@ -382,6 +382,32 @@ def deberta_variants():
         _note[0] = ""
 
 
+def kv_cache_variants():
+    """Decode (Lq = 1, GQA 4) and speculative rows over contiguous and paged caches, with the append kernel."""
+    from fusedlm.kernels import kv_cache
+
+    real, programs = kv_cache.num_splits, kv_cache.num_programs
+    kv_cache.num_splits = lambda n, capacity, block_n, device: real(n, capacity, block_n, torch.device("cuda"))
+    kv_cache.num_programs = lambda device, rows: min(rows, 264)  # an H100's 132 SMs, two programs each
+    bc = kv_cache.block_config
+    kv_cache.block_config = lambda g_rows, e, ev, dtype, device: bc(g_rows, e, ev, dtype, torch.device("cuda"))
+    try:
+        for dt, e, lq, paged, window in [(torch.bfloat16, 128, 1, False, None), (torch.bfloat16, 128, 1, True, None),
+                                         (torch.bfloat16, 64, 4, False, (63, 0)), (torch.float16, 256, 1, True, None),
+                                         (torch.bfloat16, 128, 16, True, None), (torch.float32, 128, 1, False, None)]:
+            B, H, Hkv = 2, 32, 8
+            q = torch.randn(B, lq, H, e, dtype=dt)
+            cache = torch.randn(64, 16, Hkv, e, dtype=dt) if paged else torch.randn(B, 4096, Hkv, e, dtype=dt)
+            table = torch.zeros(B, 32, dtype=torch.int32) if paged else None
+            lens = torch.zeros(B, dtype=torch.int32)
+            new = torch.randn(B, lq, Hkv, e, dtype=dt)
+            cos = torch.randn(4096, e, dtype=torch.float32)
+            kv_cache.kv_cache_append(aot_launch, q, cache, cache, lens, new, new, cos, cos, table, False)
+            kv_cache.kv_cache_fwd(aot_launch, q, cache, cache, lens, table, lq, True, 0.1, window or (-1, -1))
+    finally:
+        kv_cache.num_splits, kv_cache.num_programs, kv_cache.block_config = real, programs, bc
+
+
 def _run_group(group):
     """Run some drivers (in a worker process): their rows and failures."""
     for driver in group:
@@ -392,7 +418,7 @@ def _run_group(group):
 def run_all(jobs=None):
     """Every driver; on ``jobs`` processes (default: up to 2 CPUs, env FUSEDLM_SM90_JOBS). The attention
     kernels take about as long as all the others together, so two groups halve the cold run on 2 cores."""
-    groups = [(attention_variants,), (deberta_variants, lora_variants, memory_bound_variants)]
+    groups = [(attention_variants,), (deberta_variants, lora_variants, memory_bound_variants, kv_cache_variants)]
     jobs = jobs or int(os.environ.get("FUSEDLM_SM90_JOBS", min(2, os.cpu_count() or 1)))
     if jobs < 2:
         _run_group([d for g in groups for d in g])

@@ -35,7 +35,9 @@ import triton.language as tl
 
 from fusedlm._triton import num_programs
 
-from .attention import LN2, LOG2E, precision
+from .attention import LOG2E, precision
+
+LN2 = tl.constexpr(0.6931471805599453)  # (a constexpr global: kernels may read it)
 
 
 @triton.jit
@@ -253,14 +255,18 @@ def kv_cache_append(launch, q, k_cache, v_cache, cache_seqlens, k, v, cos, sin, 
     return q_rot
 
 
-def block_config(g_rows, e, ev, device):
-    """(BLOCK_M, BLOCK_N, num_warps): the M tile holds the G Lq rows of one K/V head (at least 16, tl.dot's
-    minimum), at most 64; BLOCK_N smaller for wide heads (registers). Interpreter: small tiles."""
-    bm = min(64, max(16, triton.next_power_of_2(g_rows)))
+def block_config(g_rows, e, ev, dtype, device):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). On a GPU the M tile is 64 rows, one warpgroup: wgmma takes
+    M = 64 a warpgroup, so a decode step's G rows are padded to 64 (the products are ~64 FLOP a cache byte,
+    under the H100's ~300 FLOP/byte ridge: the kernel stays bound by the cache's bytes). BLOCK_N smaller for
+    wide heads and float32 (registers, and shared memory for the pipeline's key / value stages). Interpreter:
+    M just above the rows (at least 16, tl.dot's minimum), small N."""
     if device.type != "cuda":
-        return bm, 16, 4
-    widest = max(e, ev)
-    return bm, (64 if widest <= 128 else 32), 4
+        return min(64, max(16, triton.next_power_of_2(g_rows))), 16, 4, 1
+    wide = max(e, ev) > 128
+    if dtype == torch.float32:
+        return 64, (16 if wide else 32), 4, 2
+    return 64, (32 if wide else 64), 4, 3
 
 
 def num_splits(programs, capacity, block_n, device):
@@ -283,7 +289,7 @@ def kv_cache_fwd(launch, q, k_cache, v_cache, cache_seqlens, block_table, n_new,
     if B == 0 or Lq == 0 or H == 0:
         return out, lse
     capacity = k_cache.shape[1] * block_table.shape[1] if block_table is not None else k_cache.shape[1]
-    bm, bn, warps = block_config(G * Lq, E, Ev, q.device)
+    bm, bn, warps, stages = block_config(G * Lq, E, Ev, q.dtype, q.device)
     n_mt = triton.cdiv(G * Lq, bm)
     if splits is None:
         splits = num_splits(B * Hkv * n_mt, capacity, bn, q.device)
@@ -303,7 +309,8 @@ def kv_cache_fwd(launch, q, k_cache, v_cache, cache_seqlens, block_table, n_new,
            Hkv, G, Lq, n_new, E, Ev, k_cache.shape[1], n_mt, float(scale) * LOG2E, left, right,
            CAUSAL=causal, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, PAGED=block_table is not None, SPLITS=splits,
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=max(16, triton.next_power_of_2(E)),
-           BLOCK_EV=max(16, triton.next_power_of_2(Ev)), PRECISION=precision(q), num_warps=warps)
+           BLOCK_EV=max(16, triton.next_power_of_2(Ev)), PRECISION=precision(q), num_warps=warps,
+           num_stages=stages)
     if splits > 1:
         launch(_kvc_combine, (B * Lq * H,), o, lp, out, lse,
                out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(2), lse.stride(1),
