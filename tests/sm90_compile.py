@@ -404,6 +404,9 @@ def kv_cache_variants():
             cos = torch.randn(4096, e, dtype=torch.float32)
             kv_cache.kv_cache_append(aot_launch, q, cache, cache, lens, new, new, cos, cos, table, False)
             kv_cache.kv_cache_fwd(aot_launch, q, cache, cache, lens, table, lq, True, 0.1, window or (-1, -1))
+            if not paged and lq == 1:  # scaled_dot_product_attention's decode route: key padding, not causal
+                kpm = torch.ones(B, cache.shape[1], dtype=torch.bool)
+                kv_cache.kv_cache_fwd(aot_launch, q, cache, cache, lens, None, 0, False, 0.1, (-1, -1), kpm)
     finally:
         kv_cache.num_splits, kv_cache.num_programs, kv_cache.block_config = real, programs, bc
 

@@ -196,6 +196,29 @@ def test_generate_uses_the_cache_and_equals_unpatched(family, cache_implementati
     assert int(got.past_key_values.get_seq_length()) == ids.shape[1] + 6 - 1
 
 
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_generate_decodes_through_the_split_kv_kernel(cache_implementation):
+    """On the Triton backend a patched model's decode steps (one query over the whole cache, DynamicCache or
+    StaticCache) run the split-KV kernel, and the greedy tokens equal transformers'."""
+    from helpers import RecordFusedOps, triton_or_skip
+
+    triton_or_skip()
+    fusedlm.set_backend("triton")
+    ref, model = models("llama")
+    hf.patch_model(model)
+    ids, mask = batch("left", S=6)
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    if cache_implementation:
+        kw["cache_implementation"] = cache_implementation
+    with original_rotary(ref):
+        expected = ref.generate(ids, **kw)
+    with RecordFusedOps("kv_cache_attention_fwd") as rec:
+        got = model.generate(ids, **kw)
+    assert torch.equal(got, expected)
+    layers = model.config.num_hidden_layers
+    assert len(rec.calls) >= 3 * layers, f"{len(rec.calls)} split-KV calls for 3 decode steps x {layers} layers"
+
+
 def _decode_steps(model, ids, mask, steps, step_fn):
     """Greedy decoding on a StaticCache: the prompt through ``model``, then ``steps`` tokens through
     ``step_fn`` (the model's forward, compiled or not). Returns the new tokens (B, steps + 1)."""

@@ -13,7 +13,7 @@ import torch
 import fusedlm
 from fusedlm.kernels import kv_cache as K
 from fusedlm.verify import BOUNDS, rel_err
-from helpers import triton_or_skip
+from helpers import RecordFusedOps, triton_or_skip
 
 NEG_INF = float("-inf")
 
@@ -196,7 +196,40 @@ def test_registered_triton_ops_pass_opcheck():
     append, attend = fusedlm.ops.kv_cache._triton_ops()
     torch.library.opcheck(append, (t["q"], t["k_cache"], t["v_cache"], t["cache_seqlens"], t["k"], t["v"], t["cos"],
                                    t["sin"], None, False))
-    torch.library.opcheck(attend, (t["q"], t["k_cache"], t["v_cache"], t["cache_seqlens"], None, 1, True, 0.2, -1, -1))
+    torch.library.opcheck(attend, (t["q"], t["k_cache"], t["v_cache"], t["cache_seqlens"], None, None, 1, True, 0.2,
+                                   -1, -1))
+
+
+@pytest.mark.parametrize("L, padding", [(1, True), (3, False), (2, True)])
+def test_sdpa_runs_short_queries_over_long_keys_on_the_split_kv_kernel(L, padding, dtype):
+    """scaled_dot_product_attention with a decode shape (transformers hands over the whole cache) takes the
+    split-KV kernel on the Triton backend, key padding with holes included; equal to float64 attention."""
+    triton_or_skip()
+    g = torch.Generator().manual_seed(L)
+    B, H, Hkv, S, E = 2, 8, 2, 50, 32
+    q, k, v = (torch.randn(B, h, n, E, generator=g).to(dtype) for h, n in ((H, L), (Hkv, S), (Hkv, S)))
+    kpm = torch.rand(B, S, generator=g) > 0.3 if padding else None
+    with RecordFusedOps("kv_cache_attention_fwd") as rec:
+        out, lse = fusedlm.scaled_dot_product_attention(q, k, v, enable_gqa=True, key_padding_mask=kpm,
+                                                        return_lse=True, backend="triton")
+    assert len(rec.calls) == 1, "the split-KV kernel served the call"
+    kk, vv = (x.double().repeat_interleave(H // Hkv, 1) for x in (k, v))
+    z = q.double() @ kk.transpose(-1, -2) * E ** -0.5
+    if kpm is not None:
+        z = z.masked_fill(~kpm[:, None, None, :], NEG_INF)
+    assert rel_err(out, torch.softmax(z, -1) @ vv) <= BOUNDS[dtype]
+    assert rel_err(lse, torch.logsumexp(z, -1)) <= BOUNDS[dtype]
+
+
+def test_sdpa_keeps_the_training_kernel_where_the_split_kv_one_does_not_serve():
+    """A gradient wanted, a causal (top-left) query, or a square shape: the training kernel, as before."""
+    triton_or_skip()
+    q, k = torch.randn(1, 4, 1, 16, requires_grad=True), torch.randn(1, 4, 40, 16)
+    for kw, (qq, kk) in [({}, (q, k)), ({"is_causal": True}, (q.detach(), k)),
+                         ({}, (torch.randn(1, 4, 40, 16), k))]:
+        with RecordFusedOps("kv_cache_attention_fwd") as rec:
+            fusedlm.scaled_dot_product_attention(qq, kk, kk, backend="triton", **kw)
+        assert not rec.calls, kw
 
 
 def test_bad_input_names_the_argument():

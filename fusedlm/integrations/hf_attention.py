@@ -14,6 +14,10 @@ the attention function turns causality, windows and padding into kernel argument
 
     no mask or padding (B, S), L == S    scaled_dot_product_attention(is_causal, key_padding_mask, window)
     KV cache, one query (L == 1 < S)     the keys outside the window dropped; nothing else to mask
+                                         (scaled_dot_product_attention then runs the split-KV decode
+                                         kernel of kv_cache_attention)
+    static cache, one query: a           its row as the key padding mask, as above
+    (B, 1, 1, S) bool mask
     KV cache, L > 1 queries, causal      varlen_attention on the unpadded tokens: its causal mask aligns
                                          bottom-right per sequence, the KV-cache alignment (the
                                          queries are the last L positions)
@@ -294,6 +298,11 @@ def _fused_attention(query, key, value, attention_mask, dropout, scale, causal, 
     if segments is not None:  # padding-free: (B * L, H, E) tokens
         q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (query, key, value))
         return _varlen(q, k, v, segments, causal, window, dropout, scale).view(B, L, H, -1)
+    if (attention_mask is not None and attention_mask.dim() == 4 and L == 1 and attention_mask.dtype == torch.bool
+            and attention_mask.shape[1] == 1):
+        # one query over a static cache: its (B, 1, 1, S) mask is a key padding mask (a view: no sync, and
+        # scaled_dot_product_attention then takes the split-KV decode kernel)
+        return _sdpa(query, key, value, attention_mask[:, 0, 0, :].expand(B, S), False, None, dropout, scale)
     if attention_mask is not None and attention_mask.dim() == 4:  # it says everything, as in sdpa
         out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                            scale=scale, enable_gqa=H != key.shape[1])

@@ -106,15 +106,15 @@ def _kvc_append(
 
 @triton.jit
 def _kvc_fwd(
-    Q, KC, VC, SEQ, BT, O, LSE,  # O / LSE: the output (SPLITS = 1) or the partials (B, H, LQ, SPLITS, .)
+    Q, KC, VC, SEQ, BT, KPM, O, LSE,  # O / LSE: the output (SPLITS = 1) or the partials (B, H, LQ, SPLITS, .)
     stride_qb, stride_qm, stride_qh,
     stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,  # cache: [b, t] or [block, slot]
-    stride_btb,
+    stride_btb, stride_kpb,  # KPM: uint8 (B, capacity), 0 = a key no query sees (scaled_dot_product_attention's)
     stride_ob, stride_om, stride_oh, stride_os,  # output (b, row, head) or partials (b, row, head, split)
     stride_lb, stride_lm, stride_lh, stride_ls,
     HKV, G, LQ, LNEW, E, EV, BLOCK_SIZE, N_MT, qk_scale, left, right,
     CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, PAGED: tl.constexpr,
-    SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+    HAS_KPM: tl.constexpr, SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_EV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Program (((b Hkv + kv head) N_MT + row tile), split): rows m = i G + g of the tile (query i, head
@@ -155,6 +155,8 @@ def _kvc_fwd(
     for start in range(lo, hi, BLOCK_N):
         t = start + offs_n
         tok = t < hi
+        if HAS_KPM:
+            tok = tok & (tl.load(KPM + b64 * stride_kpb + t, mask=tok, other=0) != 0)
         if PAGED:
             blk = tl.load(BT + b64 * stride_btb + t // BLOCK_SIZE, mask=tok, other=0).to(tl.int64)
             row_k = blk * stride_kcb + (t % BLOCK_SIZE) * stride_kct
@@ -279,8 +281,10 @@ def num_splits(programs, capacity, block_n, device):
     return max(1, min(most, triton.cdiv(target, max(programs, 1))))
 
 
-def kv_cache_fwd(launch, q, k_cache, v_cache, cache_seqlens, block_table, n_new, causal, scale, window, splits=None):
-    """-> (out (B, Lq, H, Ev) in q's dtype, lse float32 (B, H, Lq)); window (left, right), -1 = unbounded."""
+def kv_cache_fwd(launch, q, k_cache, v_cache, cache_seqlens, block_table, n_new, causal, scale, window,
+                 key_padding_mask=None, splits=None):
+    """-> (out (B, Lq, H, Ev) in q's dtype, lse float32 (B, H, Lq)); window (left, right), -1 = unbounded;
+    key_padding_mask bool (B, capacity), False = a key no query sees."""
     B, Lq, H, E = q.shape
     Hkv, Ev = k_cache.shape[2], v_cache.shape[3]
     G = H // Hkv
@@ -303,11 +307,14 @@ def kv_cache_fwd(launch, q, k_cache, v_cache, cache_seqlens, block_table, n_new,
         lp = torch.empty(B, Lq, H, splits, device=q.device, dtype=torch.float32)
         o_strides, l_strides = o.stride()[:4], lp.stride()
     launch(_kvc_fwd, (B * Hkv * n_mt, splits),
-           q, k_cache, v_cache, cache_seqlens, block_table if block_table is not None else cache_seqlens, o, lp,
+           q, k_cache, v_cache, cache_seqlens, block_table if block_table is not None else cache_seqlens,
+           key_padding_mask.view(torch.uint8) if key_padding_mask is not None else cache_seqlens, o, lp,
            q.stride(0), q.stride(1), q.stride(2), *_cache_strides(k_cache), *_cache_strides(v_cache),
-           block_table.stride(0) if block_table is not None else 0, *o_strides, *l_strides,
+           block_table.stride(0) if block_table is not None else 0,
+           key_padding_mask.stride(0) if key_padding_mask is not None else 0, *o_strides, *l_strides,
            Hkv, G, Lq, n_new, E, Ev, k_cache.shape[1], n_mt, float(scale) * LOG2E, left, right,
-           CAUSAL=causal, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, PAGED=block_table is not None, SPLITS=splits,
+           CAUSAL=causal, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, PAGED=block_table is not None,
+           HAS_KPM=key_padding_mask is not None, SPLITS=splits,
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_E=max(16, triton.next_power_of_2(E)),
            BLOCK_EV=max(16, triton.next_power_of_2(Ev)), PRECISION=precision(q), num_warps=warps,
            num_stages=stages)

@@ -111,6 +111,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     Mistral's sliding_window=W is (W - 1, 0) with is_causal=True. The kernels skip key blocks outside the band.
     dropout_p: dropout on the attention probabilities (seeded from torch's generator).
     return_lse: also return the float32 log-sum-exp of the scores, (B, H, L), -inf for empty rows.
+    A short query over long keys (L <= 16, G L <= 64 query rows a K/V head, S >= 4 L: decode through a KV cache
+    that hands over every key) with no mask but key padding, no dropout and no gradient wanted, runs the split-KV
+    kernel of kv_cache_attention (the keys spread over many programs) on the Triton backend.
     Returns (B, H, L, Ev) in query's dtype (memory laid out like query's).
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -152,6 +155,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if name == "torch":
         return reference.sdpa_ref(query, key, value, attn_mask, dropout_p, is_causal, scale, H != Hkv,
                                   key_padding_mask, return_lse, window_size=window)
+    from . import kv_cache  # (the decode kernel: a sibling op family)
+
+    if kv_cache.split_kv_reason(query, key, value, attn_mask, dropout_p, is_causal, window) is None:
+        out, lse = kv_cache.split_kv_sdpa(query, key, value, key_padding_mask, scale)
+        return (out, lse) if return_lse else out
     out, lse = _triton_ops()(query, key, value, attn_mask, key_padding_mask, None, None, L, S, scale, is_causal,
                              False, dropout_p, _validate.dropout_seed(dropout_p, query.device), *(window or (-1, -1)))
     return (out, lse) if return_lse else out

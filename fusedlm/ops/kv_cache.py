@@ -38,12 +38,13 @@ def _triton_ops():
         return q_rot if q_rot is not None else empty(q.device, q.dtype)
 
     def kv_cache_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                               cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor], n_new: int,
-                               causal: bool, scale: float, window_left: int,
-                               window_right: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (out (B, Lq, H, Ev), lse float32 (B, H, Lq)) over cache_seqlens[b] + n_new keys a sequence."""
+                               cache_seqlens: torch.Tensor, block_table: Optional[torch.Tensor],
+                               key_padding_mask: Optional[torch.Tensor], n_new: int, causal: bool, scale: float,
+                               window_left: int, window_right: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (out (B, Lq, H, Ev), lse float32 (B, H, Lq)) over cache_seqlens[b] + n_new keys a sequence
+        (those where key_padding_mask, bool (B, capacity), is True)."""
         return K.kv_cache_fwd(launch, unit_stride(q), k_cache, v_cache, cache_seqlens, block_table, n_new, causal, scale,
-                              (window_left, window_right))
+                              (window_left, window_right), unit_stride(key_padding_mask))
 
     _ops = (register_op("kv_cache_append", kv_cache_append, mutates_args=("k_cache", "v_cache")),
             register_op("kv_cache_attention_fwd", kv_cache_attention_fwd))
@@ -178,5 +179,32 @@ def kv_cache_attention(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, co
         q_rot = append(q, k_cache, v_cache, cache_seqlens, k, v, cos, sin, block_table, interleaved)
         if cos is not None:
             q = q_rot
-    out, lse = attend(q, k_cache, v_cache, cache_seqlens, block_table, Lnew, causal, scale, *(window or (-1, -1)))
+    out, lse = attend(q, k_cache, v_cache, cache_seqlens, block_table, None, Lnew, causal, scale,
+                      *(window or (-1, -1)))
     return (out, lse) if return_lse else out
+
+
+def split_kv_reason(query, key, value, attn_mask, dropout_p, is_causal, window):
+    """Why scaled_dot_product_attention's Triton path keeps its own kernel for this call, or None when the
+    split-KV kernel serves it: a short query (L <= 16, G L <= 64 rows a K/V head) over keys at least four times
+    longer (decode or speculative verification through a cache that hands over all its keys), no mask but key padding, no dropout, no causal or
+    window (top-left, which a short query over a long cache does not use), no gradient (forward only)."""
+    B, H, L, E = query.shape
+    Hkv, S = key.shape[1], key.shape[2]
+    if attn_mask is not None or dropout_p > 0 or is_causal or window is not None:
+        return "a mask, dropout, causal or a window"
+    if L > 16 or L * (H // Hkv) > 64 or S < 4 * L:
+        return "not a short query over long keys"
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return "a gradient is wanted (the split-KV kernel is forward only)"
+    return _triton_reason(query, key, value, None)
+
+
+def split_kv_sdpa(query, key, value, key_padding_mask, scale):
+    """scaled_dot_product_attention's inputs (B, H, L, E) / (B, Hkv, S, E) through the split-KV kernel (as
+    (B, L, H, E) views, no copy): -> (out (B, H, L, Ev), lse float32 (B, H, L))."""
+    B, S = query.shape[0], key.shape[2]
+    lengths = torch.full((B,), S, dtype=torch.int32, device=query.device)
+    out, lse = _triton_ops()[1](query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), lengths, None,
+                                key_padding_mask, 0, False, scale, -1, -1)
+    return out.transpose(1, 2), lse
