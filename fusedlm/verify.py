@@ -239,6 +239,47 @@ def _attention_cases(gpu):
         out.append(Case("varlen_attention" + ("(causal)" if causal else ""), (len(lq), sum(lq), sum(lk), H, Hkv, E),
                         make_varlen, run_varlen, ref_varlen, ("q", "k", "v")))
     out += _window_cases(gpu)
+    out += _kv_cache_cases(gpu)
+    return out
+
+
+def _kv_cache_cases(gpu):
+    """kv_cache_attention: a decode step appending with rotary (contiguous, GQA, an empty sequence), speculative
+    rows over a paged cache (block 16), a sliding window; the output, lse and the written cache compared."""
+    import fusedlm
+    from fusedlm import reference as R
+
+    out = []
+    # (B, Lq, H, Hkv, E, capacity, lengths, paged block size, window)
+    grid = [(3, 1, 8, 2, 64, 80, (70, 0, 13), None, None), (2, 4, 4, 4, 40, 96, (50, 9), 16, None),
+            (2, 3, 4, 1, 32, 64, (40, 5), None, (15, 0))]
+    if gpu:
+        grid.append((8, 1, 32, 8, 128, 4096, tuple(range(4000, 4096, 12)), 16, None))
+    for B, Lq, H, Hkv, E, cap, lengths, bs, window in grid:
+        def make(g, B=B, Lq=Lq, H=H, Hkv=Hkv, E=E, cap=cap, lengths=lengths, bs=bs):
+            pool = (B * cap // bs, bs) if bs else (B, cap)
+            d = dict(q=_randn(g, B, Lq, H, E), k_cache=_randn(g, *pool, Hkv, E), v_cache=_randn(g, *pool, Hkv, E),
+                     k=_randn(g, B, Lq, Hkv, E), v=_randn(g, B, Lq, Hkv, E), cos=_randn(g, cap, E), sin=_randn(g, cap, E),
+                     cache_seqlens=torch.tensor(lengths, dtype=torch.int32))
+            if bs:
+                d["block_table"] = torch.randperm(B * cap // bs, generator=g).view(B, cap // bs).int()
+            return d
+
+        def run_fn(b, window=window):
+            def fn(q, k_cache, v_cache, k, v, cos, sin, cache_seqlens, block_table=None):
+                o, lse = fusedlm.kv_cache_attention(q, k_cache, v_cache, cache_seqlens, k=k, v=v, cos=cos, sin=sin,
+                                                    block_table=block_table, window_size=window, return_lse=True,
+                                                    backend=b)
+                return o, lse, k_cache, v_cache
+            return fn
+
+        def ref(q, k_cache, v_cache, k, v, cos, sin, cache_seqlens, block_table=None, window=window):
+            o, lse = R.kv_cache_ref(q, k_cache, v_cache, cache_seqlens, k, v, cos, sin, False, block_table,
+                                    window_size=window, return_lse=True)
+            return o, lse, k_cache, v_cache
+
+        label = "kv_cache_attention" + ("(paged)" if bs else "") + (f"(window={window[0]})" if window else "")
+        out.append(Case(label, (B, Lq, H, Hkv, E, cap), make, run_fn, ref, ()))
     return out
 
 
