@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _common as C
+from . import generation
 
 
 @dataclass
@@ -36,6 +37,8 @@ class LlamaConfig:
     hidden_act: str = "silu"
     tie_word_embeddings: bool = False
     pad_token_id: Optional[int] = None
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[object] = None      # an int or a list of them: where generate stops a sequence
     use_kernels: bool = True
 
     def __post_init__(self):
@@ -191,8 +194,14 @@ class LlamaForCausalLM(nn.Module):
 
     @classmethod
     def from_hf(cls, hf_model, use_kernels=True):
-        """A model with ``hf_model``'s config (a transformers LlamaForCausalLM) and weights."""
-        return C.load_from_hf(cls(LlamaConfig.from_hf(hf_model.config, use_kernels)), hf_model)
+        """A model with ``hf_model``'s config (a transformers LlamaForCausalLM) and weights; bos / eos from its
+        generation config where it has one (what its generate stops on)."""
+        config = LlamaConfig.from_hf(hf_model.config, use_kernels)
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(getattr(hf_model, "generation_config", None), name, None)
+            if value is not None:
+                setattr(config, name, value)
+        return C.load_from_hf(cls(config), hf_model)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, *, cu_seqlens=None,
                 inputs_embeds=None):
@@ -210,15 +219,19 @@ class LlamaForCausalLM(nn.Module):
             loss = F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(), ignore_index=-100)
         return C.CausalLMOutput(loss=loss, logits=logits)
 
-    @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens, attention_mask=None):
-        """Greedy decoding without a cache (each step reruns the whole sequence): (B, S + max_new_tokens).
-        Left-padded prompts take ``attention_mask``; positions count real tokens, as transformers' generate."""
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
-        for _ in range(max_new_tokens):
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = self(input_ids, attention_mask=mask, position_ids=positions).logits
-            next_token = logits[:, -1].argmax(-1, keepdim=True)
-            input_ids = torch.cat([input_ids, next_token], dim=1)
-            mask = torch.cat([mask, torch.ones_like(next_token)], dim=1)
-        return input_ids
+    def generate(self, input_ids, max_new_tokens, attention_mask=None, *, do_sample=False, temperature=1.0,
+                 top_k=None, top_p=None, eos_token_id=None, pad_token_id=None, generator=None, compile=False):
+        """Decoding over a static KV cache (fusedlm.kv_cache_attention): -> (B, S + n) int64, the prompts
+        followed by n <= max_new_tokens new tokens (n < max_new_tokens only when every sequence finished).
+
+        input_ids (B, S); attention_mask (B, S), 1 = real token: left-padded prompts of different lengths,
+        positions counted over the real tokens (transformers' generate). Greedy by default; ``do_sample``
+        draws from softmax(logits / temperature) within ``top_k`` and ``top_p`` (transformers' warpers) with
+        ``generator`` (a torch.Generator on the model's device, for reproducible draws).
+        eos_token_id: an int or a list (None: the config's); a sequence that emitted one then emits
+        ``pad_token_id`` (None: the config's, else the first eos). ``compile``: run the decode step under
+        torch.compile(fullgraph=True). See fusedlm/models/generation.py.
+        """
+        return generation.generate(self, input_ids, max_new_tokens, attention_mask, do_sample=do_sample,
+                                   temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+                                   pad_token_id=pad_token_id, generator=generator, compile=compile)
