@@ -11,7 +11,9 @@
 #   info       python -m fusedlm info
 #   verify     python -m fusedlm verify --json $OUT/verify.json
 #   tests      python -m pytest -x -q tests
-#   memory     python -m fusedlm.bench --ops memory --quick      (rms_norm, layer_norm, swiglu, rope)
+#   memory     python -m fusedlm.bench --ops norm,swiglu,rope --quick   (rms_norm, layer_norm, swiglu, rope)
+#   decode     python -m fusedlm.bench --ops kv_cache --quick    (kv_cache_attention's decode step beside SDPA's
+#              backends and FlexAttention, contiguous and paged caches)
 #   attention  python -m fusedlm.bench --ops attention --quick   (every provider but FlexAttention)
 #   lora       python -m fusedlm.bench --ops lora --quick
 #   deberta    python benchmarks/bench_deberta.py --quick --seqlens 128,512,2048,8192 --modes fwd,fwd+bwd
@@ -28,7 +30,7 @@
 # No network is used. Every step logs to $OUT/<step>.log (OUT defaults to ./gpu_out) and runs under a
 # time cap drawn from one overall budget (GPU_RUN_BUDGET_S, default 510 s; a step's kill grace is 10 s),
 # so the whole run ends within 9 minutes. Each benchmark step has a reserve (GPU_RUN_MEMORY_S 90,
-# GPU_RUN_ATTENTION_S 120, GPU_RUN_LORA_S 45, GPU_RUN_DEBERTA_S 120): the tests are capped so that the reserves of all four stay, and each benchmark
+# GPU_RUN_DECODE_S 60, GPU_RUN_ATTENTION_S 120, GPU_RUN_LORA_S 45, GPU_RUN_DEBERTA_S 120): the tests are capped so that the reserves of all five stay, and each benchmark
 # step so that those of the later ones stay; time a step leaves unused goes to the next. Inside a
 # benchmark step the harness starts no new measurement after --budget-s (its cap less a margin), so a
 # step cut short still writes the rows it measured. A failing step does not stop the later ones.
@@ -55,6 +57,7 @@ export PYTHONUNBUFFERED=1
 export MAX_JOBS="${MAX_JOBS:-16}"                       # parallel nvcc jobs for the extension build
 BUDGET_S="${GPU_RUN_BUDGET_S:-510}"
 MEMORY_S="${GPU_RUN_MEMORY_S:-90}"
+DECODE_S="${GPU_RUN_DECODE_S:-60}"
 ATTENTION_S="${GPU_RUN_ATTENTION_S:-120}"
 LORA_S="${GPU_RUN_LORA_S:-45}"
 DEBERTA_S="${GPU_RUN_DEBERTA_S:-120}"
@@ -179,7 +182,11 @@ bench_args() {
 }
 
 step_memory() {
-  "$PY" -m fusedlm.bench --ops memory $BENCH_FLAGS $(bench_args memory_bound)
+  "$PY" -m fusedlm.bench --ops norm,swiglu,rope $BENCH_FLAGS $(bench_args memory_bound)
+}
+
+step_decode() {
+  "$PY" -m fusedlm.bench --ops kv_cache $BENCH_FLAGS $(bench_args kv_cache)
 }
 
 # The cuda backend's GPU-verified list: its tests passed here and it beat triton on every memory case.
@@ -210,7 +217,7 @@ step_flex() {
     --providers sdpa-flash,sdpa-efficient,fusedlm-triton,flex
 }
 
-export -f step_env step_wheels step_install step_info step_verify step_tests bench_args step_memory \
+export -f step_env step_wheels step_install step_info step_verify step_tests bench_args step_memory step_decode \
   step_attention step_lora step_deberta step_flex
 
 echo "fusedlm GPU run: repo $REPO, logs and results in $OUT, budget ${BUDGET_S}s"
@@ -225,8 +232,10 @@ fi
 run_step install 300 step_install
 run_step info 60 step_info
 run_step verify 150 step_verify
-run_step tests $(( BUDGET_S - SECONDS - MEMORY_S - ATTENTION_S - LORA_S - DEBERTA_S )) step_tests
-run_step memory $(( BUDGET_S - SECONDS - ATTENTION_S - LORA_S - DEBERTA_S )) step_memory
+run_step tests $(( BUDGET_S - SECONDS - MEMORY_S - DECODE_S - ATTENTION_S - LORA_S - DEBERTA_S )) step_tests
+run_step memory $(( BUDGET_S - SECONDS - DECODE_S - ATTENTION_S - LORA_S - DEBERTA_S )) step_memory
+left=$(( BUDGET_S - SECONDS - ATTENTION_S - LORA_S - DEBERTA_S ))
+run_step decode $(( left > 2 * DECODE_S ? 2 * DECODE_S : left )) step_decode
 run_step cuda_list 20 step_cuda_list
 run_step attention $(( BUDGET_S - SECONDS - LORA_S - DEBERTA_S )) step_attention
 left=$(( BUDGET_S - SECONDS - DEBERTA_S ))
@@ -252,7 +261,7 @@ print_summary() {
   done
   echo
   local f found=0 log
-  for log in memory attention lora deberta flex; do   # the ceilings, as this run's first benchmark step measured them
+  for log in memory decode attention lora deberta flex; do   # the ceilings, as this run's first benchmark step measured them
     [[ " ${STEP_NAMES[*]} " == *" $log "* ]] || continue   # a log of an earlier call: stale
     if grep -q "^matmul:" "$OUT/$log.log" 2>/dev/null; then
       grep -h "^copy bandwidth\|^matmul:" "$OUT/$log.log"
@@ -260,7 +269,7 @@ print_summary() {
     fi
   done
   local tag
-  for tag in memory_bound attention lora deberta attention_flex; do
+  for tag in memory_bound kv_cache attention lora deberta attention_flex; do
     for f in "$OUT/bench/${tag}_"*_summary.md; do
       [[ -f $f ]] || continue
       [[ $tag == attention && $f == */attention_flex_* ]] && continue

@@ -97,3 +97,64 @@ def test_deberta_varlen_missing_from_the_build_is_a_skipped_row(tmp_path, monkey
     assert rc == 0 and row["error"]
     if fusedlm._backend.why_unavailable("triton") is None:  # else "unavailable" first, for Triton itself
         assert row["status"] == "skipped" and "deberta_varlen_attention" in row["error"]
+
+
+def test_kv_cache_decode_rows_check_every_layout_and_cuda_peers_get_rows(tmp_path):
+    """A decode step (one query row, GQA) on a contiguous and a paged cache: fusedlm's rows agree with
+    SDPA's math backend (float32 here), count the cache's bytes, are forward only; the CUDA-only peers
+    (SDPA's flash / cuDNN / memory-efficient backends, FlexAttention) give a row with the reason."""
+    ours = ["fusedlm-torch", "fusedlm-torch-paged"] + (
+        ["fusedlm-triton", "fusedlm-triton-paged"] if _interpreted() else [])
+    peers = ["sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex"]
+    rc, rows = _smoke(tmp_path, "--ops", "kv_cache_decode", "--seqlens", "40")
+    assert rc == 0
+    assert {r["mode"] for r in rows} == {"fwd"}            # inference: no bwd rows though memory ops default to them
+    assert {r["case"] for r in rows} == {"B=1 T=40", "B=3 T=40"}
+    by = {(r["case"], r["provider"]): r for r in rows}
+    H, Hkv, E = 4, 2, 16  # SMOKE_SIZES, float32
+    for B in (1, 3):
+        case = f"B={B} T=40"
+        for p in ours:
+            r = by[(case, p)]
+            assert r["status"] == "ok" and r["rel_err_vs"] == "sdpa-math" and r["rel_err"] < 1e-5, r
+            assert r["bytes"] == (B * 40 * Hkv * 2 * E + 2 * B * H * E) * 4
+        for p in peers:
+            assert by[(case, p)]["status"] == "unavailable" and by[(case, p)]["error"]
+        assert by[(case, "fusedlm-torch-paged")]["params"]["block_size"] == 16   # 40 tokens: 3 blocks, the last partial
+    summary = (tmp_path / "t_cpu-smoke_summary.md").read_text()
+    assert "kv_cache_decode" in summary and "paged / contiguous" in summary
+    rc, rows = _smoke(tmp_path, "--ops", "kv_cache_decode", "--seqlens", "16", "--modes", "bwd")
+    assert rc == 0 and rows == []
+
+
+def test_kv_cache_decode_wrong_output_fails_the_run(tmp_path, monkeypatch):
+    """fusedlm.kv_cache_attention 10% off SDPA is flagged on both layouts and the exit status says so."""
+    right = fusedlm.kv_cache_attention
+    monkeypatch.setattr(fusedlm, "kv_cache_attention", lambda *a, **kw: right(*a, **kw) * 1.1)
+    rc, rows = _smoke(tmp_path, "--ops", "kv_cache_decode", "--seqlens", "16",
+                      "--providers", "sdpa-math,fusedlm-torch,fusedlm-torch-paged")
+    assert rc == 1
+    for p in ("fusedlm-torch", "fusedlm-torch-paged"):
+        assert all(r["rel_err"] == pytest.approx(0.1, rel=1e-3) for r in rows if r["provider"] == p)
+
+
+def test_kv_cache_decode_cases_at_gpu_sizes_leave_out_caches_over_the_cap():
+    """B in {1, 8, 64} x T in {1k ... 128k}, bf16: every (B, T) but B = 64 x 128k (32 GiB of K + V, over the
+    16 GiB cap); SDPA's math backend and the torch reference only on caches up to 256 MiB. No tensor is made."""
+    import types
+
+    from fusedlm.bench.cases import Sizes
+    from fusedlm.bench.ops_kv_cache import kv_cache_cases
+
+    run = types.SimpleNamespace(sizes=Sizes(), quick=False, seqlens_given=False, dtype=torch.bfloat16,
+                                device=torch.device("cuda"), seed=0)
+    cases = kv_cache_cases(run)
+    got = {(c.params["batch"], c.params["cache_len"]) for c in cases}
+    want = {(B, T) for B in (1, 8, 64) for T in (1024, 4096, 16384, 32768, 131072)} - {(64, 131072)}
+    assert got == want
+    for c in cases:
+        assert c.modes == ("fwd",) and c.grad == ()
+        assert c.params["cache_bytes"] == 2 * c.params["batch"] * c.params["cache_len"] * 8 * 128 * 2
+        assert ("sdpa-math" in c.providers) == (c.params["cache_bytes"] <= 256 << 20)
+        assert {"sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex", "fusedlm-triton",
+                "fusedlm-triton-paged"} <= set(c.providers)

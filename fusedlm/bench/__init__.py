@@ -4,7 +4,8 @@ What is measured, and why
 -------------------------
 memory-bound ops (rms_norm, rms_norm_residual, layer_norm, swiglu, rope) do a few FLOPs per byte:
 bandwidth is their limit. Each counts the fewest bytes it must move, and the run measures the device's
-copy bandwidth (a 1 GiB ``Tensor.copy_``, read + write counted) as the practical ceiling:
+copy bandwidth (a 1 GiB ``Tensor.copy_``, read + write counted) as the practical ceiling. So is a decode
+step's attention over a KV cache (kv_cache_decode: one query row, it reads the whole cache once):
 
     gbps            = counted bytes / median time
     frac_of_copy_bw = gbps / copy bandwidth      (1.0: as fast as copying the bytes the op cannot avoid)
@@ -31,7 +32,7 @@ harness.py     environment, timing, peak memory, the two ceilings, the loop over
 report.py      markdown, summaries, console lines, the output files; plots.py the plots
 registry.py    every op, and --ops selection
 cli.py         the command line (``fusedlm bench``, ``python -m fusedlm.bench``, benchmarks/bench_*.py)
-ops_*.py       one per op family: norm, swiglu, rope, attention, lora, deberta (+ deberta_peers.py,
+ops_*.py       one per op family: norm, swiglu, rope, kv_cache, attention, lora, deberta (+ deberta_peers.py,
                deberta_report.py)
 
 Run:  python -m fusedlm.bench [--ops memory|attention|lora|deberta|<op>,...] [--out DIR] [--quick]

@@ -69,6 +69,7 @@ class Case:
     reference: tuple = ()                      # yardstick: the first of these providers that runs
     baseline: Optional[str] = None             # vs_baseline = median_ms / this provider's (same mode)
     params: dict = dataclasses.field(default_factory=dict)  # recorded in every row
+    modes: Optional[tuple] = None              # the modes the case has (None: all; ("fwd",): forward only)
 
 
 @dataclasses.dataclass
@@ -96,6 +97,15 @@ class Sizes:
     deberta_seqlens: tuple = (128, 512, 2048, 8192)          # B = tokens // S (128: B = 128; 8192: B = 2)
     deberta_quick_seqlens: tuple = (512, 2048)               # with --quick
     deberta_ref_max_seqlen: int = 2048  # the float32 eager yardstick (S x S fp32 scores): up to this S
+    kv_batches: tuple = (1, 8, 64)     # kv_cache_decode: batch x cache length, one query row per sequence
+    kv_seqlens: tuple = (1024, 4096, 16384, 32768, 131072)
+    kv_quick_seqlens: tuple = (4096, 32768, 131072)          # with --quick
+    kv_heads: int = 32                 # Llama-3-8B-like GQA: H = 32, Hkv = 8, E = 128
+    kv_kv_heads: int = 8
+    kv_head_dim: int = 128
+    kv_block_size: int = 16            # the paged layout's block
+    kv_max_cache_bytes: int = 16 << 30  # K + V of one layout above this: the case is left out (B=64 x 128k)
+    kv_math_max_cache_bytes: int = 256 << 20  # sdpa-math / fusedlm-torch (float32, GQA expanded): up to this
 
 
 SMOKE_SIZES = Sizes(tokens=48, hidden=200, rope_batch=2, rope_heads=4, rope_kv_heads=2, rope_head_dim=32,
@@ -103,7 +113,9 @@ SMOKE_SIZES = Sizes(tokens=48, hidden=200, rope_batch=2, rope_heads=4, rope_kv_h
                     attn_padded_quick_seqlens=(48,),
                     attn_math_max_seqlen=48, lora_in=72, lora_out=80, lora_rank=4, lora_alpha=8,
                     deberta_heads=2, deberta_head_dim=16, deberta_buckets=8, deberta_max_rel=16,
-                    deberta_seqlens=(16, 48), deberta_quick_seqlens=(16, 48), deberta_ref_max_seqlen=48)
+                    deberta_seqlens=(16, 48), deberta_quick_seqlens=(16, 48), deberta_ref_max_seqlen=48,
+                    kv_batches=(1, 3), kv_seqlens=(16, 40), kv_quick_seqlens=(40,), kv_heads=4, kv_kv_heads=2,
+                    kv_head_dim=16)
 
 
 # --------------------------------------------------------------------------------------------------

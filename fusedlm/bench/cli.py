@@ -48,7 +48,9 @@ def parse_args(argv):
         description="Throughput of fusedlm's ops against their peers, in the same run on the same inputs: "
                     "the memory-bound ops (rms_norm, rms_norm+residual, layer_norm, swiglu, rope) as GB/s and "
                     "the fraction of the measured copy bandwidth, against PyTorch eager, torch.compile and "
-                    "Liger-Kernel; the compute-bound ones (attention, attention on a padded batch, LoRA "
+                    "Liger-Kernel, and a decode step's attention over a KV cache (contiguous and paged) against "
+                    "PyTorch's SDPA backends and FlexAttention; the compute-bound ones (attention, attention on "
+                    "a padded batch, LoRA "
                     "linear, DeBERTa attention dense and padded/packed) as TFLOP/s and the fraction of a "
                     "measured bf16 matmul, against PyTorch's SDPA backends, FlexAttention, PEFT, transformers' "
                     "DeBERTa module, FlashDeBERTa and DisentangledFlash. Needs a CUDA device (or --cpu-smoke).")
@@ -77,7 +79,9 @@ def parse_args(argv):
     p.add_argument("--seqlens", type=_int_list, default=None,
                    help=f"attention and DeBERTa sequence lengths S, comma list (default "
                         f"{','.join(map(str, Sizes.attn_seqlens))}; DeBERTa "
-                        f"{','.join(map(str, Sizes.deberta_seqlens))}); B = tokens // S")
+                        f"{','.join(map(str, Sizes.deberta_seqlens))}); B = tokens // S. kv_cache_decode: "
+                        f"the cache lengths T (default {','.join(map(str, Sizes.kv_seqlens))}, "
+                        f"B = {','.join(map(str, Sizes.kv_batches))})")
     p.add_argument("--autotune", action="store_true",
                    help="set FUSEDLM_AUTOTUNE=1: fusedlm's attention kernels autotune their block shapes "
                         "(on the first, untimed call of each kind; slow to start). Default: the environment's "

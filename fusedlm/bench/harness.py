@@ -153,9 +153,11 @@ def ceiling_row(run, op, shape, dtype, ms, bytes_=None, gbps=None, flops=None, t
 
 def bench_case(case, run, emit):
     """Measure every provider of ``case`` in every mode; calls ``emit(row)`` for each result."""
+    modes = [m for m in run.modes_for(case.kind) if case.modes is None or m in case.modes]
+    if not modes:  # e.g. --modes bwd on a forward-only (inference) op: nothing to measure
+        return
     base = case.make()
     shape = case.describe(base)
-    modes = run.modes_for(case.kind)
     state = {"ref_name": None, "ref": None, "baseline_ms": {}}
 
     def row(mode, provider, **kw):

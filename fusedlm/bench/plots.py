@@ -16,7 +16,9 @@ def _pyplot():
 
 def plot_memory(rows, path):
     """Bar chart of the fraction of copy bandwidth per (op, mode) and provider; None without matplotlib."""
-    measured = [r for r in rows if r["kind"] == "memory" and r["frac_of_copy_bw"]]
+    from .registry import OWN_SUMMARY
+
+    measured = [r for r in rows if r["kind"] == "memory" and r["frac_of_copy_bw"] and r["op"] not in OWN_SUMMARY]
     plt = _pyplot() if measured else None
     if plt is None:
         return None

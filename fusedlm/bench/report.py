@@ -4,7 +4,7 @@ import json
 
 from .cases import MEMORY_PROVIDERS
 from .harness import MODES
-from .registry import ALL_OPS
+from .registry import ALL_OPS, OWN_SUMMARY
 
 # A row whose outputs differ from the reference's by more than this is flagged in the markdown table.
 # Two correct bf16 implementations differ by about one output rounding (u = 2^-8 ~ 4e-3).
@@ -31,8 +31,9 @@ def _compile_ms(rows):
 
 
 def summary_table(rows):
-    """Memory-bound ops: one line per (op, mode), each provider's median ms and % of copy bandwidth."""
-    measured = [r for r in rows if r["kind"] == "memory"]
+    """Memory-bound ops: one line per (op, mode), each provider's median ms and % of copy bandwidth (the ops
+    with a summary of their own, OWN_SUMMARY, are in their report instead)."""
+    measured = [r for r in rows if r["kind"] == "memory" and r["op"] not in OWN_SUMMARY]
     if not measured:
         return ""
     providers = [p for p in MEMORY_PROVIDERS if any(r["provider"] == p for r in measured)]
@@ -113,8 +114,9 @@ def summaries(rows):
     """The summary tables of both kinds (the *_summary.md file, and the end of the console output), then
     the reports of the ops that have one (DeBERTa: speedups, peak memory, the issue's targets)."""
     parts = []
-    if any(r["kind"] == "memory" for r in rows):
-        parts.append("**memory-bound ops**: median ms (% of copy bandwidth)\n\n" + summary_table(rows))
+    table = summary_table(rows)
+    if table:
+        parts.append("**memory-bound ops**: median ms (% of copy bandwidth)\n\n" + table)
     if any(r["kind"] == "compute" for r in rows):
         parts.append(compute_summary(rows))
     parts += [op.report(rows) for op in ALL_OPS if op.report is not None]
@@ -279,11 +281,12 @@ def print_row(r):
     rel_s = f"  rel err {rel:.1e}" if rel is not None else ""
     if r["median_ms"] is None:
         if r["status"] not in ("unavailable", "unsupported"):
-            what = r["op"] if r["kind"] == "memory" else f"{r['op']} {r['case']}"
+            what = r["op"] if r["case"] == r["op"] else f"{r['op']} {r['case']}"
             print(f"  {what:18s} {r['mode']:7s} {r['provider']:15s} not measured: {r['error']}", flush=True)
         return
     if r["kind"] == "memory":
-        print(f"  {r['op']:18s} {r['mode']:7s} {r['provider']:15s} {r['median_ms']:9.4f} ms "
+        what = r["op"] if r["case"] == r["op"] else f"{r['op']} {r['case']}"
+        print(f"  {what:18s} {r['mode']:7s} {r['provider']:20s} {r['median_ms']:9.4f} ms "
               f"{r['gbps']:7.0f} GB/s {100 * r['frac_of_copy_bw']:5.1f}% of copy" + rel_s, flush=True)
     else:
         base = (f"  {r['vs_baseline']:.2f}x {r['baseline']}" if r["vs_baseline"] and r["provider"] != r["baseline"]
