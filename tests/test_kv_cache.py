@@ -158,6 +158,18 @@ def test_query_rows_windows_and_rotary_forms(backend, case, dtype):
         assert torch.isfinite(lse[1, :, 4:]).all()
 
 
+def test_empty_sequences_and_empty_batch(backend):
+    """No key at all (every length 0, nothing appended): zeros and lse -inf; an empty batch and Lq = 0 give
+    empty outputs."""
+    t = make(lens=(0, 0, 0), Lnew=0, Lq=2)
+    out, lse = run_and_check(backend, t, torch.float32)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+    for q, cache, lens in [(torch.randn(0, 1, 4, 16), torch.randn(0, 8, 2, 16), torch.zeros(0, dtype=torch.int32)),
+                           (torch.randn(2, 0, 4, 16), torch.randn(2, 8, 2, 16), torch.ones(2, dtype=torch.int32))]:
+        out, lse = fusedlm.kv_cache_attention(q, cache, cache, lens, return_lse=True, backend=backend)
+        assert out.shape == q.shape and lse.shape == (q.shape[0], 4, q.shape[1])
+
+
 @pytest.mark.parametrize("splits", [1, 3, 7])
 def test_split_kv_partials_merge_to_the_same_result(monkeypatch, splits):
     """The Triton split-KV kernel with the keys cut into 1, 3 and 7 chunks a sequence (ragged lengths, a chunk
