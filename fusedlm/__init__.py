@@ -2,10 +2,12 @@
 
 Public API (see the README and shared/API.md): backend selection, and the ops
 rms_norm, layer_norm, swiglu, apply_rotary_pos_emb, scaled_dot_product_attention, varlen_attention,
-unpad_input, pad_input, deberta_attention, deberta_varlen_attention, kv_cache_attention, lora_linear; modules in fusedlm.nn.
+unpad_input, pad_input, deberta_attention, deberta_varlen_attention, kv_cache_attention, linear_cross_entropy,
+lora_linear; modules in fusedlm.nn.
 """
 from ._backend import available_backends, get_backend, set_backend, use_backend
 from .ops.attention import scaled_dot_product_attention, varlen_attention
+from .ops.cross_entropy import linear_cross_entropy
 from .ops.deberta import deberta_attention, deberta_varlen_attention
 from .ops.kv_cache import kv_cache_attention
 from .ops.lora import lora_linear
@@ -20,7 +22,7 @@ __all__ = [
     "available_backends", "get_backend", "set_backend", "use_backend",
     "rms_norm", "layer_norm", "swiglu", "apply_rotary_pos_emb",
     "scaled_dot_product_attention", "varlen_attention", "unpad_input", "pad_input", "deberta_attention",
-    "deberta_varlen_attention", "kv_cache_attention",
+    "deberta_varlen_attention", "kv_cache_attention", "linear_cross_entropy",
     "lora_linear", "nn",
 ]
 
@@ -30,9 +32,10 @@ def _register_triton_ops():
     from . import _backend
 
     if _backend.why_unavailable("triton") is None:
-        from .ops import attention, deberta, kv_cache, lora, norm, rope, swiglu
+        from .ops import attention, cross_entropy, deberta, kv_cache, lora, norm, rope, swiglu
 
         attention._triton_ops()
+        cross_entropy._triton_ops()
         deberta._triton_ops()
         kv_cache._triton_ops()
         lora._triton_ops()

@@ -317,3 +317,47 @@ def kv_cache_ref(q, k_cache, v_cache, cache_seqlens, k=None, v=None, cos=None, s
     out, lse = res if return_lse else (res, None)
     out = out.transpose(1, 2)
     return (out, lse.float() if lse.dtype != torch.float64 else lse) if return_lse else out
+
+
+def cross_entropy_rows(logits, target, ignore_index=-100, label_smoothing=0.0, softcap=None, z_loss=0.0):
+    """Per-token loss of logits (n, V) (float32 or float64) against target (n,): -> (loss (n,), lse (n,)).
+
+    With softcap c the logits are c tanh(logits / c) first (Gemma 2). loss = (1 - e) (lse - z_t) +
+    e (lse - mean_j z_j) + z_loss lse^2 (torch's label smoothing e: the target's share 1 - e + e / V), and 0
+    where target == ignore_index."""
+    z = logits if softcap is None else softcap * torch.tanh(logits / softcap)
+    keep = target != ignore_index
+    lse = torch.logsumexp(z, dim=-1)
+    z_t = z.gather(-1, torch.where(keep, target, 0)[:, None])[:, 0]
+    loss = (1.0 - label_smoothing) * (lse - z_t)
+    if label_smoothing:
+        loss = loss + label_smoothing * (lse - z.mean(-1))
+    if z_loss:
+        loss = loss + z_loss * lse.square()
+    return torch.where(keep, loss, torch.zeros_like(loss)), lse
+
+
+def reduce_loss(rows, target, ignore_index, reduction):
+    """rows (n,) -> "none": as they are, "sum", "mean": over the tokens not ignored (NaN when there is none,
+    as torch's cross_entropy)."""
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / (target != ignore_index).sum()
+
+
+def linear_cross_entropy_ref(hidden, weight, target, bias=None, ignore_index=-100, reduction="mean",
+                             label_smoothing=0.0, softcap=None, z_loss=0.0):
+    """The language-model loss by the book: logits = hidden @ weight.T + bias (all of them, (N, V), in float32 or
+    float64), then cross_entropy_rows and the reduction; autograd differentiates it. The yardstick (the torch
+    backend, which never holds more than a slice of the logits, is fusedlm.ops.cross_entropy's)."""
+    ct = _compute_dtype(hidden)
+    h = hidden.reshape(-1, hidden.shape[-1]).to(ct)
+    logits = h @ weight.to(ct).T
+    if bias is not None:
+        logits = logits + bias.to(ct)
+    t = target.reshape(-1)
+    rows, _ = cross_entropy_rows(logits, t, ignore_index, label_smoothing, softcap, z_loss)
+    out = reduce_loss(rows, t, ignore_index, reduction)
+    return out.reshape(target.shape) if reduction == "none" else out
