@@ -29,14 +29,22 @@ _AUTO = "auto"
 CUDA_OPS = set()
 
 
-def cuda_verified_ops():
-    """The ops "auto" may run on the cuda backend: those the GPU script found correct and at least as
-    fast as triton (fusedlm/cuda_verified.json, {"ops": [...]}); empty until a GPU run writes it."""
+def _read_cuda_verified():
     path = pathlib.Path(__file__).with_name("cuda_verified.json")
     try:
         return frozenset(json.loads(path.read_text()).get("ops", []))
     except (OSError, ValueError):
         return frozenset()
+
+
+_CUDA_VERIFIED = _read_cuda_verified()  # read at import: a file read inside torch.compile's trace breaks it
+
+
+def cuda_verified_ops():
+    """The ops "auto" may run on the cuda backend: those the GPU script found correct and at least as
+    fast as triton (fusedlm/cuda_verified.json, {"ops": [...]}, read once at import); empty until a GPU run
+    writes it."""
+    return _CUDA_VERIFIED
 
 
 def env_flag(name):

@@ -272,6 +272,18 @@ def test_generate_with_compiled_step(monkeypatch):
                        _hf_generate(hf, ids, mask, 6, pad_token_id=0))
 
 
+def test_generate_compiled_on_the_default_backend(monkeypatch):
+    """generate(compile=True) on the fast path with the process default ("auto") backend: backend selection
+    happens inside the compiled step (it once read cuda_verified.json there, which dynamo cannot trace)."""
+    monkeypatch.setattr(G, "_compiled", torch.compile(G.decode_step, fullgraph=True, backend="aot_eager"))
+    fusedlm.set_backend(None)
+    hf = _hf_llama()
+    ours = LlamaForCausalLM.from_hf(hf, use_kernels=True)
+    ids, mask = _prompts()
+    assert torch.equal(ours.generate(ids, 4, attention_mask=mask, compile=True),
+                       _hf_generate(hf, ids, mask, 4, pad_token_id=0))
+
+
 def test_decode_step_cuda_graph(gpu):
     """The decode step captured in a CUDA graph and replayed equals eager, step after step (fast path, the
     process default backend; sampling noise and the last token fed through static buffers)."""
