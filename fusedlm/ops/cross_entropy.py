@@ -48,7 +48,7 @@ def _backward(dz_fn, hidden, weight, bias, perm, n_valid, needs, work_dtype, ski
     dw = torch.zeros_like(weight) if need_w else None
     db = torch.zeros(V, device=weight.device, dtype=torch.float32) if need_b else None
     nc, vc = _chunks(D, V, hidden.element_size(), torch.empty((), dtype=work_dtype).element_size(), N)
-    n = int(n_valid) if skip_ignored else N
+    n = int(n_valid) if skip_ignored and n_valid.device.type != "meta" else N  # (meta: memory counting)
     for r0 in range(0, n, nc):
         rows = perm[r0:min(n, r0 + nc)]
         h = hidden.index_select(0, rows).to(work_dtype) if need_w else None
@@ -144,36 +144,50 @@ class _TorchLCE(torch.autograd.Function):
 # The Triton backend: two registered ops, the forward traceable (triton_op), the backward opaque
 
 
+def triton_forward(launch, hidden, weight, bias, target, ignore_index, smoothing, softcap, z_loss):
+    """The Triton forward (the registered op's body): -> (loss float32 (N,), lse float32 (N,))."""
+    from fusedlm.kernels import attention as KA
+    from fusedlm.kernels import cross_entropy as K
+
+    perm, n_valid = _order(target, ignore_index)
+    return K.lce_fwd(launch, hidden, weight, bias, target, perm, n_valid, softcap or None, smoothing, z_loss,
+                     KA.precision(hidden))
+
+
+def triton_backward(launch, grad_rows, hidden, weight, bias, target, lse, ignore_index, smoothing, softcap, z_loss,
+                    needs):
+    """The Triton backward (the registered op's body): -> (dh, dw, db), None where not needed."""
+    from fusedlm.kernels import attention as KA
+    from fusedlm.kernels import cross_entropy as K
+
+    perm, n_valid = _order(target, ignore_index)
+
+    def dz_fn(r0, nc, v0, vc):
+        dz = torch.empty(nc, vc, device=hidden.device, dtype=hidden.dtype)
+        K.lce_dz(launch, dz, hidden, weight, bias, target, perm, n_valid, lse, grad_rows, r0, v0, softcap or None,
+                 smoothing, z_loss, KA.precision(hidden))
+        return dz
+    return _backward(dz_fn, hidden, weight, bias, perm, n_valid, needs, hidden.dtype, skip_ignored=True)
+
+
 def _triton_ops():
     global _ops
     if _ops is not None:
         return _ops
-    from fusedlm.kernels import attention as KA
-    from fusedlm.kernels import cross_entropy as K
-
     from .._triton import launch, register_op
 
     def lce_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor,
                 ignore_index: int, smoothing: float, softcap: float, z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden (N, D), weight (V, D), target (N,) -> (loss float32 (N,), lse float32 (N,)); softcap 0 = none."""
-        perm, n_valid = _order(target, ignore_index)
-        return K.lce_fwd(launch, hidden, weight, bias, target, perm, n_valid, softcap or None, smoothing, z_loss,
-                         KA.precision(hidden))
+        return triton_forward(launch, hidden, weight, bias, target, ignore_index, smoothing, softcap, z_loss)
 
     def lce_bwd(grad_rows: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 target: torch.Tensor, lse: torch.Tensor, ignore_index: int, smoothing: float, softcap: float,
                 z_loss: float, need_h: bool, need_w: bool, need_b: bool
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (dh, dw, db); an empty placeholder where not needed."""
-        perm, n_valid = _order(target, ignore_index)
-
-        def dz_fn(r0, nc, v0, vc):
-            dz = torch.empty(nc, vc, device=hidden.device, dtype=hidden.dtype)
-            K.lce_dz(launch, dz, hidden, weight, bias, target, perm, n_valid, lse, grad_rows, r0, v0, softcap or None,
-                     smoothing, z_loss, KA.precision(hidden))
-            return dz
-        grads = _backward(dz_fn, hidden, weight, bias, perm, n_valid, (need_h, need_w, need_b), hidden.dtype,
-                          skip_ignored=True)
+        grads = triton_backward(launch, grad_rows, hidden, weight, bias, target, lse, ignore_index, smoothing, softcap,
+                                z_loss, (need_h, need_w, need_b))
         return tuple(g if g is not None else hidden.new_empty(0) for g in grads)
 
     fwd = register_op("linear_cross_entropy_fwd", lce_fwd)
