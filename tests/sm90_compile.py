@@ -411,6 +411,28 @@ def kv_cache_variants():
         kv_cache.num_splits, kv_cache.num_programs, kv_cache.block_config = real, programs, bc
 
 
+def cross_entropy_variants():
+    """The loss forward and the backward's dz tile: Llama-3's head (D 4096, V 128256) and an odd one, smoothing,
+    softcap and z-loss switched on together and off."""
+    from fusedlm.kernels import cross_entropy as K
+
+    bc = K.block_config
+    K.block_config = lambda d, dtype, device: bc(d, dtype, torch.device("cuda"))
+    try:
+        for dt, D, V, extras in [(torch.bfloat16, 4096, 128256, False), (torch.bfloat16, 4096, 128256, True),
+                                 (torch.float16, 2048, 32000, False), (torch.float32, 4096, 128256, False)]:
+            h, w = torch.randn(64, D, dtype=dt), torch.randn(V, D, dtype=dt)
+            bias = torch.randn(V, dtype=dt) if extras else None
+            t, perm, n = torch.zeros(64, dtype=torch.int64), torch.arange(64), torch.tensor(64)
+            kw = dict(softcap=30.0 if extras else None, smoothing=0.1 if extras else 0.0, z_loss=1e-4 if extras else 0.0)
+            prec = "tf32x3" if dt == torch.float32 else "tf32"
+            K.lce_fwd(aot_launch, h, w, bias, t, perm, n, kw["softcap"], kw["smoothing"], kw["z_loss"], prec)
+            K.lce_dz(aot_launch, torch.empty(64, 4096, dtype=dt), h, w, bias, t, perm, n, torch.zeros(64),
+                     torch.ones(64), 0, 0, kw["softcap"], kw["smoothing"], kw["z_loss"], prec)
+    finally:
+        K.block_config = bc
+
+
 def _run_group(group):
     """Run some drivers (in a worker process): their rows and failures."""
     for driver in group:
@@ -421,7 +443,8 @@ def _run_group(group):
 def run_all(jobs=None):
     """Every driver; on ``jobs`` processes (default: up to 2 CPUs, env FUSEDLM_SM90_JOBS). The attention
     kernels take about as long as all the others together, so two groups halve the cold run on 2 cores."""
-    groups = [(attention_variants,), (deberta_variants, lora_variants, memory_bound_variants, kv_cache_variants)]
+    groups = [(attention_variants,), (deberta_variants, lora_variants, memory_bound_variants, kv_cache_variants,
+                                         cross_entropy_variants)]
     jobs = jobs or int(os.environ.get("FUSEDLM_SM90_JOBS", min(2, os.cpu_count() or 1)))
     if jobs < 2:
         _run_group([d for g in groups for d in g])

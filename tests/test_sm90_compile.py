@@ -149,7 +149,7 @@ def test_every_kernel_variant_compiles_for_sm90(sm90_rows):
     for name in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_bwd_delta", "_norm_fwd_kernel",
                  "_norm_bwd_kernel", "_rope_kernel", "_swiglu_kernel", "_lora_gemm_kernel", "_deberta_fwd",
                  "_deberta_bwd_delta", "_deberta_bwd_dq", "_deberta_bwd_dkdv", "_deberta_bwd_dpos", "_dpos_fold",
-                 "_kvc_append", "_kvc_fwd", "_kvc_combine"):
+                 "_kvc_append", "_kvc_fwd", "_kvc_combine", "_lce_fwd", "_lce_dz"):
         assert name in kernels, f"{name} was not compiled"
 
 

@@ -24,6 +24,7 @@ Backward tile (_lce_dz): the logits of a tile of tokens x vocabulary are compute
 registers and written as a bounded slice (the op layer's chunk: a few MiB); the chunk's products dh += dz W
 and dW += dz^T h run as matmuls in a fixed order (deterministic, no atomics). See fusedlm/ops/cross_entropy.py.
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -136,25 +137,26 @@ def _lce_dz(
     tl.store(dz_ptr, dz.to(DZ.dtype.element_ty), mask=store_ok)
 
 
-def block_config(d, device):
+def block_config(d, dtype, device):
     """(BLOCK_M, BLOCK_V, BLOCK_K, num_warps, num_stages): GPU tiles of 64 tokens (wgmma's M per warpgroup) x
-    128 vocabulary entries, the D reduction in 64-wide steps; small ones on the interpreter."""
+    128 vocabulary entries, the D reduction in 64-wide steps (float32: 64 x 64 tiles, 32-wide steps, two
+    stages: 3xTF32's products spilled at 128); small ones on the interpreter."""
     if device.type != "cuda":
         return 16, 32, 32, 4, 1
+    if dtype == torch.float32:
+        return 64, 64, 32, 4, 2
     return 64, 128, 64, 4, 3
 
 
 def lce_fwd(launch, hidden, weight, bias, target, perm, n_valid, softcap, smoothing, z_loss, precision):
     """-> (loss float32 (N,), lse float32 (N,)), zeros at ignored tokens. hidden (N, D), weight (V, D)."""
-    import torch
-
     N, D = hidden.shape
     V = weight.shape[0]
     loss = torch.zeros(N, device=hidden.device, dtype=torch.float32)
     lse = torch.zeros(N, device=hidden.device, dtype=torch.float32)
     if N == 0:
         return loss, lse
-    bm, bv, bk, warps, stages = block_config(D, hidden.device)
+    bm, bv, bk, warps, stages = block_config(D, hidden.dtype, hidden.device)
     launch(_lce_fwd, (triton.cdiv(N, bm),), hidden, weight, bias if bias is not None else weight, target, perm,
            n_valid, loss, lse, hidden.stride(0), weight.stride(0), V, D, float(smoothing), float(z_loss),
            float(softcap or 1.0), HAS_BIAS=bias is not None, SMOOTH=smoothing > 0, ZLOSS=z_loss > 0,
@@ -168,7 +170,7 @@ def lce_dz(launch, dz, hidden, weight, bias, target, perm, n_valid, lse, g, r0, 
     """Fills dz (NC, VC) for the tokens perm[r0:r0 + NC] and the vocabulary entries [v0, v0 + VC)."""
     NC, VC = dz.shape
     D = hidden.shape[1]
-    bm, bv, bk, warps, stages = block_config(D, hidden.device)
+    bm, bv, bk, warps, stages = block_config(D, hidden.dtype, hidden.device)
     launch(_lce_dz, (triton.cdiv(NC, bm), triton.cdiv(VC, bv)), hidden, weight, bias if bias is not None else weight,
            target, perm, n_valid, lse, g, dz, hidden.stride(0), weight.stride(0), g.stride(0) if g.dim() else 0,
            dz.stride(0), r0, v0, NC, VC, weight.shape[0], D, float(smoothing), float(z_loss), float(softcap or 1.0),
