@@ -158,3 +158,69 @@ def test_kv_cache_decode_cases_at_gpu_sizes_leave_out_caches_over_the_cap():
         assert ("sdpa-math" in c.providers) == (c.params["cache_bytes"] <= 256 << 20)
         assert {"sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex", "fusedlm-triton",
                 "fusedlm-triton-paged"} <= set(c.providers)
+
+
+def test_linear_cross_entropy_rows_check_against_eager_and_cuda_peers_get_rows(tmp_path):
+    """The loss op on tiny float32 CPU tensors (N = 64, D = 32, V = 100; then 6 targets ignored): fusedlm's
+    rows agree with the eager logits path, count 2 / 8 N' V D FLOPs, have fwd and fwd+bwd only; Liger and
+    Cut Cross-Entropy (CUDA only) give a row with the reason."""
+    ours = ["fusedlm-torch"] + (["fusedlm-triton"] if _interpreted() else [])
+    peers = ["liger", "cce"]
+    rc, rows = _smoke(tmp_path, "--ops", "loss", "--providers", ",".join(["torch-eager"] + ours + peers))
+    assert rc == 0
+    assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
+    by = {(r["case"], r["mode"], r["provider"]): r for r in rows}
+    for case, counted in (("V=100", 64), ("V=100 ignored=6", 58)):
+        for mode, factor in (("fwd", 2), ("fwd+bwd", 8)):
+            for p in ["torch-eager"] + ours:
+                r = by[(case, mode, p)]
+                assert r["status"] == "ok" and r["rel_err_vs"] == "torch-eager" and r["rel_err"] < 1e-5, r
+                assert r["flops"] == factor * counted * 100 * 32 and r["params"]["ignored"] == 64 - counted
+            for p in peers:
+                assert by[(case, mode, p)]["status"] == "unavailable" and by[(case, mode, p)]["error"]
+    assert "fusedlm / cce peak" in (tmp_path / "t_cpu-smoke_summary.md").read_text()
+
+
+def test_linear_cross_entropy_wrong_output_fails_the_run(tmp_path, monkeypatch):
+    """fusedlm.linear_cross_entropy 10% off the eager loss is flagged and the exit status says so."""
+    right = fusedlm.linear_cross_entropy
+    monkeypatch.setattr(fusedlm, "linear_cross_entropy", lambda *a, **kw: right(*a, **kw) * 1.1)
+    rc, rows = _smoke(tmp_path, "--ops", "loss", "--providers", "torch-eager,fusedlm-torch", "--modes", "fwd")
+    assert rc == 1
+    ours = [r for r in rows if r["provider"] == "fusedlm-torch"]
+    assert ours and all(r["rel_err"] == pytest.approx(0.1, rel=1e-3) for r in ours)
+
+
+def test_linear_cross_entropy_peak_bytes_counted_on_meta():
+    """The meta-tensor count: the fused path holds the gradients and bounded chunks, the logits path the
+    (N, V) float32 logits twice (the saved log-softmax and its gradient)."""
+    from fusedlm.bench.memory import MiB, lce_peak_bytes, logits_ce_peak_bytes
+
+    N, V, D = 16384, 32000, 4096
+    grads = (N + V) * D * 2
+    assert grads <= lce_peak_bytes(N, V, D) <= grads + 64 * MiB
+    assert logits_ce_peak_bytes(N, V, D) >= 2 * N * V * 4
+
+
+def test_train_step_smoke_rows_for_every_provider(tmp_path):
+    """benchmarks/bench_train_step.py --cpu-smoke: a tiny Llama in float32, fusedlm on its torch backend;
+    hf-sdpa and both fusedlm providers measured with the same first loss, Liger unavailable on CPU."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train_step.py"
+    spec = importlib.util.spec_from_file_location("bench_train_step", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    previous = fusedlm.get_backend()
+    try:
+        rc = mod.main(["--cpu-smoke", "--out", str(tmp_path), "--backend", "torch"])
+    finally:
+        fusedlm.set_backend(None if previous == "auto" else previous)
+    rows = {r["provider"]: r for r in json.loads((tmp_path / "train_step_cpu-smoke.json").read_text())}
+    assert rc == 0 and set(rows) == {"hf-sdpa", "hf-liger", "fusedlm-patched", "fusedlm-model"}
+    for p in ("hf-sdpa", "fusedlm-patched", "fusedlm-model"):
+        r = rows[p]
+        assert r["status"] == "ok" and r["tokens_per_s"] > 0 and r["tokens"] == 64, r
+        assert r["loss_rel_diff"] <= 1e-4 and r["loss_vs"] == "hf-sdpa"
+    assert rows["hf-liger"]["status"] == "unavailable" and rows["hf-liger"]["error"]

@@ -196,7 +196,11 @@ def _bench_provider(case, run, modes, provider, build, base, state, row):
         if set(modes) & {"bwd", "fwd+bwd"}:
             diff_outs = [o for o in outs if o.requires_grad]
             cots = bound.cotangents(diff_outs) if bound.cotangents else _cotangents(diff_outs, run.seed + 1)
-            timed["bwd"] = lambda: torch.autograd.grad(diff_outs, leaves, cots, retain_graph=True)
+            if "bwd" in modes:
+                timed["bwd"] = lambda: torch.autograd.grad(diff_outs, leaves, cots, retain_graph=True)
+            else:  # nothing runs the first forward's backward: free what it saved before the next forward
+                outs = results["fwd"] = tuple(o.detach() for o in outs)
+                del diff_outs
             timed["fwd+bwd"] = lambda: torch.autograd.grad(
                 [o for o in _as_tuple(fn()) if o.requires_grad], leaves, cots)
             for m in ("bwd", "fwd+bwd"):

@@ -135,3 +135,47 @@ def budget_bytes(H, D, span=256):
     """Issue 8's allowance over flash attention, H * 2 span * D float32s (the size of one float32 position
     gradient: the O(H * 2 span * D) term of the target, with a constant of 4 bytes)."""
     return H * 2 * span * D * 4
+
+
+def lce_peak_bytes(N, V, D, dtype=torch.bfloat16):
+    """Peak bytes fusedlm.linear_cross_entropy's Triton path (ops/cross_entropy.py, kernels/cross_entropy.py)
+    allocates over forward + backward for hidden (N, D), weight (V, D), no bias, every target counted: the
+    per-token loss and lse, the token order, dh and dW, and the backward's chunk buffers (under CHUNK_BYTES).
+    The backward runs every token chunk (the real one stops at the tokens that count: never more)."""
+    from fusedlm.kernels import attention as KA
+    from fusedlm.kernels import cross_entropy as K
+    from fusedlm.ops import cross_entropy as O
+
+    hidden, weight = _meta((N, D), dtype), _meta((V, D), dtype)
+    target = _meta((N,), torch.int64)
+    with LiveBytes() as mem:
+        perm, n_valid = O._order(target, -100)
+        loss, lse = K.lce_fwd(_skip, hidden, weight, None, target, perm, n_valid, None, 0.0, 0.0,
+                              KA.precision(hidden))
+        g = torch.empty_like(loss)
+
+        def dz_fn(r0, nc, v0, vc):
+            dz = torch.empty(nc, vc, device=hidden.device, dtype=hidden.dtype)
+            K.lce_dz(_skip, dz, hidden, weight, None, target, perm, n_valid, lse, g, r0, v0, None, 0.0, 0.0,
+                     KA.precision(hidden))
+            return dz
+        grads = O._backward(dz_fn, hidden, weight, None, perm, n_valid, (True, True, False), hidden.dtype,
+                            skip_ignored=False)
+        del loss, lse, g, grads, perm, n_valid
+    return mem.peak
+
+
+def logits_ce_peak_bytes(N, V, D, dtype=torch.bfloat16):
+    """Peak bytes the logits path ``F.cross_entropy((hidden @ weight.T).float(), target)`` allocates over
+    forward + backward (autograd on meta tensors, counted as lce_peak_bytes): the (N, V) logits in dtype and
+    in float32, the saved log-softmax, its gradient, dh and dW."""
+    import torch.nn.functional as F
+
+    hidden = _meta((N, D), dtype).requires_grad_()
+    weight = _meta((V, D), dtype).requires_grad_()
+    target = _meta((N,), torch.int64)
+    with LiveBytes() as mem:
+        loss = F.cross_entropy((hidden @ weight.T).float(), target)
+        grads = torch.autograd.grad(loss, [hidden, weight])
+        del loss, grads
+    return mem.peak

@@ -1,8 +1,9 @@
 """Every op the benchmarks know, in run order, and how ``--ops`` selects them."""
-from . import ops_attention, ops_deberta, ops_kv_cache, ops_lora, ops_norm, ops_rope, ops_swiglu
+from . import ops_attention, ops_cross_entropy, ops_deberta, ops_kv_cache, ops_lora, ops_norm, ops_rope, ops_swiglu
 
 ALL_OPS = [*ops_norm.OPS, *ops_swiglu.OPS, *ops_rope.OPS, *ops_kv_cache.OPS,   # memory-bound
-           *ops_attention.OPS, *ops_lora.OPS, *ops_deberta.OPS]       # compute-bound
+           *ops_attention.OPS, *ops_lora.OPS, *ops_deberta.OPS,       # compute-bound
+           *ops_cross_entropy.OPS]
 OP_BY_NAME = {op.name: op for op in ALL_OPS}
 # Families, plus "memory" and "compute" for every op of a kind.
 FAMILIES = sorted({op.family for op in ALL_OPS} | {"memory", "compute"})
