@@ -23,6 +23,12 @@
 #   flex       python -m fusedlm.bench --ops attention --quick --providers sdpa-flash,sdpa-efficient,fusedlm-triton,flex
 #              (last, on what is left of the budget: FlexAttention compiles per shape, tens of seconds)
 #   then a status table per step and the benchmark summary tables, last.
+#   Opt-in steps (only when GPU_RUN_STEPS names them: they do not fit the default 9 minutes beside the others):
+#   loss       python benchmarks/bench_cross_entropy.py --quick --modes fwd+bwd --seqlens 32000,256000
+#              (fused linear + cross-entropy beside F.cross_entropy eager / compiled, Liger, Cut Cross-Entropy)
+#   trainstep  python benchmarks/bench_train_step.py --quick    (Llama-1B step: hf-sdpa, hf-liger, fusedlm)
+#   generate   python benchmarks/bench_generate.py --quick      (Llama-1B tokens/s against transformers' generate)
+#   e.g. a second call: GPU_RUN_STEPS=install,loss,trainstep,generate bash scripts/gpu_run.sh
 #
 # The benchmark results go to $OUT/bench/ (memory_bound_*, attention_*, lora_*, deberta_*, attention_flex_*: .json,
 # .md, _summary.md, .png) and are copied to benchmarks/results/.
@@ -75,8 +81,11 @@ STEP_NAMES=() STEP_STATUS=() STEP_SECS=() STEP_NOTE=()
 # pass / FAIL(rc) / TIMEOUT / SKIPPED. The function sees its cap as $STEP_CAP.
 run_step() {
   local name=$1 cap=$2 fn=$3
-  # Not selected by GPU_RUN_STEPS: no row at all (env and wheels always run: cheap, and needed).
-  [[ $STEPS == all || $name == env || $name == wheels || ",$STEPS," == *",$name,"* ]] || return 0
+  # Not selected by GPU_RUN_STEPS: no row at all (env and wheels always run: cheap, and needed; the opt-in
+  # steps only when named).
+  local optin=" loss trainstep generate "
+  [[ ($STEPS == all && $optin != *" $name "*) || $name == env || $name == wheels || ",$STEPS," == *",$name,"* ]] \
+    || return 0
   local left=$(( BUDGET_S - SECONDS - 5 ))
   (( cap > left )) && cap=$left
   local t0=$SECONDS rc status
@@ -217,7 +226,22 @@ step_flex() {
     --providers sdpa-flash,sdpa-efficient,fusedlm-triton,flex
 }
 
+step_loss() {
+  PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PY" benchmarks/bench_cross_entropy.py $BENCH_FLAGS --modes fwd+bwd \
+    --seqlens 32000,256000 $(bench_args loss)
+}
+
+step_trainstep() {
+  PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PY" benchmarks/bench_train_step.py --quick --out "$OUT/bench"
+}
+
+step_generate() {
+  PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PY" benchmarks/bench_generate.py --quick \
+    --budget-s $(( STEP_CAP - 60 > 30 ? STEP_CAP - 60 : 30 )) --out "$OUT/bench"
+}
+
 export -f step_env step_wheels step_install step_info step_verify step_tests bench_args step_memory step_decode \
+  step_loss step_trainstep step_generate \
   step_attention step_lora step_deberta step_flex
 
 echo "fusedlm GPU run: repo $REPO, logs and results in $OUT, budget ${BUDGET_S}s"
@@ -243,6 +267,9 @@ run_step lora $(( left > 2 * LORA_S ? 2 * LORA_S : left )) step_lora
 left=$(( BUDGET_S - SECONDS ))
 run_step deberta $(( left > DEBERTA_S ? DEBERTA_S : left )) step_deberta
 run_step flex $(( BUDGET_S - SECONDS )) step_flex
+run_step loss $(( BUDGET_S - SECONDS )) step_loss
+run_step trainstep $(( BUDGET_S - SECONDS )) step_trainstep
+run_step generate $(( BUDGET_S - SECONDS )) step_generate
 # Keep the measured files in the tree too (also those of a run cut short: they are rewritten per op).
 for f in "$OUT"/bench/*; do
   [[ -f $f && $f != *cpu-smoke* ]] && cp -f "$f" benchmarks/results/
@@ -269,7 +296,7 @@ print_summary() {
     fi
   done
   local tag
-  for tag in memory_bound kv_cache attention lora deberta attention_flex; do
+  for tag in memory_bound kv_cache attention lora deberta attention_flex loss linear_cross_entropy train_step generate; do
     for f in "$OUT/bench/${tag}_"*_summary.md; do
       [[ -f $f ]] || continue
       [[ $tag == attention && $f == */attention_flex_* ]] && continue
