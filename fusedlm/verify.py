@@ -240,6 +240,36 @@ def _attention_cases(gpu):
                         make_varlen, run_varlen, ref_varlen, ("q", "k", "v")))
     out += _window_cases(gpu)
     out += _kv_cache_cases(gpu)
+    out += _cross_entropy_cases(gpu)
+    return out
+
+
+def _cross_entropy_cases(gpu):
+    """linear_cross_entropy: an odd vocabulary with ignored tokens and a bias, smoothing + softcap + z-loss
+    summed, per-token losses; loss and the gradients of hidden, weight and bias."""
+    import fusedlm
+    from fusedlm import reference as R
+
+    out = []
+    grid = [(67, 40, 301, "mean", {}), (50, 64, 1000, "sum", dict(label_smoothing=0.1, softcap=15.0, z_loss=1e-3)),
+            (33, 24, 77, "none", {})]
+    if gpu:
+        grid.append((4096, 2048, 32000, "mean", {}))
+    for N, D, V, reduction, kw in grid:
+        def make(g, N=N, D=D, V=V):
+            target = torch.randint(0, V, (N,), generator=g)
+            target[::4] = -100
+            return dict(hidden=_randn(g, N, D), weight=_randn(g, V, D) * 0.2, bias=_randn(g, V), target=target)
+
+        def run_fn(b, reduction=reduction, kw=kw):
+            return lambda hidden, weight, bias, target: fusedlm.linear_cross_entropy(
+                hidden, weight, target, bias, reduction=reduction, backend=b, **kw)
+
+        def ref(hidden, weight, bias, target, reduction=reduction, kw=kw):
+            return R.linear_cross_entropy_ref(hidden, weight, target, bias, reduction=reduction, **kw)
+
+        label = "linear_cross_entropy" + (f"({','.join(kw)})" if kw else "") + f"[{reduction}]"
+        out.append(Case(label, (N, D, V), make, run_fn, ref, ("hidden", "weight", "bias")))
     return out
 
 
