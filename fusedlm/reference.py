@@ -304,6 +304,9 @@ def kv_cache_ref(q, k_cache, v_cache, cache_seqlens, k=None, v=None, cos=None, s
     keys, values = _cache_rows(k_cache, block_table), _cache_rows(v_cache, block_table)
     t = torch.arange(keys.shape[1], device=q.device)[None, None, :]  # (1, 1, capacity)
     allowed = t < total[:, None, None]  # (B, Lq, capacity)
+    # slots past a sequence's end may hold anything (a cache made with torch.empty): a probability of 0 times
+    # a NaN there would still be NaN, so those values are zeroed (their scores are masked below)
+    values = values.masked_fill(~allowed[:, 0, :, None, None], 0.0)
     rel = t - qpos[:, :, None]  # key position - query position
     left, right = window_size if window_size is not None else (-1, -1)
     if causal:

@@ -180,6 +180,35 @@ def test_split_kv_partials_merge_to_the_same_result(monkeypatch, splits):
     run_and_check("triton", t, torch.float32)
 
 
+@pytest.mark.parametrize("splits", [1, 5])
+def test_windowed_decode_splits_the_window_only(monkeypatch, splits):
+    """With a window the splits cut [first key the window reaches, T_b): every split gets window keys."""
+    triton_or_skip()
+    monkeypatch.setattr(K, "num_splits", lambda *a: splits)
+    t = make(B=2, lens=(90, 40), S=96, Lq=1, Lnew=1, rotary=16)
+    run_and_check("triton", t, torch.float32, window=(20, 0))
+
+
+def test_strided_lengths_block_table_and_nan_in_unused_slots(backend):
+    """cache_seqlens and block_table as strided views, unused cache slots holding NaN (a cache made with
+    torch.empty): the same result as contiguous, finite."""
+    t = make(paged=16, Lq=2, Lnew=2, rotary=32, S=64)
+    lens = t["cache_seqlens"]
+    t["cache_seqlens"] = torch.stack([lens, torch.full_like(lens, 999)], 1)[:, 0]  # stride 2
+    table = t["block_table"]
+    t["block_table"] = table.t().contiguous().t()  # strides (1, B)
+    want = oracle(t["q"], t["k_cache"], t["v_cache"], lens, t["k"], t["v"], t["cos"], t["sin"], False, table, True,
+                  32 ** -0.5, None)[0]
+    used = set()
+    for b in range(table.shape[0]):  # the blocks sequence b reaches after the append
+        used |= {int(x) for x in table[b, :(int(lens[b]) + 2 + 15) // 16]}
+    for blk in set(range(t["k_cache"].shape[0])) - used:
+        t["k_cache"][blk], t["v_cache"][blk] = float("nan"), float("nan")
+    out = fusedlm.kv_cache_attention(t["q"], t["k_cache"], t["v_cache"], t["cache_seqlens"], k=t["k"], v=t["v"],
+                                     cos=t["cos"], sin=t["sin"], block_table=t["block_table"], backend=backend)
+    assert torch.isfinite(out).all() and rel_err(out, want) <= BOUNDS[torch.float32]
+
+
 def test_chunked_prefill_rows_span_several_tiles(backend):
     """Lq x G = 80 query rows a K/V head: more than one row tile."""
     t = make(B=2, Lq=20, Lnew=20, H=8, Hkv=2, lens=(10, 0), S=48, rotary=32)
@@ -225,6 +254,11 @@ def test_sdpa_runs_short_queries_over_long_keys_on_the_split_kv_kernel(L, paddin
         out, lse = fusedlm.scaled_dot_product_attention(q, k, v, enable_gqa=True, key_padding_mask=kpm,
                                                         return_lse=True, backend="triton")
     assert len(rec.calls) == 1, "the split-KV kernel served the call"
+    if L == 3:  # key / value views whose feature dim is not contiguous: read right (copied for the kernel)
+        k2, v2 = k.transpose(-1, -2).contiguous().transpose(-1, -2), torch.stack([v, v], -1)[..., 0]
+        out2 = fusedlm.scaled_dot_product_attention(q, k2, v2, enable_gqa=True, key_padding_mask=kpm,
+                                                    backend="triton")
+        assert torch.allclose(out2, out, atol=1e-6)
     kk, vv = (x.double().repeat_interleave(H // Hkv, 1) for x in (k, v))
     z = q.double() @ kk.transpose(-1, -2) * E ** -0.5
     if kpm is not None:

@@ -16,7 +16,8 @@ pair, in float32.
 
 Split-KV ("flash-decoding", _kvc_fwd): a decode step has one query row per head, so one program per
 (sequence, head) would leave most SMs idle while it streams a long cache. Here the keys of each sequence are
-cut into SPLITS chunks of cdiv(T_b, SPLITS) keys (rounded up to BLOCK_N; made on the device from T_b, so no
+cut into SPLITS chunks of cdiv(T_b - first, SPLITS) keys (first: 0, or with a window the first key the
+sequence's first query sees; rounded up to BLOCK_N; made on the device from T_b, so no
 host synchronisation and no work past a sequence's end whatever the cache's capacity), one program each.
 All G = H / Hkv query heads of one K/V head and the Lq query rows are the M rows of one program's tile (row
 m = i G + g), so each cache byte is read once per K/V head. A program keeps the online softmax of the
@@ -98,10 +99,10 @@ def _kvc_append(
                             INTERLEAVED)
         else:
             k = tl.load(KR + offs_e, mask=offs_e < E, other=0.0)
-        tl.store(KC + slot_k + h * stride_kch + offs_e, k.to(KC.dtype.element_ty), mask=offs_e < E)
+        tl.store(KC + slot_k + h.to(tl.int64) * stride_kch + offs_e, k.to(KC.dtype.element_ty), mask=offs_e < E)
         offs_v = tl.arange(0, BLOCK_EV)
         v = tl.load(V + b.to(tl.int64) * stride_vb + row * stride_vm + h * stride_vh + offs_v, mask=offs_v < EV)
-        tl.store(VC + slot_v + h * stride_vch + offs_v, v, mask=offs_v < EV)
+        tl.store(VC + slot_v + h.to(tl.int64) * stride_vch + offs_v, v, mask=offs_v < EV)
 
 
 @triton.jit
@@ -138,8 +139,11 @@ def _kvc_fwd(
                 + offs_e[None, :], mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)
     # this split's chunk of keys, then the rows' bounds: the last (first) row of the tile sees the most
     # (fewest) keys
-    chunk = tl.cdiv(tl.cdiv(total, SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * chunk
+    first = 0  # the sequence's first key any of its queries sees: the splits cut [first, T_b)
+    if HAS_LEFT:
+        first = tl.maximum(total - LQ - left, 0)
+    chunk = tl.cdiv(tl.cdiv(total - first, SPLITS), BLOCK_N) * BLOCK_N
+    lo = first + split * chunk
     hi = tl.minimum(lo + chunk, total)
     i_first = (mt * BLOCK_M) // G
     i_last = tl.minimum((mt * BLOCK_M + BLOCK_M - 1) // G, LQ - 1)
@@ -164,9 +168,9 @@ def _kvc_fwd(
         else:
             row_k = b64 * stride_kcb + t.to(tl.int64) * stride_kct
             row_v = b64 * stride_vcb + t.to(tl.int64) * stride_vct
-        k = tl.load(KC + row_k[:, None] + hk * stride_kch + offs_e[None, :],
+        k = tl.load(KC + row_k[:, None] + hk.to(tl.int64) * stride_kch + offs_e[None, :],
                     mask=tok[:, None] & (offs_e[None, :] < E), other=0.0)
-        v = tl.load(VC + row_v[:, None] + hk * stride_vch + offs_v[None, :],
+        v = tl.load(VC + row_v[:, None] + hk.to(tl.int64) * stride_vch + offs_v[None, :],
                     mask=tok[:, None] & (offs_v[None, :] < EV), other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         ok = tok[None, :] & row_ok[:, None]

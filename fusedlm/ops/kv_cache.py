@@ -33,8 +33,9 @@ def _triton_ops():
         """Writes k / v into the caches in place; -> q turned by cos / sin at its positions (an empty
         placeholder when there is no rotary)."""
         cos, sin = (t.contiguous() if t is not None else None for t in (cos, sin))  # one row stride for both
-        q_rot = K.kv_cache_append(launch, unit_stride(q), k_cache, v_cache, cache_seqlens, unit_stride(k),
-                                  unit_stride(v), cos, sin, block_table, interleaved)
+        # (the kernels index the lengths and the block table's rows with unit strides: tiny copies if not)
+        q_rot = K.kv_cache_append(launch, unit_stride(q), k_cache, v_cache, cache_seqlens.contiguous(), unit_stride(k),
+                                  unit_stride(v), cos, sin, _contiguous(block_table), interleaved)
         return q_rot if q_rot is not None else empty(q.device, q.dtype)
 
     def kv_cache_attention_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -43,8 +44,9 @@ def _triton_ops():
                                window_left: int, window_right: int) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (out (B, Lq, H, Ev), lse float32 (B, H, Lq)) over cache_seqlens[b] + n_new keys a sequence
         (those where key_padding_mask, bool (B, capacity), is True)."""
-        return K.kv_cache_fwd(launch, unit_stride(q), k_cache, v_cache, cache_seqlens, block_table, n_new, causal, scale,
-                              (window_left, window_right), unit_stride(key_padding_mask))
+        return K.kv_cache_fwd(launch, unit_stride(q), k_cache, v_cache, cache_seqlens.contiguous(),
+                              _contiguous(block_table), n_new, causal, scale, (window_left, window_right),
+                              unit_stride(key_padding_mask))
 
     _ops = (register_op("kv_cache_append", kv_cache_append, mutates_args=("k_cache", "v_cache")),
             register_op("kv_cache_attention_fwd", kv_cache_attention_fwd))
@@ -52,6 +54,10 @@ def _triton_ops():
 
 
 _ops = None
+
+
+def _contiguous(t):
+    return t.contiguous() if t is not None else None
 
 
 def _check(q, k_cache, v_cache, cache_seqlens, k, v, cos, sin, interleaved, block_table, causal, window_size):
@@ -203,8 +209,12 @@ def split_kv_reason(query, key, value, attn_mask, dropout_p, is_causal, window):
 def split_kv_sdpa(query, key, value, key_padding_mask, scale):
     """scaled_dot_product_attention's inputs (B, H, L, E) / (B, Hkv, S, E) through the split-KV kernel (as
     (B, L, H, E) views, no copy): -> (out (B, H, L, Ev), lse float32 (B, H, L))."""
+    from .._triton import unit_stride
+
     B, S = query.shape[0], key.shape[2]
     lengths = torch.full((B,), S, dtype=torch.int32, device=query.device)
+    # the kernel reads a key / value row as contiguous features: a view with another last stride is copied
+    key, value = unit_stride(key), unit_stride(value)
     out, lse = _triton_ops()[1](query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), lengths, None,
                                 key_padding_mask, 0, False, scale, -1, -1)
     return out.transpose(1, 2), lse
