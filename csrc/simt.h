@@ -307,6 +307,39 @@ inline void mma_m16n8k16_ref(const float (&A)[16][16], const float (&B)[16][8], 
       C[i][j] = float(acc + double(C[i][j]));
     }
 }
+
+// One warp's mma: gather A, B, C from the 32 lanes through the maps above, multiply, scatter D. Out of
+// line (one copy per T, not one per call site): keeps the harness's compile time down.
+template <class T>
+[[gnu::noinline]] void warp_mma_m16n8k16(const Mma (&m)[kWarpSize]) {
+  float A[16][16], B[16][8], C[16][8];
+  for (int l = 0; l < kWarpSize; ++l) {
+    for (int i = 0; i < 8; ++i) A[mma_a_row(l, i)][mma_a_col(l, i)] = reg_elem<T>(m[l].a[i >> 1], i & 1);
+    for (int i = 0; i < 4; ++i) {
+      B[mma_b_row(l, i)][mma_b_col(l, i)] = reg_elem<T>(m[l].b[i >> 1], i & 1);
+      C[mma_c_row(l, i)][mma_c_col(l, i)] = m[l].c[i];
+    }
+  }
+  mma_m16n8k16_ref(A, B, C);
+  for (int l = 0; l < kWarpSize; ++l)
+    for (int i = 0; i < 4; ++i) m[l].c[i] = C[mma_c_row(l, i)][mma_c_col(l, i)];
+}
+
+// One warp's ldmatrix of x matrices (rows already checked): lane l receives in register j the elements
+// (l / 4, 2 (l % 4) + {0, 1}) of matrix j, or with trans those of its transpose, (2 (l % 4) + {0, 1}, l / 4).
+[[gnu::noinline]] inline void warp_ldmatrix(const Ldm (&m)[kWarpSize], int x, bool trans) {
+  uint16_t rows[4][8][8];
+  for (int j = 0; j < x; ++j)
+    for (int r = 0; r < 8; ++r) memcpy(rows[j][r], m[8 * j + r].row, 16);
+  for (int l = 0; l < kWarpSize; ++l) {
+    const int g = l >> 2, t = l & 3;
+    for (int j = 0; j < x; ++j) {
+      const uint16_t lo = trans ? rows[j][2 * t][g] : rows[j][g][2 * t];
+      const uint16_t hi = trans ? rows[j][2 * t + 1][g] : rows[j][g][2 * t + 1];
+      m[l].dst[j] = uint32_t(lo) | (uint32_t(hi) << 16);
+    }
+  }
+}
 #endif
 
 #if defined(__CUDACC__)
@@ -450,21 +483,11 @@ struct Block {
     Ctx c = ctx;
     for (int w = 0; w < ctx.nthreads / kWarpSize; ++w) {
       Mma m[kWarpSize];
-      float A[16][16], B[16][8], C[16][8];
       for (int l = 0; l < kWarpSize; ++l) {
         c.tid = w * kWarpSize + l;
         m[l] = sel(static_cast<const Ctx&>(c), threads[c.tid]);
       }
-      for (int l = 0; l < kWarpSize; ++l) {
-        for (int i = 0; i < 8; ++i) A[mma_a_row(l, i)][mma_a_col(l, i)] = reg_elem<T>(m[l].a[i >> 1], i & 1);
-        for (int i = 0; i < 4; ++i) {
-          B[mma_b_row(l, i)][mma_b_col(l, i)] = reg_elem<T>(m[l].b[i >> 1], i & 1);
-          C[mma_c_row(l, i)][mma_c_col(l, i)] = m[l].c[i];
-        }
-      }
-      mma_m16n8k16_ref(A, B, C);
-      for (int l = 0; l < kWarpSize; ++l)
-        for (int i = 0; i < 4; ++i) m[l].c[i] = C[mma_c_row(l, i)][mma_c_col(l, i)];
+      warp_mma_m16n8k16<T>(m);
     }
   }
 
@@ -477,26 +500,16 @@ struct Block {
     Ctx c = ctx;
     for (int w = 0; w < ctx.nthreads / kWarpSize; ++w) {
       Ldm m[kWarpSize];
-      uint16_t rows[X][8][8];
       for (int l = 0; l < kWarpSize; ++l) {
         c.tid = w * kWarpSize + l;
         m[l] = sel(static_cast<const Ctx&>(c), threads[c.tid]);
       }
       for (int j = 0; j < X; ++j)
         for (int r = 0; r < 8; ++r) {
-          const void* p = m[8 * j + r].row;
-          check_aligned16(p, "ldmatrix row address");
-          check_shared(p, 16, "ldmatrix row");
-          memcpy(rows[j][r], p, 16);
+          check_aligned16(m[8 * j + r].row, "ldmatrix row address");
+          check_shared(m[8 * j + r].row, 16, "ldmatrix row");
         }
-      for (int l = 0; l < kWarpSize; ++l) {
-        const int g = l >> 2, t = l & 3;
-        for (int j = 0; j < X; ++j) {
-          const uint16_t lo = TRANS ? rows[j][2 * t][g] : rows[j][g][2 * t];
-          const uint16_t hi = TRANS ? rows[j][2 * t + 1][g] : rows[j][g][2 * t + 1];
-          m[l].dst[j] = uint32_t(lo) | (uint32_t(hi) << 16);
-        }
-      }
+      warp_ldmatrix(m, X, TRANS);
     }
   }
 

@@ -10,19 +10,19 @@
 //      from B (k, n) as stored (a K tile and a V tile of attention respectively).
 //   3. mma: D = A B + C over 2 k-steps x 2 n-tiles (C, D loaded / stored through the C/D fragment map).
 //   4. E = round_T(D) B[0:16]: D's accumulators of the two n-tiles repacked (pack2) as one A fragment.
-// Static switches: T (half, bfloat16), BTRANS, BX (matrices per ldmatrix for B).
+// Static switch: T (half, bfloat16); the B load's form (x1 / x2 / x4, .trans or not) is chosen at run time
+// among static instruction forms, so every form is in each of the two kernels.
 #include "simt.h"
 
 namespace fl {
 inline namespace FL_IMPL {
 
-template <class T, bool BTRANS, int BX>
+template <class T>
 struct TcSelftest {
   using Params = TcSelftestParams;
   static constexpr int kWarps = 2, kThreads = 32 * kWarps, kMaxThreads = kThreads;
   static constexpr int kM = 16 * kWarps, kK = 32, kN = 16;
-  static constexpr int kBRows = BTRANS ? kK : kN, kBCols = BTRANS ? kN : kK;  // B as stored
-  static constexpr int kSmemFloats = (kM * kK + kK * kN) * 2 / 4;             // A then B, 16-bit elements
+  static constexpr int kSmemFloats = (kM * kK + kK * kN) * 2 / 4;  // A then B, 16-bit elements
   struct State {
     uint32_t a[2][4];    // A fragments per k-step
     uint32_t b[2][4];    // B fragments per k-step: n-tile 0 in [0..1], n-tile 1 in [2..3]
@@ -31,13 +31,42 @@ struct TcSelftest {
     float e[2][4];       // E per n-tile
   };
 
-  // Where lane `lane` points for matrix j (< BX) of the B load at k-step kk, n-tile group nt0: the matrices
-  // of one load are (n-tile, k-half) = (nt0 + j / 2, j % 2) for x4, (nt0, j) for x2, and (nt0, kh0) for x1.
-  static FL_HD const T* b_row(const T* bs, int lane, int kk, int nt0, int kh0) {
-    const int j = (lane >> 3) % BX, r = lane & 7;
-    const int nt = BX == 4 ? nt0 + j / 2 : nt0, kh = BX == 4 ? j % 2 : (BX == 2 ? j : kh0);
-    if constexpr (BTRANS) return bs + (kk * 16 + kh * 8 + r) * kN + nt * 8;  // rows k, 8 columns n
-    else return bs + (nt * 8 + r) * kK + kk * 16 + kh * 8;                  // rows n, 8 columns k
+  // B's fragments for k-step kk with X matrices per ldmatrix: the matrices of one load are (n-tile, k-half)
+  // = (j / 2, j % 2) for x4, (nt, j) for x2, (nt, kh) for x1. Stored as B^T (rows n, 8 columns k per
+  // matrix) they are B's fragments as they stand; stored as B (rows k, 8 columns n) they take .trans.
+  template <int X, bool TRANS, class B>
+  static FL_BODY void load_b(B& b, const T* bs, int kk) {
+#pragma unroll
+    for (int nt = 0; nt < (X == 4 ? 1 : 2); ++nt)
+#pragma unroll
+      for (int kh = 0; kh < (X == 1 ? 2 : 1); ++kh)
+        b.template ldmatrix<X, TRANS>([&](const Ctx& c, State& st) {
+          const int lane = c.tid & 31, j = (lane >> 3) % X, r = lane & 7;  // lanes >= 8 X: not read
+          const int tile = X == 4 ? j / 2 : nt, half = X == 4 ? j % 2 : (X == 2 ? j : kh);
+          const T* row = TRANS ? bs + (kk * 16 + half * 8 + r) * kN + tile * 8
+                               : bs + (tile * 8 + r) * kK + kk * 16 + half * 8;
+          return Ldm{row, &st.b[kk][X == 4 ? 0 : nt * 2 + kh]};  // register j of the load: matrix j
+        });
+  }
+
+  // A's fragments for k-step KK with ldmatrix.x4 (matrix j: rows 8 (j % 2), columns KK * 16 + 8 (j / 2) of
+  // the warp's 16 rows), then B's in the form p asks for (static forms, chosen at run time, uniformly).
+  template <int KK, class B>
+  static FL_BODY void load_step(B& b, const Params& p, const T* as, const T* bs) {
+    b.template ldmatrix<4, false>([&](const Ctx& c, State& st) {
+      const int lane = c.tid & 31, warp = c.tid >> 5, j = lane >> 3, r = lane & 7;
+      const T* row = as + (warp * 16 + (j % 2) * 8 + r) * kK + KK * 16 + (j / 2) * 8;
+      return Ldm{row + (p.misalign ? 1 : 0), st.a[KK]};
+    });
+    if (p.b_trans) {
+      if (p.ldm_x == 4) load_b<4, true>(b, bs, KK);
+      else if (p.ldm_x == 2) load_b<2, true>(b, bs, KK);
+      else load_b<1, true>(b, bs, KK);
+    } else {
+      if (p.ldm_x == 4) load_b<4, false>(b, bs, KK);
+      else if (p.ldm_x == 2) load_b<2, false>(b, bs, KK);
+      else load_b<1, false>(b, bs, KK);
+    }
   }
 
   template <class B>
@@ -54,43 +83,17 @@ struct TcSelftest {
         b.cp_async16(as + row * kK + col, ag + row * kK + col, row < p.m_valid);
       }
       for (int q = c.tid; q < kK * kN / 8; q += kThreads) {
-        const int row = q / (kBCols / 8), col = q % (kBCols / 8) * 8;
-        b.cp_async16(bs + row * kBCols + col, bg + row * kBCols + col);
+        const int cols = p.b_trans ? kN : kK, row = q / (cols / 8), col = q % (cols / 8) * 8;
+        b.cp_async16(bs + row * cols + col, bg + row * cols + col);
       }
       b.cp_async_commit();
       if (p.wait) b.template cp_async_wait<0>();
     });
     b.sync();
 
-    // 2. Shared -> fragments.
-#pragma unroll
-    for (int kk = 0; kk < 2; ++kk) {
-      b.template ldmatrix<4, false>([&](const Ctx& c, State& st) {
-        const int lane = c.tid & 31, warp = c.tid >> 5, j = lane >> 3, r = lane & 7;
-        const T* row = as + (warp * 16 + (j % 2) * 8 + r) * kK + kk * 16 + (j / 2) * 8;
-        return Ldm{row + (p.misalign ? 1 : 0), st.a[kk]};
-      });
-      if constexpr (BX == 4) {
-        b.template ldmatrix<4, BTRANS>([&](const Ctx& c, State& st) {
-          return Ldm{b_row(bs, c.tid & 31, kk, 0, 0), st.b[kk]};
-        });
-      } else {
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-          if constexpr (BX == 2) {
-            b.template ldmatrix<2, BTRANS>([&](const Ctx& c, State& st) {
-              return Ldm{b_row(bs, c.tid & 31, kk, nt, 0), &st.b[kk][nt * 2]};
-            });
-          } else {
-#pragma unroll
-            for (int kh = 0; kh < 2; ++kh)
-              b.template ldmatrix<1, BTRANS>([&](const Ctx& c, State& st) {
-                return Ldm{b_row(bs, c.tid & 31, kk, nt, kh), &st.b[kk][nt * 2 + kh]};
-              });
-          }
-        }
-      }
-    }
+    // 2. Shared -> fragments (k-steps as template arguments: fragment indices stay static, in registers).
+    load_step<0>(b, p, as, bs);
+    load_step<1>(b, p, as, bs);
 
     // 3. D = A B + C.
     b.each([&](const Ctx& c, State& st) {
@@ -146,15 +149,7 @@ struct TcSelftest {
 
 template <class T>
 void tc_selftest_typed(const TcSelftestParams& p, Stream stream) {
-  constexpr int n = TcSelftest<T, false, 1>::kThreads;
-  auto go = [&](auto trans) {
-    constexpr bool TR = decltype(trans)::value;
-    if (p.ldm_x == 4) return launch<TcSelftest<T, TR, 4>>(1, 1, n, p, stream);
-    if (p.ldm_x == 2) return launch<TcSelftest<T, TR, 2>>(1, 1, n, p, stream);
-    launch<TcSelftest<T, TR, 1>>(1, 1, n, p, stream);
-  };
-  if (p.b_trans) go(std::true_type{});
-  else go(std::false_type{});
+  launch<TcSelftest<T>>(1, 1, TcSelftest<T>::kThreads, p, stream);
 }
 
 }  // namespace FL_IMPL
