@@ -430,24 +430,26 @@ inline float warp_sum(float* lanes) {
   return lanes[0];
 }
 
+// cp.async on the host: a copy reads its source when issued and lands in shared memory only when a
+// cp_async_wait of the issuing thread retires its group, so reading a tile before the wait sees the NaN
+// poison (the device would read stale or partial data): the harness catches a missing wait. (Outside Block:
+// one set of container instantiations for all kernels, which keeps the harness's compile time down.)
+struct CopyJob {
+  unsigned char* dst;
+  unsigned char data[16];
+};
+struct CopyQueue {
+  std::vector<CopyJob> open;                 // issued since the last commit
+  std::vector<std::vector<CopyJob>> groups;  // committed, oldest first
+};
+
 template <class State>
 struct Block {
   Ctx ctx;
   std::vector<State> threads;
   std::vector<float> smem;  // 16-byte aligned (operator new); filled with 0xff bytes (NaN) per block
 
-  // cp.async on the host: a copy reads its source when issued and lands in shared memory only when a
-  // cp_async_wait of the issuing thread retires its group, so reading a tile before the wait sees the
-  // NaN poison (the device would read stale or partial data): the harness catches a missing wait.
-  struct CopyJob {
-    unsigned char* dst;
-    unsigned char data[16];
-  };
-  struct CopyQueue {
-    std::vector<CopyJob> open;                 // issued since the last commit
-    std::vector<std::vector<CopyJob>> groups;  // committed, oldest first
-  };
-  std::vector<CopyQueue> copies;  // per thread
+  std::vector<CopyQueue> copies;  // per thread (see CopyQueue)
   int cur = 0;                    // the thread each() is running
 
   template <class F>
