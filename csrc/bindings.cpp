@@ -276,6 +276,45 @@ std::tuple<Tensor, Tensor> rope(const Tensor& q, const Tensor& k, const Tensor& 
   return {q_out, k_out};
 }
 
+// Test-only: the tensor-core primitives of simt.h on fixed tiles (csrc/tc_selftest.cu, kernels.h). a (32, 32),
+// b (32, 16) when b_trans else (16, 32), in float16 or bfloat16; c (32, 16) float32. Returns d = a b + c,
+// e = round(d) b[:16] (float32, (32, 16)), every thread's fragment registers (64, 20) int32 and accumulators
+// (64, 8) float32. Not an op of the public API: no fake kernel, no autograd.
+std::tuple<Tensor, Tensor, Tensor, Tensor> tc_selftest(const Tensor& a, const Tensor& b, const Tensor& c,
+                                                       int64_t m_valid, int64_t ldm_x, bool b_trans, bool wait,
+                                                       bool misalign) {
+  const fl::DType dtype = kernel_dtype(a, "a");
+  TORCH_CHECK(dtype != fl::DType::F32, "a: expected float16 or bfloat16");
+  check_like(b, a, "b", "a");
+  TORCH_CHECK(c.device() == a.device() && c.scalar_type() == at::kFloat, "c: expected float32 on ", a.device());
+  TORCH_CHECK(a.sizes() == at::IntArrayRef({32, 32}), "a: expected (32, 32), got ", a.sizes());
+  TORCH_CHECK(b.sizes() == (b_trans ? at::IntArrayRef({32, 16}) : at::IntArrayRef({16, 32})), "b: wrong shape ",
+              b.sizes());
+  TORCH_CHECK(c.sizes() == at::IntArrayRef({32, 16}), "c: expected (32, 16), got ", c.sizes());
+  TORCH_CHECK(ldm_x == 1 || ldm_x == 2 || ldm_x == 4, "ldm_x: expected 1, 2 or 4, got ", ldm_x);
+  TORCH_CHECK(m_valid >= 0 && m_valid <= 32, "m_valid: expected 0..32, got ", m_valid);
+  const Tensor ac = a.contiguous(), bc = b.contiguous(), cc = c.contiguous();
+  const auto f32 = c.options();
+  Tensor d = at::empty({32, 16}, f32), e = at::empty({32, 16}, f32), acc = at::empty({64, 8}, f32);
+  Tensor frags = at::empty({64, 20}, f32.dtype(at::kInt));
+  fl::TcSelftestParams p{};
+  p.a = ac.data_ptr();
+  p.b = bc.data_ptr();
+  p.c = cc.data_ptr<float>();
+  p.d = d.data_ptr<float>();
+  p.e = e.data_ptr<float>();
+  p.frags = frags.data_ptr<int32_t>();
+  p.acc = acc.data_ptr<float>();
+  p.m_valid = int(m_valid);
+  p.ldm_x = int(ldm_x);
+  p.b_trans = b_trans;
+  p.wait = wait;
+  p.misalign = misalign;
+  p.dtype = dtype;
+  run(a, p, [](const auto& q) { fl::cpu::tc_selftest(q); }, FL_GPU(tc_selftest));
+  return {d, e, frags, acc};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fusedlm_C, m) {
@@ -287,6 +326,8 @@ TORCH_LIBRARY(fusedlm_C, m) {
   m.def("swiglu_bwd(Tensor dy, Tensor gate, Tensor up) -> (Tensor, Tensor)");
   m.def("rope(Tensor q, Tensor k, Tensor cos, Tensor sin, bool interleaved, bool transposed, bool backward)"
         " -> (Tensor, Tensor)");
+  m.def("tc_selftest(Tensor a, Tensor b, Tensor c, int m_valid, int ldm_x, bool b_trans, bool wait, bool misalign)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fusedlm_C, CPU, m) {
@@ -295,6 +336,7 @@ TORCH_LIBRARY_IMPL(fusedlm_C, CPU, m) {
   m.impl("swiglu_fwd", &swiglu_fwd);
   m.impl("swiglu_bwd", &swiglu_bwd);
   m.impl("rope", &rope);
+  m.impl("tc_selftest", &tc_selftest);
 }
 
 #if defined(FUSEDLM_WITH_CUDA)
@@ -304,6 +346,7 @@ TORCH_LIBRARY_IMPL(fusedlm_C, CUDA, m) {
   m.impl("swiglu_fwd", &swiglu_fwd);
   m.impl("swiglu_bwd", &swiglu_bwd);
   m.impl("rope", &rope);
+  m.impl("tc_selftest", &tc_selftest);
 }
 #endif
 

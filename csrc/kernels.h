@@ -79,12 +79,34 @@ struct RopeParams {
   DType dtype;
 };
 
+// Test-only (tc_selftest.cu): one block of two warps runs the tensor-core primitives of simt.h on fixed
+// tiles, so that tests check them (against a matmul and the PTX ISA's fragment maps) in both builds.
+//   cp.async (zero-filling rows >= m_valid of A) -> shared; ldmatrix -> fragments; mma.m16n8k16:
+//   D = A B + C  (A: 32 x 32, B: 32 x 16, C, D: 32 x 16, float32; warp w owns rows 16 w .. 16 w + 15),
+//   E = round_T(D) B[0:16]  (D's accumulators repacked as A fragments: the attention P V step).
+struct TcSelftestParams {
+  const void* a;   // (32, 32) row-major, 16-byte aligned rows
+  const void* b;   // b_trans: B itself (32 k, 16 n) row-major; else B^T (16 n, 32 k) row-major
+  const float* c;  // (32, 16)
+  float* d;        // (32, 16) out
+  float* e;        // (32, 16) out
+  int32_t* frags;  // (64, 20) out: each thread's registers A[2 k-steps][4], B[2 k-steps][4], P[4]
+  float* acc;      // (64, 8) out: each thread's accumulators after D = A B + C: [2 n-tiles][4]
+  int m_valid;     // rows of A read from memory; the rest are zero-filled by cp.async
+  int ldm_x;       // matrices per ldmatrix for B: 1, 2 or 4
+  bool b_trans;    // B row-major (k, n), loaded with ldmatrix .trans
+  bool wait;       // false: skip cp.async.wait_group (a bug the harness must show)
+  bool misalign;   // true: A's ldmatrix rows 2 bytes off (a fault on the device, an error in the harness)
+  DType dtype;     // F16 or BF16
+};
+
 // The CPU harness (always built).
 namespace cpu {
 void norm_fwd(const NormFwdParams& p);
 void norm_bwd(const NormBwdParams& p);
 void swiglu(const SwigluParams& p);
 void rope(const RopeParams& p);
+void tc_selftest(const TcSelftestParams& p);
 }  // namespace cpu
 
 #if defined(__CUDACC__) || defined(FUSEDLM_WITH_CUDA)
@@ -96,6 +118,7 @@ void norm_fwd(const NormFwdParams& p, cudaStream_t stream);
 void norm_bwd(const NormBwdParams& p, cudaStream_t stream);
 void swiglu(const SwigluParams& p, cudaStream_t stream);
 void rope(const RopeParams& p, cudaStream_t stream);
+void tc_selftest(const TcSelftestParams& p, cudaStream_t stream);
 }  // namespace cuda
 #endif
 

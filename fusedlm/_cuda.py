@@ -1,7 +1,9 @@
 """The "cuda" backend: fusedlm's C++ kernels (csrc/) as torch ops, with their fake kernels and autograd.
 
 The ops ``fusedlm_C::{norm_fwd, norm_bwd, swiglu_fwd, swiglu_bwd, rope}`` are defined by the binding
-layer (csrc/bindings.cpp) with ``TORCH_LIBRARY``. Two builds provide them:
+layer (csrc/bindings.cpp) with ``TORCH_LIBRARY``, beside the test-only ``fusedlm_C::tc_selftest`` (the
+tensor-core primitives of csrc/simt.h on fixed tiles; tests/test_cuda_tensor_cores.py; no fake, no autograd).
+Two builds provide them:
 
 * ``fusedlm._C``, built by setup.py where a CUDA toolkit and a CUDA torch exist: the kernels for CUDA
   tensors, and the CPU harness for CPU tensors;

@@ -3,7 +3,10 @@
 ptxas reports (-Xptxas -v) registers, stack and spills per kernel; every kernel the launchers
 instantiate (all dtypes, vector widths and register-held variants) must show 0 bytes of spill stores
 and loads, and every kernel of the vectorized width must load its rows with 16-byte vector loads
-(ld.global.v4 in the PTX, LDG.E.128 in the SASS). Skipped, saying so, where nvcc is absent. The
+(ld.global.v4 in the PTX, LDG.E.128 in the SASS). The tensor-core primitives' test kernel (tc_selftest.cu)
+must hold its fragments in registers (no stack frame) and contain every instruction form simt.h emits:
+mma.sync m16n8k16 for its dtype, ldmatrix x1/x2/x4 with and without .trans, cp.async with its
+commit and wait. Skipped, saying so, where nvcc is absent. The
 compiler output is cached under ~/.cache/fusedlm/nvcc (or $FUSEDLM_CACHE_DIR), keyed by the sources,
 the flags and the nvcc version, so only a changed kernel is compiled again (about a minute on 2 cores).
 """
@@ -23,7 +26,9 @@ FLAGS = ["-std=c++17", "-O3", "--expt-relaxed-constexpr", "-cubin", "-Xptxas", "
 SOURCES = sorted(p.name for p in CSRC.glob("*.cu"))
 # Kernels per .cu file: 3 dtypes x 2 vector widths x variants (norm: 6 forward (5 for the scalar width),
 # 5 ds, 1 column-sum; swiglu: forward, backward; rope: 1).
-EXPECTED = {"norm.cu": 3 * (6 + 5 + 2 * 5 + 2 * 1), "swiglu.cu": 3 * 2 * 2, "rope.cu": 3 * 2}
+# tc_selftest (the tensor-core primitives' test kernel): one per 16-bit dtype.
+EXPECTED = {"norm.cu": 3 * (6 + 5 + 2 * 5 + 2 * 1), "swiglu.cu": 3 * 2 * 2, "rope.cu": 3 * 2, "tc_selftest.cu": 2}
+VECTORIZED = [s for s in SOURCES if s != "tc_selftest.cu"]
 VEC16 = {"f": 4, "6__half": 8, "13__nv_bfloat16": 8}  # mangled dtype -> elements in 16 bytes
 
 
@@ -98,7 +103,7 @@ def test_compiles_without_spills(compiled, source, arch):
     assert all("registers" in v for v in kernels.values())
 
 
-@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("source", VECTORIZED)
 def test_vectorized_kernels_use_16_byte_loads(compiled, source):
     ptx = compiled[(source, "sm_90a")][1]
     entries = re.split(r"\.entry\s+", ptx)[1:]
@@ -114,3 +119,23 @@ def test_vectorized_kernels_use_16_byte_loads(compiled, source):
         else:
             assert int(m.group(3)) == 1, name
     assert checked == {"norm.cu": 3 * 12}.get(source, EXPECTED[source] // 2)
+
+
+LDMATRIX_FORMS = [f"ldmatrix.sync.aligned.m8n8.x{x}{t}.shared.b16" for x in (1, 2, 4) for t in ("", ".trans")]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tensor_core_primitives_compile_to_the_instructions(compiled, arch):
+    log, ptx = compiled[("tc_selftest.cu", arch)]
+    for name, props in parse_ptxas(log).items():
+        assert props["stack"] == 0, f"{name} on {arch}: fragments in local memory ({props})"
+    entries = re.split(r"\.entry\s+", ptx)[1:]
+    assert len(entries) == EXPECTED["tc_selftest.cu"]
+    for entry in entries:
+        name, body = entry.split("(", 1)[0], entry.split("\n}", 1)[0]
+        ab = "bf16" if "nv_bfloat16" in name else "f16"
+        assert f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32" in body, name
+        missing = [f for f in LDMATRIX_FORMS if f not in body]
+        assert not missing, f"{name}: no {missing}"
+        assert re.search(r"cp\.async\.cg\.shared\.global \[%r\d+\], \[%rd\d+\], 16, %r\d+;", body), name
+        assert "cp.async.commit_group" in body and "cp.async.wait_group 0" in body, name
