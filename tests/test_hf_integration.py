@@ -26,9 +26,9 @@ from hf_helpers import (assert_close as _assert_close, assert_same_run as _asser
                         original_rotary, run as _run)
 
 EXPECTED = {  # counts patch_model must report for the 2-layer models
-    "llama": dict(attention=2, rms_norm=5, residual_norm=2, swiglu=2, rotary=2),
-    "mistral": dict(attention=2, rms_norm=5, residual_norm=2, swiglu=2, rotary=2),
-    "qwen2": dict(attention=2, rms_norm=5, residual_norm=2, swiglu=2, rotary=2),
+    "llama": dict(attention=2, rms_norm=5, residual_norm=2, swiglu=2, rotary=2, linear_cross_entropy=1),
+    "mistral": dict(attention=2, rms_norm=5, residual_norm=2, swiglu=2, rotary=2, linear_cross_entropy=1),
+    "qwen2": dict(attention=2, rms_norm=5, residual_norm=2, swiglu=2, rotary=2, linear_cross_entropy=1),
     "bert": dict(attention=2, layer_norm=5, residual_norm=4),
     "roberta": dict(attention=2, layer_norm=5, residual_norm=4),
     "deberta_v3": dict(deberta_attention=2, layer_norm=6, residual_norm=4),  # + the relative-embedding norm

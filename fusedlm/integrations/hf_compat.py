@@ -9,6 +9,8 @@ moved attention weights to output-capturing hooks), so each hook is checked on t
   type annotations dropped and ``past_key_values`` read as ``cache``, hashes to one of the forms fusedlm's
   replacement was written against (``KNOWN_FORWARDS``, collected on transformers 5.17 and 5.25). Another
   form means the module does something the fused forward might not: patch_model leaves it and says so.
+- ``causal_lm_loss()``: transformers' ``ForCausalLMLoss``, when its code (and ``fixed_cross_entropy``'s)
+  is a known form: the loss a causal LM's patched forward reproduces through linear_cross_entropy.
 - ``cache_keyword(fn)``: the name under which a layer's forward takes the KV cache.
 - ``rotary_matches(fn)``: the modeling module's ``apply_rotary_pos_emb`` (a function, or the kernels
   package's module around one) gives Llama's rotate-half rotary on small float64 inputs.
@@ -36,6 +38,12 @@ KNOWN_FORWARDS = {
     "post_norm_output": {"b6fae13c95780ce6"},  # Bert/Roberta/DebertaV2 (Self)Output: LayerNorm(drop(dense(h)) + x)
     "deberta_attention": {"9ce6c9969b7ab3ba",  # DisentangledSelfAttention.forward
                           "ff8b81300809ed0f"},  # and its disentangled_attention_bias
+    "causal_lm": {"021a068ad35f4cb2",          # Llama/Mistral/Qwen2ForCausalLM.forward, 5.17 (inline slice)
+                  "1aa18027679774d7"},         # 5.25 (slice_logits_to_keep)
+    "causal_lm_softcap": {"0a0a08a58e749a95",  # Gemma2ForCausalLM.forward (final_logit_softcapping), 5.17
+                          "054da0ceaffc0d53"},  # 5.25
+    "causal_lm_loss": {"dac3d0e00862a0a7",     # transformers.loss.loss_utils.ForCausalLMLoss, 5.17 .. 5.25
+                       "c6282422ff29c191"},     # and the fixed_cross_entropy it calls
 }
 
 
@@ -96,6 +104,24 @@ def known_forward(cls, role, methods=("forward",)):
     """True when every one of ``cls``'s ``methods`` is a form the fused replacement for ``role`` was
     written against."""
     return all(forward_digest(cls, m) in KNOWN_FORWARDS[role] for m in methods)
+
+
+def causal_lm_loss():
+    """transformers' ``ForCausalLMLoss`` when it and the ``fixed_cross_entropy`` it calls are the forms
+    fusedlm's loss reproduces (shift, ignore_index, num_items_in_batch, shift_labels), else None."""
+    try:
+        from transformers.loss import loss_utils
+    except ImportError:
+        return None
+    fns = (getattr(loss_utils, "ForCausalLMLoss", None), getattr(loss_utils, "fixed_cross_entropy", None))
+    if any(fn is None or _function_digest(fn) not in KNOWN_FORWARDS["causal_lm_loss"] for fn in fns):
+        return None
+    return fns[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _function_digest(fn):  # asked on every training forward of a patched causal LM: read each function once
+    return _digest(fn)
 
 
 def cache_keyword(fn):
@@ -182,9 +208,10 @@ if __name__ == "__main__":  # digests of the installed transformers' forwards, f
     import transformers
 
     print("transformers", transformers.__version__)
-    for modname, names in [("llama", "LlamaRMSNorm LlamaMLP LlamaDecoderLayer"),
-                           ("mistral", "MistralRMSNorm MistralMLP MistralDecoderLayer"),
-                           ("qwen2", "Qwen2RMSNorm Qwen2MLP Qwen2DecoderLayer"),
+    for modname, names in [("llama", "LlamaRMSNorm LlamaMLP LlamaDecoderLayer LlamaForCausalLM"),
+                           ("mistral", "MistralRMSNorm MistralMLP MistralDecoderLayer MistralForCausalLM"),
+                           ("qwen2", "Qwen2RMSNorm Qwen2MLP Qwen2DecoderLayer Qwen2ForCausalLM"),
+                           ("gemma2", "Gemma2ForCausalLM"),
                            ("bert", "BertSelfOutput BertOutput"), ("roberta", "RobertaSelfOutput RobertaOutput"),
                            ("deberta_v2", "DebertaV2SelfOutput DebertaV2Output DisentangledSelfAttention")]:
         modeling = importlib.import_module(f"transformers.models.{modname}.modeling_{modname}")
@@ -192,3 +219,7 @@ if __name__ == "__main__":  # digests of the installed transformers' forwards, f
             cls = getattr(modeling, name)
             extra = ["disentangled_attention_bias"] if name == "DisentangledSelfAttention" else []
             print(f"{name:28s}", *(f"{m}={forward_digest(cls, m)}" for m in ["forward", *extra]))
+    from transformers.loss import loss_utils
+
+    for name in ("ForCausalLMLoss", "fixed_cross_entropy"):
+        print(f"{name:28s}", f"function={_digest(getattr(loss_utils, name))}")

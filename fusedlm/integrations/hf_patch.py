@@ -14,7 +14,11 @@ Per family (``config.model_type``), what is replaced:
     llama, mistral, qwen2   attention: "fusedlm" through the registry (set_attn_implementation);
                             <P>RMSNorm -> fused rms_norm; <P>MLP -> fused swiglu (silu activations only);
                             <P>DecoderLayer -> the residual add before post_attention_layernorm fused
-                            into it; the modeling module's apply_rotary_pos_emb -> fused rotary
+                            into it; the modeling module's apply_rotary_pos_emb -> fused rotary;
+                            <P>ForCausalLM: the training loss (labels given) through linear_cross_entropy,
+                            never making the logits (hf_loss.py)
+    gemma2                  Gemma2ForCausalLM: the training loss, with its final logit softcap, as above
+                            (its attention, norms and MLP run as they are)
     bert, roberta           attention: "fusedlm" through the registry; every torch.nn.LayerNorm -> fused
                             layer_norm; <P>SelfOutput / <P>Output -> residual add fused into their LayerNorm
     deberta-v2              DisentangledSelfAttention -> fusedlm.models' fused module (a new module object
@@ -41,12 +45,12 @@ from torch import nn
 from .. import nn as fused_nn
 from ..ops.lora import lora_linear
 from ..ops.rope import apply_rotary_pos_emb as fused_apply_rotary_pos_emb
-from . import hf_compat, hf_deberta
+from . import hf_compat, hf_deberta, hf_loss
 from .fused_classes import fused_class
 from .hf_attention import register
 
 COUNT_KEYS = ("attention", "deberta_attention", "rms_norm", "layer_norm", "residual_norm", "swiglu", "rotary",
-              "lora_linear")
+              "lora_linear", "linear_cross_entropy")
 
 # model_type -> (class-name prefix, kind)
 _FAMILIES = {
@@ -56,6 +60,7 @@ _FAMILIES = {
     "bert": ("Bert", "encoder"),
     "roberta": ("Roberta", "encoder"),
     "deberta-v2": ("DebertaV2", "deberta"),
+    "gemma2": ("Gemma2", "lm_loss"),  # only the causal-LM loss (its final logit softcap): hf_loss.py
 }
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _ROTARY_COUNTED = weakref.WeakSet()  # attention modules already counted under "rotary"
@@ -332,11 +337,14 @@ def _patch_lora(model, counts, left):
 
 def patch_model(model):
     """Swap the attention, norms, SwiGLU, rotary and PEFT LoRA layers of a loaded transformers model (or a
-    PEFT model around one) for fusedlm's, in place; see this module's docstring for what per family.
+    PEFT model around one) for fusedlm's, and a causal LM's training loss for linear_cross_entropy (logits
+    None when labels are given in training mode: hf_loss.py), in place; see this module's docstring for
+    what per family.
 
     Returns the counts of what this call replaced, keys ``COUNT_KEYS`` ("attention": attention modules
     now on the "fusedlm" registry entry, "residual_norm": residual adds fused into a norm, "rotary":
-    attention modules whose rotary application is fused, ...). A second call replaces nothing more
+    attention modules whose rotary application is fused, "linear_cross_entropy": causal LMs whose loss
+    is fused, ...). A second call replaces nothing more
     (all zeros). What it cannot patch it names in one warning and leaves working as it was.
     """
     if not isinstance(model, nn.Module):
@@ -349,9 +357,15 @@ def patch_model(model):
             left.append(f"{type(hf_model).__name__} (model type {hf_model.config.model_type!r}: no fused "
                         f"mapping; only its PEFT LoRA layers are patched)")
             continue
+        if kind == "lm_loss":
+            left.append(f"{type(hf_model).__name__} attention, norms and MLP (model type "
+                        f"{hf_model.config.model_type!r}: only its causal-LM loss is fused)")
+            hf_loss.patch_causal_lm(hf_model, modeling, prefix, counts, left)
+            continue
         _patch_norms(hf_model, modeling, prefix, kind, counts, left)
         if kind == "decoder":
             _patch_decoder(hf_model, modeling, prefix, counts, left)
+            hf_loss.patch_causal_lm(hf_model, modeling, prefix, counts, left)
         else:
             _patch_post_norm_outputs(hf_model, modeling, prefix, counts, left)
         if kind == "deberta":

@@ -29,8 +29,8 @@ import fusedlm
 
 @dataclass
 class CausalLMOutput:
-    loss: Optional[torch.Tensor]  # scalar, mean over the non-ignored shifted labels
-    logits: torch.Tensor          # (B, S, vocab), zeros at padded positions
+    loss: Optional[torch.Tensor]    # scalar, mean over the non-ignored shifted labels
+    logits: Optional[torch.Tensor]  # (B, S, vocab), zeros at padded positions; None when not asked for
 
 
 @dataclass
@@ -158,6 +158,12 @@ def rms_norm(x, weight, eps, residual, use_kernels):
     sf = s.float()
     normed = sf * torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normed.to(s.dtype), s  # rounded to the input dtype before the weight, as LlamaRMSNorm
+
+
+def lm_loss(hidden, lm_head, target):
+    """The mean cross-entropy of lm_head(hidden) (T, vocab) against target (T,) (-100 ignored), through
+    fusedlm.linear_cross_entropy: the logits are never made. (The plain path is logits then F.cross_entropy.)"""
+    return fusedlm.linear_cross_entropy(hidden, lm_head.weight, target, lm_head.bias, ignore_index=-100)
 
 
 def layer_norm(x, weight, bias, eps, residual, use_kernels):

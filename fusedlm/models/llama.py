@@ -174,7 +174,7 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """forward(input_ids (B, S), attention_mask=None, position_ids=None, labels=None, *, cu_seqlens=None,
-    inputs_embeds=None) -> CausalLMOutput(loss, logits (B, S, vocab)).
+    inputs_embeds=None, return_logits=None) -> CausalLMOutput(loss, logits (B, S, vocab) or None).
 
     Padded batches: ``attention_mask`` (B, S), 1 = real token; left or right padding; logits are zeros at
     padded positions. Packed sequences: a batch of one with ``cu_seqlens`` (int32 offsets, positions then
@@ -182,6 +182,10 @@ class LlamaForCausalLM(nn.Module):
     is not the previous one + 1, as transformers detects packing). ``labels`` (B, S): the LM loss on
     logits[:, :-1] against labels[:, 1:], -100 ignored, mean over the rest (Hugging Face's loss), and no
     prediction from a padded position (Hugging Face would count the last left pad predicting the first token).
+    With ``use_kernels`` the loss is fusedlm.linear_cross_entropy on the final hidden states and the LM head
+    (the (tokens, vocab) logits are never made); without, logits then F.cross_entropy.
+    ``return_logits``: None (default) returns the logits when no ``labels`` are given and None with them;
+    True always returns them (computed for that), False never.
     """
 
     def __init__(self, config: LlamaConfig):
@@ -204,20 +208,26 @@ class LlamaForCausalLM(nn.Module):
         return C.load_from_hf(cls(config), hf_model)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, *, cu_seqlens=None,
-                inputs_embeds=None):
+                inputs_embeds=None, return_logits=None):
         B, S = C._check_ids(input_ids, inputs_embeds)
-        device = self.lm_head.weight.device
+        device, fast = self.lm_head.weight.device, self.config.use_kernels
         packing = C.make_packing(B, S, device, attention_mask, position_ids, cu_seqlens, split_on_positions=True)
         positions = C.packed_positions(packing, position_ids, device, restart=cu_seqlens is not None)
         x = self.model.embed_tokens(packing.pack(input_ids)) if input_ids is not None else packing.pack(inputs_embeds)
-        logits = packing.unpack(self.lm_head(self.model(x, positions, packing)), self.config.use_kernels)
-        loss = None
+        hidden = self.model(x, positions, packing)  # (T, hidden)
+        want_logits = labels is None if return_logits is None else bool(return_logits)
+        logits = loss = None
+        if want_logits or (labels is not None and not fast):
+            logits = packing.unpack(self.lm_head(hidden), fast)
         if labels is not None:
-            shifted = F.pad(labels, (0, 1), value=-100)[:, 1:].to(logits.device)
+            shifted = F.pad(labels, (0, 1), value=-100)[:, 1:].to(device)
             if attention_mask is not None:  # a padded position predicts nothing (with left padding the
-                shifted = shifted.masked_fill(attention_mask.to(shifted.device) == 0, -100)  # last pad would)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(), ignore_index=-100)
-        return C.CausalLMOutput(loss=loss, logits=logits)
+                shifted = shifted.masked_fill(attention_mask.to(device) == 0, -100)  # last pad would)
+            if fast:  # on the packed tokens: the padded positions are not there at all
+                loss = C.lm_loss(hidden, self.lm_head, packing.pack(shifted))
+            else:
+                loss = F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(), ignore_index=-100)
+        return C.CausalLMOutput(loss=loss, logits=logits if want_logits else None)
 
     def generate(self, input_ids, max_new_tokens, attention_mask=None, *, do_sample=False, temperature=1.0,
                  top_k=None, top_p=None, eos_token_id=None, pad_token_id=None, generator=None, compile=False):
