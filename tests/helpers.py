@@ -40,3 +40,17 @@ def detach_clone(x, requires_grad=False):
     if isinstance(x, (list, tuple)):
         return type(x)(detach_clone(a, requires_grad) for a in x)
     return x
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cuda_harness():
+    """FUSEDLM_CUDA_CPU=1 for the importing test module (imported there: a module-scoped autouse fixture), so
+    the cuda backend's kernels run on CPU through the SIMT harness."""
+    from fusedlm import _backend
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FUSEDLM_CUDA_CPU", "1")
+    why = _backend.why_unavailable("cuda")
+    assert why is None, f"the cuda backend must be usable here (CPU harness): {why}"
+    yield
+    mp.undo()

@@ -13,19 +13,11 @@ import torch
 import fusedlm
 from fusedlm import _backend, reference as R
 from fusedlm.verify import check_case
-from helpers import assert_within, detach_clone
+from helpers import assert_within, cuda_harness, detach_clone  # noqa: F401  (cuda_harness: a fixture)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # bfloat16 too: the harness computes it right
 
 
-@pytest.fixture(scope="module", autouse=True)
-def harness():
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FUSEDLM_CUDA_CPU", "1")
-    why = _backend.why_unavailable("cuda")
-    assert why is None, f"the cuda backend must be usable here (CPU harness): {why}"
-    yield
-    mp.undo()
 
 
 @pytest.fixture(autouse=True)

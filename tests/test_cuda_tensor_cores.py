@@ -27,19 +27,11 @@ adds (17 terms, ~2^-23 each relative to the largest) meets with room.
 import pytest
 import torch
 
-from fusedlm import _backend
+from helpers import cuda_harness  # noqa: F401  (module fixture: FUSEDLM_CUDA_CPU=1)
 
 DTYPES = [torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def harness():
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FUSEDLM_CUDA_CPU", "1")
-    why = _backend.why_unavailable("cuda")
-    assert why is None, f"the cuda backend must be usable here (CPU harness): {why}"
-    yield
-    mp.undo()
 
 
 @pytest.fixture

@@ -75,6 +75,7 @@ import torch
 
 import fusedlm
 
+from .cli import _int_list
 from .harness import ROW_KEYS
 from .measure import COPY_BYTES_GPU, COPY_BYTES_SMOKE, environment, measure_copy_bandwidth, time_cpu, time_cuda
 
@@ -118,16 +119,6 @@ SMOKE = Shape("tiny Llama", vocab_size=128, hidden_size=64, intermediate_size=12
 # --------------------------------------------------------------------------------------------------
 # Command line.
 # --------------------------------------------------------------------------------------------------
-
-def _int_list(text):
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
 
 def parse_args(argv):
     p = argparse.ArgumentParser(
