@@ -12,7 +12,8 @@ Every sequence is full (cache_seqlens = T = the contiguous cache's capacity), so
 the cache. The paged layout's block table (4 bytes per block_size tokens, under 0.1% at block 16) is left
 out. Cases: B in Sizes.kv_batches x T in Sizes.kv_seqlens, H = 32, Hkv = 8, E = 128, one query row; a
 (B, T) whose K + V cache exceeds Sizes.kv_max_cache_bytes (16 GiB: B = 64 x 128k, 32 GiB) is left out, as
-the case holds the cache in both layouts and each provider gets its own copy.
+the case holds the cache in both layouts and each provider gets its own copy, unless the GPU has memory for
+three copies (an H200 runs B = 64 x 128k; an H100 cannot hold it: _cache_cap).
 
 Providers (run order: the yardstick candidates first):
   sdpa-math                 F.scaled_dot_product_attention, SDPBackend.MATH, enable_gqa=True (small caches)
@@ -191,16 +192,31 @@ def _torch_builder(paged):
     return build
 
 
+def _cache_cap(run):
+    """The largest K + V cache of one layout a case may hold: Sizes.kv_max_cache_bytes, or on a GPU with the
+    memory for it (3 copies: both layouts and a provider's own, with 10% to spare) more: an H200 (141 GB) takes
+    B = 64 x 128k (32 GiB a layout), an H100 (80 GB) does not."""
+    cap = run.sizes.kv_max_cache_bytes
+    total = device_memory(run.device)
+    return max(cap, int(total * 0.9) // 3) if total else cap
+
+
+def device_memory(device):
+    """Total memory of a CUDA device in bytes; None elsewhere."""
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
 def kv_cache_cases(run):
-    """One case per (B, T) of Sizes.kv_batches x the cache lengths, within Sizes.kv_max_cache_bytes."""
+    """One case per (B, T) of Sizes.kv_batches x the cache lengths whose cache fits (_cache_cap)."""
     sz = run.sizes
     H, Hkv, E, bs = sz.kv_heads, sz.kv_kv_heads, sz.kv_head_dim, sz.kv_block_size
     e = torch.empty((), dtype=run.dtype).element_size()
     cases = []
+    cap = _cache_cap(run)
     for B in sz.kv_batches:
         for T in _seqlens(run):
             cache = cache_bytes(B, T, Hkv, E, e)
-            if cache > sz.kv_max_cache_bytes:
+            if cache > cap:
                 continue
             small = cache <= sz.kv_math_max_cache_bytes
             work = cache + 2 * B * H * E * e
