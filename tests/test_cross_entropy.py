@@ -101,6 +101,48 @@ def test_only_some_gradients_and_every_token_ignored(backend):
     assert total == 0 and (g == 0).all()
 
 
+def test_strided_target_and_bias_views(backend):
+    """A target and a bias that are strided or expanded views read as their values (the kernels index them
+    with unit strides: the op copies them)."""
+    t = make(N=20, V=50)
+    t["target"] = torch.stack([t["target"], torch.zeros_like(t["target"])], 1)[:, 0]  # stride 2
+    t["bias"] = torch.stack([t["bias"], t["bias"] + 100], 1)[:, 0]
+    check(backend, t, torch.float32)
+    t["target"] = torch.tensor([3]).expand(20)  # stride 0
+    check(backend, t, torch.float32, reduction="sum")
+
+
+def test_second_derivative_is_refused(backend):
+    """The backward is a formula on saved statistics: asking to differentiate it raises, never a wrong value."""
+    t = make(N=10, V=20)
+    h = t["hidden"].requires_grad_()
+    loss = fusedlm.linear_cross_entropy(h, t["weight"], t["target"], backend=backend)
+    (g,) = torch.autograd.grad(loss, [h], create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(g.sum(), [h])
+
+
+def test_bf16_weight_gradient_within_twice_torchs_error(monkeypatch):
+    """The 16-bit dW is summed in float32 over the token chunks (one rounding a vocabulary chunk): with many
+    chunks its error against float64 stays within twice that of torch's own bf16 path (bf16 dlogits, one
+    matmul). The chunked backward is driven with exact dz rounded to bf16, as the kernels make it."""
+    N, V, D = 4096, 256, 64
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(N, D, generator=g).bfloat16()
+    w = (torch.randn(V, D, generator=g) * D ** -0.5).bfloat16()
+    t = torch.randint(0, V, (N,), generator=g)
+    p = torch.softmax(h.double() @ w.double().T, -1)
+    p[torch.arange(N), t] -= 1
+    dz = (p / N).bfloat16()
+    want = (p / N).T @ h.double()
+    torch_err = rel_err(dz.T @ h, want)
+    monkeypatch.setattr(X, "CHUNK_BYTES", 256 * 1024)  # tens of token chunks
+    perm = torch.arange(N)
+    _, dw, _ = X._backward(lambda r0, nc, v0, vc: dz[r0:r0 + nc, v0:v0 + vc], h, w, None, perm, torch.tensor(N),
+                           (False, True, False), torch.bfloat16, skip_ignored=False)
+    assert rel_err(dw, want) <= 2 * torch_err, (rel_err(dw, want), torch_err)
+
+
 def test_chunked_backward_equals_one_chunk(backend, monkeypatch):
     """With buffers of a few KiB the backward takes many token x vocabulary chunks (dW summed over the token
     chunks, dh over the vocabulary ones): the same gradients as the oracle."""

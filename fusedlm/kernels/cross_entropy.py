@@ -22,7 +22,8 @@ once, in the forward and in the backward's tiles.
 
 Backward tile (_lce_dz): the logits of a tile of tokens x vocabulary are computed again, turned into dz in
 registers and written as a bounded slice (the op layer's chunk: a few MiB); the chunk's products dh += dz W
-and dW += dz^T h run as matmuls in a fixed order (deterministic, no atomics). See fusedlm/ops/cross_entropy.py.
+and dW += dz^T h run as matmuls in a fixed order, summed in float32 (deterministic, no atomics). See
+fusedlm/ops/cross_entropy.py.
 """
 import torch
 import triton

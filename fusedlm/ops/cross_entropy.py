@@ -3,11 +3,12 @@ logits: validation, dispatch, the Triton ops and both backends' chunked backward
 
 The math and the kernels are in fusedlm/kernels/cross_entropy.py. Forward: the Triton kernel keeps a few
 values per token (nothing of size N x V); the torch backend computes the logits of a bounded slice of tokens
-at a time. Backward (both): the tokens that count, in chunks of NC, against the vocabulary in chunks of VC:
-dz of the chunk (recomputed: the Triton tile kernel, or torch ops), then dh_chunk += dz W_chunk (float32,
-over the vocabulary chunks, one rounding at the end) and dW_chunk += dz^T h_chunk (in W's dtype, one addition
-per token chunk), db in float32. Fixed order, no atomics: deterministic. Extra memory: the chunk buffers,
-under CHUNK_BYTES, whatever N and V.
+at a time. Backward (both, _backward): dz of a chunk of tokens x vocabulary entries is recomputed (the
+Triton tile kernel, or torch ops) and fed to matmuls: dh of a token chunk summed in float32 over the
+vocabulary chunks, db in float32, dW of a vocabulary chunk summed in float32 over the token chunks (for a
+16-bit W in a second, vocabulary-major pass that recomputes dz: 4 products' worth of work instead of 3, for
+a dW within 1.3x torch's own bf16 error instead of ~3x). Fixed order, no atomics: deterministic. Extra
+memory: the chunk buffers, under CHUNK_BYTES, whatever N and V.
 
 The backward reads the number of tokens that count back to the host once (to skip the ignored ones): it is
 an opaque op for torch.compile (no graph break in the forward; not capturable in a CUDA graph).
@@ -38,35 +39,53 @@ def _chunks(D, V, hidden_bytes, work_bytes, N):
 
 
 def _backward(dz_fn, hidden, weight, bias, perm, n_valid, needs, work_dtype, skip_ignored):
-    """The chunked backward (see the module docstring). dz_fn(r0, nc, v0, vc) -> dz (nc, vc) in work_dtype.
+    """The chunked backward (see the module docstring). dz_fn(r0, nc, v0, vc) -> dz (nc, vc) in work_dtype for
+    the tokens perm[r0:r0 + nc] and the vocabulary entries [v0, v0 + vc).
     skip_ignored: read the number of tokens that count back to the host and stop there (else every chunk
-    runs, the ignored tokens' dz being zeros). -> (dh, dw, db) in the inputs' dtypes (None where not needed)."""
+    runs, the ignored tokens' dz being zeros). -> (dh, dw, db) in the inputs' dtypes (None where not needed).
+
+    Pass 1, token-major: dh of a token chunk summed in float32 over the vocabulary chunks (one rounding), db
+    in float32, and dW where W is float32 / float64 (summed in its own dtype over the token chunks). Pass 2,
+    vocabulary-major, for a 16-bit W: dW of a vocabulary chunk summed in float32 over the token chunks, one
+    rounding; it computes dz again (a second recompute of the logits), because a running 16-bit dW rounded
+    once per token chunk was ~3x torch's own bf16 error at 20 chunks (and a float32 dW is 2 GiB at Llama-3's
+    head)."""
     N, D = hidden.shape
     V = weight.shape[0]
     need_h, need_w, need_b = needs
     dh = torch.zeros_like(hidden) if need_h else None
     dw = torch.zeros_like(weight) if need_w else None
     db = torch.zeros(V, device=weight.device, dtype=torch.float32) if need_b else None
-    nc, vc = _chunks(D, V, hidden.element_size(), torch.empty((), dtype=work_dtype).element_size(), N)
     n = int(n_valid) if skip_ignored and n_valid.device.type != "meta" else N  # (meta: memory counting)
-    for r0 in range(0, n, nc):
-        rows = perm[r0:min(n, r0 + nc)]
-        h = hidden.index_select(0, rows).to(work_dtype) if need_w else None
-        dh_c = torch.zeros(rows.shape[0], D, device=hidden.device, dtype=torch.float32) if need_h else None
-        for v0 in range(0, V, vc):
-            w = weight[v0:v0 + vc].to(work_dtype)
-            dz = dz_fn(r0, rows.shape[0], v0, w.shape[0])
+    w_exact = need_w and dw.dtype in (torch.float32, torch.float64)  # dW summed in its own dtype in pass 1
+    wb = torch.empty((), dtype=work_dtype).element_size()
+    if need_h or need_b or w_exact:
+        nc, vc = _chunks(D, V, hidden.element_size(), wb, N)
+        for r0 in range(0, n, nc):
+            rows = perm[r0:min(n, r0 + nc)]
+            h = hidden.index_select(0, rows).to(work_dtype) if w_exact else None
+            dh_c = torch.zeros(rows.shape[0], D, device=hidden.device, dtype=torch.float32) if need_h else None
+            for v0 in range(0, V, vc):
+                w = weight[v0:v0 + vc].to(work_dtype)
+                dz = dz_fn(r0, rows.shape[0], v0, w.shape[0])
+                if need_h:
+                    dh_c.add_(dz @ w)  # (float32 += the product in work_dtype: no float32 copy of it)
+                if w_exact:
+                    dw[v0:v0 + vc].addmm_(dz.T.to(dw.dtype), h.to(dw.dtype))
+                if need_b:
+                    db[v0:v0 + vc] += dz.sum(0, dtype=torch.float32)
             if need_h:
-                dh_c.add_(dz @ w)  # (float32 += the product in work_dtype: no float32 copy of it)
-            if need_w:
-                if dw.dtype == work_dtype:
-                    dw[v0:v0 + vc].addmm_(dz.T, h)
-                else:
-                    dw[v0:v0 + vc] += (dz.T @ h).to(dw.dtype)
-            if need_b:
-                db[v0:v0 + vc] += dz.sum(0, dtype=torch.float32)
-        if need_h:
-            dh.index_copy_(0, rows, dh_c.to(dh.dtype))
+                dh.index_copy_(0, rows, dh_c.to(dh.dtype))
+    if need_w and not w_exact:
+        vc = min(V, max(16, (CHUNK_BYTES * 3 // 4) // (D * (4 + wb)) // 16 * 16))  # float32 dW + the product
+        nc = max(16, min(N, (CHUNK_BYTES // 4) // (D * wb + vc * wb)) // 16 * 16)  # h and dz
+        for v0 in range(0, V, vc):
+            acc = torch.zeros(min(vc, V - v0), D, device=weight.device, dtype=torch.float32)
+            for r0 in range(0, n, nc):
+                rows = perm[r0:min(n, r0 + nc)]
+                dz = dz_fn(r0, rows.shape[0], v0, acc.shape[0])
+                acc.add_(dz.T @ hidden.index_select(0, rows).to(work_dtype))
+            dw[v0:v0 + acc.shape[0]] = acc.to(dw.dtype)
     return dh, dw, db.to(bias.dtype) if need_b else None
 
 
@@ -127,6 +146,7 @@ class _TorchLCE(torch.autograd.Function):
         return rows_loss
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # (the formula uses the saved lse: not differentiable again)
     def backward(ctx, grad_rows):
         hidden, weight, bias, target, lse = ctx.saved_tensors
         ignore_index, smoothing, softcap, z_loss = ctx.args
@@ -287,6 +307,8 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100
     else:
         h = h if h.stride(-1) == 1 else h.contiguous()
         w = weight if weight.stride(-1) == 1 else weight.contiguous()
-        rows, _ = _triton_ops()(h, w, bias, t, ignore_index, smoothing, softcap or 0.0, z_loss)
+        # the kernels index targets and bias entries with unit strides (a strided or expanded view is copied)
+        rows, _ = _triton_ops()(h, w, None if bias is None else bias.contiguous(), t.contiguous(), ignore_index,
+                                smoothing, softcap or 0.0, z_loss)
     out = reference.reduce_loss(rows, t, ignore_index, reduction)
     return out.reshape(target.shape) if reduction == "none" else out
