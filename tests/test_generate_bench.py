@@ -49,7 +49,7 @@ def test_wrong_model_fails_its_row(tmp_path, monkeypatch):
         ours.model.layers[0].mlp.down_proj.weight.data.mul_(-3.0)
         return hf, ours
     monkeypatch.setattr(E, "build_models", perturbed)
-    rc, rows = _smoke(tmp_path, "--batch", "2", "--providers", "fusedlm,hf-static")
+    rc, rows = _smoke(tmp_path, "--batch", "2", "--providers", "fusedlm,hf-static", "--backend", "torch")
     assert rc == 1
     ours = next(r for r in rows if r["provider"] == "fusedlm")
     assert ours["status"] == "failed" and "logit stds below the argmax" in ours["error"]
