@@ -278,3 +278,17 @@ def nbytes(*tensors):
 
 def shape_str(t):
     return "(" + ",".join(str(n) for n in t.shape) + ")"
+
+
+def oom_guard(fn, leaves):
+    """Run fn and its backward once (as the harness's first call does, before the timing): out of device
+    memory -> ProviderOOM (a row with status "oom", the run goes on)."""
+    try:
+        out = fn()
+        torch.autograd.grad([out], leaves, [torch.ones_like(out)])
+        del out
+    except torch.OutOfMemoryError as e:
+        raise ProviderOOM(f"out of memory ({str(e).splitlines()[0][:200]})") from None
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -27,7 +27,7 @@ Peers (optional imports: one that is missing or cannot run here gives a row with
 import torch
 import torch.nn.functional as F
 
-from .cases import Bound, ProviderOOM, ProviderUnavailable, ProviderUnsupported, bind_params, import_peer
+from .cases import Bound, ProviderUnavailable, ProviderUnsupported, bind_params, import_peer, oom_guard
 
 
 def deberta_config(sz):
@@ -112,19 +112,6 @@ def _encoder_mask(t):
     return torch.ones(B, 1, 1, S, dtype=torch.bool, device=t["hidden"].device)
 
 
-def _oom_guard(fn, leaves):
-    """Run fn and its backward once (as the harness's first call does): out of memory -> ProviderOOM."""
-    try:
-        out = fn()
-        torch.autograd.grad([out], leaves, [torch.ones_like(out)])
-        del out
-    except torch.OutOfMemoryError as e:
-        raise ProviderOOM(f"out of memory ({str(e).splitlines()[0][:200]})") from None
-    finally:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
 def hf_eager(sz, float32=False):
     """transformers' DisentangledSelfAttention in the run's dtype (the baseline), or in float32 up to
     S = deberta_ref_max_seqlen (the yardstick of rel_err)."""
@@ -139,7 +126,7 @@ def hf_eager(sz, float32=False):
         def fn():
             hh, rr = (h.float(), rel.float()) if float32 else (h, rel)
             return mod(hh, mask, output_attentions=False, rel_embeddings=rr)[0]
-        _oom_guard(fn, [h, rel])
+        oom_guard(fn, [h, rel])
         return padded_bound(t, fn)
     return build
 

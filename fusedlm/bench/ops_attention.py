@@ -24,16 +24,22 @@ ATTN_PADDED_FLOPS_DOC = {
 BWD_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}   # attention's FLOPs per mode over the forward's
 
 
+def sdpa_backend(run, backend):
+    """(torch.nn.attention.sdpa_kernel, [SDPBackend.<backend>]) for restricting SDPA to one backend, or
+    ProviderUnavailable (no CUDA device for it, or a torch without sdpa_kernel)."""
+    if run.device.type != "cuda" and backend != "MATH":
+        raise ProviderUnavailable(f"SDPA's {backend} backend needs a CUDA device")
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError as e:
+        raise ProviderUnavailable(f"torch.nn.attention.sdpa_kernel is missing ({e})") from None
+    return sdpa_kernel, [getattr(SDPBackend, backend)]
+
+
 def _sdpa_builder(run, backend, causal, mask_key=None):
     """F.scaled_dot_product_attention restricted to one SDPA backend (torch.nn.attention.sdpa_kernel)."""
     def build(t):
-        if run.device.type != "cuda" and backend != "MATH":
-            raise ProviderUnavailable(f"SDPA's {backend} backend needs a CUDA device")
-        try:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-        except ImportError as e:
-            raise ProviderUnavailable(f"torch.nn.attention.sdpa_kernel is missing ({e})") from None
-        which = [getattr(SDPBackend, backend)]
+        sdpa_kernel, which = sdpa_backend(run, backend)
         q, k, v, mask = t["q"], t["k"], t["v"], t[mask_key] if mask_key else None
 
         def fn():

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 
 import fusedlm
 
-from .cases import (Case, ComputeOp, ProviderOOM, ProviderUnavailable, device_generator, fusedlm_providers,
-                    import_peer, randn, shape_str)
+from .cases import (Case, ComputeOp, ProviderUnavailable, device_generator, fusedlm_providers, import_peer,
+                    oom_guard, randn, shape_str)
 
 LCE_FLOPS_DOC = {
     "fwd": "2 N' V D (the logits; N' = tokens not ignored)",
@@ -63,25 +63,12 @@ def _call(fn, t):
     return lambda: fn(h, w, y)
 
 
-def _oom_guard(fn, leaves):
-    """Run fn and its backward once (before the harness's first call): out of memory -> ProviderOOM."""
-    try:
-        out = fn()
-        torch.autograd.grad([out], leaves)
-        del out
-    except torch.OutOfMemoryError as e:
-        raise ProviderOOM(f"out of memory ({str(e).splitlines()[0][:200]})") from None
-    finally:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
 def _guarded(run, make_fn):
     """A builder: make_fn(t) -> the loss callable, probed once for out-of-memory on a CUDA device."""
     def build(t):
         fn = make_fn(t)
         if run.device.type == "cuda":
-            _oom_guard(fn, [t["hidden"], t["weight"]])
+            oom_guard(fn, [t["hidden"], t["weight"]])
         return fn
     return build
 

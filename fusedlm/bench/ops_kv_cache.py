@@ -38,7 +38,7 @@ import fusedlm
 
 from .cases import (Bound, Case, ProviderOOM, ProviderUnavailable, ProviderUnsupported, device_generator,
                     fusedlm_providers, randn, shape_str)
-from .ops_attention import _probe_sdpa, _raise_recompile_limit
+from .ops_attention import _probe_sdpa, _raise_recompile_limit, sdpa_backend
 
 KV_BYTES_DOC = {
     "fwd": "read the K and V rows attended B T Hkv (E + Ev) e + read q B H E e + write out B H Ev e "
@@ -121,13 +121,7 @@ def _sdpa_builder(run, backend):
     """F.scaled_dot_product_attention with a one-row query, restricted to one SDPA backend: enable_gqa=True,
     or, where the backend has no GQA kernel, K / V repeated to H heads once outside the timing."""
     def build(t):
-        if run.device.type != "cuda" and backend != "MATH":
-            raise ProviderUnavailable(f"SDPA's {backend} backend needs a CUDA device")
-        try:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-        except ImportError as e:
-            raise ProviderUnavailable(f"torch.nn.attention.sdpa_kernel is missing ({e})") from None
-        which = [getattr(SDPBackend, backend)]
+        sdpa_kernel, which = sdpa_backend(run, backend)
         q, k, v = _peer_inputs(t)
 
         def call(k, v, gqa):
