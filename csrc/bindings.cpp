@@ -276,6 +276,184 @@ std::tuple<Tensor, Tensor> rope(const Tensor& q, const Tensor& k, const Tensor& 
   return {q_out, k_out};
 }
 
+// ---- Attention (attention.cu): dense q (B, H, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), or packed
+// (total, H, E) with cu_seqlens (B + 1,). The kernels copy rows 16 bytes at a time: an operand whose base or
+// strides do not allow it (a view at an odd offset, a strided head dim) is copied first.
+bool copyable16(const Tensor& t) {
+  if (t.stride(-1) != 1 || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d)
+    if (t.size(d) > 1 && t.stride(d) % 8 != 0) return false;
+  return true;
+}
+
+Tensor attn_operand(const Tensor& t) {
+  const Tensor c = copyable16(t) ? t : t.contiguous();
+  return copyable16(c) ? c : c.clone();  // contiguous() keeps a misaligned view as it is
+}
+
+// (batch, head, row) strides of a dense (B, H, L, X) or packed (total, H, X) tensor.
+void attn_strides(const Tensor& t, bool packed, int64_t* out) {
+  out[0] = packed ? 0 : t.stride(0);
+  out[1] = t.stride(1);
+  out[2] = packed ? t.stride(0) : t.stride(2);
+}
+
+struct AttnInputs {
+  Tensor q, k, v, kpm, cu_q, cu_k;
+  bool packed;
+  int64_t B, H, Hkv, Lq, Lk, E, Ev;
+};
+
+AttnInputs attn_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& kpm,
+                       const std::optional<Tensor>& cu_q, const std::optional<Tensor>& cu_k, int64_t max_q,
+                       int64_t max_k) {
+  AttnInputs in;
+  in.packed = cu_q.has_value();
+  const fl::DType dtype = kernel_dtype(q, "q");
+  TORCH_CHECK(dtype != fl::DType::F32, "q: the cuda attention kernels take float16 or bfloat16, got float32");
+  check_like(k, q, "k", "q");
+  check_like(v, q, "v", "q");
+  TORCH_CHECK(q.dim() == (in.packed ? 3 : 4) && k.dim() == q.dim() && v.dim() == q.dim(),
+              "q, k, v: expected ", in.packed ? "(total, H, E)" : "(B, H, L, E)", " tensors");
+  in.H = q.size(1);  // heads: dim 1 in both layouts
+  in.Hkv = k.size(1);
+  in.E = q.size(-1);
+  in.Ev = v.size(-1);
+  TORCH_CHECK(in.Hkv > 0 && in.H % in.Hkv == 0, "k: heads must divide q's ", in.H, ", got ", in.Hkv);
+  for (int64_t e : {in.E, in.Ev})
+    TORCH_CHECK(e % 8 == 0 && e >= 16 && e <= 256, "head dims: expected multiples of 8 in 16..256, got ", e);
+  if (in.packed) {
+    TORCH_CHECK(cu_k.has_value(), "cu_seqlens_k: required with cu_seqlens_q");
+    in.cu_q = cu_q->to(at::kInt).contiguous();
+    in.cu_k = cu_k->to(at::kInt).contiguous();
+    in.B = in.cu_q.numel() - 1;
+    in.Lq = max_q;
+    in.Lk = max_k;
+  } else {
+    in.B = q.size(0);
+    in.Lq = q.size(2);
+    in.Lk = k.size(2);
+  }
+  TORCH_CHECK((in.Lq + 63) / 64 <= 65535 && (in.Lk + 63) / 64 <= 65535, "attention: sequences longer than ",
+              65535 * 64, " rows are not supported");
+  TORCH_CHECK(in.B * in.H <= INT32_MAX, "attention: batch x heads exceeds one launch");
+  in.q = attn_operand(q);
+  in.k = attn_operand(k);
+  in.v = attn_operand(v);
+  if (kpm.has_value()) {
+    TORCH_CHECK(!in.packed && kpm->scalar_type() == at::kBool && kpm->dim() == 2 && kpm->size(0) == in.B &&
+                    kpm->size(1) == in.Lk, "key_padding_mask: expected bool (B, S)");
+    in.kpm = kpm->contiguous();
+  }
+  return in;
+}
+
+fl::AttnParams attn_params(const AttnInputs& in, const std::optional<Tensor>& seed, double scale, bool causal,
+                           bool bottom_right, double dropout_p, int64_t window_left, int64_t window_right) {
+  fl::AttnParams p{};
+  p.q = in.q.data_ptr();
+  p.k = in.k.data_ptr();
+  p.v = in.v.data_ptr();
+  attn_strides(in.q, in.packed, p.q_stride);
+  attn_strides(in.k, in.packed, p.k_stride);
+  attn_strides(in.v, in.packed, p.v_stride);
+  p.key_padding = in.kpm.defined() ? reinterpret_cast<const uint8_t*>(in.kpm.data_ptr()) : nullptr;
+  p.kpm_stride = in.kpm.defined() ? in.kpm.stride(0) : 0;
+  p.cu_q = in.packed ? in.cu_q.data_ptr<int32_t>() : nullptr;
+  p.cu_k = in.packed ? in.cu_k.data_ptr<int32_t>() : nullptr;
+  TORCH_CHECK(dropout_p == 0.0 || (seed.has_value() && seed->numel() == 1 && seed->scalar_type() == at::kLong),
+              "seed: expected an int64 tensor of one element with dropout");
+  p.seed = dropout_p > 0.0 ? seed->data_ptr<int64_t>() : nullptr;
+  p.batch = int(in.B);
+  p.heads = int(in.H);
+  p.heads_kv = int(in.Hkv);
+  p.len_q = int(in.Lq);
+  p.len_k = int(in.Lk);
+  p.head_dim = int(in.E);
+  p.head_dim_v = int(in.Ev);
+  p.scale = float(scale);
+  p.causal = causal;
+  p.bottom_right = bottom_right;
+  p.window_left = int(window_left);
+  p.window_right = int(window_right);
+  p.dropout_p = float(dropout_p);
+  p.dtype = kernel_dtype(in.q, "q");
+  return p;
+}
+
+// lse / delta: float32 (B, H, L) dense, (total, H) packed.
+void stat_strides(const AttnInputs& in, int64_t* out) {
+  out[0] = in.packed ? 0 : in.H * in.Lq;
+  out[1] = in.packed ? 1 : in.Lq;
+  out[2] = in.packed ? in.H : 1;
+}
+
+// -> (out (.., H, L, Ev) laid out like q, lse float32)
+std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                         const std::optional<Tensor>& key_padding_mask,
+                                         const std::optional<Tensor>& cu_seqlens_q,
+                                         const std::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+                                         int64_t max_seqlen_k, double scale, bool causal, bool bottom_right,
+                                         double dropout_p, const std::optional<Tensor>& seed, int64_t window_left,
+                                         int64_t window_right) {
+  const AttnInputs in = attn_inputs(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                    max_seqlen_k);
+  fl::AttnParams p = attn_params(in, seed, scale, causal, bottom_right, dropout_p, window_left, window_right);
+  Tensor out, lse;
+  if (in.packed) {
+    out = at::empty({q.size(0), in.H, in.Ev}, q.options());
+    lse = at::empty({q.size(0), in.H}, q.options().dtype(at::kFloat));
+  } else {
+    // (B, L, H, Ev) memory when q is laid out that way (Hugging Face's transposed views), else (B, H, L, Ev)
+    const bool blhe = q.stride(1) < q.stride(2);
+    out = blhe ? at::empty({in.B, in.Lq, in.H, in.Ev}, q.options()).transpose(1, 2)
+               : at::empty({in.B, in.H, in.Lq, in.Ev}, q.options());
+    lse = at::empty({in.B, in.H, in.Lq}, q.options().dtype(at::kFloat));
+  }
+  p.o = out.data_ptr();
+  attn_strides(out, in.packed, p.o_stride);
+  p.lse = lse.data_ptr<float>();
+  stat_strides(in, p.lse_stride);
+  if (out.numel() > 0 || lse.numel() > 0)
+    run(q, p, [](const auto& x) { fl::cpu::attention_fwd(x); }, FL_GPU(attention_fwd));
+  return {out, lse};
+}
+
+// -> (dq, dk, dv). dlse: the gradient reaching lse, or None.
+std::tuple<Tensor, Tensor, Tensor> attention_bwd(
+    const Tensor& dout, const std::optional<Tensor>& dlse, const Tensor& q, const Tensor& k, const Tensor& v,
+    const Tensor& out, const Tensor& lse, const std::optional<Tensor>& key_padding_mask,
+    const std::optional<Tensor>& cu_seqlens_q, const std::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, double scale, bool causal, bool bottom_right, double dropout_p,
+    const std::optional<Tensor>& seed, int64_t window_left, int64_t window_right) {
+  const AttnInputs in = attn_inputs(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                    max_seqlen_k);
+  fl::AttnParams p = attn_params(in, seed, scale, causal, bottom_right, dropout_p, window_left, window_right);
+  check_like(dout, q, "dout", "q");
+  TORCH_CHECK(dout.sizes() == out.sizes(), "dout: expected shape ", out.sizes(), ", got ", dout.sizes());
+  const Tensor doc = attn_operand(dout);
+  // delta_i = dO_i . O_i - dlse_i (float32, lse's layout)
+  Tensor delta = (doc.to(at::kFloat) * out.to(at::kFloat)).sum(-1);
+  if (dlse.has_value()) delta = delta - dlse->to(at::kFloat);
+  delta = delta.contiguous();
+  const Tensor lse_c = lse.to(at::kFloat).contiguous();
+  Tensor dq = at::empty_like(in.q), dk = at::empty_like(in.k), dv = at::empty_like(in.v);
+  p.dout = doc.data_ptr();
+  attn_strides(doc, in.packed, p.do_stride);
+  p.lse = lse_c.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  stat_strides(in, p.lse_stride);
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  attn_strides(dq, in.packed, p.dq_stride);
+  attn_strides(dk, in.packed, p.dk_stride);
+  attn_strides(dv, in.packed, p.dv_stride);
+  if (dq.numel() > 0 || dk.numel() > 0)
+    run(q, p, [](const auto& x) { fl::cpu::attention_bwd(x); }, FL_GPU(attention_bwd));
+  return {dq, dk, dv};
+}
+
 // Test-only: the tensor-core primitives of simt.h on fixed tiles (csrc/tc_selftest.cu, kernels.h). a (32, 32),
 // b (32, 16) when b_trans else (16, 32), in float16 or bfloat16; c (32, 16) float32. Returns d = a b + c,
 // e = round(d) b[:16] (float32, (32, 16)), every thread's fragment registers (64, 20) int32 and accumulators
@@ -326,6 +504,13 @@ TORCH_LIBRARY(fusedlm_C, m) {
   m.def("swiglu_bwd(Tensor dy, Tensor gate, Tensor up) -> (Tensor, Tensor)");
   m.def("rope(Tensor q, Tensor k, Tensor cos, Tensor sin, bool interleaved, bool transposed, bool backward)"
         " -> (Tensor, Tensor)");
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? cu_seqlens_q,"
+        " Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, bool causal, bool bottom_right,"
+        " float dropout_p, Tensor? seed, int window_left, int window_right) -> (Tensor, Tensor)");
+  m.def("attention_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+        " Tensor? key_padding_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q,"
+        " int max_seqlen_k, float scale, bool causal, bool bottom_right, float dropout_p, Tensor? seed,"
+        " int window_left, int window_right) -> (Tensor, Tensor, Tensor)");
   m.def("tc_selftest(Tensor a, Tensor b, Tensor c, int m_valid, int ldm_x, bool b_trans, bool wait, bool misalign)"
         " -> (Tensor, Tensor, Tensor, Tensor)");
 }
@@ -336,6 +521,8 @@ TORCH_LIBRARY_IMPL(fusedlm_C, CPU, m) {
   m.impl("swiglu_fwd", &swiglu_fwd);
   m.impl("swiglu_bwd", &swiglu_bwd);
   m.impl("rope", &rope);
+  m.impl("attention_fwd", &attention_fwd);
+  m.impl("attention_bwd", &attention_bwd);
   m.impl("tc_selftest", &tc_selftest);
 }
 
@@ -346,6 +533,8 @@ TORCH_LIBRARY_IMPL(fusedlm_C, CUDA, m) {
   m.impl("swiglu_fwd", &swiglu_fwd);
   m.impl("swiglu_bwd", &swiglu_bwd);
   m.impl("rope", &rope);
+  m.impl("attention_fwd", &attention_fwd);
+  m.impl("attention_bwd", &attention_bwd);
   m.impl("tc_selftest", &tc_selftest);
 }
 #endif

@@ -79,6 +79,39 @@ struct RopeParams {
   DType dtype;
 };
 
+// Flash attention (attention.cu), dense or packed, forward and backward. Tensors are addressed as
+// base + batch * stride[0] + head * stride[1] + (row0 + row) * stride[2] with unit stride over the head dim;
+// packed sequences (cu_q / cu_k non-null) have stride[0] = 0 and row0 = cu[b]. Every row, head and batch
+// stride of q, k, v, o, do is a multiple of 8 elements and every base 16-byte aligned (the binding copies
+// a tensor that is not). Softmax statistics (lse, delta) are float32 with their own strides.
+struct AttnParams {
+  const void* q;                 // (.., H, Lq, E)
+  const void* k;                 // (.., Hkv, Lk, E)
+  const void* v;                 // (.., Hkv, Lk, Ev)
+  void* o;                       // forward out: (.., H, Lq, Ev)
+  float* lse;                    // forward out / backward in: natural-log log-sum-exp of the scaled scores
+  const void* dout;              // backward: dO (.., H, Lq, Ev)
+  const float* delta;            // backward: rowsum(dO * O) - dlse, strided like lse
+  void* dq;                      // backward out: (.., H, Lq, E)
+  void* dk;                      // backward out: (.., Hkv, Lk, E)
+  void* dv;                      // backward out: (.., Hkv, Lk, Ev)
+  const uint8_t* key_padding;    // (B, Lk) 1 = real key, or null
+  const int32_t* cu_q;           // (B + 1,) or null (dense)
+  const int32_t* cu_k;
+  const int64_t* seed;           // (1,) dropout seed on the device, or null (no dropout)
+  int64_t q_stride[3], k_stride[3], v_stride[3], o_stride[3], do_stride[3];
+  int64_t dq_stride[3], dk_stride[3], dv_stride[3], lse_stride[3];
+  int64_t kpm_stride;            // key_padding's batch stride
+  int batch, heads, heads_kv;    // heads % heads_kv == 0 (GQA: query head h reads kv head h / (heads / heads_kv))
+  int len_q, len_k;              // dense: L and S; packed: max_seqlen_q / _k (grid size, dropout counters)
+  int head_dim, head_dim_v;      // E, Ev: multiples of 8, 16..256
+  float scale;                   // softmax scale of q k^T
+  bool causal, bottom_right;     // causal: key j visible to query i when j <= i (+ Lk_b - Lq_b bottom-right)
+  int window_left, window_right; // -1: unbounded; else i + shift - left <= j <= i + shift + right
+  float dropout_p;               // 0: none; keep when Philox uniform >= p (Triton's mask, see attention.cu)
+  DType dtype;                   // F16 or BF16
+};
+
 // Test-only (tc_selftest.cu): one block of two warps runs the tensor-core primitives of simt.h on fixed
 // tiles, so that tests check them (against a matmul and the PTX ISA's fragment maps) in both builds.
 //   cp.async (zero-filling rows >= m_valid of A) -> shared; ldmatrix -> fragments; mma.m16n8k16:
@@ -107,6 +140,8 @@ void norm_bwd(const NormBwdParams& p);
 void swiglu(const SwigluParams& p);
 void rope(const RopeParams& p);
 void tc_selftest(const TcSelftestParams& p);
+void attention_fwd(const AttnParams& p);
+void attention_bwd(const AttnParams& p);
 }  // namespace cpu
 
 #if defined(__CUDACC__) || defined(FUSEDLM_WITH_CUDA)
@@ -119,6 +154,8 @@ void norm_bwd(const NormBwdParams& p, cudaStream_t stream);
 void swiglu(const SwigluParams& p, cudaStream_t stream);
 void rope(const RopeParams& p, cudaStream_t stream);
 void tc_selftest(const TcSelftestParams& p, cudaStream_t stream);
+void attention_fwd(const AttnParams& p, cudaStream_t stream);
+void attention_bwd(const AttnParams& p, cudaStream_t stream);
 }  // namespace cuda
 #endif
 

@@ -17,6 +17,7 @@
 // `sel(const Ctx&, State&)` returning pointers into its State (see "Tensor cores" below):
 //     b.template mma_m16n8k16<T>(sel);                 D += A B per warp (mma.sync, T = half or bfloat16)
 //     b.template ldmatrix<X, TRANS>(sel);              X 8x8 b16 matrices from shared memory (ldmatrix)
+//     b.template quad_reduce<N, MAX>(sel);             N floats max- or sum-reduced over each quad of lanes
 // and, inside an each() phase, the per-thread asynchronous copy (cp.async.cg, 16 bytes):
 //     b.cp_async16(dst_shared, src_global, valid);     b.cp_async_commit();   b.template cp_async_wait<N>();
 // On the device each() is one call on the thread's own state, sync() is __syncthreads() and block_sum()
@@ -72,6 +73,9 @@ template <> FL_HD __half from_float<__half>(float v) { return __float2half_rn(v)
 template <> FL_HD __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 FL_HD float rsqrt(float v) { return rsqrtf(v); }
 FL_HD float exp(float v) { return expf(v); }
+FL_HD float exp2(float v) { return exp2f(v); }
+FL_HD float log(float v) { return logf(v); }
+FL_HD uint32_t umulhi(uint32_t a, uint32_t b) { return __umulhi(a, b); }
 #else
 struct half { uint16_t bits; };
 struct bfloat16 { uint16_t bits; };
@@ -119,6 +123,9 @@ template <> inline half from_float<half>(float v) {
 }
 inline float rsqrt(float v) { return 1.0f / std::sqrt(v); }
 inline float exp(float v) { return std::exp(v); }
+inline float exp2(float v) { return std::exp2(v); }
+inline float log(float v) { return std::log(v); }
+inline uint32_t umulhi(uint32_t a, uint32_t b) { return uint32_t((uint64_t(a) * b) >> 32); }
 #endif
 
 // ---- Vectors: VEC elements loaded or stored with one access (16 bytes in the vectorized kernels).
@@ -374,6 +381,19 @@ struct Block {
     const Ldm l = sel(static_cast<const Ctx&>(ctx), st);
     ldmatrix_sync<X, TRANS>(l.dst, l.row);
   }
+  // N floats of each lane reduced (max or sum) over its quad, the 4 lanes 4 g .. 4 g + 3 that hold one
+  // row of an mma C fragment: a butterfly over lane bits 0 and 1 (shfl_xor 1, then 2).
+  template <int N, bool MAX, class F>
+  __device__ __forceinline__ void quad_reduce(F&& sel) {
+    float* v = sel(static_cast<const Ctx&>(ctx), st);
+#pragma unroll
+    for (int k = 0; k < N; ++k)
+#pragma unroll
+      for (int offset = 1; offset <= 2; offset <<= 1) {
+        const float o = __shfl_xor_sync(0xffffffffu, v[k], offset);
+        v[k] = MAX ? fmaxf(v[k], o) : v[k] + o;
+      }
+  }
 
   // Per-thread asynchronous copies (inside an each() phase): 16 bytes global -> shared, bypassing L1
   // (cp.async.cg); with valid == false the 16 bytes are zero-filled and nothing is read (src must still be
@@ -402,22 +422,46 @@ struct Block {
   }
 };
 
+// Shared memory a kernel uses: up to 40 KB as a static array, more as dynamic shared memory (the 48 KB
+// static limit; sm_80 allows 163 KB a block, sm_90 227 KB, when the launch opts in). The per-architecture
+// limit is a compile-time check here, so the nvcc gate (tests/test_cuda_nvcc.py) fails on a tile too big.
+template <class K>
+constexpr int smem_bytes() { return K::kSmemFloats > 0 ? int(K::kSmemFloats * sizeof(float)) : 0; }
+template <class K>
+constexpr bool dynamic_smem() { return smem_bytes<K>() > 40 * 1024; }
+
 template <class K>
 __global__ void __launch_bounds__(K::kMaxThreads) simt_kernel(const typename K::Params p) {
+#if defined(__CUDA_ARCH__)
+  static_assert(smem_bytes<K>() + 256 <= (__CUDA_ARCH__ >= 900 ? 232448 : __CUDA_ARCH__ >= 800 ? 166912 : 49152),
+                "the kernel's shared memory exceeds this architecture's per-block limit");
+#endif
   __shared__ float red[2 * 32];
-  __shared__ __align__(16) float smem[K::kSmemFloats > 0 ? K::kSmemFloats : 1];
   Block<typename K::State> b;
+  if constexpr (dynamic_smem<K>()) {
+    extern __shared__ __align__(16) float dynamic_smem_floats[];
+    b.smem = dynamic_smem_floats;
+  } else {
+    __shared__ __align__(16) float smem[K::kSmemFloats > 0 ? K::kSmemFloats : 1];
+    b.smem = smem;
+  }
   b.ctx = Ctx{int(threadIdx.x), int(blockDim.x), int(blockIdx.x), int(blockIdx.y), int(gridDim.x), int(gridDim.y)};
   b.red = red;
-  b.smem = smem;
   K::body(b, p);
 }
 
 // Launch kernel K on a (gx, gy) grid of blocks of `threads` threads (a multiple of 32, <= K::kMaxThreads).
+// (gy <= 65535; a dynamic shared-memory size beyond the device's limit fails the launch, which the binding
+// layer reports.)
 template <class K>
 void launch(int gx, int gy, int threads, const typename K::Params& p, Stream stream) {
   if (gx == 0 || gy == 0) return;
-  simt_kernel<K><<<dim3(gx, gy), threads, 0, stream>>>(p);
+  if constexpr (dynamic_smem<K>()) {
+    cudaFuncSetAttribute(simt_kernel<K>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes<K>());
+    simt_kernel<K><<<dim3(gx, gy), threads, smem_bytes<K>(), stream>>>(p);
+  } else {
+    simt_kernel<K><<<dim3(gx, gy), threads, 0, stream>>>(p);
+  }
 }
 #else
 // The harness: the 32 lanes of a warp as an array, the butterfly replayed in the device's order.
@@ -512,6 +556,26 @@ struct Block {
           check_shared(m[8 * j + r].row, 16, "ldmatrix row");
         }
       warp_ldmatrix(m, X, TRANS);
+    }
+  }
+
+  // The quad butterfly of the device (shfl_xor 1, then 2), replayed lane by lane in the same order.
+  template <int N, bool MAX, class F>
+  void quad_reduce(F&& sel) {
+    Ctx c = ctx;
+    for (int w = 0; w < ctx.nthreads / kWarpSize; ++w) {
+      float* v[kWarpSize];
+      for (int l = 0; l < kWarpSize; ++l) {
+        c.tid = w * kWarpSize + l;
+        v[l] = sel(static_cast<const Ctx&>(c), threads[c.tid]);
+      }
+      for (int k = 0; k < N; ++k)
+        for (int offset = 1; offset <= 2; offset <<= 1) {
+          float next[kWarpSize];
+          for (int l = 0; l < kWarpSize; ++l)
+            next[l] = MAX ? std::fmax(v[l][k], v[l ^ offset][k]) : v[l][k] + v[l ^ offset][k];
+          for (int l = 0; l < kWarpSize; ++l) v[l][k] = next[l];
+        }
     }
   }
 

@@ -24,7 +24,8 @@ import sys
 
 import torch
 
-OPS = ("rms_norm", "layer_norm", "swiglu", "apply_rotary_pos_emb")
+OPS = ("rms_norm", "layer_norm", "swiglu", "apply_rotary_pos_emb", "scaled_dot_product_attention",
+       "varlen_attention")
 
 
 def _find_csrc():
@@ -56,7 +57,8 @@ def has_cuda_build():
 
 
 def harness_sources():
-    return [CSRC / "bindings.cpp", CSRC / "cpu_harness.cpp"]
+    """The binding layer and the harness's translation units (cpu_harness*.cpp: the .cu files as C++)."""
+    return [CSRC / "bindings.cpp"] + sorted(CSRC.glob("cpu_harness*.cpp"))
 
 
 def harness_build_dir():
@@ -153,6 +155,22 @@ def _register_python_parts():
     def _(q, k, cos, sin, interleaved, transposed, backward):
         return q.new_empty(q.shape), k.new_empty(k.shape)
 
+    @torch.library.register_fake(lib + "attention_fwd")
+    def _(q, k, v, key_padding_mask, cu_q, cu_k, max_q, max_k, scale, causal, bottom_right, dropout_p, seed,
+          window_left, window_right):
+        ev = v.shape[-1]
+        if cu_q is not None:  # packed (total, H, E)
+            return q.new_empty((q.shape[0], q.shape[1], ev)), q.new_empty(q.shape[:2], dtype=torch.float32)
+        B, H, L, _ = q.shape
+        out = (q.new_empty((B, L, H, ev)).transpose(1, 2) if q.stride(1) < q.stride(2)  # as the binding
+               else q.new_empty((B, H, L, ev)))
+        return out, q.new_empty((B, H, L), dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "attention_bwd")
+    def _(dout, dlse, q, k, v, out, lse, *args):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    torch.library.register_autograd(lib + "attention_fwd", _attention_backward, setup_context=_attention_setup)
     torch.library.register_autograd(lib + "norm_fwd", _norm_backward, setup_context=_norm_setup)
     torch.library.register_autograd(lib + "swiglu_fwd", _swiglu_backward, setup_context=_swiglu_setup)
     from ._autograd import rope_autograd
@@ -187,6 +205,28 @@ def _norm_backward(ctx, dy, dsum, _dmean, _drstd):
     return ds, ds if ctx.has_residual else None, dw, db, None, None, None
 
 
+def _attention_setup(ctx, inputs, output):
+    q, k, v, kpm, cu_q, cu_k, max_q, max_k, scale, causal, bottom_right, dropout_p, seed, wl, wr = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, kpm, cu_q, cu_k, seed)
+    ctx.args = (max_q, max_k, scale, causal, bottom_right, dropout_p, seed, wl, wr)
+    ctx.set_materialize_grads(False)
+
+
+def _attention_backward(ctx, dout, dlse):
+    """dq, dk, dv (csrc/attention.cu: a dK/dV pass per key block, a dQ pass per query block; the lse's
+    gradient folds into delta). Not differentiable again (as the triton backend)."""
+    q, k, v, out, lse, kpm, cu_q, cu_k, seed = ctx.saved_tensors
+    if dout is None and dlse is None:
+        return (None,) * 15
+    if dout is None:  # only lse was used
+        dout = torch.zeros_like(out)
+    max_q, max_k, scale, causal, bottom_right, dropout_p, _, wl, wr = ctx.args
+    dq, dk, dv = torch.ops.fusedlm_C.attention_bwd(dout, dlse, q, k, v, out, lse, kpm, cu_q, cu_k, max_q, max_k,
+                                                   scale, causal, bottom_right, dropout_p, seed, wl, wr)
+    return (dq, dk, dv) + (None,) * 12
+
+
 def _swiglu_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
@@ -210,3 +250,11 @@ def swiglu(gate, up):
 
 def rope(q, k, cos, sin, interleaved, transposed):
     return torch.ops.fusedlm_C.rope(q, k, cos, sin, interleaved, transposed, False)
+
+
+def attention(q, k, v, key_padding_mask, cu_q, cu_k, max_q, max_k, scale, causal, bottom_right, dropout_p, seed,
+              window):
+    """(out, lse): dense (B, H, L, E) or packed (total, H, E) attention (csrc/attention.cu)."""
+    left, right = window or (-1, -1)
+    return torch.ops.fusedlm_C.attention_fwd(q, k, v, key_padding_mask, cu_q, cu_k, max_q, max_k, scale, causal,
+                                             bottom_right, dropout_p, seed, left, right)

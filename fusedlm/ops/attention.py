@@ -88,6 +88,19 @@ def _triton_reason(tensors, e, ev, attn_mask):
                 if attn_mask is not None and attn_mask.requires_grad else None))
 
 
+def _cuda_reason(tensors, e, ev, attn_mask):
+    """Why the cuda backend's kernels (csrc/attention.cu) cannot take this call, or None."""
+    dtype = tensors[0].dtype
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"the cuda attention kernels take float16 or bfloat16 (tensor cores), got {dtype}"
+    if not all(16 <= d <= 256 and d % 8 == 0 for d in (e, ev)):
+        return f"the cuda attention kernels take head dims 16..256 in multiples of 8, got E={e}, Ev={ev}"
+    if attn_mask is not None:
+        return ("the cuda attention kernels take no attn_mask (causal, window_size and key_padding_mask are "
+                "built in); use backend='triton' or 'torch'")
+    return None
+
+
 def _check_scale(scale, e):
     if scale is None:
         return e ** -0.5
@@ -151,10 +164,17 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     scale = _check_scale(scale, E)
     name = _backend.select("scaled_dot_product_attention", backend, query.device, {
         "triton": _triton_reason((query, key, value), E, Ev, attn_mask),
+        "cuda": _cuda_reason((query, key, value), E, Ev, attn_mask),
     })
     if name == "torch":
         return reference.sdpa_ref(query, key, value, attn_mask, dropout_p, is_causal, scale, H != Hkv,
                                   key_padding_mask, return_lse, window_size=window)
+    if name == "cuda":
+        from .. import _cuda
+
+        out, lse = _cuda.attention(query, key, value, key_padding_mask, None, None, L, S, scale, is_causal, False,
+                                   dropout_p, _validate.dropout_seed(dropout_p, query.device), window)
+        return (out, lse) if return_lse else out
     from . import kv_cache  # (the decode kernel: a sibling op family)
 
     if kv_cache.split_kv_reason(query, key, value, attn_mask, dropout_p, is_causal, window) is None:
@@ -206,10 +226,17 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     scale = _check_scale(scale, E)
     name = _backend.select("varlen_attention", backend, q.device, {
         "triton": _triton_reason((q, k, v), E, Ev, None),
+        "cuda": _cuda_reason((q, k, v), E, Ev, None),
     })
     if name == "torch":
         return reference.varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
                                     return_lse, window_size=window, dropout_p=dropout_p)
+    if name == "cuda":
+        from .. import _cuda
+
+        out, lse = _cuda.attention(q, k, v, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                                   causal, True, dropout_p, _validate.dropout_seed(dropout_p, q.device), window)
+        return (out, lse) if return_lse else out
     out, lse = _triton_ops()(q, k, v, None, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                              causal, True, dropout_p, _validate.dropout_seed(dropout_p, q.device), *(window or (-1, -1)))
     return (out, lse) if return_lse else out
