@@ -18,16 +18,18 @@ def triton_or_skip():
 
 
 class RecordFusedOps(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records every fusedlm::<name containing ``part``> op call (op, args, kwargs) reaching the dispatcher."""
+    """Records every <namespace>::<name containing ``part``> op call (op, args, kwargs) reaching the
+    dispatcher; namespaces: fusedlm's Triton ops by default, "fusedlm_C" for the C++ extension's."""
 
-    def __init__(self, part):
+    def __init__(self, part, namespaces=("fusedlm",)):
         super().__init__()
         self.part = part
+        self.namespaces = namespaces
         self.calls = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func.namespace == "fusedlm" and self.part in func.name():
+        if func.namespace in self.namespaces and self.part in func.name():
             self.calls.append((func, args, kwargs))
         return func(*args, **kwargs)
 
