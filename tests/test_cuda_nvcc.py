@@ -27,8 +27,12 @@ SOURCES = sorted(p.name for p in CSRC.glob("*.cu"))
 # Kernels per .cu file: 3 dtypes x 2 vector widths x variants (norm: 6 forward (5 for the scalar width),
 # 5 ds, 1 column-sum; swiglu: forward, backward; rope: 1).
 # tc_selftest (the tensor-core primitives' test kernel): one per 16-bit dtype.
-EXPECTED = {"norm.cu": 3 * (6 + 5 + 2 * 5 + 2 * 1), "swiglu.cu": 3 * 2 * 2, "rope.cu": 3 * 2, "tc_selftest.cu": 2}
-VECTORIZED = [s for s in SOURCES if s != "tc_selftest.cu"]
+# attention: per 16-bit dtype and head-dim bucket (32, 64, 128, 256) a forward, a dQ and a dK/dV kernel (at
+# 256 the dK/dV pass is two kernels, dV and dK).
+EXPECTED = {"norm.cu": 3 * (6 + 5 + 2 * 5 + 2 * 1), "swiglu.cu": 3 * 2 * 2, "rope.cu": 3 * 2, "tc_selftest.cu": 2,
+            "attention.cu": 2 * (4 + 4 + 5)}
+TENSOR_CORE = ("tc_selftest.cu", "attention.cu")
+VECTORIZED = [s for s in SOURCES if s not in TENSOR_CORE]
 VEC16 = {"f": 4, "6__half": 8, "13__nv_bfloat16": 8}  # mangled dtype -> elements in 16 bytes
 
 
@@ -139,3 +143,41 @@ def test_tensor_core_primitives_compile_to_the_instructions(compiled, arch):
         assert not missing, f"{name}: no {missing}"
         assert re.search(r"cp\.async\.cg\.shared\.global \[%r\d+\], \[%rd\d+\], 16, %r\d+;", body), name
         assert "cp.async.commit_group" in body and "cp.async.wait_group 0" in body, name
+
+
+def _attention_mmas_per_tile(name):
+    """mma.sync instructions one trip of the kernel's tile loop holds (its loops over fragments unrolled):
+    forward S = Q K^T and O += P V; dQ S, dP = dO V^T and dQ += dS K; dK/dV S^T, then dP^T and dK += dS^T Q
+    (dK), dV += P^T dO (dV). Each product of (a x b) by (b x c) over 16 x 8 x 16 tiles is a b c / 2048."""
+    m = re.search(r"(AttnFwd|AttnBwdQ|AttnBwdKv)I\w+?Li(\d+)ELi(\d+)E(?:Li(\d+)E)?", name)
+    assert m, name
+    kind, d, n = m.group(1), int(m.group(2)), int(m.group(3))
+    tile = 16 * 4 * d * n // 2048  # one (64 rows x d) by (d x n) product, over the block's 4 warps / 4
+    if kind == "AttnFwd":
+        return 2 * tile // 4
+    if kind == "AttnBwdQ":
+        return 3 * tile // 4
+    what = int(m.group(4))
+    return (1 + 2 * bool(what & 2) + bool(what & 1)) * tile // 4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_attention_kernels_run_on_tensor_cores(compiled, arch):
+    """Every attention kernel: fragments in registers (no stack), its tile loop on mma.sync with ldmatrix
+    (.trans for the B operands stored (k, n)), q / k / v / dO read from global memory only by 16-byte
+    cp.async copies (commit, wait for all but the newest group: the double buffer), no 16-bit scalar load."""
+    log, ptx = compiled[("attention.cu", arch)]
+    for name, props in parse_ptxas(log).items():
+        assert props["stack"] == 0, f"{name} on {arch}: a stack frame ({props})"
+    entries = re.split(r"\.entry\s+", ptx)[1:]
+    assert len(entries) == EXPECTED["attention.cu"]
+    for entry in entries:
+        name, body = entry.split("(", 1)[0], entry.split("\n}", 1)[0]
+        ab = "bf16" if "nv_bfloat16" in name else "f16"
+        mmas = body.count(f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32")
+        assert mmas >= _attention_mmas_per_tile(name), f"{name}: {mmas} mma.sync"
+        for form in ("ldmatrix.sync.aligned.m8n8.x4.shared.b16", "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16"):
+            assert form in body, f"{name}: no {form}"
+        assert re.search(r"cp\.async\.cg\.shared\.global \[%r\d+\], \[%rd\d+\], 16, %r\d+;", body), name
+        assert "cp.async.commit_group" in body and "cp.async.wait_group 1" in body, name
+        assert not re.search(r"ld\.global(\.nc)?(\.\w+)*\.(u16|b16|f16|s16|bf16)\b", body), f"{name}: a 16-bit load"
