@@ -30,21 +30,42 @@ CUDA_OPS = set()
 
 
 def _read_cuda_verified():
+    """{"sm_90": frozenset(ops), ...} from fusedlm/cuda_verified.json ({arch: {"ops": [...], "why": ...}})."""
     path = pathlib.Path(__file__).with_name("cuda_verified.json")
     try:
-        return frozenset(json.loads(path.read_text()).get("ops", []))
-    except (OSError, ValueError):
-        return frozenset()
+        data = json.loads(path.read_text())
+        return {arch: frozenset(entry.get("ops", [])) for arch, entry in data.items() if arch.startswith("sm_")}
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 _CUDA_VERIFIED = _read_cuda_verified()  # read at import: a file read inside torch.compile's trace breaks it
+_ARCH = {}  # CUDA device index -> "sm_XY", filled on first use (no CUDA call at import)
 
 
-def cuda_verified_ops():
-    """The ops "auto" may run on the cuda backend: those the GPU script found correct and at least as
-    fast as triton (fusedlm/cuda_verified.json, {"ops": [...]}, read once at import); empty until a GPU run
-    writes it."""
-    return _CUDA_VERIFIED
+def device_arch(device=None):
+    """"sm_XY" of a CUDA device (None: the current one), or None for CPU tensors / no GPU."""
+    import torch
+
+    if device is not None and torch.device(device).type != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        return None
+    index = torch.device(device).index if device is not None else None
+    index = torch.cuda.current_device() if index is None else index
+    if index not in _ARCH:
+        major, minor = torch.cuda.get_device_capability(index)
+        _ARCH[index] = f"sm_{major}{minor}"
+    return _ARCH[index]
+
+
+def cuda_verified_ops(device=None):
+    """The ops "auto" may run on the cuda backend for tensors on ``device`` (None: the current GPU): those
+    the GPU script found correct and at least as fast as triton on a GPU of the same architecture
+    (fusedlm/cuda_verified.json, read once at import). Empty for CPU tensors (the harness is a test mode)
+    and for an architecture no GPU run has measured."""
+    arch = device_arch(device)
+    return _CUDA_VERIFIED.get(arch, frozenset()) if arch else frozenset()
 
 
 def env_flag(name):
@@ -232,7 +253,7 @@ def select(op, backend, device, cannot_serve=None):
 
     if name == _AUTO:
         for b in BACKENDS:
-            if b == "cuda" and op not in cuda_verified_ops():
+            if b == "cuda" and op not in cuda_verified_ops(device):
                 continue  # not yet checked on a GPU: auto keeps triton
             if reason(b) is None:
                 return b

@@ -214,7 +214,7 @@ class TestDeclined:
             fusedlm.varlen_attention(q, q, q, TA.cu([6]), TA.cu([6]), 6, 6, backend="cuda")
 
     def test_auto_does_not_pick_it_before_a_gpu_verified_it(self, monkeypatch):
-        monkeypatch.setattr(fusedlm._backend, "_CUDA_VERIFIED", frozenset())
+        monkeypatch.setattr(fusedlm._backend, "_CUDA_VERIFIED", {})
         explicit, auto = RecordFusedOps("attention", ("fusedlm_C",)), RecordFusedOps("attention", ("fusedlm_C",))
         with explicit:
             fusedlm.scaled_dot_product_attention(*self._qkv(), backend="cuda")
