@@ -22,7 +22,7 @@
 //                         repeating K/V); at D = 256 dV and dK are two launches (both accumulators: 256 floats).
 //   dQ       (AttnBwdQ):  64 query rows a block over key tiles of N = 64 (32 at D >= 128).
 // The grid is (batch x heads, row tiles): x takes 2^31 - 1, y 65535 (4M rows).
-#include "simt.h"
+#include "tiles.h"
 
 namespace fl {
 inline namespace FL_IMPL {
@@ -94,51 +94,6 @@ FL_HD bool dropout_keep(const AttnParams& p, uint64_t seed, int b, int h, int i,
   return float(x) * 4.6566127342e-10f >= p.dropout_p;
 }
 
-// ---- Fragments from a tile in shared memory (rows of kStride elements). `get(st)` names the registers.
-// A (16 x 16) of the warp's rows 16 w .. 16 w + 15, columns col0 .. col0 + 15: matrix j of ldmatrix.x4 is
-// rows 8 (j % 2), columns 8 (j / 2), i.e. A's registers a0a1, a2a3, a4a5, a6a7 in order.
-template <class T, int kStride, class Blk, class Get>
-FL_BODY void load_a(Blk& b, const T* tile, int col0, Get get) {
-  b.template ldmatrix<4, false>([&](const Ctx& c, auto& st) {
-    const int lane = c.tid & 31, j = lane >> 3, r = lane & 7;
-    return Ldm{tile + ((c.tid >> 5) * 16 + (j & 1) * 8 + r) * kStride + col0 + (j >> 1) * 8, get(st)};
-  });
-}
-// B (16 x 8) of two n-tiles n0, n0 + 8 over k = k0 .. k0 + 15 from a tile stored (n, k) (K for S = Q K^T):
-// registers 0-1 the first n-tile's, 2-3 the second's.
-template <class T, int kStride, class Blk, class Get>
-FL_BODY void load_b_nk(Blk& b, const T* tile, int n0, int k0, Get get) {
-  b.template ldmatrix<4, false>([&](const Ctx& c, auto& st) {
-    const int lane = c.tid & 31, j = lane >> 3, r = lane & 7;
-    return Ldm{tile + (n0 + (j >> 1) * 8 + r) * kStride + k0 + (j & 1) * 8, get(st)};
-  });
-}
-// The same from a tile stored (k, n) (V for O = P V): ldmatrix .trans.
-template <class T, int kStride, class Blk, class Get>
-FL_BODY void load_b_kn(Blk& b, const T* tile, int k0, int n0, Get get) {
-  b.template ldmatrix<4, true>([&](const Ctx& c, auto& st) {
-    const int lane = c.tid & 31, j = lane >> 3, r = lane & 7;
-    return Ldm{tile + (k0 + (j & 1) * 8 + r) * kStride + n0 + (j >> 1) * 8, get(st)};
-  });
-}
-
-// rows x D of a head into shared memory, 16 bytes a copy; rows past `valid_rows` and columns past `cols`
-// are zero-filled (nothing is read: the source is then the aligned base pointer).
-template <class T, int D, int kStride, class Blk>
-FL_BODY void copy_tile(Blk& b, const Ctx& c, T* dst, const T* src, int64_t src_stride, int rows, int valid_rows,
-                       int cols, const void* base) {
-  constexpr int kChunks = D / 8;
-  for (int q = c.tid; q < rows * kChunks; q += kAttnThreads) {
-    const int row = q / kChunks, col = q % kChunks * 8;
-    const bool ok = row < valid_rows && col < cols;
-    b.cp_async16(dst + row * kStride + col, ok ? static_cast<const void*>(src + row * src_stride + col) : base, ok);
-  }
-}
-
-// Two accumulators (C elements i, i + 1 of an n-tile) as one register of T (an A operand).
-template <class T>
-FL_HD uint32_t pack_c(const float* c) { return pack2<T>(c[0], c[1]); }
-
 // ================================================================================================
 // Forward.
 template <class T, int D, int N>
@@ -178,13 +133,13 @@ struct AttnFwd {
     const T* vg = row_at<const T>(p.v, p.v_stride, s.b, hk, s.k0);
     auto issue_kv = [&](const Ctx& c, int t) {
       const int n0 = lo + t * N;
-      copy_tile<T, D, kStride>(b, c, ks + (t & 1) * N * kStride, kg + n0 * p.k_stride[2], p.k_stride[2], N, s.k_len - n0,
+      copy_tile<T, D, kStride, kAttnThreads>(b, c, ks + (t & 1) * N * kStride, kg + n0 * p.k_stride[2], p.k_stride[2], N, s.k_len - n0,
                                p.head_dim, p.k);
-      copy_tile<T, D, kStride>(b, c, vs + (t & 1) * N * kStride, vg + n0 * p.v_stride[2], p.v_stride[2], N, s.k_len - n0,
+      copy_tile<T, D, kStride, kAttnThreads>(b, c, vs + (t & 1) * N * kStride, vg + n0 * p.v_stride[2], p.v_stride[2], N, s.k_len - n0,
                                p.head_dim_v, p.v);
     };
     b.each([&](const Ctx& c, State& st) {
-      copy_tile<T, D, kStride>(b, c, qs, qg, p.q_stride[2], kM, s.q_len - m0, p.head_dim, p.q);
+      copy_tile<T, D, kStride, kAttnThreads>(b, c, qs, qg, p.q_stride[2], kM, s.q_len - m0, p.head_dim, p.q);
       if (n_tiles > 0) issue_kv(c, 0);
       b.cp_async_commit();
 #pragma unroll
@@ -358,15 +313,15 @@ struct AttnBwdQ {
     const T* vg = row_at<const T>(p.v, p.v_stride, s.b, hk, s.k0);
     auto issue_kv = [&](const Ctx& c, int t) {
       const int n0 = lo + t * N;
-      copy_tile<T, D, kStride>(b, c, ks + (t & 1) * N * kStride, kg + n0 * p.k_stride[2], p.k_stride[2], N, s.k_len - n0,
+      copy_tile<T, D, kStride, kAttnThreads>(b, c, ks + (t & 1) * N * kStride, kg + n0 * p.k_stride[2], p.k_stride[2], N, s.k_len - n0,
                                p.head_dim, p.k);
-      copy_tile<T, D, kStride>(b, c, vs + (t & 1) * N * kStride, vg + n0 * p.v_stride[2], p.v_stride[2], N, s.k_len - n0,
+      copy_tile<T, D, kStride, kAttnThreads>(b, c, vs + (t & 1) * N * kStride, vg + n0 * p.v_stride[2], p.v_stride[2], N, s.k_len - n0,
                                p.head_dim_v, p.v);
     };
     b.each([&](const Ctx& c, State& st) {
-      copy_tile<T, D, kStride>(b, c, qs, row_at<const T>(p.q, p.q_stride, s.b, h, s.q0 + m0), p.q_stride[2], kM,
+      copy_tile<T, D, kStride, kAttnThreads>(b, c, qs, row_at<const T>(p.q, p.q_stride, s.b, h, s.q0 + m0), p.q_stride[2], kM,
                                s.q_len - m0, p.head_dim, p.q);
-      copy_tile<T, D, kStride>(b, c, dos, row_at<const T>(p.dout, p.do_stride, s.b, h, s.q0 + m0), p.do_stride[2],
+      copy_tile<T, D, kStride, kAttnThreads>(b, c, dos, row_at<const T>(p.dout, p.do_stride, s.b, h, s.q0 + m0), p.do_stride[2],
                                kM, s.q_len - m0, p.head_dim_v, p.dout);
       if (n_tiles > 0) issue_kv(c, 0);
       b.cp_async_commit();
@@ -523,15 +478,15 @@ struct AttnBwdKv {
     T* const dos = ks + (2 * kN + 2 * M) * kStride;
     auto issue_q = [&](const Ctx& c, int it) {
       const int h = hk * group + it / per_head, m0 = lo + it % per_head * M;
-      copy_tile<T, D, kStride>(b, c, qs + (it & 1) * M * kStride, row_at<const T>(p.q, p.q_stride, s.b, h, s.q0 + m0),
+      copy_tile<T, D, kStride, kAttnThreads>(b, c, qs + (it & 1) * M * kStride, row_at<const T>(p.q, p.q_stride, s.b, h, s.q0 + m0),
                                p.q_stride[2], M, s.q_len - m0, p.head_dim, p.q);
-      copy_tile<T, D, kStride>(b, c, dos + (it & 1) * M * kStride, row_at<const T>(p.dout, p.do_stride, s.b, h, s.q0 + m0),
+      copy_tile<T, D, kStride, kAttnThreads>(b, c, dos + (it & 1) * M * kStride, row_at<const T>(p.dout, p.do_stride, s.b, h, s.q0 + m0),
                                p.do_stride[2], M, s.q_len - m0, p.head_dim_v, p.dout);
     };
     b.each([&](const Ctx& c, State& st) {
-      copy_tile<T, D, kStride>(b, c, ks, row_at<const T>(p.k, p.k_stride, s.b, hk, s.k0 + n0), p.k_stride[2], kN,
+      copy_tile<T, D, kStride, kAttnThreads>(b, c, ks, row_at<const T>(p.k, p.k_stride, s.b, hk, s.k0 + n0), p.k_stride[2], kN,
                                s.k_len - n0, p.head_dim, p.k);
-      copy_tile<T, D, kStride>(b, c, vs, row_at<const T>(p.v, p.v_stride, s.b, hk, s.k0 + n0), p.v_stride[2], kN,
+      copy_tile<T, D, kStride, kAttnThreads>(b, c, vs, row_at<const T>(p.v, p.v_stride, s.b, hk, s.k0 + n0), p.v_stride[2], kN,
                                s.k_len - n0, p.head_dim_v, p.v);
       if (n_iters > 0) issue_q(c, 0);
       b.cp_async_commit();

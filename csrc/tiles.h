@@ -1,0 +1,58 @@
+// Tile-level helpers over simt.h's tensor-core primitives, shared by the tensor-core kernels (attention.cu,
+// lora.cu): fragments from shared-memory tiles by ldmatrix, and global -> shared tile copies by cp.async.
+// A warp w owns rows 16 w .. 16 w + 15 of every A operand (the mma's rows).
+#pragma once
+
+#include "simt.h"
+
+namespace fl {
+inline namespace FL_IMPL {
+
+// ---- Fragments from a tile in shared memory (rows of kStride elements). `get(st)` names the registers.
+// A (16 x 16) of the warp's rows 16 w .. 16 w + 15, columns col0 .. col0 + 15: matrix j of ldmatrix.x4 is
+// rows 8 (j % 2), columns 8 (j / 2), i.e. A's registers a0a1, a2a3, a4a5, a6a7 in order.
+template <class T, int kStride, class Blk, class Get>
+FL_BODY void load_a(Blk& b, const T* tile, int col0, Get get) {
+  b.template ldmatrix<4, false>([&](const Ctx& c, auto& st) {
+    const int lane = c.tid & 31, j = lane >> 3, r = lane & 7;
+    return Ldm{tile + ((c.tid >> 5) * 16 + (j & 1) * 8 + r) * kStride + col0 + (j >> 1) * 8, get(st)};
+  });
+}
+// B (16 x 8) of two n-tiles n0, n0 + 8 over k = k0 .. k0 + 15 from a tile stored (n, k) (K for S = Q K^T):
+// registers 0-1 the first n-tile's, 2-3 the second's.
+template <class T, int kStride, class Blk, class Get>
+FL_BODY void load_b_nk(Blk& b, const T* tile, int n0, int k0, Get get) {
+  b.template ldmatrix<4, false>([&](const Ctx& c, auto& st) {
+    const int lane = c.tid & 31, j = lane >> 3, r = lane & 7;
+    return Ldm{tile + (n0 + (j >> 1) * 8 + r) * kStride + k0 + (j & 1) * 8, get(st)};
+  });
+}
+// The same from a tile stored (k, n) (V for O = P V): ldmatrix .trans.
+template <class T, int kStride, class Blk, class Get>
+FL_BODY void load_b_kn(Blk& b, const T* tile, int k0, int n0, Get get) {
+  b.template ldmatrix<4, true>([&](const Ctx& c, auto& st) {
+    const int lane = c.tid & 31, j = lane >> 3, r = lane & 7;
+    return Ldm{tile + (k0 + (j & 1) * 8 + r) * kStride + n0 + (j >> 1) * 8, get(st)};
+  });
+}
+
+// rows x D of a row-major tile into shared memory (rows of kStride elements), 16 bytes a copy, the block's
+// kThreads threads striding over the copies; rows past `valid_rows` and columns past `cols` are zero-filled
+// (nothing is read: the source is then `base`, an aligned pointer).
+template <class T, int D, int kStride, int kThreads, class Blk>
+FL_BODY void copy_tile(Blk& b, const Ctx& c, T* dst, const T* src, int64_t src_stride, int rows, int valid_rows,
+                       int cols, const void* base) {
+  constexpr int kChunks = D / 8;
+  for (int q = c.tid; q < rows * kChunks; q += kThreads) {
+    const int row = q / kChunks, col = q % kChunks * 8;
+    const bool ok = row < valid_rows && col < cols;
+    b.cp_async16(dst + row * kStride + col, ok ? static_cast<const void*>(src + row * src_stride + col) : base, ok);
+  }
+}
+
+// Two accumulators (C elements i, i + 1 of an n-tile) as one register of T (an A operand).
+template <class T>
+FL_HD uint32_t pack_c(const float* c) { return pack2<T>(c[0], c[1]); }
+
+}  // namespace FL_IMPL
+}  // namespace fl
