@@ -121,6 +121,9 @@ def context_parallel_varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, group=
     H, Hkv, n, E = _check_qkv(q, k, v, 3, 0, 1)
     _validate.flag("causal", causal)
     scale = _scale(scale, E)
+    _validate.index_tensor("cu_seqlens", cu_seqlens, 1)  # kinds first; the values need W, from the group
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise TypeError(f"max_seqlen: expected a Python int >= 0, got {max_seqlen!r}")
     transport = _transport(group)
     W = transport.world
     _validate.cu_seqlens("cu_seqlens", cu_seqlens, n * W)

@@ -18,7 +18,7 @@ LAYOUTS = ("zigzag", "contiguous")
 def shard_positions(length, world, rank, layout="zigzag", device=None):
     """int64 (length // world,): the global positions rank ``rank`` of ``world`` holds, in its local order."""
     n = length // world
-    if layout == "contiguous":
+    if layout == "contiguous" or world == 1:
         return torch.arange(rank * n, (rank + 1) * n, device=device)
     c = length // (2 * world)
     return torch.cat([torch.arange(rank * c, (rank + 1) * c, device=device),
