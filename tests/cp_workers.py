@@ -96,6 +96,22 @@ def run_error_case(case, group):
     return {"raised": None}
 
 
+def run_traffic_case(case, group):
+    """The bytes this rank really sent (recorded around real gloo transfers), for the dry run to match."""
+    import fusedlm.distributed as fd
+    from fusedlm.distributed._comm import recording
+
+    B, H, Hkv, n, E = case["B"], case["H"], case["Hkv"], case["L"] // dist.get_world_size(group), case["E"]
+    q = torch.randn(B, H, n, E, dtype=torch.float16, requires_grad=True)
+    k, v = (torch.randn(B, Hkv, n, E, dtype=torch.float16, requires_grad=True) for _ in range(2))
+    with recording() as fwd:
+        out = fd.context_parallel_attention(q, k, v, group=group, is_causal=True, strategy=case["strategy"],
+                                            backend="torch")
+    with recording() as bwd:
+        out.backward(torch.randn_like(out))
+    return {"sent_fwd": fwd.sent(), "sent_bwd": bwd.sent()}
+
+
 def worker(rank, world, store, cases, outdir, backend_env):
     """Entry of each spawned rank: every case on the group it names ("world", "pair": ranks {0,1} / {2,3},
     "single": each rank alone); one JSON list of results per rank."""
@@ -113,7 +129,8 @@ def worker(rank, world, store, cases, outdir, backend_env):
         group = groups[case["group"]]
         t0 = time.perf_counter()
         try:
-            fn = run_error_case if case["kind"].startswith("error") else run_case
+            fn = {"traffic": run_traffic_case}.get(case["kind"], run_error_case if case["kind"].startswith("error")
+                                                   else run_case)
             if case["kind"].startswith("error"):
                 case = dict(case, kind=case["kind"].split(":")[1])
             res = fn(case, group)

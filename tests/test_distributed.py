@@ -68,6 +68,9 @@ def cases_4():
                backend="triton"),
         dense("pair-ulysses-triton", "pair", "ulysses", "zigzag", True, B=1, H=2, Hkv=1, L=16, E=16,
               dtype="float32", backend="triton"),
+        # bytes really sent, for plan.py's dry run to match
+        dict(name="traffic-ring", group="world", kind="traffic", strategy="ring", B=1, H=4, Hkv=2, L=32, E=8),
+        dict(name="traffic-ulysses", group="world", kind="traffic", strategy="ulysses", B=1, H=4, Hkv=2, L=32, E=8),
         # bad inputs that need the group size to be seen
         dict(name="error-zigzag-odd", group="world", kind="error:dense", strategy="ring", layout="zigzag", H=4,
              Hkv=2, n=3),
@@ -105,7 +108,7 @@ def _check(rows, cases):
         case = by_name[row["case"]]
         if "exception" in row:
             bad.append((row["case"], row["rank"], row["exception"]))
-        elif case["kind"].startswith("error"):
+        elif case["kind"].startswith("error") or case["kind"] == "traffic":
             continue
         else:
             bound = BOUNDS[getattr(torch, case.get("dtype", "float64"))]
@@ -139,6 +142,22 @@ def test_errors_that_need_the_group(rows_4):
     assert "divisible by the group size 4" in got["error-ulysses-heads"]["message"]
     assert got["error-varlen-lengths"]["raised"] == "ValueError"
     assert "cu_seqlens: expected every sequence length divisible by 2W = 8" in got["error-varlen-lengths"]["message"]
+
+
+def test_plan_counts_the_bytes_a_real_run_sends(rows_4):
+    """fusedlm.distributed.plan's dry run on meta tensors counts what a real gloo run sent, rank by rank."""
+    from fusedlm.distributed import plan
+
+    _, rows = rows_4
+    for strategy in ("ring", "ulysses"):
+        real = [r for r in rows if r["case"] == f"traffic-{strategy}"]
+        assert len(real) == 4
+        for r in real:
+            dry = plan.count(4, 32, 4, 8, Hkv=2, dtype=torch.float16, strategy=strategy, rank=r["rank"])
+            assert (r["sent_fwd"], r["sent_bwd"]) == (dry["sent_fwd"], dry["sent_bwd"])
+    ring = plan.count(4, 32, 4, 8, Hkv=2, dtype=torch.float16)
+    kv = 2 * (1 * 2 * 8 * 8) * 2  # k and v of one rank: B Hkv n E float16 elements each
+    assert ring["sent_fwd"] == 3 * kv and ring["sent_bwd"] == 3 * kv + 4 * 2 * kv  # dK/dV go in float32, W hops
 
 
 def test_eight_ranks_match_float64_attention(tmp_path):

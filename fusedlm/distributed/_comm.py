@@ -22,8 +22,9 @@ class Traffic:
     sends: (what, nbytes) for every tensor sent to another rank ("kv", "dkv", "all_to_all").
     buffers: (what, nbytes) for every buffer the context-parallel layer allocated (communication buffers and
     accumulators; not the attention kernels' own workspace).
-    blocks: (phase, q_rows, k_rows, causal) for every block attention a ring step ran ("fwd" / "bwd"):
-    rows per batch element and head, the size of the step's compute.
+    blocks: (phase, matmul_flops) for every block attention run ("fwd" / "bwd"), counted from the shapes it ran
+    on: 2 flops per multiply-add of QK^T and PV, halved for a causal diagonal block; a backward block counts
+    its forward recompute (2 products) and the fused kernels' backward (5: S, dP, dV, dQ, dK).
     """
 
     def __init__(self):
@@ -53,8 +54,10 @@ def _record(kind, what, value):
         getattr(traffic, kind).append((what, value) if kind != "blocks" else value)
 
 
-def note_block(phase, q_rows, k_rows, causal):
-    _record("blocks", None, (phase, q_rows, k_rows, causal))
+def note_block(phase, batch_heads, q_rows, k_rows, e, ev, causal, recompute=True):
+    """Record one block attention's matmul flops (dense shapes only)."""
+    one = 2.0 * batch_heads * q_rows * k_rows * (e + ev) / 2 * (0.5 if causal else 1.0)  # one product's flops
+    _record("blocks", None, (phase, one * (2 if phase == "fwd" else (7 if recompute else 5))))
 
 
 class _Done:

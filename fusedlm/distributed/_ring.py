@@ -78,8 +78,9 @@ class DenseBlocks:
     def add(self, acc, part, value):
         self.take(acc, part).add_(value)
 
-    def rows(self, part):
-        return self.n if part is None else self.half
+    def note(self, phase, q, v, q_part, k_part, causal):
+        rows = {None: self.n, "first": self.half, "second": self.half}
+        note_block(phase, q.shape[0] * q.shape[1], rows[q_part], rows[k_part], q.shape[-1], v.shape[-1], causal)
 
     def attend(self, q, k, v, q_part, k_part, causal):
         return fusedlm.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=self.scale,
@@ -119,8 +120,8 @@ class VarlenBlocks:
         else:
             acc.index_add_(0, self.idx[part], value)
 
-    def rows(self, part):
-        return self.max[part]  # the longest sequence's rows (per sequence and head)
+    def note(self, *args):
+        pass  # (the flops of packed blocks depend on the lengths: not counted)
 
     def attend(self, q, k, v, q_part, k_part, causal):
         return fusedlm.varlen_attention(q, k, v, self.cu[q_part], self.cu[k_part], self.max[q_part],
@@ -157,7 +158,7 @@ class RingAttention(torch.autograd.Function):
                 qp, kp, c = plan
                 k_s, v_s = _unpack(kv[0], k, v)
                 o, lse = blocks.attend(blocks.take(q, qp), blocks.take(k_s, kp), blocks.take(v_s, kp), qp, kp, c)
-                note_block("fwd", blocks.rows(qp), blocks.rows(kp), c)
+                blocks.note("fwd", q, v, qp, kp, c)
                 o, lse = merge(blocks.take(out_acc, qp), blocks.take(lse_acc, qp), o.to(ct), lse.to(ct))
                 blocks.put(out_acc, qp, o)
                 blocks.put(lse_acc, qp, lse)
@@ -194,7 +195,7 @@ class RingAttention(torch.autograd.Function):
                     kl = blocks.take(k_s, kp).detach().requires_grad_()
                     vl = blocks.take(v_s, kp).detach().requires_grad_()
                     o, l_blk = blocks.attend(ql, kl, vl, qp, kp, c)
-                note_block("bwd", blocks.rows(qp), blocks.rows(kp), c)
+                blocks.note("bwd", q, v, qp, kp, c)
                 w = torch.exp(l_blk.detach().to(ct) - blocks.take(lse_ref, qp))  # this block's weight in out
                 do = blocks.take(dout, qp)
                 do_blk = (w.unsqueeze(-1) * do).to(o.dtype)

@@ -10,7 +10,7 @@ import torch
 
 import fusedlm
 
-from ._comm import AllToAll
+from ._comm import AllToAll, note_block
 from .layout import shard_positions
 
 
@@ -49,6 +49,9 @@ def ulysses_attention(q, k, v, transport, causal, layout, scale, backend):
         qh, kh, vh = (t.index_select(2, order) for t in (qh, kh, vh))
     out = fusedlm.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, scale=scale,
                                                enable_gqa=qh.shape[1] != kh.shape[1], backend=backend)
+    for phase in ("fwd", "bwd"):
+        note_block(phase, qh.shape[0] * qh.shape[1], qh.shape[2], kh.shape[2], qh.shape[-1], vh.shape[-1], causal,
+                   recompute=False)
     if pos is not None:
         out = out.index_select(2, pos)
     return _heads_to_seq(out, transport)
