@@ -129,7 +129,7 @@ def worker(rank, world, store, cases, outdir, backend_env):
         group = groups[case["group"]]
         t0 = time.perf_counter()
         try:
-            fn = {"traffic": run_traffic_case}.get(case["kind"], run_error_case if case["kind"].startswith("error")
+            fn = {"traffic": run_traffic_case, "llama": run_llama_case}.get(case["kind"], run_error_case if case["kind"].startswith("error")
                                                    else run_case)
             if case["kind"].startswith("error"):
                 case = dict(case, kind=case["kind"].split(":")[1])
@@ -142,3 +142,40 @@ def worker(rank, world, store, cases, outdir, backend_env):
         json.dump(results, f)
     dist.barrier()
     dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The reference Llama trained on a sharded sequence (tests/test_context_parallel_llama.py)
+
+
+def run_llama_case(case, group):
+    """Loss and every parameter's gradient of one step with the sequence sharded over ``group`` (gradients summed
+    over the group), against the same model on the whole batch in this process; float64."""
+    import fusedlm.distributed as fd
+    from fusedlm.models import LlamaConfig, LlamaForCausalLM
+
+    group = group if group is not None else dist.group.WORLD  # (the model's cp_group=None means no parallelism)
+    torch.manual_seed(case["seed"])
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_kernels=case["use_kernels"])
+    model = LlamaForCausalLM(config).double()
+    ids = torch.randint(0, 64, (case["B"], case["S"]))
+    labels = ids.clone()
+    labels[ids % 7 == 0] = -100  # some ignored targets: the global count must be right
+    cu = torch.tensor(case["cu"], dtype=torch.int32) if case.get("cu") else None
+    ref_labels = labels.clone()
+    if cu is not None:  # no prediction across a packed boundary (what shard_lm_batch does)
+        ref_labels[0, cu[1:-1].long()] = -100
+    ref = model(ids, labels=ref_labels, cu_seqlens=cu).loss
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    batch = fd.shard_lm_batch(ids, labels, group=group, cu_seqlens=cu)
+    loss = model(**batch, cp_group=group).loss
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    errs = {"loss": abs(loss.item() - ref.item()) / abs(ref.item())}
+    worst = 0.0
+    for g, r in zip(grads, ref_grads):
+        g = g.clone()
+        dist.all_reduce(g, group=group)  # each rank holds its tokens' share
+        worst = max(worst, rel(g, r))
+    errs["grads"] = worst
+    return errs

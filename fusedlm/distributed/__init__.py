@@ -21,11 +21,13 @@ from ._comm import Transport
 from ._ring import DenseBlocks, RingAttention, VarlenBlocks
 from ._ulysses import ulysses_attention
 from .layout import LAYOUTS, shard, shard_positions, shard_varlen, varlen_shard_indices, varlen_shard_positions
+from .training import global_mean, shard_lm_batch
 
 STRATEGIES = ("ring", "ulysses")
 
 __all__ = ["context_parallel_attention", "context_parallel_varlen_attention", "shard", "shard_varlen",
-           "shard_positions", "varlen_shard_indices", "varlen_shard_positions", "LAYOUTS", "STRATEGIES"]
+           "shard_positions", "varlen_shard_indices", "varlen_shard_positions", "shard_lm_batch", "global_mean",
+           "LAYOUTS", "STRATEGIES"]
 
 
 def _transport(group):
