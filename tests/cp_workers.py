@@ -57,10 +57,10 @@ def run_case(case, group):
     if case["kind"] == "dense":
         ref = dense_oracle(*full, causal)
         layout = case["layout"]
-        cut = lambda t: fd.shard(t, 2, W, r, layout)  # noqa: E731
+        cut = lambda t: fd.shard(t, 2, W, r, layout)
     else:
         ref = packed_oracle(*full, cu, causal)
-        cut = lambda t: fd.shard_varlen(t, cu, W, r)  # noqa: E731
+        cut = lambda t: fd.shard_varlen(t, cu, W, r)
     ref.backward(dout)
     mine = [cut(t).to(dtype).requires_grad_() for t in (q, k, v)]
     if case["kind"] == "dense":

@@ -7,7 +7,6 @@ rank alone: also the path of a non-default group, whose ranks are translated to 
 for a few cheap cases. The case lists are here; tests/cp_workers.py runs them.
 """
 import json
-import math
 import os
 
 import pytest

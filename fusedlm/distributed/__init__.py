@@ -80,7 +80,7 @@ def context_parallel_attention(q, k, v, *, group=None, is_causal=False, scale=No
     Returns this rank's shard of the output, (B, H, L/W, Ev) in q's dtype; equal to
     ``fusedlm.scaled_dot_product_attention`` over the gathered sequence, and with W = 1 it is that call.
     """
-    H, Hkv, n, E = _check_qkv(q, k, v, 4, 2, 1)
+    E = _check_qkv(q, k, v, 4, 2, 1)[3]
     _validate.flag("is_causal", is_causal)
     _validate.choice("layout", layout, LAYOUTS)
     _validate.choice("strategy", strategy, STRATEGIES)
@@ -120,7 +120,7 @@ def context_parallel_varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, group=
     Returns this rank's output (total/W, H, Ev) in q's dtype, equal to ``fusedlm.varlen_attention`` over the
     whole packed batch; with W = 1 it is that call.
     """
-    H, Hkv, n, E = _check_qkv(q, k, v, 3, 0, 1)
+    _, _, n, E = _check_qkv(q, k, v, 3, 0, 1)
     _validate.flag("causal", causal)
     scale = _scale(scale, E)
     _validate.index_tensor("cu_seqlens", cu_seqlens, 1)  # kinds first; the values need W, from the group

@@ -47,9 +47,9 @@ def count(W, L, H, E, *, Hkv=None, Ev=None, B=1, dtype=torch.bfloat16, causal=Tr
         saved = sum(t.nbytes for t in out.grad_fn.saved_tensors[3:])
     with recording() as bwd:
         out.backward(torch.empty_like(out))
-    step = lambda rec, what: max([b for w, b in rec.sends if w == what], default=0)  # noqa: E731
+    step = lambda rec, what: max([b for w, b in rec.sends if w == what], default=0)
     # (Ulysses notes its one attention's backward flops when its forward runs)
-    flops = lambda phase: max([f for p, f in fwd.blocks + bwd.blocks if p == phase], default=0.0)  # noqa: E731
+    flops = lambda phase: max([f for p, f in fwd.blocks + bwd.blocks if p == phase], default=0.0)
     return dict(sent_fwd=fwd.sent(), sent_bwd=bwd.sent(), kv_step=step(fwd, "kv"), dkv_step=step(bwd, "dkv"),
                 steps=sum(1 for w, _ in fwd.sends if w == "kv"),
                 shard=sum(t.nbytes for t in (q, k, v, out)), saved=saved, buffers_fwd=fwd.allocated(),

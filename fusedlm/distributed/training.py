@@ -26,13 +26,13 @@ def shard_lm_batch(input_ids, labels=None, *, group=None, cu_seqlens=None, ignor
     dev = input_ids.device
     if cu_seqlens is None:
         idx = shard_positions(S, W, r, "zigzag", dev)
-        cut = lambda t: t.index_select(1, idx)  # noqa: E731
+        cut = lambda t: t.index_select(1, idx)
         positions = idx.expand(B, -1)
     else:
         if B != 1:
             raise ValueError(f"cu_seqlens: expected a batch of one packed row, got batch size {B}")
         idx = varlen_shard_indices(cu_seqlens, W, r).to(dev)
-        cut = lambda t: t.index_select(1, idx)  # noqa: E731
+        cut = lambda t: t.index_select(1, idx)
         positions = varlen_shard_positions(cu_seqlens, W, r).to(dev)[None]
     batch = {"input_ids": cut(input_ids), "position_ids": positions}
     if labels is not None:
