@@ -166,3 +166,10 @@ def index_tensor(name, t, ndim):
         raise TypeError(f"{name}: expected dtype torch.int32, got {t.dtype}")
     if t.dim() != ndim:
         raise ValueError(f"{name}: expected a {ndim}-D tensor, got {t.dim()}-D with shape {tuple(t.shape)}")
+
+
+def choice(name, value, options):
+    """One of ``options`` (strings); returns it."""
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name}: expected one of {', '.join(repr(o) for o in options)}, got {value!r}")
+    return value

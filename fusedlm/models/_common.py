@@ -51,6 +51,8 @@ class Packing:
     max_seqlen: int                  # the longest sequence
     batch: int
     seqlen: int
+    cp_group: Optional[object] = None  # context parallelism: this rank holds a zigzag shard of every sequence
+    #                                    (fusedlm.distributed's varlen layout); None: the whole sequences
 
     def pack(self, x):
         """(B, S, ...) -> (T, ...), the real tokens."""
@@ -160,10 +162,11 @@ def rms_norm(x, weight, eps, residual, use_kernels):
     return weight * normed.to(s.dtype), s  # rounded to the input dtype before the weight, as LlamaRMSNorm
 
 
-def lm_loss(hidden, lm_head, target):
-    """The mean cross-entropy of lm_head(hidden) (T, vocab) against target (T,) (-100 ignored), through
+def lm_loss(hidden, lm_head, target, reduction="mean"):
+    """The cross-entropy of lm_head(hidden) (T, vocab) against target (T,) (-100 ignored), through
     fusedlm.linear_cross_entropy: the logits are never made. (The plain path is logits then F.cross_entropy.)"""
-    return fusedlm.linear_cross_entropy(hidden, lm_head.weight, target, lm_head.bias, ignore_index=-100)
+    return fusedlm.linear_cross_entropy(hidden, lm_head.weight, target, lm_head.bias, ignore_index=-100,
+                                        reduction=reduction)
 
 
 def layer_norm(x, weight, bias, eps, residual, use_kernels):
@@ -209,7 +212,11 @@ def _padded_attention_with_dropout(q, k, v, packing, causal, scale, dropout_p):
 
 
 def attention(q, k, v, packing, *, causal, scale=None, dropout_p=0.0, use_kernels):
-    """Attention within each packed sequence: q (T, H, D), k, v (T, Hkv, D) -> (T, H, D)."""
+    """Attention within each packed sequence: q (T, H, D), k, v (T, Hkv, D) -> (T, H, D). With
+    ``packing.cp_group`` the tokens are this rank's zigzag shard and the attention is context-parallel
+    (fusedlm.distributed, ring; the plain path runs its blocks on the torch backend)."""
+    if packing.cp_group is not None:
+        return _context_parallel_attention(q, k, v, packing, causal, scale, dropout_p, use_kernels)
     if use_kernels and dropout_p > 0 and not _VARLEN_HAS_DROPOUT:
         return _padded_attention_with_dropout(q, k, v, packing, causal, scale, dropout_p)
     if use_kernels:
@@ -224,6 +231,21 @@ def attention(q, k, v, packing, *, causal, scale=None, dropout_p=0.0, use_kernel
                                          attn_mask=allowed, dropout_p=dropout_p, scale=scale,
                                          enable_gqa=k.shape[1] != q.shape[1])
     return out[0].transpose(0, 1)
+
+
+def _context_parallel_attention(q, k, v, packing, causal, scale, dropout_p, use_kernels):
+    import torch.distributed as dist
+
+    from fusedlm.distributed import context_parallel_varlen_attention
+
+    if dropout_p > 0:
+        raise ValueError(f"attention_dropout: expected 0 in training with context parallelism (not supported), "
+                         f"got {dropout_p}")
+    W = dist.get_world_size(packing.cp_group)
+    # the local offsets are the global ones / W (every sequence holds 2 of its 2W chunks here)
+    return context_parallel_varlen_attention(q, k, v, packing.cu_seqlens * W, packing.max_seqlen * W,
+                                             group=packing.cp_group, causal=causal, scale=scale,
+                                             backend=None if use_kernels else "torch")
 
 
 _ACTIVATIONS = {

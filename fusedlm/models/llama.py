@@ -18,6 +18,29 @@ from . import _common as C
 from . import generation
 
 
+def _context_parallel_packing(B, S, device, attention_mask, position_ids, cu_seqlens, group):
+    """The packed layout of one rank's shard (fusedlm.distributed.shard_lm_batch): rows of S = L / W tokens, or one
+    packed row with the *global* cu_seqlens; positions: position_ids packed, else the shard's global positions."""
+    import torch.distributed as dist
+
+    from fusedlm.distributed import shard_positions, varlen_shard_positions
+
+    if attention_mask is not None:
+        raise ValueError("attention_mask: expected None with cp_group (padding is not supported under context "
+                         "parallelism: pack the sequences with cu_seqlens), got a mask")
+    W, r = dist.get_world_size(group), dist.get_rank(group)
+    cu_local = None if cu_seqlens is None else torch.div(cu_seqlens.to(device), W, rounding_mode="floor")
+    packing = C.make_packing(B, S, device, None, None, cu_local)
+    packing.cp_group = group
+    if position_ids is not None:
+        positions = packing.pack(position_ids.to(device).long().expand(B, S))
+    elif cu_seqlens is None:
+        positions = shard_positions(S * W, W, r, "zigzag", device).repeat(B)
+    else:
+        positions = varlen_shard_positions(cu_seqlens.to(device), W, r)
+    return packing, positions
+
+
 @dataclass
 class LlamaConfig:
     vocab_size: int = 32000
@@ -185,7 +208,17 @@ class LlamaForCausalLM(nn.Module):
     With ``use_kernels`` the loss is fusedlm.linear_cross_entropy on the final hidden states and the LM head
     (the (tokens, vocab) logits are never made); without, logits then F.cross_entropy.
     ``return_logits``: None (default) returns the logits when no ``labels`` are given and None with them;
-    True always returns them (computed for that), False never.
+    True always returns them (computed for that), False never. ``shift_labels`` (B, S): targets already shifted
+    (token t predicts shift_labels[t]), instead of ``labels``.
+
+    Context parallelism: ``cp_group`` (a torch.distributed group of W ranks) and the inputs of one rank from
+    ``fusedlm.distributed.shard_lm_batch`` (input_ids (B, S/W) in the zigzag layout, their global position_ids,
+    shift_labels, the global cu_seqlens for packed rows): the attention is context-parallel
+    (fusedlm.distributed.context_parallel_varlen_attention), rotary positions are the shard's global ones,
+    and the loss is the sum over this rank's tokens over the group's token count, all-reduced: the same value on
+    every rank. Each rank's backward gives the gradient through its own tokens: sum the parameter gradients over
+    the group (FSDP2 over that mesh dimension with ``set_gradient_divide_factor`` leaving a sum, see
+    examples/train_long_context.py). No padding mask and no attention dropout there.
     """
 
     def __init__(self, config: LlamaConfig):
@@ -208,22 +241,42 @@ class LlamaForCausalLM(nn.Module):
         return C.load_from_hf(cls(config), hf_model)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, *, cu_seqlens=None,
-                inputs_embeds=None, return_logits=None):
+                inputs_embeds=None, return_logits=None, shift_labels=None, cp_group=None):
         B, S = C._check_ids(input_ids, inputs_embeds)
         device, fast = self.lm_head.weight.device, self.config.use_kernels
-        packing = C.make_packing(B, S, device, attention_mask, position_ids, cu_seqlens, split_on_positions=True)
-        positions = C.packed_positions(packing, position_ids, device, restart=cu_seqlens is not None)
+        if labels is not None and shift_labels is not None:
+            raise ValueError("labels / shift_labels: expected at most one of them, got both")
+        if cp_group is None:
+            packing = C.make_packing(B, S, device, attention_mask, position_ids, cu_seqlens, split_on_positions=True)
+            positions = C.packed_positions(packing, position_ids, device, restart=cu_seqlens is not None)
+        else:
+            if labels is not None:
+                raise ValueError("labels: with cp_group expected shift_labels (shifted before sharding: "
+                                 "fusedlm.distributed.shard_lm_batch), got labels")
+            packing, positions = _context_parallel_packing(B, S, device, attention_mask, position_ids, cu_seqlens,
+                                                           cp_group)
         x = self.model.embed_tokens(packing.pack(input_ids)) if input_ids is not None else packing.pack(inputs_embeds)
         hidden = self.model(x, positions, packing)  # (T, hidden)
-        want_logits = labels is None if return_logits is None else bool(return_logits)
+        has_labels = labels is not None or shift_labels is not None
+        want_logits = not has_labels if return_logits is None else bool(return_logits)
         logits = loss = None
-        if want_logits or (labels is not None and not fast):
+        if want_logits or (has_labels and not fast):
             logits = packing.unpack(self.lm_head(hidden), fast)
-        if labels is not None:
-            shifted = F.pad(labels, (0, 1), value=-100)[:, 1:].to(device)
+        if has_labels:
+            if shift_labels is not None:
+                shifted = shift_labels.to(device)
+            else:
+                shifted = F.pad(labels, (0, 1), value=-100)[:, 1:].to(device)
             if attention_mask is not None:  # a padded position predicts nothing (with left padding the
                 shifted = shifted.masked_fill(attention_mask.to(device) == 0, -100)  # last pad would)
-            if fast:  # on the packed tokens: the padded positions are not there at all
+            if cp_group is not None:  # the sum over this rank's tokens / the group's count, reduced over the group
+                target = packing.pack(shifted)
+                local = C.lm_loss(hidden, self.lm_head, target, "sum") if fast else F.cross_entropy(
+                    logits.float().flatten(0, 1), shifted.flatten(), ignore_index=-100, reduction="sum")
+                from fusedlm.distributed.training import global_mean
+
+                loss = global_mean(local, (target != -100).sum(), cp_group)
+            elif fast:  # on the packed tokens: the padded positions are not there at all
                 loss = C.lm_loss(hidden, self.lm_head, packing.pack(shifted))
             else:
                 loss = F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(), ignore_index=-100)

@@ -1,0 +1,142 @@
+"""What context-parallel attention costs a rank, counted from the implementation: the ring and Ulysses run on
+meta tensors (any size, no memory, no arithmetic) with a transport that moves nothing and records every tensor
+handed to send / all-to-all, every buffer allocated and every block attention's matmul flops
+(fusedlm.distributed._comm). Nothing here is a formula typed in beside the code: change the ring and the
+figures change with it.
+
+    python -m fusedlm.distributed.plan            # the README's tables (markdown)
+
+``count(...)`` gives one configuration's figures; ``overlap_table`` / ``memory_table`` the README's tables.
+Compute time per ring step is the counted flops over an *assumed* attention rate (ASSUMED_TFLOPS, a bf16
+flash-attention kernel on an H100 at long blocks; no GPU measured it here: the GPU run is to replace it with
+the measured single-GPU per-step kernel time).
+"""
+import argparse
+
+import torch
+
+from . import _dense
+from ._comm import DryTransport, recording
+
+ASSUMED_TFLOPS = 400.0  # sustained bf16 attention rate of one H100 assumed for the compute time (not measured)
+LINKS = {"NVLink (450 GB/s)": 450e9, "InfiniBand (50 GB/s)": 50e9}  # one direction, per GPU
+
+
+def count(W, L, H, E, *, Hkv=None, Ev=None, B=1, dtype=torch.bfloat16, causal=True, layout="zigzag",
+          strategy="ring", rank=0):
+    """Per-rank figures of one attention layer (forward and backward) at world size W over L tokens.
+
+    Returns a dict: sent_fwd / sent_bwd (bytes this rank sends), kv_step (bytes of one ring step's K/V message),
+    dkv_step (one backward step's dK/dV message), steps (ring steps with a transfer), shard (bytes of this rank's
+    q, k, v, and out), saved (bytes the layer keeps for the backward beyond its inputs), buffers_fwd /
+    buffers_bwd (bytes the context-parallel layer allocates in the forward / backward: communication buffers and
+    accumulators), flops_step_fwd / flops_step_bwd (the largest one-step block attention's matmul flops on this
+    rank; Ulysses: its one attention).
+    """
+    Hkv, Ev = Hkv or H, Ev or E
+    n = L // W
+    meta = dict(device="meta", dtype=dtype)
+    q = torch.empty(B, H, n, E, **meta, requires_grad=True)
+    k = torch.empty(B, Hkv, n, E, **meta, requires_grad=True)
+    v = torch.empty(B, Hkv, n, Ev, **meta, requires_grad=True)
+    transport = DryTransport(W, rank)
+    with recording() as fwd:
+        out = _dense(q, k, v, transport, causal, E ** -0.5, layout, strategy, "torch")
+    saved = 0
+    if strategy == "ring" and W > 1:  # what the autograd Function keeps, beyond the inputs it was given
+        saved = sum(t.nbytes for t in out.grad_fn.saved_tensors[3:])
+    with recording() as bwd:
+        out.backward(torch.empty_like(out))
+    step = lambda rec, what: max([b for w, b in rec.sends if w == what], default=0)
+    # (Ulysses notes its one attention's backward flops when its forward runs)
+    flops = lambda phase: max([f for p, f in fwd.blocks + bwd.blocks if p == phase], default=0.0)
+    return dict(sent_fwd=fwd.sent(), sent_bwd=bwd.sent(), kv_step=step(fwd, "kv"), dkv_step=step(bwd, "dkv"),
+                steps=sum(1 for w, _ in fwd.sends if w == "kv"),
+                shard=sum(t.nbytes for t in (q, k, v, out)), saved=saved, buffers_fwd=fwd.allocated(),
+                buffers_bwd=bwd.allocated(), flops_step_fwd=flops("fwd"), flops_step_bwd=flops("bwd"))
+
+
+def _mib(b):
+    return f"{b / 2**20:,.0f}" if b >= 2**20 * 10 else f"{b / 2**20:,.1f}"
+
+
+def _us(seconds):
+    return f"{seconds * 1e6:,.0f}"
+
+
+def memory_table(H=32, Hkv=8, E=128, dtype=torch.bfloat16, Ls=(32768, 131072, 1048576), Ws=(1, 2, 4, 8, 16)):
+    """Markdown: per-rank bytes of one causal attention layer, ring (zigzag) and Ulysses."""
+    rows = ["| L | W | strategy | shard q, k, v, out MiB | kept for backward MiB | CP buffers fwd / bwd MiB "
+            "| sent fwd / bwd MiB |", "|---:|---:|---|---:|---:|---:|---:|"]
+    for L in Ls:
+        for W in Ws:
+            for strategy in ("ring", "ulysses") if W > 1 else ("ring",):
+                c = count(W, L, H, E, Hkv=Hkv, dtype=dtype, strategy=strategy)
+                saved = _mib(c["saved"]) if strategy == "ring" and W > 1 else "(the backend's)"
+                rows.append(f"| {L:,} | {W} | {strategy if W > 1 else '(plain attention)'} | {_mib(c['shard'])} | "
+                            f"{saved} | {_mib(c['buffers_fwd'])} / {_mib(c['buffers_bwd'])} | "
+                            f"{_mib(c['sent_fwd'])} / {_mib(c['sent_bwd'])} |")
+    return "\n".join(rows)
+
+
+def overlap_table(H=32, Hkv=8, E=128, dtype=torch.bfloat16, Ls=(32768, 131072, 1048576), Ws=(2, 4, 8, 16)):
+    """Markdown: per ring step (zigzag, causal), the block attention's time at ASSUMED_TFLOPS against the
+    K/V transfer (forward) and the K/V + dK/dV transfer (backward) on each link; "yes" where compute hides it."""
+    rate = ASSUMED_TFLOPS * 1e12
+    head = " | ".join(f"transfer {name} us" for name in LINKS)
+    rows = [f"| L | W | tokens a rank | pass | compute a step us | {head} | hidden on NVLink / IB |",
+            "|---:|---:|---:|---|---:|" + "---:|" * len(LINKS) + "---|"]
+    for L in Ls:
+        for W in Ws:
+            c = count(W, L, H, E, Hkv=Hkv, dtype=dtype)
+            for phase, flops, nbytes in (("fwd", c["flops_step_fwd"], c["kv_step"]),
+                                         ("bwd", c["flops_step_bwd"], c["kv_step"] + c["dkv_step"])):
+                t_comp = flops / rate
+                t_comm = [nbytes / bw for bw in LINKS.values()]
+                hidden = " / ".join("yes" if t_comp >= t else "no" for t in t_comm)
+                rows.append(f"| {L:,} | {W} | {L // W:,} | {phase} | {_us(t_comp)} | "
+                            + " | ".join(_us(t) for t in t_comm) + f" | {hidden} |")
+    return "\n".join(rows)
+
+
+def threshold_table(E=128, dtype=torch.bfloat16, heads=((32, 8), (32, 32), (64, 8)), W=8):
+    """Markdown: the fewest tokens a rank (a power of two) for which a ring step's compute hides its transfer,
+    found by counting configurations of growing length."""
+    rate = ASSUMED_TFLOPS * 1e12
+    rows = ["| H | Hkv | " + " | ".join(f"{p} on {name}" for name in LINKS for p in ("fwd", "bwd")) + " |",
+            "|---:|---:|" + "---:|" * (2 * len(LINKS))]
+    for H, Hkv in heads:
+        cells = []
+        for bw in LINKS.values():
+            for phase in ("fwd", "bwd"):
+                n = 256
+                while n <= 2**22:
+                    c = count(W, n * W, H, E, Hkv=Hkv, dtype=dtype)
+                    flops = c["flops_step_" + phase]
+                    nbytes = c["kv_step"] + (c["dkv_step"] if phase == "bwd" else 0)
+                    if flops / rate >= nbytes / bw:
+                        break
+                    n *= 2
+                cells.append(f"{n:,}")
+        rows.append(f"| {H} | {Hkv} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Per-rank memory, bytes sent and the overlap condition of "
+                                            "context-parallel attention, counted from a dry run.")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    args = p.parse_args(argv)
+    H, Hkv, E = args.heads, args.kv_heads, args.head_dim
+    print(f"Per rank, one causal attention layer, B = 1, H = {H}, Hkv = {Hkv}, E = {E}, bfloat16:\n")
+    print(memory_table(H, Hkv, E))
+    print(f"\nRing (zigzag, causal) step: compute at an assumed {ASSUMED_TFLOPS:.0f} TFLOP/s against the transfer:\n")
+    print(overlap_table(H, Hkv, E))
+    print("\nFewest tokens a rank for which each ring step hides its transfer (W = 8, E = 128, bfloat16):\n")
+    print(threshold_table(E))
+
+
+if __name__ == "__main__":
+    main()

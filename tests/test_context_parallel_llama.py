@@ -1,0 +1,74 @@
+"""The reference Llama trained on a sequence sharded over a context-parallel group, on gloo processes on CPU:
+the loss and every parameter's gradient (summed over the group) equal to the same model run on the whole batch
+in one process (float64), and examples/train_long_context.py under torchrun with FSDP2 (2 processes: cp = 2;
+4 processes: dp = 2 x cp = 2 on a 2-D DeviceMesh) matching its run without parallelism step by step.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch.multiprocessing as mp
+
+import cp_workers
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BOUND = 1e-10  # float64: the sharded run sums the same terms in another order (seen ~1e-15)
+PLAIN_LOSS_BOUND = 1e-6  # use_kernels=False computes the loss from float32 logits (as transformers' does):
+#                          a float32 sum over a rank's tokens, not one float32 mean (seen 1e-7)
+
+
+def llama_cases():
+    cases = [
+        dict(name="world-rows-kernels", group="world", use_kernels=True, B=2, S=32),
+        dict(name="world-packed-kernels", group="world", use_kernels=True, B=1, S=64, cu=[0, 16, 48, 64]),
+        dict(name="world-rows-plain", group="world", use_kernels=False, B=2, S=32),
+        dict(name="pair-rows-kernels", group="pair", use_kernels=True, B=2, S=16),
+        dict(name="pair-packed-plain", group="pair", use_kernels=False, B=1, S=24, cu=[0, 8, 24]),
+        dict(name="single-rows-kernels", group="single", use_kernels=True, B=2, S=10),
+    ]
+    return [dict(c, kind="llama", seed=i) for i, c in enumerate(cases)]
+
+
+def test_sharded_llama_loss_and_gradients_equal_one_process(tmp_path):
+    cases = llama_cases()
+    env = {"OMP_NUM_THREADS": "1", "FUSEDLM_BACKEND": "torch"}  # float64: the torch backend
+    mp.spawn(cp_workers.worker, args=(4, str(tmp_path / "store"), cases, str(tmp_path), env), nprocs=4)
+    rows = [row for r in range(4) for row in json.loads((tmp_path / f"rank{r}.json").read_text())]
+    assert len(rows) == 4 * len(cases)
+    plain = {c["name"] for c in cases if not c["use_kernels"]}
+    bad = [r for r in rows if "exception" in r or not (
+        r["loss"] <= (PLAIN_LOSS_BOUND if r["case"] in plain else BOUND) and r["grads"] <= BOUND)]
+    assert not bad, "\n".join(map(str, bad))
+    assert {r["world"] for r in rows if r["case"].startswith("world")} == {4}
+
+
+@pytest.mark.parametrize("nproc,cp", [(2, 2), (4, 2)])
+def test_example_train_long_context_matches_the_run_without_parallelism(nproc, cp):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("TRITON_INTERPRET", None)  # the torch backend: float64
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "examples" / "train_long_context.py"), "--cp", str(cp), "--steps", "3", "--check",
+           "--dtype", "float64", "--backend", "torch", "--seqlen", "32"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "ok" in res.stdout and f"dp {nproc // cp} x cp {cp}" in res.stdout, res.stdout
+
+
+def test_model_rejects_what_context_parallelism_cannot_do():
+    import torch
+
+    from fusedlm.models import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2))
+    ids = torch.randint(0, 16, (1, 8))
+    group = object()  # (rejected before the group is used)
+    with pytest.raises(ValueError, match=r"labels: with cp_group expected shift_labels"):
+        model(ids, labels=ids, cp_group=group)
+    with pytest.raises(ValueError, match=r"attention_mask: expected None with cp_group"):
+        model(ids, attention_mask=torch.ones(1, 8), cp_group=group)
+    with pytest.raises(ValueError, match=r"labels / shift_labels: expected at most one of them, got both"):
+        model(ids, labels=ids, shift_labels=ids)
