@@ -17,6 +17,7 @@
 #endif
 
 #include <optional>
+#include <vector>
 
 #include "kernels.h"
 
@@ -454,6 +455,71 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(
   return {dq, dk, dv};
 }
 
+// ---- The fused LoRA linear's GEMM (lora.cu). Forward (transposed = false): x (M, K), w = W (N, K),
+// p = x A^T (M, R), q = B (N, R) -> x W^T + s p B^T + bias. dx (transposed = true): x = dy (M, K'),
+// w = W (K', N), p = dy B (M, R), q = A (R, N) -> dy W + s (p A) * keep. A rank that is not a multiple of 8
+// is padded with zero columns of p and q (the 16-byte copies), which adds nothing.
+Tensor pad_rank(const Tensor& t, int64_t dim) {
+  const int64_t r = t.size(dim), pad = (8 - r % 8) % 8;
+  if (pad == 0) return t;
+  std::vector<int64_t> widths(2 * t.dim(), 0);
+  widths[2 * (t.dim() - 1 - dim) + 1] = pad;  // constant_pad_nd counts from the last dimension
+  return at::constant_pad_nd(t, widths, 0);
+}
+
+Tensor lora_gemm(const Tensor& x, const Tensor& w, const Tensor& p, const Tensor& q, const std::optional<Tensor>& bias,
+                 const std::optional<Tensor>& keep, double scaling, bool transposed) {
+  const fl::DType dtype = kernel_dtype(x, "x");
+  TORCH_CHECK(dtype != fl::DType::F32, "x: the cuda LoRA kernel takes float16 or bfloat16, got float32");
+  for (const Tensor* t : {&w, &p, &q}) check_like(*t, x, "w, p, q", "x");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && p.dim() == 2 && q.dim() == 2, "x, w, p, q: expected 2-D tensors");
+  const int64_t M = x.size(0), K = x.size(1), N = transposed ? w.size(1) : w.size(0), R = p.size(1);
+  TORCH_CHECK(w.size(transposed ? 0 : 1) == K, "w: expected ", K, " reduction features, got ", w.sizes());
+  TORCH_CHECK(p.size(0) == M, "p: expected ", M, " rows, got ", p.sizes());
+  TORCH_CHECK(q.size(transposed ? 0 : 1) == R && q.size(transposed ? 1 : 0) == N, "q: expected rank ", R, " x ", N,
+              " features, got ", q.sizes());
+  TORCH_CHECK(K % 8 == 0 && N % 8 == 0, "lora_gemm: the 16-byte copies need K and N multiples of 8, got K=", K,
+              ", N=", N);
+  TORCH_CHECK((M + 63) / 64 <= INT32_MAX && (N + 63) / 64 <= 65535, "lora_gemm: too large for one launch");
+  const Tensor xc = attn_operand(x), wc = attn_operand(w);
+  const Tensor pc = attn_operand(pad_rank(p, 1)), qc = attn_operand(pad_rank(q, transposed ? 0 : 1));
+  Tensor b, k8;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->device() == x.device(), "bias: expected (", N,
+                ",) on ", x.device());
+    b = bias->to(at::kFloat).contiguous();
+  }
+  if (keep.has_value()) {
+    TORCH_CHECK(keep->scalar_type() == at::kBool && keep->sizes() == at::IntArrayRef({M, N}) &&
+                    keep->device() == x.device(), "keep: expected bool (", M, ", ", N, ") on ", x.device());
+    k8 = keep->contiguous();
+  }
+  Tensor y = at::empty({M, N}, x.options());
+  fl::LoraParams prm{};
+  prm.x = xc.data_ptr();
+  prm.w = wc.data_ptr();
+  prm.p = pc.data_ptr();
+  prm.q = qc.data_ptr();
+  prm.bias = b.defined() ? b.data_ptr<float>() : nullptr;
+  prm.keep = k8.defined() ? reinterpret_cast<const uint8_t*>(k8.data_ptr()) : nullptr;
+  prm.y = y.data_ptr();
+  prm.m = M;
+  prm.n = N;
+  prm.k = K;
+  prm.r = pc.size(1);
+  prm.x_stride = xc.stride(0);
+  prm.w_stride = wc.stride(0);
+  prm.p_stride = pc.stride(0);
+  prm.q_stride = qc.stride(0);
+  prm.keep_stride = k8.defined() ? k8.stride(0) : 0;
+  prm.y_stride = N;
+  prm.scaling = float(scaling);
+  prm.transposed = transposed;
+  prm.dtype = dtype;
+  if (M > 0) run(x, prm, [](const auto& z) { fl::cpu::lora_gemm(z); }, FL_GPU(lora_gemm));
+  return y;
+}
+
 // Test-only: the tensor-core primitives of simt.h on fixed tiles (csrc/tc_selftest.cu, kernels.h). a (32, 32),
 // b (32, 16) when b_trans else (16, 32), in float16 or bfloat16; c (32, 16) float32. Returns d = a b + c,
 // e = round(d) b[:16] (float32, (32, 16)), every thread's fragment registers (64, 20) int32 and accumulators
@@ -511,6 +577,8 @@ TORCH_LIBRARY(fusedlm_C, m) {
         " Tensor? key_padding_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q,"
         " int max_seqlen_k, float scale, bool causal, bool bottom_right, float dropout_p, Tensor? seed,"
         " int window_left, int window_right) -> (Tensor, Tensor, Tensor)");
+  m.def("lora_gemm(Tensor x, Tensor w, Tensor p, Tensor q, Tensor? bias, Tensor? keep, float scaling,"
+        " bool transposed) -> Tensor");
   m.def("tc_selftest(Tensor a, Tensor b, Tensor c, int m_valid, int ldm_x, bool b_trans, bool wait, bool misalign)"
         " -> (Tensor, Tensor, Tensor, Tensor)");
 }
@@ -523,6 +591,7 @@ TORCH_LIBRARY_IMPL(fusedlm_C, CPU, m) {
   m.impl("rope", &rope);
   m.impl("attention_fwd", &attention_fwd);
   m.impl("attention_bwd", &attention_bwd);
+  m.impl("lora_gemm", &lora_gemm);
   m.impl("tc_selftest", &tc_selftest);
 }
 
@@ -535,6 +604,7 @@ TORCH_LIBRARY_IMPL(fusedlm_C, CUDA, m) {
   m.impl("rope", &rope);
   m.impl("attention_fwd", &attention_fwd);
   m.impl("attention_bwd", &attention_bwd);
+  m.impl("lora_gemm", &lora_gemm);
   m.impl("tc_selftest", &tc_selftest);
 }
 #endif

@@ -112,6 +112,24 @@ struct AttnParams {
   DType dtype;                   // F16 or BF16
 };
 
+// The fused LoRA linear's GEMM (lora.cu): Y = X Wop + scaling * (P Qop) [* keep] + bias, rounded once.
+// transposed = false (forward): Wop = W^T from W (n, k), Qop = Q^T from Q (n, r); true (dx): W (k, n) and
+// Q (r, n) as stored. k, n and r multiples of 8; row strides multiples of 8 elements, 16-byte aligned bases.
+struct LoraParams {
+  const void* x;         // (m, k)
+  const void* w;         // (n, k) or, transposed, (k, n)
+  const void* p;         // (m, r)
+  const void* q;         // (n, r) or, transposed, (r, n)
+  const float* bias;     // (n,) or null
+  const uint8_t* keep;   // (m, n) 1 = keep the low-rank term, or null
+  void* y;               // (m, n) out
+  int64_t m, n, k, r;
+  int64_t x_stride, w_stride, p_stride, q_stride, keep_stride, y_stride;
+  float scaling;
+  bool transposed;
+  DType dtype;           // F16 or BF16
+};
+
 // Test-only (tc_selftest.cu): one block of two warps runs the tensor-core primitives of simt.h on fixed
 // tiles, so that tests check them (against a matmul and the PTX ISA's fragment maps) in both builds.
 //   cp.async (zero-filling rows >= m_valid of A) -> shared; ldmatrix -> fragments; mma.m16n8k16:
@@ -142,6 +160,7 @@ void rope(const RopeParams& p);
 void tc_selftest(const TcSelftestParams& p);
 void attention_fwd(const AttnParams& p);
 void attention_bwd(const AttnParams& p);
+void lora_gemm(const LoraParams& p);
 }  // namespace cpu
 
 #if defined(__CUDACC__) || defined(FUSEDLM_WITH_CUDA)
@@ -156,6 +175,7 @@ void rope(const RopeParams& p, cudaStream_t stream);
 void tc_selftest(const TcSelftestParams& p, cudaStream_t stream);
 void attention_fwd(const AttnParams& p, cudaStream_t stream);
 void attention_bwd(const AttnParams& p, cudaStream_t stream);
+void lora_gemm(const LoraParams& p, cudaStream_t stream);
 }  // namespace cuda
 #endif
 

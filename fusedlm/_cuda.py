@@ -25,7 +25,7 @@ import sys
 import torch
 
 OPS = ("rms_norm", "layer_norm", "swiglu", "apply_rotary_pos_emb", "scaled_dot_product_attention",
-       "varlen_attention")
+       "varlen_attention", "lora_linear")
 
 
 def _find_csrc():
@@ -170,6 +170,10 @@ def _register_python_parts():
     def _(dout, dlse, q, k, v, out, lse, *args):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
+    @torch.library.register_fake(lib + "lora_gemm")
+    def _(x, w, p, q, bias, keep, scaling, transposed):
+        return x.new_empty((x.shape[0], w.shape[1] if transposed else w.shape[0]))
+
     torch.library.register_autograd(lib + "attention_fwd", _attention_backward, setup_context=_attention_setup)
     torch.library.register_autograd(lib + "norm_fwd", _norm_backward, setup_context=_norm_setup)
     torch.library.register_autograd(lib + "swiglu_fwd", _swiglu_backward, setup_context=_swiglu_setup)
@@ -250,6 +254,16 @@ def swiglu(gate, up):
 
 def rope(q, k, cos, sin, interleaved, transposed):
     return torch.ops.fusedlm_C.rope(q, k, cos, sin, interleaved, transposed, False)
+
+
+def lora_fwd(x, weight, bias, xa, lora_b, scaling):
+    """y = x W^T + scaling * xa B^T + bias (csrc/lora.cu): x (M, K), weight (N, K), xa (M, r), lora_b (N, r)."""
+    return torch.ops.fusedlm_C.lora_gemm(x, weight, xa, lora_b, bias, None, scaling, False)
+
+
+def lora_dx(dy, weight, dyb, lora_a, keep, scaling):
+    """dx = dy W + scaling * (dyb A) [* keep]: dy (M, N), weight (N, K), dyb (M, r), lora_a (r, K) -> (M, K)."""
+    return torch.ops.fusedlm_C.lora_gemm(dy, weight, dyb, lora_a, None, keep, scaling, True)
 
 
 def attention(q, k, v, key_padding_mask, cu_q, cu_k, max_q, max_k, scale, causal, bottom_right, dropout_p, seed,

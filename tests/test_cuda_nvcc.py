@@ -29,9 +29,10 @@ SOURCES = sorted(p.name for p in CSRC.glob("*.cu"))
 # tc_selftest (the tensor-core primitives' test kernel): one per 16-bit dtype.
 # attention: per 16-bit dtype and head-dim bucket (32, 64, 128, 256) a forward, a dQ and a dK/dV kernel (at
 # 256 the dK/dV pass is two kernels, dV and dK).
+# lora: per 16-bit dtype the forward's operand layout and dx's (W and the low-rank Q read transposed).
 EXPECTED = {"norm.cu": 3 * (6 + 5 + 2 * 5 + 2 * 1), "swiglu.cu": 3 * 2 * 2, "rope.cu": 3 * 2, "tc_selftest.cu": 2,
-            "attention.cu": 2 * (4 + 4 + 5)}
-TENSOR_CORE = ("tc_selftest.cu", "attention.cu")
+            "attention.cu": 2 * (4 + 4 + 5), "lora.cu": 2 * 2}
+TENSOR_CORE = ("tc_selftest.cu", "attention.cu", "lora.cu")
 VECTORIZED = [s for s in SOURCES if s not in TENSOR_CORE]
 VEC16 = {"f": 4, "6__half": 8, "13__nv_bfloat16": 8}  # mangled dtype -> elements in 16 bytes
 
@@ -180,4 +181,26 @@ def test_attention_kernels_run_on_tensor_cores(compiled, arch):
             assert form in body, f"{name}: no {form}"
         assert re.search(r"cp\.async\.cg\.shared\.global \[%r\d+\], \[%rd\d+\], 16, %r\d+;", body), name
         assert "cp.async.commit_group" in body and "cp.async.wait_group 1" in body, name
+        assert not re.search(r"ld\.global(\.nc)?(\.\w+)*\.(u16|b16|f16|s16|bf16)\b", body), f"{name}: a 16-bit load"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lora_kernel_runs_on_tensor_cores(compiled, arch):
+    """The LoRA GEMM: no stack, a K-tile trip of 2 k-steps x 8 n-tiles = 16 mma.sync plus the rank step's 8,
+    B fragments by ldmatrix.x4 (.trans where W and Q are read as stored, dx's layout), operands read only by
+    16-byte cp.async."""
+    log, ptx = compiled[("lora.cu", arch)]
+    for name, props in parse_ptxas(log).items():
+        assert props["stack"] == 0, f"{name} on {arch}: a stack frame ({props})"
+    entries = re.split(r"\.entry\s+", ptx)[1:]
+    assert len(entries) == EXPECTED["lora.cu"]
+    for entry in entries:
+        name, body = entry.split("(", 1)[0], entry.split("\n}", 1)[0]
+        ab = "bf16" if "nv_bfloat16" in name else "f16"
+        assert body.count(f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32") >= 16 + 8, name
+        trans = re.search(r"LoraGemmI\w+?Lb([01])E", name).group(1) == "1"
+        assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in body, name  # the A operands
+        assert ("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in body) == trans, name
+        assert re.search(r"cp\.async\.cg\.shared\.global \[%r\d+\], \[%rd\d+\], 16, %r\d+;", body), name
+        assert "cp.async.wait_group 1" in body, name
         assert not re.search(r"ld\.global(\.nc)?(\.\w+)*\.(u16|b16|f16|s16|bf16)\b", body), f"{name}: a 16-bit load"

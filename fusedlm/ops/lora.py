@@ -1,9 +1,11 @@
-"""lora_linear: validation, backend dispatch, the Triton ops with their autograd, and the torch reference.
+"""lora_linear: validation, backend dispatch, the fused ops with their autograd, and the torch reference.
 
-The kernel and the math are in fusedlm/kernels/lora.py. Two ops are registered for the Triton backend:
-fusedlm::lora_fwd (x A^T once, then the base GEMM with s * (x A^T) B^T and the bias in its epilogue)
-and fusedlm::lora_bwd (dx with the same fused kernel; dA, dB, and dW / db only when asked for, with
-torch matmuls for those skinny or optional products). Autograd on lora_fwd calls lora_bwd. The torch
+The kernels and the math are in fusedlm/kernels/lora.py (Triton) and csrc/lora.cu (CUDA C++): one GEMM
+with a low-rank pair in its epilogue. Two ops are registered per backend, the same Python around a
+different kernel: fusedlm::lora_fwd (x A^T once, then the base GEMM with s * (x A^T) B^T and the bias in its
+epilogue) and fusedlm::lora_bwd (dx with the same fused kernel; dA, dB, and dW / db only when asked for,
+with torch matmuls for those skinny or optional products); the cuda backend's are fusedlm::lora_fwd_cuda
+and fusedlm::lora_bwd_cuda around fusedlm_C::lora_gemm. Autograd on lora_fwd calls lora_bwd. The torch
 backend is lora_linear_ref below, differentiated by autograd.
 
 Dropout. The keep mask is drawn by the public function from torch's default generator for x's device,
@@ -31,14 +33,34 @@ def lora_linear_ref(x, weight, bias, lora_a, lora_b, scaling, keep=None):
     return y.to(x.dtype)
 
 
-def _triton_ops():
-    """Register the Triton ops once, on first use (importing Triton only where it is usable)."""
-    global _fwd_op
-    if _fwd_op is not None:
-        return _fwd_op
-    from fusedlm.kernels import lora as K
+def _empty(device, dtype):
+    return torch.empty(0, device=device, dtype=dtype)
 
-    from .._triton import empty, launch, register_op
+
+def _kernels(backend):
+    """(gemm_fwd, gemm_dx, register) for a backend: the fused GEMM's two uses and how its ops register."""
+    if backend == "triton":  # (importing Triton only where it is usable)
+        from fusedlm.kernels import lora as K
+
+        from .._triton import launch, register_op
+
+        return (lambda *a: K.lora_fwd(launch, *a), lambda *a: K.lora_dx(launch, *a), register_op)
+    from .. import _cuda
+
+    def register_cuda(name, fn):  # a plain custom op around the fusedlm_C kernel (which has its fake)
+        op = torch.library.custom_op(f"fusedlm::{name}_cuda", fn, mutates_args=())
+        op.register_fake(fn)
+        return op
+
+    return _cuda.lora_fwd, _cuda.lora_dx, register_cuda
+
+
+def _ops(backend):
+    """Register the backend's ops once, on first use; returns the forward op (with autograd)."""
+    if backend in _fwd_ops:
+        return _fwd_ops[backend]
+    gemm_fwd, gemm_dx, register_op = _kernels(backend)
+    empty = _empty
 
     def lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
                  lora_b: torch.Tensor, scaling: float, keep: Optional[torch.Tensor]
@@ -46,7 +68,7 @@ def _triton_ops():
         """x (M, K), weight (N, K), bias (N,) or None, lora_a (r, K), lora_b (N, r), keep (M, K) bool or
         None -> (y (M, N), xa (M, r)) with xa = (x * keep) A^T in x's dtype (kept for dB)."""
         xa = torch.mm(x if keep is None else x * keep, lora_a.t())
-        y = K.lora_fwd(launch, x, weight, bias, xa, lora_b, scaling)
+        y = gemm_fwd(x, weight, bias, xa, lora_b, scaling)
         return y, xa
 
     def lora_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
@@ -56,8 +78,7 @@ def _triton_ops():
         """-> (dx, dweight, dbias, dlora_a, dlora_b), each an empty tensor when not asked for."""
 
         dyb = torch.mm(dy, lora_b) if (need_dx or need_da) else None  # (M, r)
-        dx = K.lora_dx(launch, dy, weight, dyb, lora_a, keep, scaling) if need_dx else \
-            empty(dy.device, dy.dtype)
+        dx = gemm_dx(dy, weight, dyb, lora_a, keep, scaling) if need_dx else empty(dy.device, dy.dtype)
         if need_da:
             da = torch.mm(dyb.t(), x if keep is None else x * keep).mul_(scaling)
         else:
@@ -88,11 +109,26 @@ def _triton_ops():
                 da if need[3] else None, db if need[4] else None, None, None)
 
     fwd.register_autograd(backward, setup_context=setup_context)
-    _fwd_op = fwd
+    _fwd_ops[backend] = fwd
     return fwd
 
 
-_fwd_op = None
+_fwd_ops = {}
+
+
+def _triton_ops():
+    return _ops("triton")
+
+
+def _cuda_reason(x, weight):
+    """Why the cuda backend's kernel (csrc/lora.cu) cannot take this call, or None."""
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"the cuda LoRA kernel takes float16 or bfloat16 (tensor cores), got {x.dtype}"
+    k, n = x.shape[-1], weight.shape[0]
+    if k % 8 or n % 8:
+        return (f"the cuda LoRA kernel reads 16-byte chunks: in_features and out_features must be multiples of 8, "
+                f"got {k} and {n}")
+    return None
 
 
 def _validate_lora(x, weight, bias, lora_a, lora_b, scaling, dropout_p):
@@ -150,10 +186,11 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling, *, dropout_p=0.0, back
         scaling = scaling / (1.0 - dropout_p)
     name = _backend.select("lora_linear", backend, x.device, {
         "triton": _validate.kernel_dtype_reason(x),
+        "cuda": _cuda_reason(x, weight),
     })
     if name == "torch":
         return lora_linear_ref(x, weight, bias, lora_a, lora_b, scaling, keep)
     k, n = x.shape[-1], weight.shape[0]
-    y, _ = _triton_ops()(x.reshape(-1, k), weight, bias, lora_a, lora_b, scaling,
-                         None if keep is None else keep.reshape(-1, k))
+    y, _ = _ops(name)(x.reshape(-1, k), weight, bias, lora_a, lora_b, scaling,
+                      None if keep is None else keep.reshape(-1, k))
     return y.view(*x.shape[:-1], n)

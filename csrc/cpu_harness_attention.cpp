@@ -1,4 +1,0 @@
-// The CPU harness, second translation unit: the attention kernels (attention.cu) compiled as plain C++ on
-// the SIMT layer of simt.h. Apart from cpu_harness.cpp so the two compile in parallel (ninja) and a change
-// to one kernel family rebuilds half the harness's object code.
-#include "attention.cu"

@@ -1,0 +1,5 @@
+// The CPU harness, second translation unit: the tensor-core kernels (attention.cu, lora.cu) compiled as
+// plain C++ on the SIMT layer of simt.h. Apart from cpu_harness.cpp so the two compile in parallel (ninja)
+// and a change to one group rebuilds half the harness's object code.
+#include "attention.cu"
+#include "lora.cu"
