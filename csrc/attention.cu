@@ -18,9 +18,9 @@
 //   forward  (AttnFwd):   64 query rows a block, key tiles of N = 64 (32 at D = 256), K and V double-buffered;
 //                         Q fragments are re-read from shared memory per key tile (registers for O).
 //   dK / dV  (AttnBwdKv): 64 keys a block (16 a warp, the mma rows: S^T = K Q^T), query tiles of M = 64 (32 at
-//                         D >= 128) double-buffered, over every query head of the K/V head (GQA without
+//                         D != 64) double-buffered with their lse and delta, over every query head of the K/V head (GQA without
 //                         repeating K/V); at D = 256 dV and dK are two launches (both accumulators: 256 floats).
-//   dQ       (AttnBwdQ):  64 query rows a block over key tiles of N = 64 (32 at D >= 128).
+//   dQ       (AttnBwdQ):  64 query rows a block over key tiles of N = 64 (32 at D >= 128: 68 KB at D = 128).
 // The grid is (batch x heads, row tiles): x takes 2^31 - 1, y 65535 (4M rows).
 #include "tiles.h"
 
@@ -261,7 +261,7 @@ struct AttnFwd {
           const int col = d * 8 + 2 * tq;
           if (col < p.head_dim_v) {
             const uint32_t v = pack2<T>(st.o[d][2 * r] * inv, st.o[d][2 * r + 1] * inv);
-            memcpy(out + col, &v, 4);
+            store_pair<T>(out + col, v);
           }
         }
         if (tq == 0)
@@ -428,7 +428,7 @@ struct AttnBwdQ {
           const int col = d * 8 + 2 * tq;
           if (col < p.head_dim) {
             const uint32_t v = pack2<T>(st.dq[d][2 * r] * p.scale, st.dq[d][2 * r + 1] * p.scale);
-            memcpy(out + col, &v, 4);
+            store_pair<T>(out + col, v);
           }
         }
       }
@@ -445,7 +445,8 @@ struct AttnBwdKv {
   using Params = AttnParams;
   static constexpr bool kDV = (kWhat & 1) != 0, kDK = (kWhat & 2) != 0;
   static constexpr int kMaxThreads = kAttnThreads, kStride = D + 8, kN = kAttnRows;
-  static constexpr int kSmemFloats = (2 * kN + 4 * M) * kStride * int(sizeof(T)) / 4;  // K, V, Q x 2, dO x 2
+  // K, V, Q x 2, dO x 2 (T); then per query of the tile lse (log2 units) and delta, x 2 (float32)
+  static constexpr int kSmemFloats = (2 * kN + 4 * M) * kStride * int(sizeof(T)) / 4 + 2 * 2 * M;
   struct State {
     float dk[kDK ? D / 8 : 1][4];
     float dv[kDV ? D / 8 : 1][4];
@@ -476,12 +477,22 @@ struct AttnBwdKv {
     T* vs = ks + kN * kStride;
     T* const qs = ks + 2 * kN * kStride;             // double buffers: + (it & 1) M kStride
     T* const dos = ks + (2 * kN + 2 * M) * kStride;
+    float* const stats = b.shared() + (2 * kN + 4 * M) * kStride * int(sizeof(T)) / 4;  // + (it & 1) 2 M
     auto issue_q = [&](const Ctx& c, int it) {
       const int h = hk * group + it / per_head, m0 = lo + it % per_head * M;
       copy_tile<T, D, kStride, kAttnThreads>(b, c, qs + (it & 1) * M * kStride, row_at<const T>(p.q, p.q_stride, s.b, h, s.q0 + m0),
                                p.q_stride[2], M, s.q_len - m0, p.head_dim, p.q);
       copy_tile<T, D, kStride, kAttnThreads>(b, c, dos + (it & 1) * M * kStride, row_at<const T>(p.dout, p.do_stride, s.b, h, s.q0 + m0),
                                p.do_stride[2], M, s.q_len - m0, p.head_dim_v, p.dout);
+      // the tile's lse (in log2 units) and delta, read once here instead of per score (plain loads: the
+      // barrier before the tile is used publishes them, as it does the copies)
+      if (c.tid < M) {
+        const int qi = m0 + c.tid;
+        const bool ok = qi < s.q_len;
+        float* st = stats + (it & 1) * 2 * M;
+        st[c.tid] = ok ? *row_at<const float>(p.lse, p.lse_stride, s.b, h, s.q0 + qi) * kLog2e : 0.0f;
+        st[M + c.tid] = ok ? *row_at<const float>(p.delta, p.lse_stride, s.b, h, s.q0 + qi) : 0.0f;
+      }
     };
     b.each([&](const Ctx& c, State& st) {
       copy_tile<T, D, kStride, kAttnThreads>(b, c, ks, row_at<const T>(p.k, p.k_stride, s.b, hk, s.k0 + n0), p.k_stride[2], kN,
@@ -544,22 +555,22 @@ struct AttnBwdKv {
         }
       }
       // P^T = 2^(t - lse2) where visible; dV's operand P^T D, dK's dS^T = P^T (dP^T D - delta)
+      const float* lse2 = stats + (it & 1) * 2 * M;
+      const float* delta = lse2 + M;
       b.each([&](const Ctx& c, State& st) {
         const int lane = c.tid & 31, key0 = n0 + (c.tid >> 5) * 16;
 #pragma unroll
         for (int j = 0; j < M / 8; ++j)
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
-            const int kj = key0 + mma_c_row(lane, i), qi = m0 + j * 8 + mma_c_col(lane, i);
+            const int kj = key0 + mma_c_row(lane, i), col = j * 8 + mma_c_col(lane, i), qi = m0 + col;
             float pv = 0.0f, keep = 1.0f;
             if (visible(p, sq, kpm, qi, kj)) {
-              pv = exp2(st.s[j][i] * scale2 -
-                        *row_at<const float>(p.lse, p.lse_stride, sq.b, h, sq.q0 + qi) * kLog2e);
+              pv = exp2(st.s[j][i] * scale2 - lse2[col]);
               if (p.dropout_p > 0.0f)
                 keep = dropout_keep(p, seed, sq.b, h, qi, kj) ? 1.0f / (1.0f - p.dropout_p) : 0.0f;
               if constexpr (kDK)
-                st.dp[j][i] = pv * (st.dp[j][i] * keep -
-                                    *row_at<const float>(p.delta, p.lse_stride, sq.b, h, sq.q0 + qi));
+                st.dp[j][i] = pv * (st.dp[j][i] * keep - delta[col]);
             } else if constexpr (kDK) {
               st.dp[j][i] = 0.0f;
             }
@@ -620,13 +631,13 @@ struct AttnBwdKv {
           if constexpr (kDK) {
             if (col < p.head_dim) {
               const uint32_t v = pack2<T>(st.dk[d][2 * r] * p.scale, st.dk[d][2 * r + 1] * p.scale);
-              memcpy(row_at<T>(p.dk, p.dk_stride, s.b, hk, s.k0 + kj) + col, &v, 4);
+              store_pair<T>(row_at<T>(p.dk, p.dk_stride, s.b, hk, s.k0 + kj) + col, v);
             }
           }
           if constexpr (kDV) {
             if (col < p.head_dim_v) {
               const uint32_t v = pack2<T>(st.dv[d][2 * r], st.dv[d][2 * r + 1]);
-              memcpy(row_at<T>(p.dv, p.dv_stride, s.b, hk, s.k0 + kj) + col, &v, 4);
+              store_pair<T>(row_at<T>(p.dv, p.dv_stride, s.b, hk, s.k0 + kj) + col, v);
             }
           }
         }
@@ -646,15 +657,16 @@ void attention_fwd_typed(const AttnParams& p, Stream stream) {
 template <class T, int D>
 void attention_bwd_typed(const AttnParams& p, Stream stream) {
   const int kv_x = p.batch * p.heads_kv, kv_y = (p.len_k + kAttnRows - 1) / kAttnRows;
-  if constexpr (D <= 64) {
+  if constexpr (D == 64) {
     launch<AttnBwdKv<T, D, 64, 3>>(kv_x, kv_y, kAttnThreads, p, stream);
-  } else if constexpr (D <= 128) {
+  } else if constexpr (D <= 128) {  // (D = 32 too: at M = 64 ptxas spilled 4-12 bytes there)
     launch<AttnBwdKv<T, D, 32, 3>>(kv_x, kv_y, kAttnThreads, p, stream);
   } else {  // both accumulators would take 256 registers a thread: dV, then dK
     launch<AttnBwdKv<T, D, 32, 1>>(kv_x, kv_y, kAttnThreads, p, stream);
     launch<AttnBwdKv<T, D, 32, 2>>(kv_x, kv_y, kAttnThreads, p, stream);
   }
-  launch<AttnBwdQ<T, D, D <= 128 ? 64 : 32>>(p.batch * p.heads, (p.len_q + kAttnRows - 1) / kAttnRows,
+  // dQ: N = 32 keys a tile from D = 128 (104 KB of shared memory at N = 64; 68 KB fits the 99 KB of sm_86 / 89)
+  launch<AttnBwdQ<T, D, D <= 64 ? 64 : 32>>(p.batch * p.heads, (p.len_q + kAttnRows - 1) / kAttnRows,
                                              kAttnThreads, p, stream);
 }
 

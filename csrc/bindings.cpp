@@ -375,8 +375,11 @@ fl::AttnParams attn_params(const AttnInputs& in, const std::optional<Tensor>& se
   p.scale = float(scale);
   p.causal = causal;
   p.bottom_right = bottom_right;
-  p.window_left = int(window_left);
-  p.window_right = int(window_right);
+  // A window side at least Lq + Lk wide bounds nothing (|i + shift - j| < Lq + Lk): unbounded, before the
+  // int narrowing (a side of 2^31 would wrap to a negative band).
+  const int64_t reach = in.Lq + in.Lk;
+  p.window_left = int(window_left < 0 || window_left >= reach ? -1 : window_left);
+  p.window_right = int(window_right < 0 || window_right >= reach ? -1 : window_right);
   p.dropout_p = float(dropout_p);
   p.dtype = kernel_dtype(in.q, "q");
   return p;
@@ -431,6 +434,13 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(
                                     max_seqlen_k);
   fl::AttnParams p = attn_params(in, seed, scale, causal, bottom_right, dropout_p, window_left, window_right);
   check_like(dout, q, "dout", "q");
+  check_like(out, q, "out", "q");
+  const std::vector<int64_t> out_shape = in.packed ? std::vector<int64_t>{q.size(0), in.H, in.Ev}
+                                                   : std::vector<int64_t>{in.B, in.H, in.Lq, in.Ev};
+  const std::vector<int64_t> lse_shape = in.packed ? std::vector<int64_t>{q.size(0), in.H}
+                                                   : std::vector<int64_t>{in.B, in.H, in.Lq};
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(out_shape), "out: expected shape ", out_shape, ", got ", out.sizes());
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef(lse_shape), "lse: expected shape ", lse_shape, ", got ", lse.sizes());
   TORCH_CHECK(dout.sizes() == out.sizes(), "dout: expected shape ", out.sizes(), ", got ", dout.sizes());
   const Tensor doc = attn_operand(dout);
   // delta_i = dO_i . O_i - dlse_i (float32, lse's layout)
@@ -438,7 +448,9 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(
   if (dlse.has_value()) delta = delta - dlse->to(at::kFloat);
   delta = delta.contiguous();
   const Tensor lse_c = lse.to(at::kFloat).contiguous();
-  Tensor dq = at::empty_like(in.q), dk = at::empty_like(in.k), dv = at::empty_like(in.v);
+  // contiguous gradients, whatever the inputs' layout (the fake kernel says so without seeing strides)
+  Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
+  Tensor dv = at::empty(v.sizes(), v.options());
   p.dout = doc.data_ptr();
   attn_strides(doc, in.packed, p.do_stride);
   p.lse = lse_c.data_ptr<float>();

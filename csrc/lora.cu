@@ -147,7 +147,7 @@ struct LoraGemm {
             v[e] = st.acc[j][2 * h + e] + low + (p.bias ? p.bias[col + e] : 0.0f);
           }
           const uint32_t packed = pack2<T>(v[0], v[1]);
-          memcpy(y + col, &packed, 4);
+          store_pair<T>(y + col, packed);
         }
       }
     });

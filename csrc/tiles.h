@@ -50,6 +50,17 @@ FL_BODY void copy_tile(Blk& b, const Ctx& c, T* dst, const T* src, int64_t src_s
   }
 }
 
+// A .b32 register of two T (pack2) stored at dst (4-byte aligned): one 32-bit store on the device (a memcpy
+// into a T* compiles to four byte stores there), a memcpy on the host.
+template <class T>
+FL_HD void store_pair(T* dst, uint32_t v) {
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<uint32_t*>(dst) = v;
+#else
+  memcpy(dst, &v, 4);
+#endif
+}
+
 // Two accumulators (C elements i, i + 1 of an n-tile) as one register of T (an A operand).
 template <class T>
 FL_HD uint32_t pack_c(const float* c) { return pack2<T>(c[0], c[1]); }

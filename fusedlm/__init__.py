@@ -46,4 +46,19 @@ def _register_triton_ops():
 
 _register_triton_ops()
 
+
+def _register_cuda_ops():
+    """Resolve the cuda backend now (import fusedlm._C; with FUSEDLM_CUDA_CPU=1 load, or build once, the CPU
+    harness) and register its Python-side ops, so that a first call inside torch.compile finds them: an import
+    or a compiler run cannot be traced."""
+    from . import _backend
+
+    if _backend.why_unavailable("cuda") is None:
+        from .ops import lora
+
+        lora._ops("cuda")
+
+
+_register_cuda_ops()
+
 from . import nn  # noqa: E402  (fusedlm.nn.RMSNorm etc.; builds on the ops above)

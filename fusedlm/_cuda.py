@@ -256,19 +256,39 @@ def rope(q, k, cos, sin, interleaved, transposed):
     return torch.ops.fusedlm_C.rope(q, k, cos, sin, interleaved, transposed, False)
 
 
+def _pad8(t, *dims):
+    """t with zeros appended along ``dims`` up to multiples of 8 (the tensor-core kernels read 16-byte chunks
+    of 16-bit elements); t itself when they already are."""
+    widths = [0] * (2 * t.dim())
+    for d in dims:
+        widths[2 * (t.dim() - 1 - d % t.dim()) + 1] = -t.shape[d] % 8
+    return torch.nn.functional.pad(t, widths) if any(widths) else t
+
+
 def lora_fwd(x, weight, bias, xa, lora_b, scaling):
-    """y = x W^T + scaling * xa B^T + bias (csrc/lora.cu): x (M, K), weight (N, K), xa (M, r), lora_b (N, r)."""
-    return torch.ops.fusedlm_C.lora_gemm(x, weight, xa, lora_b, bias, None, scaling, False)
+    """y = x W^T + scaling * xa B^T + bias (csrc/lora.cu): x (M, K), weight (N, K), xa (M, r), lora_b (N, r).
+    K and N that are not multiples of 8 are padded with zeros (which add nothing) and y sliced back."""
+    n = weight.shape[0]
+    y = torch.ops.fusedlm_C.lora_gemm(_pad8(x, 1), _pad8(weight, 0, 1), xa, _pad8(lora_b, 0),
+                                      None if bias is None else _pad8(bias, 0), None, scaling, False)
+    return y if y.shape[1] == n else y[:, :n]
 
 
 def lora_dx(dy, weight, dyb, lora_a, keep, scaling):
     """dx = dy W + scaling * (dyb A) [* keep]: dy (M, N), weight (N, K), dyb (M, r), lora_a (r, K) -> (M, K)."""
-    return torch.ops.fusedlm_C.lora_gemm(dy, weight, dyb, lora_a, None, keep, scaling, True)
+    k = weight.shape[1]
+    dx = torch.ops.fusedlm_C.lora_gemm(_pad8(dy, 1), _pad8(weight, 0, 1), dyb, _pad8(lora_a, 1), None,
+                                       None if keep is None else _pad8(keep, 1), scaling, True)
+    return dx if dx.shape[1] == k else dx[:, :k]
 
 
 def attention(q, k, v, key_padding_mask, cu_q, cu_k, max_q, max_k, scale, causal, bottom_right, dropout_p, seed,
               window):
-    """(out, lse): dense (B, H, L, E) or packed (total, H, E) attention (csrc/attention.cu)."""
+    """(out, lse): dense (B, H, L, E) or packed (total, H, E) attention (csrc/attention.cu). Head dims that are
+    not multiples of 8 are padded with zero features (q . k and the scale unchanged; out sliced back)."""
     left, right = window or (-1, -1)
-    return torch.ops.fusedlm_C.attention_fwd(q, k, v, key_padding_mask, cu_q, cu_k, max_q, max_k, scale, causal,
-                                             bottom_right, dropout_p, seed, left, right)
+    ev = v.shape[-1]
+    out, lse = torch.ops.fusedlm_C.attention_fwd(_pad8(q, -1), _pad8(k, -1), _pad8(v, -1), key_padding_mask, cu_q,
+                                                 cu_k, max_q, max_k, scale, causal, bottom_right, dropout_p, seed,
+                                                 left, right)
+    return (out if out.shape[-1] == ev else out[..., :ev]), lse

@@ -104,8 +104,8 @@ def main(argv=None):
             continue
         rows += [r for r in data if isinstance(r, dict)] if isinstance(data, list) else []
     ops = faster_ops(rows) if ran and not failed else []
-    reason = (f"tests/test_cuda.py: {ran} ran, {failed} failed" if not ran or failed else
-              f"tests/test_cuda.py passed ({ran}); cuda at least as fast as triton on every case: {ops or 'none'}")
+    reason = (f"the cuda tests: {ran} ran, {failed} failed" if not ran or failed else
+              f"the cuda tests passed ({ran}); cuda at least as fast as triton on every case: {ops or 'none'}")
     try:
         with open(a.base) as f:
             merged = {k: v for k, v in json.load(f).items() if re.fullmatch(r"sm_\d+a?", k)}

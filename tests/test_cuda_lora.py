@@ -99,16 +99,16 @@ def test_frozen_base_and_non_contiguous_operands(dev):
     assert w.grad is None and bias.grad is None
 
 
-class TestDeclined:
-    def test_float32(self):
-        d = {k: v.float() for k, v in TL.make((3,), 40, 24, 4).items()}
-        with pytest.raises(ValueError, match="lora_linear: backend 'cuda' cannot serve.*float16 or bfloat16"):
-            fusedlm.lora_linear(d["x"], d["weight"], d["bias"], d["lora_a"], d["lora_b"], 1.0, backend="cuda")
+@pytest.mark.parametrize("lead,k,n,r,train_base", [s for s in TL.SHAPES if s[1] % 8 or s[2] % 8])
+def test_feature_counts_not_multiples_of_8(dev, lead, k, n, r, train_base):
+    """test_lora's own odd shapes (130 features): padded with zeros for the 16-byte copies, sliced back."""
+    TL.test_lora_linear("cuda", dev, torch.float16, lead, k, n, r, train_base, True)
 
-    def test_features_not_a_multiple_of_8(self):
-        d = {k: v.half() for k, v in TL.make((3,), 130, 24, 4).items()}
-        with pytest.raises(ValueError, match="multiples of 8, got 130 and 24"):
-            fusedlm.lora_linear(d["x"], d["weight"], d["bias"], d["lora_a"], d["lora_b"], 1.0, backend="cuda")
+
+def test_float32_is_declined():
+    d = {k: v.float() for k, v in TL.make((3,), 40, 24, 4).items()}
+    with pytest.raises(ValueError, match="lora_linear: backend 'cuda' cannot serve.*float16 or bfloat16"):
+        fusedlm.lora_linear(d["x"], d["weight"], d["bias"], d["lora_a"], d["lora_b"], 1.0, backend="cuda")
 
 
 @pytest.mark.parametrize("with_bias,with_keep", [(True, False), (False, True)])

@@ -182,6 +182,7 @@ def test_attention_kernels_run_on_tensor_cores(compiled, arch):
         assert re.search(r"cp\.async\.cg\.shared\.global \[%r\d+\], \[%rd\d+\], 16, %r\d+;", body), name
         assert "cp.async.commit_group" in body and "cp.async.wait_group 1" in body, name
         assert not re.search(r"ld\.global(\.nc)?(\.\w+)*\.(u16|b16|f16|s16|bf16)\b", body), f"{name}: a 16-bit load"
+        _assert_pair_stores(name, body)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -204,3 +205,11 @@ def test_lora_kernel_runs_on_tensor_cores(compiled, arch):
         assert re.search(r"cp\.async\.cg\.shared\.global \[%r\d+\], \[%rd\d+\], 16, %r\d+;", body), name
         assert "cp.async.wait_group 1" in body, name
         assert not re.search(r"ld\.global(\.nc)?(\.\w+)*\.(u16|b16|f16|s16|bf16)\b", body), f"{name}: a 16-bit load"
+        _assert_pair_stores(name, body)
+
+
+def _assert_pair_stores(name, body):
+    """Results leave as two 16-bit values a 32-bit store (store_pair), never byte by byte (a memcpy into a
+    T* compiles to four st.global.u8 on the device: it once did, in every output store)."""
+    assert re.search(r"st\.global\.(b32|u32)", body), f"{name}: no 32-bit global store"
+    assert not re.search(r"st\.global\.(u8|b8|s8)", body), f"{name}: byte stores"

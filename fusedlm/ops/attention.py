@@ -93,8 +93,8 @@ def _cuda_reason(tensors, e, ev, attn_mask):
     dtype = tensors[0].dtype
     if dtype not in (torch.float16, torch.bfloat16):
         return f"the cuda attention kernels take float16 or bfloat16 (tensor cores), got {dtype}"
-    if not all(16 <= d <= 256 and d % 8 == 0 for d in (e, ev)):
-        return f"the cuda attention kernels take head dims 16..256 in multiples of 8, got E={e}, Ev={ev}"
+    if not all(16 <= d <= 256 for d in (e, ev)):
+        return f"the cuda attention kernels take head dims 16..256, got E={e}, Ev={ev}"
     if attn_mask is not None:
         return ("the cuda attention kernels take no attn_mask (causal, window_size and key_padding_mask are "
                 "built in); use backend='triton' or 'torch'")

@@ -120,14 +120,10 @@ def _triton_ops():
     return _ops("triton")
 
 
-def _cuda_reason(x, weight):
+def _cuda_reason(x):
     """Why the cuda backend's kernel (csrc/lora.cu) cannot take this call, or None."""
     if x.dtype not in (torch.float16, torch.bfloat16):
         return f"the cuda LoRA kernel takes float16 or bfloat16 (tensor cores), got {x.dtype}"
-    k, n = x.shape[-1], weight.shape[0]
-    if k % 8 or n % 8:
-        return (f"the cuda LoRA kernel reads 16-byte chunks: in_features and out_features must be multiples of 8, "
-                f"got {k} and {n}")
     return None
 
 
@@ -186,7 +182,7 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling, *, dropout_p=0.0, back
         scaling = scaling / (1.0 - dropout_p)
     name = _backend.select("lora_linear", backend, x.device, {
         "triton": _validate.kernel_dtype_reason(x),
-        "cuda": _cuda_reason(x, weight),
+        "cuda": _cuda_reason(x),
     })
     if name == "torch":
         return lora_linear_ref(x, weight, bias, lora_a, lora_b, scaling, keep)
