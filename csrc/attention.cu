@@ -27,8 +27,6 @@
 namespace fl {
 inline namespace FL_IMPL {
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kAttnWarps = 4, kAttnThreads = 32 * kAttnWarps, kAttnRows = 16 * kAttnWarps;
 
 // ---- One (batch, head)'s rows and the (query, key) pairs that take part.
@@ -70,28 +68,12 @@ FL_HD bool visible(const AttnParams& p, const Seq& s, const uint8_t* kpm, int i,
   return kpm == nullptr || kpm[j] != 0;
 }
 
-// Dropout's keep test, as Triton computes it: Philox4x32-10 keyed by the 64-bit seed at the element's
-// 64-bit counter ((b H + h) max_q + i) max_k + j (c2 = c3 = 0), the first output as a uniform in [0, 1)
-// (triton.language.uint_to_uniform_float: int32 bits, negatives folded to -x - 1, times 4.6566127342e-10).
+// Dropout's keep test, as Triton computes it (philox_keep, tiles.h), at the element's 64-bit counter
+// ((b H + h) max_q + i) max_k + j.
 FL_HD bool dropout_keep(const AttnParams& p, uint64_t seed, int b, int h, int i, int j) {
   const uint64_t counter = (uint64_t(b * int64_t(p.heads) + h) * uint64_t(p.len_q) + uint64_t(i)) *
                                uint64_t(p.len_k) + uint64_t(j);
-  uint32_t c0 = uint32_t(counter), c1 = uint32_t(counter >> 32), c2 = 0, c3 = 0;
-  uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
-#pragma unroll
-  for (int round = 0; round < 10; ++round) {
-    const uint32_t a = c0, c = c2;
-    c0 = umulhi(0xCD9E8D57u, c) ^ c1 ^ k0;
-    c2 = umulhi(0xD2511F53u, a) ^ c3 ^ k1;
-    c1 = 0xCD9E8D57u * c;
-    c3 = 0xD2511F53u * a;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  int32_t x;
-  memcpy(&x, &c0, 4);
-  x = x < 0 ? ~x : x;  // -x - 1 without the overflow at INT32_MIN
-  return float(x) * 4.6566127342e-10f >= p.dropout_p;
+  return philox_keep(seed, counter, p.dropout_p);
 }
 
 // ================================================================================================

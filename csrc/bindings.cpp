@@ -16,6 +16,7 @@
 #include <Python.h>
 #endif
 
+#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -467,6 +468,179 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(
   return {dq, dk, dv};
 }
 
+// ---- DeBERTa attention (deberta.cu): dense q, k, v (B, H, S, D) with an optional key padding mask, or
+// packed (total, H, D) with cu_seqlens; pos_key / pos_query (H, 2 span, D) or None; rel_idx the int32
+// bucket table over distances -(S-1) .. S-1 (S = max_seqlen). D a multiple of 8, at most 64.
+struct DebInputs {
+  Tensor q, k, v, pk, pq, kpm, cu, rel;
+  bool packed;
+  int64_t B, H, S, D;
+};
+
+DebInputs deb_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& pos_key,
+                     const std::optional<Tensor>& pos_query, const std::optional<Tensor>& kpm,
+                     const std::optional<Tensor>& cu, const Tensor& rel_idx, int64_t max_seqlen) {
+  DebInputs in;
+  in.packed = cu.has_value();
+  const fl::DType dtype = kernel_dtype(q, "q");
+  TORCH_CHECK(dtype != fl::DType::F32, "q: the cuda DeBERTa kernels take float16 or bfloat16, got float32");
+  check_like(k, q, "k", "q");
+  check_like(v, q, "v", "q");
+  TORCH_CHECK(q.dim() == (in.packed ? 3 : 4) && k.sizes() == q.sizes() && v.sizes() == q.sizes(),
+              "q, k, v: expected equal ", in.packed ? "(total, H, D)" : "(B, H, S, D)", " shapes");
+  in.H = q.size(1);
+  in.D = q.size(-1);
+  TORCH_CHECK(in.D % 8 == 0 && in.D >= 8 && in.D <= 64, "head dim: expected a multiple of 8 up to 64, got ", in.D);
+  if (in.packed) {
+    in.cu = cu->to(at::kInt).contiguous();
+    in.B = in.cu.numel() - 1;
+    in.S = max_seqlen;
+  } else {
+    in.B = q.size(0);
+    in.S = q.size(2);
+  }
+  TORCH_CHECK((in.S + 63) / 64 <= 65535 && in.B * in.H <= INT32_MAX, "deberta: too large for one launch");
+  TORCH_CHECK(rel_idx.scalar_type() == at::kInt && rel_idx.numel() == std::max<int64_t>(2 * in.S - 1, 0),
+              "rel_idx: expected int32 (", 2 * in.S - 1, ",)");
+  in.rel = rel_idx.contiguous();
+  in.q = attn_operand(q);
+  in.k = attn_operand(k);
+  in.v = attn_operand(v);
+  for (const auto* t : {&pos_key, &pos_query}) {
+    if (!t->has_value()) continue;
+    check_like(**t, q, "pos_key / pos_query", "q");
+    TORCH_CHECK((*t)->dim() == 3 && (*t)->size(0) == in.H && (*t)->size(2) == in.D,
+                "pos_key / pos_query: expected (H, 2 span, D), got ", (*t)->sizes());
+  }
+  if (pos_key.has_value()) in.pk = pos_key->contiguous();
+  if (pos_query.has_value()) in.pq = pos_query->contiguous();
+  TORCH_CHECK(!in.pk.defined() || !in.pq.defined() || in.pk.sizes() == in.pq.sizes(),
+              "pos_query: expected the shape of pos_key");
+  if (kpm.has_value()) {
+    TORCH_CHECK(!in.packed && kpm->scalar_type() == at::kBool && kpm->dim() == 2 && kpm->size(0) == in.B &&
+                    kpm->size(1) == in.S, "key_padding_mask: expected bool (B, S)");
+    in.kpm = kpm->contiguous();
+  }
+  return in;
+}
+
+fl::DebParams deb_params(const DebInputs& in, const std::optional<Tensor>& seed, double scale, double dropout_p) {
+  fl::DebParams p{};
+  p.q = in.q.data_ptr();
+  p.k = in.k.data_ptr();
+  p.v = in.v.data_ptr();
+  attn_strides(in.q, in.packed, p.q_stride);
+  attn_strides(in.k, in.packed, p.k_stride);
+  attn_strides(in.v, in.packed, p.v_stride);
+  p.pos_key = in.pk.defined() ? in.pk.data_ptr() : nullptr;
+  p.pos_query = in.pq.defined() ? in.pq.data_ptr() : nullptr;
+  const Tensor& pos = in.pk.defined() ? in.pk : in.pq;
+  p.pos_stride[0] = pos.defined() ? pos.stride(0) : 0;
+  p.pos_stride[1] = pos.defined() ? pos.stride(1) : 0;
+  p.rel_idx = in.rel.data_ptr<int32_t>();
+  p.key_padding = in.kpm.defined() ? reinterpret_cast<const uint8_t*>(in.kpm.data_ptr()) : nullptr;
+  p.kpm_stride = in.kpm.defined() ? in.kpm.stride(0) : 0;
+  p.cu_seqlens = in.packed ? in.cu.data_ptr<int32_t>() : nullptr;
+  TORCH_CHECK(dropout_p == 0.0 || (seed.has_value() && seed->numel() == 1 && seed->scalar_type() == at::kLong),
+              "seed: expected an int64 tensor of one element with dropout");
+  p.seed = dropout_p > 0.0 ? seed->data_ptr<int64_t>() : nullptr;
+  p.batch = int(in.B);
+  p.heads = int(in.H);
+  p.max_seqlen = int(in.S);
+  p.head_dim = int(in.D);
+  p.scale = float(scale);
+  p.dropout_p = float(dropout_p);
+  p.dtype = kernel_dtype(in.q, "q");
+  return p;
+}
+
+void deb_stat_strides(const DebInputs& in, int64_t* out) {  // lse, delta, run sums: (B, H, S) or (total, H)
+  out[0] = in.packed ? 0 : in.H * in.S;
+  out[1] = in.packed ? 1 : in.S;
+  out[2] = in.packed ? in.H : 1;
+}
+
+// -> (out like q's shape, lse float32 (B, H, S) or (total, H))
+std::tuple<Tensor, Tensor> deberta_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                       const std::optional<Tensor>& pos_key, const std::optional<Tensor>& pos_query,
+                                       const std::optional<Tensor>& key_padding_mask,
+                                       const std::optional<Tensor>& cu_seqlens, const Tensor& rel_idx,
+                                       int64_t max_seqlen, double scale, double dropout_p,
+                                       const std::optional<Tensor>& seed) {
+  const DebInputs in = deb_inputs(q, k, v, pos_key, pos_query, key_padding_mask, cu_seqlens, rel_idx, max_seqlen);
+  fl::DebParams p = deb_params(in, seed, scale, dropout_p);
+  Tensor out = at::empty(q.sizes(), q.options());
+  Tensor lse = in.packed ? at::empty({q.size(0), in.H}, q.options().dtype(at::kFloat))
+                         : at::empty({in.B, in.H, in.S}, q.options().dtype(at::kFloat));
+  p.o = out.data_ptr();
+  attn_strides(out, in.packed, p.o_stride);
+  p.lse = lse.data_ptr<float>();
+  deb_stat_strides(in, p.lse_stride);
+  if (out.numel() > 0) run(q, p, [](const auto& x) { fl::cpu::deberta_fwd(x); }, FL_GPU(deberta_fwd));
+  return {out, lse};
+}
+
+// -> (dq, dk, dv, run_sums (4, ..lse's shape), dpos_key, dpos_query (H, 2 span, D) float32: the band's share
+// of the position gradients over s, empty when not asked for). d_first / d_last: the bucket runs
+// (relative_band), whose share the caller adds from run_sums; band_lo, band_n: the band distances.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> deberta_bwd(
+    const Tensor& dout, const std::optional<Tensor>& dlse, const Tensor& q, const Tensor& k, const Tensor& v,
+    const std::optional<Tensor>& pos_key, const std::optional<Tensor>& pos_query, const Tensor& out, const Tensor& lse,
+    const std::optional<Tensor>& key_padding_mask, const std::optional<Tensor>& cu_seqlens, const Tensor& rel_idx,
+    int64_t max_seqlen, double scale, double dropout_p, const std::optional<Tensor>& seed, int64_t d_first,
+    int64_t d_last, int64_t band_lo, int64_t band_n, bool grad_pos_key, bool grad_pos_query) {
+  const DebInputs in = deb_inputs(q, k, v, pos_key, pos_query, key_padding_mask, cu_seqlens, rel_idx, max_seqlen);
+  fl::DebParams p = deb_params(in, seed, scale, dropout_p);
+  check_like(dout, q, "dout", "q");
+  check_like(out, q, "out", "q");
+  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "dout, out: expected the shape of q");
+  const Tensor doc = attn_operand(dout);
+  Tensor delta = (doc.to(at::kFloat) * out.to(at::kFloat)).sum(-1);  // (B, H, S) or (total, H): lse's layout
+  if (dlse.has_value()) delta = delta - dlse->to(at::kFloat);
+  delta = delta.contiguous();
+  const Tensor lse_c = lse.to(at::kFloat).contiguous();
+  TORCH_CHECK(lse_c.sizes() == delta.sizes(), "lse: expected shape ", delta.sizes(), ", got ", lse.sizes());
+  const auto f32 = q.options().dtype(at::kFloat);
+  Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
+  Tensor dv = at::empty(v.sizes(), v.options());
+  std::vector<int64_t> run_shape{4};
+  for (int64_t n : delta.sizes()) run_shape.push_back(n);
+  Tensor runs = at::zeros(run_shape, f32);  // rows nobody writes (past a packed batch's sequences) stay 0
+  const bool band = (grad_pos_key || grad_pos_query) && band_n > 0;
+  const Tensor& pos = in.pk.defined() ? in.pk : in.pq;
+  const int64_t rows = pos.defined() ? pos.size(1) : 0;
+  TORCH_CHECK(rows <= 65535, "pos_key: more than 65535 relative positions");
+  Tensor band_key = at::empty({band && grad_pos_key ? in.H : 0, band_n, in.D}, f32);
+  Tensor band_query = at::empty({band && grad_pos_query ? in.H : 0, band_n, in.D}, f32);
+  Tensor dpk = at::zeros({grad_pos_key ? in.H : 0, rows, in.D}, f32);
+  Tensor dpq = at::zeros({grad_pos_query ? in.H : 0, rows, in.D}, f32);
+  p.dout = doc.data_ptr();
+  attn_strides(doc, in.packed, p.do_stride);
+  p.lse = lse_c.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  deb_stat_strides(in, p.lse_stride);
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  attn_strides(dq, in.packed, p.dq_stride);
+  attn_strides(dk, in.packed, p.dk_stride);
+  attn_strides(dv, in.packed, p.dv_stride);
+  p.run_sums = runs.data_ptr<float>();
+  p.run_slab = delta.numel();
+  p.band_key = band && grad_pos_key ? band_key.data_ptr<float>() : nullptr;
+  p.band_query = band && grad_pos_query ? band_query.data_ptr<float>() : nullptr;
+  p.dpos_key = grad_pos_key ? dpk.data_ptr<float>() : nullptr;
+  p.dpos_query = grad_pos_query ? dpq.data_ptr<float>() : nullptr;
+  p.pos_rows = int(rows);
+  const int64_t clamp = int64_t(1) << 30;
+  p.d_first = int(std::max(-clamp, std::min(clamp, d_first)));
+  p.d_last = int(std::max(-clamp, std::min(clamp, d_last)));
+  p.band_lo = int(band_lo);
+  p.band_n = int(band_n);
+  if (q.numel() > 0) run(q, p, [](const auto& x) { fl::cpu::deberta_bwd(x); }, FL_GPU(deberta_bwd));
+  return {dq, dk, dv, runs, dpk, dpq};
+}
+
 // ---- The fused LoRA linear's GEMM (lora.cu). Forward (transposed = false): x (M, K), w = W (N, K),
 // p = x A^T (M, R), q = B (N, R) -> x W^T + s p B^T + bias. dx (transposed = true): x = dy (M, K'),
 // w = W (K', N), p = dy B (M, R), q = A (R, N) -> dy W + s (p A) * keep. A rank that is not a multiple of 8
@@ -589,6 +763,13 @@ TORCH_LIBRARY(fusedlm_C, m) {
         " Tensor? key_padding_mask, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q,"
         " int max_seqlen_k, float scale, bool causal, bool bottom_right, float dropout_p, Tensor? seed,"
         " int window_left, int window_right) -> (Tensor, Tensor, Tensor)");
+  m.def("deberta_fwd(Tensor q, Tensor k, Tensor v, Tensor? pos_key, Tensor? pos_query, Tensor? key_padding_mask,"
+        " Tensor? cu_seqlens, Tensor rel_idx, int max_seqlen, float scale, float dropout_p, Tensor? seed)"
+        " -> (Tensor, Tensor)");
+  m.def("deberta_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor? pos_key, Tensor? pos_query,"
+        " Tensor out, Tensor lse, Tensor? key_padding_mask, Tensor? cu_seqlens, Tensor rel_idx, int max_seqlen,"
+        " float scale, float dropout_p, Tensor? seed, int d_first, int d_last, int band_lo, int band_n,"
+        " bool grad_pos_key, bool grad_pos_query) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("lora_gemm(Tensor x, Tensor w, Tensor p, Tensor q, Tensor? bias, Tensor? keep, float scaling,"
         " bool transposed) -> Tensor");
   m.def("tc_selftest(Tensor a, Tensor b, Tensor c, int m_valid, int ldm_x, bool b_trans, bool wait, bool misalign)"
@@ -604,6 +785,8 @@ TORCH_LIBRARY_IMPL(fusedlm_C, CPU, m) {
   m.impl("attention_fwd", &attention_fwd);
   m.impl("attention_bwd", &attention_bwd);
   m.impl("lora_gemm", &lora_gemm);
+  m.impl("deberta_fwd", &deberta_fwd);
+  m.impl("deberta_bwd", &deberta_bwd);
   m.impl("tc_selftest", &tc_selftest);
 }
 
@@ -617,6 +800,8 @@ TORCH_LIBRARY_IMPL(fusedlm_C, CUDA, m) {
   m.impl("attention_fwd", &attention_fwd);
   m.impl("attention_bwd", &attention_bwd);
   m.impl("lora_gemm", &lora_gemm);
+  m.impl("deberta_fwd", &deberta_fwd);
+  m.impl("deberta_bwd", &deberta_bwd);
   m.impl("tc_selftest", &tc_selftest);
 }
 #endif

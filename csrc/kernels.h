@@ -112,6 +112,46 @@ struct AttnParams {
   DType dtype;                   // F16 or BF16
 };
 
+// DeBERTa's disentangled attention (deberta.cu), dense (B, H, S, D) with key padding or packed (total, H, D)
+// with cu_seqlens; strides as AttnParams' (batch, head, row), head dim contiguous. Scores
+// z_ij = scale (q_i . k_j + q_i . pos_key[idx(i - j)] + k_j . pos_query[idx(i - j)]), idx from rel_idx.
+struct DebParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* o;                       // forward out
+  float* lse;                    // forward out / backward in (natural log)
+  const void* pos_key;           // (H, 2 span, D) or null (no c2p term)
+  const void* pos_query;         // (H, 2 span, D) or null (no p2c term)
+  const int32_t* rel_idx;        // (2 max_seqlen - 1,): entry d + max_seqlen - 1 is idx(d)
+  const uint8_t* key_padding;    // (B, S) 1 = real key, or null
+  const int32_t* cu_seqlens;     // (B + 1,) or null (dense)
+  const int64_t* seed;           // dropout seed on the device, or null
+  const void* dout;              // backward: dO
+  const float* delta;            // backward: rowsum(dO * O) - dlse, strided like lse
+  void* dq;
+  void* dk;
+  void* dv;
+  float* run_sums;               // backward out: (4, B, H, S) or (4, total, H) like lse: sum_j dS over the first run
+                                 // (d <= d_first) per query, over the last run (d >= d_last) per query, then the
+                                 // same per key (dpos's share of the runs: the op layer folds them with q and k)
+  float* band_key;               // band out: (H, band_n, D) sum over pairs at distance d of dS q_i (row d - band_lo)
+  float* band_query;             // band out: the same of dS k_j
+  float* dpos_key;               // fold out: (H, pos_rows, D) float32, the band's share of dPK / s (or null)
+  float* dpos_query;             // the same for dPQ
+  int pos_rows;                  // 2 span
+  int64_t q_stride[3], k_stride[3], v_stride[3], o_stride[3], do_stride[3];
+  int64_t dq_stride[3], dk_stride[3], dv_stride[3], lse_stride[3];
+  int64_t run_slab;              // elements between the four run-sum slabs
+  int64_t pos_stride[2];         // (head, row) strides of pos_key and pos_query
+  int64_t kpm_stride;
+  int d_first, d_last;           // d <= d_first: idx = 0; d >= d_last: idx = 2 span - 1 (relative_band)
+  int band_lo, band_n;           // the band kernel's distances band_lo .. band_lo + band_n - 1
+  int batch, heads, max_seqlen, head_dim;  // head_dim: a multiple of 8, <= 64
+  float scale, dropout_p;
+  DType dtype;                   // F16 or BF16
+};
+
 // The fused LoRA linear's GEMM (lora.cu): Y = X Wop + scaling * (P Qop) [* keep] + bias, rounded once.
 // transposed = false (forward): Wop = W^T from W (n, k), Qop = Q^T from Q (n, r); true (dx): W (k, n) and
 // Q (r, n) as stored. k, n and r multiples of 8; row strides multiples of 8 elements, 16-byte aligned bases.
@@ -161,6 +201,8 @@ void tc_selftest(const TcSelftestParams& p);
 void attention_fwd(const AttnParams& p);
 void attention_bwd(const AttnParams& p);
 void lora_gemm(const LoraParams& p);
+void deberta_fwd(const DebParams& p);
+void deberta_bwd(const DebParams& p);
 }  // namespace cpu
 
 #if defined(__CUDACC__) || defined(FUSEDLM_WITH_CUDA)
@@ -176,6 +218,8 @@ void tc_selftest(const TcSelftestParams& p, cudaStream_t stream);
 void attention_fwd(const AttnParams& p, cudaStream_t stream);
 void attention_bwd(const AttnParams& p, cudaStream_t stream);
 void lora_gemm(const LoraParams& p, cudaStream_t stream);
+void deberta_fwd(const DebParams& p, cudaStream_t stream);
+void deberta_bwd(const DebParams& p, cudaStream_t stream);
 }  // namespace cuda
 #endif
 

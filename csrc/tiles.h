@@ -8,6 +8,32 @@
 namespace fl {
 inline namespace FL_IMPL {
 
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Dropout's keep test, as Triton computes it (tl.rand / tl.philox): Philox4x32-10 keyed by the 64-bit seed
+// at the 64-bit counter (low word c0, high word c1, c2 = c3 = 0), the first output as a uniform in [0, 1)
+// (triton.language.uint_to_uniform_float: int32 bits, negatives folded to -x - 1, times 4.6566127342e-10),
+// kept when >= p. The same seed and counter drop the same element on the triton and cuda backends.
+FL_HD bool philox_keep(uint64_t seed, uint64_t counter, float p) {
+  uint32_t c0 = uint32_t(counter), c1 = uint32_t(counter >> 32), c2 = 0, c3 = 0;
+  uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    const uint32_t a = c0, c = c2;
+    c0 = umulhi(0xCD9E8D57u, c) ^ c1 ^ k0;
+    c2 = umulhi(0xD2511F53u, a) ^ c3 ^ k1;
+    c1 = 0xCD9E8D57u * c;
+    c3 = 0xD2511F53u * a;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  int32_t x;
+  memcpy(&x, &c0, 4);
+  x = x < 0 ? ~x : x;  // -x - 1 without the overflow at INT32_MIN
+  return float(x) * 4.6566127342e-10f >= p;
+}
+
 // ---- Fragments from a tile in shared memory (rows of kStride elements). `get(st)` names the registers.
 // A (16 x 16) of the warp's rows 16 w .. 16 w + 15, columns col0 .. col0 + 15: matrix j of ldmatrix.x4 is
 // rows 8 (j % 2), columns 8 (j / 2), i.e. A's registers a0a1, a2a3, a4a5, a6a7 in order.

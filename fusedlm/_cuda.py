@@ -25,7 +25,7 @@ import sys
 import torch
 
 OPS = ("rms_norm", "layer_norm", "swiglu", "apply_rotary_pos_emb", "scaled_dot_product_attention",
-       "varlen_attention", "lora_linear")
+       "varlen_attention", "lora_linear", "deberta_attention", "deberta_varlen_attention")
 
 
 def _find_csrc():
@@ -170,6 +170,21 @@ def _register_python_parts():
     def _(dout, dlse, q, k, v, out, lse, *args):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
+    @torch.library.register_fake(lib + "deberta_fwd")
+    def _(q, k, v, pos_key, pos_query, kpm, cu, rel_idx, max_seqlen, scale, dropout_p, seed):
+        stats = q.shape[:2] if cu is not None else q.shape[:3]
+        return q.new_empty(q.shape), q.new_empty(stats, dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "deberta_bwd")
+    def _(dout, dlse, q, k, v, pos_key, pos_query, out, lse, kpm, cu, rel_idx, max_seqlen, scale, dropout_p, seed,
+          d_first, d_last, band_lo, band_n, grad_pk, grad_pq):
+        heads, dim = q.shape[1], q.shape[-1]
+        rows = (pos_key if pos_key is not None else pos_query).shape[1] if (grad_pk or grad_pq) else 0
+        f32 = dict(dtype=torch.float32)
+        return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+                q.new_empty((4, *lse.shape), **f32), q.new_empty((heads if grad_pk else 0, rows, dim), **f32),
+                q.new_empty((heads if grad_pq else 0, rows, dim), **f32))
+
     @torch.library.register_fake(lib + "lora_gemm")
     def _(x, w, p, q, bias, keep, scaling, transposed):
         return x.new_empty((x.shape[0], w.shape[1] if transposed else w.shape[0]))
@@ -280,6 +295,44 @@ def lora_dx(dy, weight, dyb, lora_a, keep, scaling):
     dx = torch.ops.fusedlm_C.lora_gemm(_pad8(dy, 1), _pad8(weight, 0, 1), dyb, _pad8(lora_a, 1), None,
                                        None if keep is None else _pad8(keep, 1), scaling, True)
     return dx if dx.shape[1] == k else dx[:, :k]
+
+
+def deberta_fwd(q, k, v, pos_key, pos_query, kpm, cu, rel_idx, max_seqlen, scale, dropout_p, seed, band):
+    """(out, lse) of DeBERTa's attention (csrc/deberta.cu), dense or packed; head dims padded to a multiple of 8."""
+    d = q.shape[-1]
+    pad = [None if t is None else _pad8(t, -1) for t in (q, k, v, pos_key, pos_query)]
+    out, lse = torch.ops.fusedlm_C.deberta_fwd(*pad, kpm, cu, rel_idx, max_seqlen, scale, dropout_p, seed)
+    return (out if out.shape[-1] == d else out[..., :d]), lse
+
+
+def deberta_bwd(do, dlse, q, k, v, pos_key, pos_query, out, lse, kpm, cu, rel_idx, max_seqlen, scale, dropout_p, seed,
+                grad_pos_key, grad_pos_query, band):
+    """(dq, dk, dv, dpos_key, dpos_query) (an empty tensor for a position gradient not asked for). The kernels
+    give the band distances' share of dpos (already folded by bucket) and, per query and per key, dS summed
+    over the two runs of constant bucket (band = relative_band: d <= d_first has bucket row 0, d >= d_last row
+    2 span - 1); those shares are s * sum_rows run_sum * q (dpos_key) or * k (dpos_query), matmuls here."""
+    d, S = q.shape[-1], max_seqlen
+    d_first, d_last = band[0], band[1]
+    lo, hi = max(d_first + 1, -(S - 1)), min(d_last - 1, S - 1)
+    pad = [None if t is None else _pad8(t, -1) for t in (do, q, k, v, pos_key, pos_query, out)]
+    dq, dk, dv, runs, dpk, dpq = torch.ops.fusedlm_C.deberta_bwd(
+        pad[0], dlse, *pad[1:6], pad[6], lse, kpm, cu, rel_idx, max_seqlen, scale, dropout_p, seed, d_first, d_last,
+        lo, max(hi - lo + 1, 0), grad_pos_key, grad_pos_query)
+    dq, dk, dv = (g if g.shape[-1] == d else g[..., :d] for g in (dq, dk, dv))
+
+    def with_runs(dpos, first, last, x):
+        """dpos (H, 2 span, D) + the runs' shares; times s, in x's dtype. Rows (b, i) of the sums and x alike:
+        (B, H, S) and (B, H, S, D) dense, (total, H) and (total, H, D) packed."""
+        xf = x.float()
+        spec = "th,thd->hd" if cu is not None else "bhs,bhsd->hd"
+        dpos = dpos[..., :d].clone()
+        dpos[:, band[2]] += torch.einsum(spec, first, xf)  # (the runs' bucket rows: 0 and 2 span - 1)
+        dpos[:, band[3]] += torch.einsum(spec, last, xf)
+        return (dpos * scale).to(x.dtype)
+
+    dpk = with_runs(dpk, runs[0], runs[1], q) if grad_pos_key else q.new_empty(0)  # (two tensors: outputs of
+    dpq = with_runs(dpq, runs[2], runs[3], k) if grad_pos_query else q.new_empty(0)  # an op may not alias)
+    return dq, dk, dv, dpk, dpq
 
 
 def attention(q, k, v, key_padding_mask, cu_q, cu_k, max_q, max_k, scale, causal, bottom_right, dropout_p, seed,

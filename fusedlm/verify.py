@@ -437,7 +437,8 @@ def _deberta_cases(gpu):
         grads = ("query", "key", "value") + (("pos_key",) if "c2p" in terms else ()) + \
             (("pos_query",) if "p2c" in terms else ())
         label = f"deberta_attention({terms},{'buckets' if pb > 0 else 'distance'}{',kpm' if padded else ''})"
-        out.append(Case(label, (B, H, S, D, pb, mr), make_deb, run_deb, ref_deb, grads))
+        out.append(Case(label, (B, H, S, D, pb, mr), make_deb, run_deb, ref_deb, grads,
+                        cuda_dtypes=_TENSOR_CORE if D <= 64 else ()))  # the cuda kernels: D <= 64
     # packed: (lengths, H, D, position_buckets, max_relative_positions); out, lse and every gradient
     packed = [((45, 1, 0, 17), 2, 40, 16, 40), ((67, 30), 2, 64, 256, 512)]
     if gpu:
@@ -460,7 +461,8 @@ def _deberta_cases(gpu):
             return R.deberta_varlen_ref(q, k, v, pos_key, pos_query, cu_seqlens, pb, mr, return_lse=True)
 
         out.append(Case("deberta_varlen_attention(c2p,p2c,lse)", (len(lengths), sum(lengths), H, D, pb, mr),
-                        make_packed, run_packed, ref_packed, ("q", "k", "v", "pos_key", "pos_query")))
+                        make_packed, run_packed, ref_packed, ("q", "k", "v", "pos_key", "pos_query"),
+                        cuda_dtypes=_TENSOR_CORE if D <= 64 else ()))
     return out
 
 

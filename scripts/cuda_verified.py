@@ -3,9 +3,9 @@
 "auto" prefers the cuda backend for an op on a GPU architecture only when fusedlm/cuda_verified.json lists
 the op for that architecture ({"sm_90": {"ops": [...], "why": ...}, "sm_80": ...}: sm_80 and sm_90 can
 differ, on Hopper the Triton kernels have wgmma). An op goes in for the GPU the run was on when both hold:
-  1. the cuda backend's tests (tests/test_cuda.py, test_cuda_attention.py, test_cuda_lora.py) ran there (at least one
+  1. the cuda backend's tests (tests/test_cuda.py, test_cuda_{attention,lora,deberta}.py) ran there (at least one
      not skipped) and none failed;
-  2. on every benchmark case of the op where both ran (memory-bound ops, attention, LoRA), the fusedlm-cuda
+  2. on every benchmark case of the op where both ran (memory-bound ops, attention, LoRA, DeBERTa), the fusedlm-cuda
      provider was at least as fast (median ms) as fusedlm-triton on the same shape, dtype and mode (the
      -varlen providers likewise, for varlen_attention), and at least one such pair exists.
 The other architectures' entries of --base are kept. Copy the written file over fusedlm/cuda_verified.json
@@ -24,8 +24,8 @@ import xml.etree.ElementTree as ET
 # benchmark case names (fusedlm/bench/ops_*.py) -> the public op the cuda backend serves
 BENCH_TO_OP = (("rms_norm", "rms_norm"), ("layer_norm", "layer_norm"), ("swiglu", "swiglu"),
                ("rope", "apply_rotary_pos_emb"), ("attention", "scaled_dot_product_attention"),
-               ("lora", "lora_linear"))
-CUDA_TEST_MODULE = re.compile(r"(^|\.)test_cuda(_attention|_lora)?$")  # not test_cuda_nvcc (no kernel runs there)
+               ("lora", "lora_linear"), ("deberta", "deberta_attention"))
+CUDA_TEST_MODULE = re.compile(r"(^|\.)test_cuda(_attention|_lora|_deberta)?$")  # not test_cuda_nvcc (no kernel runs there)
 
 
 def cuda_tests_passed(junit_path):
@@ -46,7 +46,7 @@ def cuda_tests_passed(junit_path):
 
 def public_op(bench_op, suffix=""):
     if suffix == "-varlen":
-        return "varlen_attention" if bench_op.startswith("attention") else None
+        return {"attention": "varlen_attention", "deberta": "deberta_varlen_attention"}.get(bench_op.split("_")[0])
     return next((op for prefix, op in BENCH_TO_OP if bench_op.startswith(prefix)), None)
 
 

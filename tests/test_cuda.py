@@ -227,9 +227,10 @@ def test_auto_prefers_cuda_only_for_verified_ops(monkeypatch, dev):
 def test_cuda_backend_errors(monkeypatch):
     with pytest.raises(ValueError, match="swiglu: backend 'cuda' cannot serve this call: .*float64"):
         fusedlm.swiglu(torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64), backend="cuda")
-    with pytest.raises(ValueError, match="deberta_attention: backend 'cuda' .*no kernel"):
-        q = torch.randn(1, 1, 4, 16, dtype=torch.float16)
-        fusedlm.deberta_attention(q, q, q, None, None, backend="cuda")
+    with pytest.raises(ValueError, match="linear_cross_entropy: backend 'cuda' .*no kernel"):
+        h = torch.randn(4, 16, dtype=torch.float16)
+        fusedlm.linear_cross_entropy(h, torch.randn(32, 16, dtype=torch.float16), torch.zeros(4, dtype=torch.long),
+                                     backend="cuda")
     # a 1-D input is one row: wider than the kernel's grid allows, a clear error (auto takes triton/torch)
     wide = torch.empty(65535 * 256 + 1, dtype=torch.float16)
     with pytest.raises(ValueError, match="swiglu: backend 'cuda' cannot serve this call: rows wider than 16776960"):

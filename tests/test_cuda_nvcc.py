@@ -30,9 +30,10 @@ SOURCES = sorted(p.name for p in CSRC.glob("*.cu"))
 # attention: per 16-bit dtype and head-dim bucket (32, 64, 128, 256) a forward, a dQ and a dK/dV kernel (at
 # 256 the dK/dV pass is two kernels, dV and dK).
 # lora: per 16-bit dtype the forward's operand layout and dx's (W and the low-rank Q read transposed).
+# deberta: per 16-bit dtype and head-dim bucket (32, 64) a forward, dQ, dK/dV and band kernel; one fold.
 EXPECTED = {"norm.cu": 3 * (6 + 5 + 2 * 5 + 2 * 1), "swiglu.cu": 3 * 2 * 2, "rope.cu": 3 * 2, "tc_selftest.cu": 2,
-            "attention.cu": 2 * (4 + 4 + 5), "lora.cu": 2 * 2}
-TENSOR_CORE = ("tc_selftest.cu", "attention.cu", "lora.cu")
+            "attention.cu": 2 * (4 + 4 + 5), "lora.cu": 2 * 2, "deberta.cu": 2 * 2 * 4 + 1}
+TENSOR_CORE = ("tc_selftest.cu", "attention.cu", "lora.cu", "deberta.cu")
 VECTORIZED = [s for s in SOURCES if s not in TENSOR_CORE]
 VEC16 = {"f": 4, "6__half": 8, "13__nv_bfloat16": 8}  # mangled dtype -> elements in 16 bytes
 
@@ -213,3 +214,27 @@ def _assert_pair_stores(name, body):
     T* compiles to four st.global.u8 on the device: it once did, in every output store)."""
     assert re.search(r"st\.global\.(b32|u32)", body), f"{name}: no 32-bit global store"
     assert not re.search(r"st\.global\.(u8|b8|s8)", body), f"{name}: byte stores"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_deberta_kernels_run_on_tensor_cores(compiled, arch):
+    """The DeBERTa kernels: no stack; every tile kernel on mma.sync with ldmatrix x4 and x4.trans, q / k / v /
+    dO / the position rows read only by 16-byte cp.async, results stored as 32-bit pairs (the band kernel
+    writes its float32 sums, the fold is a plain column sum)."""
+    log, ptx = compiled[("deberta.cu", arch)]
+    for name, props in parse_ptxas(log).items():
+        assert props["stack"] == 0, f"{name} on {arch}: a stack frame ({props})"
+    entries = re.split(r"\.entry\s+", ptx)[1:]
+    assert len(entries) == EXPECTED["deberta.cu"]
+    for entry in entries:
+        name, body = entry.split("(", 1)[0], entry.split("\n}", 1)[0]
+        if "DebFold" in name:
+            continue
+        ab = "bf16" if "nv_bfloat16" in name else "f16"
+        assert f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32" in body, name
+        for form in ("ldmatrix.sync.aligned.m8n8.x4.shared.b16", "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16"):
+            assert form in body or ("DebFwd" in name and "trans" not in form), f"{name}: no {form}"
+        assert re.search(r"cp\.async\.cg\.shared\.global \[%r\d+\], \[%rd\d+\], 16, %r\d+;", body), name
+        assert not re.search(r"ld\.global(\.nc)?(\.\w+)*\.(u16|b16|f16|s16|bf16)\b", body), f"{name}: a 16-bit load"
+        if "DebBand" not in name:
+            _assert_pair_stores(name, body)

@@ -3,8 +3,9 @@ the Triton ops with their autograd. The torch backend is fusedlm.reference.deber
 the relative-position buckets (Hugging Face's log buckets, the index table, the bucket runs) are in
 fusedlm/_deberta_positions.py, re-exported here.
 
-The kernels and the math are in fusedlm/kernels/deberta.py. For the Triton backend two ops are registered,
-fusedlm::deberta_fwd -> (out, lse) and fusedlm::deberta_bwd -> (dq, dk, dv, dpos_key, dpos_query), serving
+The kernels and the math are in fusedlm/kernels/deberta.py (Triton) and csrc/deberta.cu (CUDA C++). Per
+backend two ops are registered, fusedlm::deberta_fwd -> (out, lse) and fusedlm::deberta_bwd -> (dq, dk, dv,
+dpos_key, dpos_query) (the cuda backend's named *_cuda, around fusedlm_C::deberta_fwd / deberta_bwd), serving
 dense and packed batches; autograd on the first calls the second (fusedlm::deberta_relative_index, the
 bucket table, is registered with the positions).
 
@@ -27,16 +28,45 @@ HEAD_DIMS = (16, 256)  # head dims the fused kernels take
 # Triton ops
 
 
-def _triton_ops():
-    """Register fusedlm::deberta_fwd / deberta_bwd once, with autograd. Dense (B, H, S, D) and packed
-    (total, H, D) batches share them: cu_seqlens is None for dense ones."""
-    global _fwd_op
-    if _fwd_op is not None:
-        return _fwd_op
-    from fusedlm.kernels import deberta as K
-    from fusedlm.kernels import deberta_backward as KB
+def _kernels(backend):
+    """(fwd, bwd, register) of a backend: its kernels' entry points, and how its ops are registered."""
+    if backend == "triton":
+        from fusedlm.kernels import deberta as K
+        from fusedlm.kernels import deberta_backward as KB
 
-    from .._triton import empty, launch, register_op, unit_stride
+        from .._triton import empty, launch, register_op, unit_stride
+
+        def fwd(q, k, v, pos_key, pos_query, kpm, cu, rel_idx, max_seqlen, scale, dropout_p, seed, band):
+            return K.deberta_fwd(launch, unit_stride(q), unit_stride(k), unit_stride(v), unit_stride(pos_key),
+                                 unit_stride(pos_query), kpm, cu, rel_idx, max_seqlen, scale, dropout_p, seed, band)
+
+        def bwd(do, dlse, q, k, v, pos_key, pos_query, out, lse, kpm, cu, rel_idx, max_seqlen, scale, dropout_p,
+                seed, grad_pk, grad_pq, band):
+            dq, dk, dv, dpk, dpq = KB.deberta_bwd(
+                launch, unit_stride(do), dlse, unit_stride(q), unit_stride(k), unit_stride(v), unit_stride(pos_key),
+                unit_stride(pos_query), out, lse, kpm, cu, rel_idx, max_seqlen, scale, dropout_p, seed, grad_pk,
+                grad_pq, band)
+            return (dq, dk, dv, dpk if dpk is not None else empty(q.device, q.dtype),
+                    dpq if dpq is not None else empty(q.device, q.dtype))
+
+        return fwd, bwd, register_op
+    from .. import _cuda
+
+    def register_cuda(name, fn):  # a plain custom op around the fusedlm_C kernels (which have their fakes)
+        op = torch.library.custom_op(f"fusedlm::{name}_cuda", fn, mutates_args=())
+        op.register_fake(fn)
+        return op
+
+    return _cuda.deberta_fwd, _cuda.deberta_bwd, register_cuda
+
+
+def _ops(backend):
+    """Register a backend's fusedlm::deberta_fwd / deberta_bwd (the cuda backend's: deberta_fwd_cuda /
+    deberta_bwd_cuda) once, with autograd. Dense (B, H, S, D) and packed (total, H, D) batches share them:
+    cu_seqlens is None for dense ones."""
+    if backend in _fwd_ops:
+        return _fwd_ops[backend]
+    kernel_fwd, kernel_bwd, register_op = _kernels(backend)
 
     def deberta_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_key: Optional[torch.Tensor],
                     pos_query: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],
@@ -44,9 +74,8 @@ def _triton_ops():
                     dropout_p: float, seed: Optional[torch.Tensor], band: list[int]
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (out like q, lse float32 (B, H, S) or (total, H)). band: relative_band of the buckets."""
-        return K.deberta_fwd(launch, unit_stride(q), unit_stride(k), unit_stride(v), unit_stride(pos_key),
-                             unit_stride(pos_query), key_padding_mask, cu_seqlens, rel_idx, max_seqlen, scale,
-                             dropout_p, seed, band)
+        return kernel_fwd(q, k, v, pos_key, pos_query, key_padding_mask, cu_seqlens, rel_idx, max_seqlen, scale,
+                          dropout_p, seed, band)
 
     def deberta_bwd(do: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
                     v: torch.Tensor, pos_key: Optional[torch.Tensor], pos_query: Optional[torch.Tensor],
@@ -55,12 +84,8 @@ def _triton_ops():
                     dropout_p: float, seed: Optional[torch.Tensor], grad_pos_key: bool, grad_pos_query: bool,
                     band: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (dq, dk, dv, dpos_key, dpos_query); an empty tensor for a position gradient not asked for."""
-        dq, dk, dv, dpk, dpq = KB.deberta_bwd(
-            launch, unit_stride(do), dlse, unit_stride(q), unit_stride(k), unit_stride(v), unit_stride(pos_key),
-            unit_stride(pos_query), out, lse, key_padding_mask, cu_seqlens, rel_idx, max_seqlen, scale, dropout_p,
-            seed, grad_pos_key, grad_pos_query, band)
-        return (dq, dk, dv, dpk if dpk is not None else empty(q.device, q.dtype),
-                dpq if dpq is not None else empty(q.device, q.dtype))
+        return kernel_bwd(do, dlse, q, k, v, pos_key, pos_query, out, lse, key_padding_mask, cu_seqlens, rel_idx,
+                          max_seqlen, scale, dropout_p, seed, grad_pos_key, grad_pos_query, band)
 
     fwd = register_op("deberta_fwd", deberta_fwd)
     bwd = register_op("deberta_bwd", deberta_bwd)
@@ -86,11 +111,15 @@ def _triton_ops():
         return (dq, dk, dv, dpk if grad_pk else None, dpq if grad_pq else None) + (None,) * 8
 
     fwd.register_autograd(backward, setup_context=setup_context)
-    _fwd_op = fwd
+    _fwd_ops[backend] = fwd
     return fwd
 
 
-_fwd_op = None
+_fwd_ops = {}
+
+
+def _triton_ops():
+    return _ops("triton")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -131,11 +160,21 @@ def _check_pos(query, heads, head_dim, pos_key, pos_query, position_buckets, max
             _validate.shape(name, t, (heads, 2 * span, head_dim), f"(H, 2*span, D) with span = {which} = {span}")
 
 
+def _cuda_reason(query, head_dim):
+    """Why the cuda backend's kernels (csrc/deberta.cu) cannot take this call, or None."""
+    if query.dtype not in (torch.float16, torch.bfloat16):
+        return f"the cuda DeBERTa kernels take float16 or bfloat16 (tensor cores), got {query.dtype}"
+    if not 16 <= head_dim <= 64:
+        return f"the cuda DeBERTa kernels take head dims 16..64 (every DeBERTa model's 64 among them), got D={head_dim}"
+    return None
+
+
 def _select(op, backend, query, pos_key, pos_query, head_dim):
     lo, hi = HEAD_DIMS
     dim_reason = None if lo <= head_dim <= hi else f"the fused kernels take head dims {lo}..{hi}, got D={head_dim}"
     return _backend.select(op, backend, query.device, {
         "triton": _validate.kernel_dtype_reason(query, pos_key, pos_query) or dim_reason,
+        "cuda": _cuda_reason(query, head_dim),
     })
 
 
@@ -182,8 +221,8 @@ def deberta_attention(query, key, value, pos_key=None, pos_query=None, *, key_pa
     if name == "torch":
         return reference.deberta_ref(query, key, value, pos_key, pos_query, key_padding_mask, position_buckets,
                                      max_relative_positions, dropout_p, return_lse)
-    out, lse = _run_triton(query, key, value, pos_key, pos_query, key_padding_mask, None, S, position_buckets,
-                           max_relative_positions, dropout_p)
+    out, lse = _run(name, query, key, value, pos_key, pos_query, key_padding_mask, None, S, position_buckets,
+                    max_relative_positions, dropout_p)
     return (out, lse) if return_lse else out
 
 
@@ -214,19 +253,19 @@ def deberta_varlen_attention(q, k, v, pos_key, pos_query, cu_seqlens, max_seqlen
     if name == "torch":
         return reference.deberta_varlen_ref(q, k, v, pos_key, pos_query, cu_seqlens, position_buckets,
                                             max_relative_positions, dropout_p, return_lse)
-    out, lse = _run_triton(q, k, v, pos_key, pos_query, None, cu_seqlens.contiguous(), max_seqlen,
-                           position_buckets, max_relative_positions, dropout_p)
+    out, lse = _run(name, q, k, v, pos_key, pos_query, None, cu_seqlens.contiguous(), max_seqlen,
+                    position_buckets, max_relative_positions, dropout_p)
     return (out, lse) if return_lse else out
 
 
-def _run_triton(q, k, v, pos_key, pos_query, key_padding_mask, cu_seqlens, max_seqlen, position_buckets,
-                max_relative_positions, dropout_p):
-    """The registered Triton op on a dense (cu_seqlens None) or packed batch -> (out, lse): the bucket table
+def _run(backend, q, k, v, pos_key, pos_query, key_padding_mask, cu_seqlens, max_seqlen, position_buckets,
+         max_relative_positions, dropout_p):
+    """The backend's registered op on a dense (cu_seqlens None) or packed batch -> (out, lse): the bucket table
     of the longest sequence, and the scale 1 / sqrt(D * (1 + number of position terms))."""
     terms = (pos_key is not None) + (pos_query is not None)
     rel_idx = relative_index_table(max_seqlen, position_buckets, max_relative_positions, q.device)
     band = list(relative_band(position_buckets, max_relative_positions))
-    return _triton_ops()(q, k, v, pos_key, pos_query, key_padding_mask, cu_seqlens, rel_idx, max_seqlen,
+    return _ops(backend)(q, k, v, pos_key, pos_query, key_padding_mask, cu_seqlens, rel_idx, max_seqlen,
                          1.0 / math.sqrt(q.shape[-1] * (1 + terms)), dropout_p, _validate.dropout_seed(dropout_p, q.device), band)
 
 
