@@ -629,6 +629,42 @@ struct AttnBwdKv {
 };
 
 // ================================================================================================
+// The backward's delta_i = dO_i . O_i - dlse_i: a thread a row, float32 products summed in order.
+template <class T>
+struct AttnDelta {
+  using Params = DeltaParams;
+  static constexpr int kThreads = 128, kMaxThreads = kThreads, kSmemFloats = 0;
+  struct State {
+    float red[2];
+  };
+  template <class Blk>
+  static FL_BODY void body(Blk& b, const Params& p) {
+    const int bh = b.ctx.bx, b_ = bh / p.heads, h = bh % p.heads;
+    int64_t row0 = 0;
+    int len = p.rows;
+    if (p.cu_seqlens != nullptr) {
+      row0 = p.cu_seqlens[b_];
+      len = int(p.cu_seqlens[b_ + 1] - row0);
+    }
+    b.each([&](const Ctx& c, State&) {
+      const int row = b.ctx.by * kThreads + c.tid;
+      if (row >= len) return;
+      const T* d = static_cast<const T*>(p.dout) + b_ * p.do_stride[0] + h * p.do_stride[1] + (row0 + row) * p.do_stride[2];
+      const T* o = static_cast<const T*>(p.out) + b_ * p.o_stride[0] + h * p.o_stride[1] + (row0 + row) * p.o_stride[2];
+      float acc = 0.0f;
+      for (int e = 0; e < p.head_dim; ++e) acc += to_float(d[e]) * to_float(o[e]);
+      const int64_t at = b_ * p.stat_stride[0] + h * p.stat_stride[1] + (row0 + row) * p.stat_stride[2];
+      p.delta[at] = acc - (p.dlse ? p.dlse[at] : 0.0f);
+    });
+  }
+};
+
+template <class T>
+void attention_delta_typed(const DeltaParams& p, Stream stream) {
+  launch<AttnDelta<T>>(p.batch * p.heads, (p.rows + 127) / 128, AttnDelta<T>::kThreads, p, stream);
+}
+
+// ================================================================================================
 // Launchers: the head-dim bucket (max(E, Ev) padded to 32, 64, 128 or 256) and the dtype are static.
 template <class T, int D>
 void attention_fwd_typed(const AttnParams& p, Stream stream) {
@@ -674,11 +710,19 @@ void attention_bwd_typed(const AttnParams& p, Stream stream) {
 namespace cuda {
 void attention_fwd(const AttnParams& p, cudaStream_t stream) { FL_ATTN_DISPATCH(p, attention_fwd_typed, stream); }
 void attention_bwd(const AttnParams& p, cudaStream_t stream) { FL_ATTN_DISPATCH(p, attention_bwd_typed, stream); }
+void attention_delta(const DeltaParams& p, cudaStream_t stream) {
+  if (p.dtype == DType::F16) attention_delta_typed<half>(p, stream);
+  else attention_delta_typed<bfloat16>(p, stream);
+}
 }  // namespace cuda
 #else
 namespace cpu {
 void attention_fwd(const AttnParams& p) { FL_ATTN_DISPATCH(p, attention_fwd_typed, nullptr); }
 void attention_bwd(const AttnParams& p) { FL_ATTN_DISPATCH(p, attention_bwd_typed, nullptr); }
+void attention_delta(const DeltaParams& p) {
+  if (p.dtype == DType::F16) attention_delta_typed<half>(p, nullptr);
+  else attention_delta_typed<bfloat16>(p, nullptr);
+}
 }  // namespace cpu
 #endif
 

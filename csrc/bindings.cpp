@@ -386,6 +386,35 @@ fl::AttnParams attn_params(const AttnInputs& in, const std::optional<Tensor>& se
   return p;
 }
 
+// delta = rowsum(dO * O) - dlse (float32, shaped like lse: (B, H, L) dense, (total, H) packed) by the
+// AttnDelta kernel: no float32 copies of dO and O. dlse may be a broadcast view (lse.sum()'s gradient).
+Tensor attn_delta(const Tensor& dout, const Tensor& out, const std::optional<Tensor>& dlse, const Tensor& lse,
+                  const std::optional<Tensor>& cu, int64_t batch, int64_t heads, int64_t rows) {
+  const bool packed = cu.has_value();
+  Tensor delta = at::empty(lse.sizes(), lse.options().dtype(at::kFloat));
+  Tensor dl;
+  if (dlse.has_value()) dl = dlse->to(at::kFloat).expand(lse.sizes()).contiguous();
+  fl::DeltaParams p{};
+  p.dout = dout.data_ptr();
+  p.out = out.data_ptr();
+  p.dlse = dl.defined() ? dl.data_ptr<float>() : nullptr;
+  p.delta = delta.data_ptr<float>();
+  const Tensor cu32 = packed ? cu->to(at::kInt).contiguous() : Tensor();
+  p.cu_seqlens = packed ? cu32.data_ptr<int32_t>() : nullptr;
+  attn_strides(dout, packed, p.do_stride);
+  attn_strides(out, packed, p.o_stride);
+  p.stat_stride[0] = packed ? 0 : heads * rows;
+  p.stat_stride[1] = packed ? 1 : rows;
+  p.stat_stride[2] = packed ? heads : 1;
+  p.batch = int(batch);
+  p.heads = int(heads);
+  p.rows = int(rows);
+  p.head_dim = int(out.size(-1));
+  p.dtype = kernel_dtype(out, "out");
+  if (delta.numel() > 0) run(out, p, [](const auto& x) { fl::cpu::attention_delta(x); }, FL_GPU(attention_delta));
+  return delta;
+}
+
 // lse / delta: float32 (B, H, L) dense, (total, H) packed.
 void stat_strides(const AttnInputs& in, int64_t* out) {
   out[0] = in.packed ? 0 : in.H * in.Lq;
@@ -444,11 +473,10 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(
   TORCH_CHECK(lse.sizes() == at::IntArrayRef(lse_shape), "lse: expected shape ", lse_shape, ", got ", lse.sizes());
   TORCH_CHECK(dout.sizes() == out.sizes(), "dout: expected shape ", out.sizes(), ", got ", dout.sizes());
   const Tensor doc = attn_operand(dout);
-  // delta_i = dO_i . O_i - dlse_i (float32, lse's layout)
-  Tensor delta = (doc.to(at::kFloat) * out.to(at::kFloat)).sum(-1);
-  if (dlse.has_value()) delta = delta - dlse->to(at::kFloat);
-  delta = delta.contiguous();
   const Tensor lse_c = lse.to(at::kFloat).contiguous();
+  // delta_i = dO_i . O_i - dlse_i (float32, lse's layout)
+  const Tensor delta = attn_delta(doc, out.stride(-1) == 1 ? out : out.contiguous(), dlse, lse_c, cu_seqlens_q, in.B,
+                                  in.H, in.Lq);
   // contiguous gradients, whatever the inputs' layout (the fake kernel says so without seeing strides)
   Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
   Tensor dv = at::empty(v.sizes(), v.options());
@@ -595,11 +623,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> deberta_bwd(
   check_like(out, q, "out", "q");
   TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "dout, out: expected the shape of q");
   const Tensor doc = attn_operand(dout);
-  Tensor delta = (doc.to(at::kFloat) * out.to(at::kFloat)).sum(-1);  // (B, H, S) or (total, H): lse's layout
-  if (dlse.has_value()) delta = delta - dlse->to(at::kFloat);
-  delta = delta.contiguous();
   const Tensor lse_c = lse.to(at::kFloat).contiguous();
-  TORCH_CHECK(lse_c.sizes() == delta.sizes(), "lse: expected shape ", delta.sizes(), ", got ", lse.sizes());
+  const std::vector<int64_t> stat_shape = in.packed ? std::vector<int64_t>{q.size(0), in.H}
+                                                    : std::vector<int64_t>{in.B, in.H, in.S};
+  TORCH_CHECK(lse_c.sizes() == at::IntArrayRef(stat_shape), "lse: expected shape ", stat_shape, ", got ", lse.sizes());
+  const Tensor delta = attn_delta(doc, out.stride(-1) == 1 ? out : out.contiguous(), dlse, lse_c, cu_seqlens, in.B,
+                                  in.H, in.S);  // (B, H, S) or (total, H): lse's layout
   const auto f32 = q.options().dtype(at::kFloat);
   Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
   Tensor dv = at::empty(v.sizes(), v.options());

@@ -112,6 +112,19 @@ struct AttnParams {
   DType dtype;                   // F16 or BF16
 };
 
+// The attention backward's row statistic (attention.cu, used by the attention and DeBERTa bindings):
+// delta[row] = sum_e dO[row, e] O[row, e] - dlse[row], float32, one thread a row (no float32 copies of dO and O).
+struct DeltaParams {
+  const void* dout;        // rows of e elements, strides (batch, head, row) like the attention tensors
+  const void* out;
+  const float* dlse;       // strided like delta, or null
+  float* delta;            // out
+  const int32_t* cu_seqlens;  // packed (row0 = cu[b], rows = cu[b + 1] - cu[b]) or null
+  int64_t do_stride[3], o_stride[3], stat_stride[3];
+  int batch, heads, rows, head_dim;  // rows: L (dense) or max_seqlen (packed)
+  DType dtype;
+};
+
 // DeBERTa's disentangled attention (deberta.cu), dense (B, H, S, D) with key padding or packed (total, H, D)
 // with cu_seqlens; strides as AttnParams' (batch, head, row), head dim contiguous. Scores
 // z_ij = scale (q_i . k_j + q_i . pos_key[idx(i - j)] + k_j . pos_query[idx(i - j)]), idx from rel_idx.
@@ -200,6 +213,7 @@ void rope(const RopeParams& p);
 void tc_selftest(const TcSelftestParams& p);
 void attention_fwd(const AttnParams& p);
 void attention_bwd(const AttnParams& p);
+void attention_delta(const DeltaParams& p);
 void lora_gemm(const LoraParams& p);
 void deberta_fwd(const DebParams& p);
 void deberta_bwd(const DebParams& p);
@@ -217,6 +231,7 @@ void rope(const RopeParams& p, cudaStream_t stream);
 void tc_selftest(const TcSelftestParams& p, cudaStream_t stream);
 void attention_fwd(const AttnParams& p, cudaStream_t stream);
 void attention_bwd(const AttnParams& p, cudaStream_t stream);
+void attention_delta(const DeltaParams& p, cudaStream_t stream);
 void lora_gemm(const LoraParams& p, cudaStream_t stream);
 void deberta_fwd(const DebParams& p, cudaStream_t stream);
 void deberta_bwd(const DebParams& p, cudaStream_t stream);
