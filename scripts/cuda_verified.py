@@ -25,7 +25,8 @@ import xml.etree.ElementTree as ET
 BENCH_TO_OP = (("rms_norm", "rms_norm"), ("layer_norm", "layer_norm"), ("swiglu", "swiglu"),
                ("rope", "apply_rotary_pos_emb"), ("attention", "scaled_dot_product_attention"),
                ("lora", "lora_linear"), ("deberta", "deberta_attention"))
-CUDA_TEST_MODULE = re.compile(r"(^|\.)test_cuda(_attention|_lora|_deberta)?$")  # not test_cuda_nvcc (no kernel runs there)
+# the modules whose tests run the cuda kernels (not test_cuda_nvcc: no kernel runs there)
+CUDA_TEST_MODULE = re.compile(r"(^|\.)test_cuda(_attention|_lora|_deberta)?$")
 
 
 def cuda_tests_passed(junit_path):
