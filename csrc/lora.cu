@@ -63,10 +63,8 @@ struct LoraGemm {
     b.each([&](const Ctx& c, State& st) {
       if (k_tiles > 0) issue(c, 0);
       b.cp_async_commit();
-#pragma unroll
-      for (int j = 0; j < kBN / 8; ++j)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) st.acc[j][i] = st.lr[j][i] = 0.0f;
+      zero(st.acc);
+      zero(st.lr);
     });
 
     for (int t = 0; t < k_tiles; ++t) {
@@ -82,17 +80,8 @@ struct LoraGemm {
       b.sync();
       const T* xt = xs + (t & 1) * kXTile;
       const T* wt = ws + (t & 1) * kWTile;
-#pragma unroll
-      for (int kk = 0; kk < kBK / 16; ++kk) {
-        load_a<T, kXStride>(b, xt, kk * 16, [](State& st) { return st.fa; });
-#pragma unroll
-        for (int np = 0; np < kBN / 16; ++np) {
-          if (TRANS) load_b_kn<T, kWStride>(b, wt, kk * 16, np * 16, [](State& st) { return st.fb; });
-          else load_b_nk<T, kWStride>(b, wt, np * 16, kk * 16, [](State& st) { return st.fb; });
-          b.template mma_m16n8k16<T>([&](const Ctx&, State& st) { return Mma{st.fa, st.fb, st.acc[2 * np]}; });
-          b.template mma_m16n8k16<T>([&](const Ctx&, State& st) { return Mma{st.fa, st.fb + 2, st.acc[2 * np + 1]}; });
-        }
-      }
+      if constexpr (TRANS) mma_ab<T, kBK, kBN, kXStride, kWStride>(b, xt, wt, [](State& st) { return st.acc; });
+      else mma_abt<T, kBK, kBN, kXStride, kWStride>(b, xt, wt, [](State& st) { return st.acc; });
       b.sync();  // every warp is done with this buffer before it is refilled (or reused by the rank loop)
     }
 
@@ -115,14 +104,8 @@ struct LoraGemm {
         b.template cp_async_wait<0>();
       });
       b.sync();
-      load_a<T, kPStride>(b, ps, 0, [](State& st) { return st.fa; });
-#pragma unroll
-      for (int np = 0; np < kBN / 16; ++np) {
-        if (TRANS) load_b_kn<T, kQStride>(b, qs, 0, np * 16, [](State& st) { return st.fb; });
-        else load_b_nk<T, kQStride>(b, qs, np * 16, 0, [](State& st) { return st.fb; });
-        b.template mma_m16n8k16<T>([&](const Ctx&, State& st) { return Mma{st.fa, st.fb, st.lr[2 * np]}; });
-        b.template mma_m16n8k16<T>([&](const Ctx&, State& st) { return Mma{st.fa, st.fb + 2, st.lr[2 * np + 1]}; });
-      }
+      if constexpr (TRANS) mma_ab<T, kBR, kBN, kPStride, kQStride>(b, ps, qs, [](State& st) { return st.lr; });
+      else mma_abt<T, kBR, kBN, kPStride, kQStride>(b, ps, qs, [](State& st) { return st.lr; });
       b.sync();
     }
 

@@ -91,5 +91,75 @@ FL_HD void store_pair(T* dst, uint32_t v) {
 template <class T>
 FL_HD uint32_t pack_c(const float* c) { return pack2<T>(c[0], c[1]); }
 
+// ---- The tile products every tensor-core kernel is made of. States name their operand staging registers
+// fa[4] (A) and fb[4] (B); `acc(st)` names an accumulator array of C fragments (n-tiles of 8 columns).
+
+// acc[0 .. N / 8) += A B^T over k = 0 .. K: A the warp's 16 rows of a_tile (rows of AS elements), B^T N rows of
+// b_tile (stored (n, k), rows of BS elements): a score tile S = Q K^T, or any product against rows.
+template <class T, int K, int N, int AS, int BS, class Blk, class Acc>
+FL_BODY void mma_abt(Blk& b, const T* a_tile, const T* b_tile, Acc acc) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    load_a<T, AS>(b, a_tile, kk * 16, [](auto& st) { return st.fa; });
+#pragma unroll
+    for (int np = 0; np < N / 16; ++np) {
+      load_b_nk<T, BS>(b, b_tile, np * 16, kk * 16, [](auto& st) { return st.fb; });
+      b.template mma_m16n8k16<T>([&](const Ctx&, auto& st) { return Mma{st.fa, st.fb, acc(st)[2 * np]}; });
+      b.template mma_m16n8k16<T>([&](const Ctx&, auto& st) { return Mma{st.fa, st.fb + 2, acc(st)[2 * np + 1]}; });
+    }
+  }
+}
+
+// acc[0 .. N / 8) += A B over k = 0 .. K: A the warp's 16 rows of a_tile (rows of AS elements), B K rows of
+// b_tile stored (k, n) (rows of BS elements, ldmatrix .trans).
+template <class T, int K, int N, int AS, int BS, class Blk, class Acc>
+FL_BODY void mma_ab(Blk& b, const T* a_tile, const T* b_tile, Acc acc) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    load_a<T, AS>(b, a_tile, kk * 16, [](auto& st) { return st.fa; });
+#pragma unroll
+    for (int np = 0; np < N / 16; ++np) {
+      load_b_kn<T, BS>(b, b_tile, kk * 16, np * 16, [](auto& st) { return st.fb; });
+      b.template mma_m16n8k16<T>([&](const Ctx&, auto& st) { return Mma{st.fa, st.fb, acc(st)[2 * np]}; });
+      b.template mma_m16n8k16<T>([&](const Ctx&, auto& st) { return Mma{st.fa, st.fb + 2, acc(st)[2 * np + 1]}; });
+    }
+  }
+}
+
+// acc[0 .. N / 8) += P B: P (16 x K a warp) as A fragments pa(st)[K / 16][4] (pack_a), B K rows of b_tile
+// stored (k, n) (rows of BS elements, ldmatrix .trans): O += P V, dQ += dS K, dV += P^T dO, dK += dS^T Q.
+template <class T, int K, int N, int BS, class Blk, class PA, class Acc>
+FL_BODY void mma_pb(Blk& b, const T* b_tile, PA pa, Acc acc) {
+#pragma unroll
+  for (int kq = 0; kq < K / 16; ++kq)
+#pragma unroll
+    for (int np = 0; np < N / 16; ++np) {
+      load_b_kn<T, BS>(b, b_tile, kq * 16, np * 16, [](auto& st) { return st.fb; });
+      b.template mma_m16n8k16<T>([&](const Ctx&, auto& st) { return Mma{pa(st)[kq], st.fb, acc(st)[2 * np]}; });
+      b.template mma_m16n8k16<T>([&](const Ctx&, auto& st) { return Mma{pa(st)[kq], st.fb + 2, acc(st)[2 * np + 1]}; });
+    }
+}
+
+// C fragments of N / 8 adjacent n-tiles (16 x N floats a warp) rounded to T as the A fragments of the
+// 16 x N operand: n-tiles 2 kq and 2 kq + 1 are A's k-halves (tc_selftest's E, FlashAttention's P).
+template <class T, int N>
+FL_HD void pack_a(uint32_t (&pa)[N / 16][4], const float (&c)[N / 8][4]) {
+#pragma unroll
+  for (int kq = 0; kq < N / 16; ++kq) {
+    pa[kq][0] = pack_c<T>(&c[2 * kq][0]);
+    pa[kq][1] = pack_c<T>(&c[2 * kq][2]);
+    pa[kq][2] = pack_c<T>(&c[2 * kq + 1][0]);
+    pa[kq][3] = pack_c<T>(&c[2 * kq + 1][2]);
+  }
+}
+
+template <int R, int C>
+FL_HD void zero(float (&x)[R][C]) {
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int c = 0; c < C; ++c) x[r][c] = 0.0f;
+}
+
 }  // namespace FL_IMPL
 }  // namespace fl

@@ -32,8 +32,10 @@ SOURCES = sorted(p.name for p in CSRC.glob("*.cu"))
 # lora: per 16-bit dtype the forward's operand layout and dx's (W and the low-rank Q read transposed).
 # deberta: per 16-bit dtype and head-dim bucket (32, 64) a forward, dQ, dK/dV and band kernel; one fold.
 EXPECTED = {"norm.cu": 3 * (6 + 5 + 2 * 5 + 2 * 1), "swiglu.cu": 3 * 2 * 2, "rope.cu": 3 * 2, "tc_selftest.cu": 2,
-            "attention.cu": 2 * (4 + 4 + 5 + 1), "lora.cu": 2 * 2, "deberta.cu": 2 * 2 * 4 + 1}
-TENSOR_CORE = ("tc_selftest.cu", "attention.cu", "lora.cu", "deberta.cu")
+            "attention.cu": 2 * 4, "attention_backward.cu": 2 * (4 + 5 + 1), "lora.cu": 2 * 2,
+            "deberta.cu": 2 * 2, "deberta_backward.cu": 2 * 2 * 3 + 1}
+TENSOR_CORE = ("tc_selftest.cu", "attention.cu", "attention_backward.cu", "lora.cu", "deberta.cu",
+               "deberta_backward.cu")
 VECTORIZED = [s for s in SOURCES if s not in TENSOR_CORE]
 VEC16 = {"f": 4, "6__half": 8, "13__nv_bfloat16": 8}  # mangled dtype -> elements in 16 bytes
 
@@ -163,16 +165,17 @@ def _attention_mmas_per_tile(name):
     return (1 + 2 * bool(what & 2) + bool(what & 1)) * tile // 4
 
 
+@pytest.mark.parametrize("source", ["attention.cu", "attention_backward.cu"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_attention_kernels_run_on_tensor_cores(compiled, arch):
+def test_attention_kernels_run_on_tensor_cores(compiled, arch, source):
     """Every attention kernel: fragments in registers (no stack), its tile loop on mma.sync with ldmatrix
     (.trans for the B operands stored (k, n)), q / k / v / dO read from global memory only by 16-byte
     cp.async copies (commit, wait for all but the newest group: the double buffer), no 16-bit scalar load."""
-    log, ptx = compiled[("attention.cu", arch)]
+    log, ptx = compiled[(source, arch)]
     for name, props in parse_ptxas(log).items():
         assert props["stack"] == 0, f"{name} on {arch}: a stack frame ({props})"
     entries = re.split(r"\.entry\s+", ptx)[1:]
-    assert len(entries) == EXPECTED["attention.cu"]
+    assert len(entries) == EXPECTED[source]
     for entry in entries:
         name, body = entry.split("(", 1)[0], entry.split("\n}", 1)[0]
         if "AttnDelta" in name:  # the row sum dO . O: no tile, no tensor core
@@ -218,16 +221,17 @@ def _assert_pair_stores(name, body):
     assert not re.search(r"st\.global\.(u8|b8|s8)", body), f"{name}: byte stores"
 
 
+@pytest.mark.parametrize("source", ["deberta.cu", "deberta_backward.cu"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_deberta_kernels_run_on_tensor_cores(compiled, arch):
+def test_deberta_kernels_run_on_tensor_cores(compiled, arch, source):
     """The DeBERTa kernels: no stack; every tile kernel on mma.sync with ldmatrix x4 and x4.trans, q / k / v /
     dO / the position rows read only by 16-byte cp.async, results stored as 32-bit pairs (the band kernel
     writes its float32 sums, the fold is a plain column sum)."""
-    log, ptx = compiled[("deberta.cu", arch)]
+    log, ptx = compiled[(source, arch)]
     for name, props in parse_ptxas(log).items():
         assert props["stack"] == 0, f"{name} on {arch}: a stack frame ({props})"
     entries = re.split(r"\.entry\s+", ptx)[1:]
-    assert len(entries) == EXPECTED["deberta.cu"]
+    assert len(entries) == EXPECTED[source]
     for entry in entries:
         name, body = entry.split("(", 1)[0], entry.split("\n}", 1)[0]
         if "DebFold" in name:
