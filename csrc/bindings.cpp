@@ -540,8 +540,8 @@ DebInputs deb_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const st
     TORCH_CHECK((*t)->dim() == 3 && (*t)->size(0) == in.H && (*t)->size(2) == in.D,
                 "pos_key / pos_query: expected (H, 2 span, D), got ", (*t)->sizes());
   }
-  if (pos_key.has_value()) in.pk = pos_key->contiguous();
-  if (pos_query.has_value()) in.pq = pos_query->contiguous();
+  if (pos_key.has_value()) in.pk = attn_operand(pos_key->contiguous());  // (rows gathered 16 bytes at a time)
+  if (pos_query.has_value()) in.pq = attn_operand(pos_query->contiguous());
   TORCH_CHECK(!in.pk.defined() || !in.pq.defined() || in.pk.sizes() == in.pq.sizes(),
               "pos_query: expected the shape of pos_key");
   if (kpm.has_value()) {
@@ -608,9 +608,9 @@ std::tuple<Tensor, Tensor> deberta_fwd(const Tensor& q, const Tensor& k, const T
   return {out, lse};
 }
 
-// -> (dq, dk, dv, run_sums (4, ..lse's shape), dpos_key, dpos_query (H, 2 span, D) float32: the band's share
-// of the position gradients over s, empty when not asked for). d_first / d_last: the bucket runs
-// (relative_band), whose share the caller adds from run_sums; band_lo, band_n: the band distances.
+// -> (dq, dk, dv, run_parts (2, B H, row tiles, 2, D): the runs' share of dpos_key (with q) and dpos_query
+// (with k) per block, dpos_key, dpos_query (H, 2 span, D): the band's share; float32 and over s, empty when
+// not asked for). d_first / d_last: the bucket runs (relative_band); band_lo, band_n: the band distances.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> deberta_bwd(
     const Tensor& dout, const std::optional<Tensor>& dlse, const Tensor& q, const Tensor& k, const Tensor& v,
     const std::optional<Tensor>& pos_key, const std::optional<Tensor>& pos_query, const Tensor& out, const Tensor& lse,
@@ -632,10 +632,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> deberta_bwd(
   const auto f32 = q.options().dtype(at::kFloat);
   Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
   Tensor dv = at::empty(v.sizes(), v.options());
-  std::vector<int64_t> run_shape{4};
-  for (int64_t n : delta.sizes()) run_shape.push_back(n);
-  Tensor runs = at::zeros(run_shape, f32);  // rows nobody writes (past a packed batch's sequences) stay 0
+  // blocks past a packed sequence's end write no part: zeros
+  const int64_t tiles = (in.S + 63) / 64;
+  Tensor runs = at::zeros({2, in.B * in.H, tiles, 2, in.D}, f32);
   const bool band = (grad_pos_key || grad_pos_query) && band_n > 0;
+  TORCH_CHECK((band_n + 63) / 64 <= 65535, "deberta: too many band distances for one launch");
   const Tensor& pos = in.pk.defined() ? in.pk : in.pq;
   const int64_t rows = pos.defined() ? pos.size(1) : 0;
   TORCH_CHECK(rows <= 65535, "pos_key: more than 65535 relative positions");
@@ -654,8 +655,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> deberta_bwd(
   attn_strides(dq, in.packed, p.dq_stride);
   attn_strides(dk, in.packed, p.dk_stride);
   attn_strides(dv, in.packed, p.dv_stride);
-  p.run_sums = runs.data_ptr<float>();
-  p.run_slab = delta.numel();
+  p.run_query_parts = runs.data_ptr<float>();
+  p.run_key_parts = p.run_query_parts + runs.numel() / 2;
   p.band_key = band && grad_pos_key ? band_key.data_ptr<float>() : nullptr;
   p.band_query = band && grad_pos_query ? band_query.data_ptr<float>() : nullptr;
   p.dpos_key = grad_pos_key ? dpk.data_ptr<float>() : nullptr;

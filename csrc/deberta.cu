@@ -19,13 +19,13 @@
 //     dPK[r] = s sum_{idx(i - j) = r} dS_ij q_i;   dPQ[r] = s sum_{idx(i - j) = r} dS_ij k_j.
 // dQ's position part un-skews dS into X[a][w] = dS[a][c] (c = a - w + 63) and adds X PKw; dK's the same on
 // the transposed tile with PQw. dPK / dPQ: the distances outside the band (d <= d_first: idx 0; d >= d_last:
-// idx 2 span - 1) reduce to per-row and per-key sums of dS (run_sums; the op layer multiplies them by q and
-// k); a band distance's sums over every (batch, query) come from DebBand, one block per head and 64
+// idx 2 span - 1) reduce to per-row and per-key sums of dS, multiplied by the block's Q / K tile in its
+// epilogue (run parts, summed over blocks by the op layer); a band distance's sums over every (batch, query) come from DebBand, one block per head and 64
 // distances, which recomputes dS on those diagonals only: per query tile, S = Q Kw^T and dP = dO Vw^T over
 // the 128 keys the diagonals touch, C2P_d = Q PK_d^T, P2C_d = Kw PQ_d^T, then
 //     band_key[w] += sum_a dS[a][w] q_a  (dS^T Q),   band_query[w] += sum_c G[w][c] k_c  (G: dS by key).
-// Every sum has a fixed order: no atomics. Extra memory: the run sums (4 floats a row) and the band sums
-// (2 x H x band x D floats). Dropout is the triton backend's mask (Philox at ((b H + h) Smax + i) Smax + j).
+// Every sum has a fixed order: no atomics. Extra memory: the run parts (4 D floats a 64-row block) and the
+// band sums (2 x H x band x D floats). Dropout is the triton backend's mask (Philox at ((b H + h) Smax + i) Smax + j).
 #include "deberta.h"
 
 namespace fl {

@@ -43,6 +43,7 @@ struct Deb {
                                  uint64_t(p.max_seqlen) + uint64_t(j);
     return philox_keep(seed, counter, p.dropout_p);
   }
+  static FL_HD float round(float v) { return to_float(from_float<T>(v)); }  // (as a product stored in T)
   static FL_HD int table_row(const DebParams& p, int d) {  // distances no pair has are clamped into the table
     int e = d + p.max_seqlen - 1;
     e = e < 0 ? 0 : (e > 2 * p.max_seqlen - 2 ? 2 * p.max_seqlen - 2 : e);
@@ -103,6 +104,36 @@ struct Deb {
   static FL_BODY void add_window(Blk& b, const T* a, const T* win, Acc acc) {
     mma_ab<T, kW, D, kWStride, kStride>(b, a, win, acc);
   }
+  // The two runs' share of dpos, a block's part: the 64 rows' (queries' or keys') dS sums over the first and
+  // the last run (quad-reduced st.run: rows g, g + 8 first run, then last) staged in `room` (128 floats of
+  // free shared memory), then part[which][col] = sum over the rows of run[which][row] x tile[row][col] (the
+  // Q or K tile still in shared memory), a thread a (which, col), rows in order. parts: (B H, row tiles, 2, D)
+  // float32, summed over batch and tiles by the op layer (dpos[0] and dpos[2 span - 1]).
+  template <class Blk>
+  static FL_BODY void stage_runs(Blk& b, float* room) {
+    b.each([&](const Ctx& c, auto& st) {
+      const int lane = c.tid & 31, row = (c.tid >> 5) * 16 + (lane >> 2);
+      if ((lane & 3) == 0)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          room[row + 8 * r] = st.run[r];
+          room[64 + row + 8 * r] = st.run[2 + r];
+        }
+    });
+    b.sync();
+  }
+  template <class Blk>
+  static FL_BODY void fold_runs(Blk& b, const DebParams& p, float* parts, const T* tile, const T* room_t) {
+    const float* room = reinterpret_cast<const float*>(room_t);
+    b.each([&](const Ctx& c, auto&) {
+      const int which = c.tid >> 6, col = c.tid & 63;
+      if (col >= p.head_dim) return;
+      float acc = 0.0f;
+      for (int r = 0; r < 64; ++r) acc += room[64 * which + r] * to_float(tile[r * kStride + col]);
+      parts[((int64_t(b.ctx.bx) * b.ctx.gy + b.ctx.by) * 2 + which) * p.head_dim + col] = acc;
+    });
+  }
+
   // Zero a (64 x kW) T buffer (the block's threads striding over 16-byte words).
   template <class Blk>
   static FL_BODY void zero_window(Blk& b, T* buf) {

@@ -134,6 +134,7 @@ struct DebBwdQ {
     }
 
     b.template quad_reduce<4, false>([](const Ctx&, State& st) { return st.run; });
+    G::stage_runs(b, reinterpret_cast<float*>(c2p));  // (C2P's room is free now)
     b.each([&](const Ctx& c, State& st) {
       const int lane = c.tid & 31, tq = lane & 3, a0 = (c.tid >> 5) * 16 + (lane >> 2);
 #pragma unroll
@@ -147,13 +148,9 @@ struct DebBwdQ {
           if (col < p.head_dim)
             store_pair<T>(out + col, pack2<T>(st.dq[d][2 * r] * p.scale, st.dq[d][2 * r + 1] * p.scale));
         }
-        if (tq == 0) {
-          float* rs = G::stat(p.run_sums, p.lse_stride, s, qi);
-          rs[0] = st.run[r];
-          rs[p.run_slab] = st.run[2 + r];
-        }
       }
     });
+    G::fold_runs(b, p, p.run_query_parts, qs, c2p);
   }
 };
 
@@ -292,6 +289,7 @@ struct DebBwdKv {
     }
 
     b.template quad_reduce<4, false>([](const Ctx&, State& st) { return st.run; });
+    G::stage_runs(b, reinterpret_cast<float*>(p2c));  // (P2C's room is free now)
     b.each([&](const Ctx& c, State& st) {
       const int lane = c.tid & 31, tq = lane & 3, c0 = (c.tid >> 5) * 16 + (lane >> 2);
 #pragma unroll
@@ -308,13 +306,9 @@ struct DebBwdKv {
             store_pair<T>(dv + col, pack2<T>(st.dv[d][2 * r], st.dv[d][2 * r + 1]));
           }
         }
-        if (tq == 0) {
-          float* rs = G::stat(p.run_sums, p.lse_stride, s, kj);
-          rs[2 * p.run_slab] = st.run[r];
-          rs[3 * p.run_slab] = st.run[2 + r];
-        }
       }
     });
+    G::fold_runs(b, p, p.run_key_parts, ks, p2c);
   }
 };
 
@@ -370,6 +364,7 @@ struct DebBand {
         for (int i = 0; i < 4; ++i) st.fk[d][i] = 0.0f;
       for (int q = c.tid; q < 64 * D; q += kDebThreads) fq[q] = 0.0f;
     });
+    b.sync();  // fq zeroed by every thread before any reads it (a block may skip every tile below)
 
     for (int bi = 0; bi < p.batch; ++bi) {
       const typename G::Seq s = G::seq(p, bi, h);
@@ -401,13 +396,16 @@ struct DebBand {
 #pragma unroll
           for (int j = 0; j < 8; ++j)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) st.z[j][i] = has_pk ? st.w[j][i] : 0.0f;
+            for (int i = 0; i < 4; ++i) st.z[j][i] = has_pk ? G::round(st.w[j][i]) : 0.0f;
         });
+        // the scores summed as the other kernels sum them: S + c2p + p2c, the position terms rounded to T
         auto add = [](State& st, int j, int i, float v, int, int) { st.z[j][i] += v; };
+        auto add_rounded = [](State& st, int j, int i, float v, int, int) { st.z[j][i] += G::round(v); };
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           gather(b, half, false, [&] { G::product64(b, qs, kw + half * 64 * kStride); }, buf, add);
-          if (has_pq) gather(b, half, true, [&] { G::product64(b, kw + half * 64 * kStride, pqd); }, buf, add);
+          if (has_pq)
+            gather(b, half, true, [&] { G::product64(b, kw + half * 64 * kStride, pqd); }, buf, add_rounded);
         }
         // P = 2^(z s log2 e - lse2) on the visible pairs of the band's distances (0 elsewhere)
         b.each([&](const Ctx& c, State& st) {
@@ -434,16 +432,18 @@ struct DebBand {
         for (int half = 0; half < 2; ++half)
           gather(b, half, false, [&] { G::product64(b, dos, vw + half * 64 * kStride); }, buf, ds_out);
         // band_key[w] += sum_a dS^T[w][a] q_a;  band_query[w] += sum_c' G[w][c'] k_c'
-        mma_ab<T, 64, D, kTStride, kStride>(b, dst, qs, [](State& st) { return st.fk; });
-        b.each([&](const Ctx&, State& st) { zero(st.w); });
-        G::add_window(b, gt, kw, [](State& st) { return st.w; });
-        b.each([&](const Ctx& c, State& st) {  // each lane its own elements of the warp's rows: no race
-          const int lane = c.tid & 31, w0 = (c.tid >> 5) * 16;
+        if (p.band_key != nullptr) mma_ab<T, 64, D, kTStride, kStride>(b, dst, qs, [](State& st) { return st.fk; });
+        if (p.band_query != nullptr) {
+          b.each([&](const Ctx&, State& st) { zero(st.w); });
+          G::add_window(b, gt, kw, [](State& st) { return st.w; });
+          b.each([&](const Ctx& c, State& st) {  // each lane its own elements of the warp's rows: no race
+            const int lane = c.tid & 31, w0 = (c.tid >> 5) * 16;
 #pragma unroll
-          for (int j = 0; j < D / 8; ++j)
+            for (int j = 0; j < D / 8; ++j)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) fq[(w0 + mma_c_row(lane, i)) * D + j * 8 + mma_c_col(lane, i)] += st.w[j][i];
-        });
+              for (int i = 0; i < 4; ++i) fq[(w0 + mma_c_row(lane, i)) * D + j * 8 + mma_c_col(lane, i)] += st.w[j][i];
+          });
+        }
         b.sync();
       }
     }

@@ -145,9 +145,9 @@ struct DebParams {
   void* dq;
   void* dk;
   void* dv;
-  float* run_sums;               // backward out: (4, B, H, S) or (4, total, H) like lse: sum_j dS over the first run
-                                 // (d <= d_first) per query, over the last run (d >= d_last) per query, then the
-                                 // same per key (dpos's share of the runs: the op layer folds them with q and k)
+  float* run_query_parts;        // backward out: (B H, row tiles, 2, D): per query block, sum over its rows of
+                                 // (sum_j dS over the first run d <= d_first, then the last d >= d_last) q_i
+  float* run_key_parts;          // the same per key block with k_j (dpos's share of the runs; the op layer sums)
   float* band_key;               // band out: (H, band_n, D) sum over pairs at distance d of dS q_i (row d - band_lo)
   float* band_query;             // band out: the same of dS k_j
   float* dpos_key;               // fold out: (H, pos_rows, D) float32, the band's share of dPK / s (or null)
@@ -155,7 +155,6 @@ struct DebParams {
   int pos_rows;                  // 2 span
   int64_t q_stride[3], k_stride[3], v_stride[3], o_stride[3], do_stride[3];
   int64_t dq_stride[3], dk_stride[3], dv_stride[3], lse_stride[3];
-  int64_t run_slab;              // elements between the four run-sum slabs
   int64_t pos_stride[2];         // (head, row) strides of pos_key and pos_query
   int64_t kpm_stride;
   int d_first, d_last;           // d <= d_first: idx = 0; d >= d_last: idx = 2 span - 1 (relative_band)

@@ -13,8 +13,8 @@
 // Tiles: a block of 4 warps computes 64 x 64 outputs (a warp 16 rows x 8 n-tiles); the K loop steps 32 at a
 // time with X and Wop tiles double-buffered through cp.async; the rank loop then runs 16 at a time over P
 // and Qop tiles in the same shared memory. Operands are read as 16-byte chunks: K, N and the rank are
-// multiples of 8 (the binding pads the rank to 16 with zeros; other K, N are declined), rows and strides
-// 16-byte aligned (the binding copies a tensor that is not). Grid: (M tiles, N tiles).
+// multiples of 8 (the binding pads the rank, the op layer K and N, with zeros), rows and strides 16-byte
+// aligned (the binding copies a tensor that is not). Grid: (M tiles, N tiles).
 #include "tiles.h"
 
 namespace fl {

@@ -463,11 +463,16 @@ void launch(int gx, int gy, int threads, const typename K::Params& p, Stream str
     int device = 0, optin = 0;
     cudaGetDevice(&device);
     cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    if (smem_bytes<K>() > optin)
-      throw std::runtime_error("fusedlm: this kernel needs " + std::to_string(smem_bytes<K>()) +
+    const int need = smem_bytes<K>() + 2 * 32 * int(sizeof(float));  // + the static reduction slots
+    if (need > optin)
+      throw std::runtime_error("fusedlm: this kernel needs " + std::to_string(need) +
                                " bytes of shared memory a block, the GPU allows " + std::to_string(optin) +
                                " (use backend='triton')");
-    cudaFuncSetAttribute(simt_kernel<K>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes<K>());
+    const cudaError_t set = cudaFuncSetAttribute(simt_kernel<K>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 smem_bytes<K>());
+    if (set != cudaSuccess)
+      throw std::runtime_error(std::string("fusedlm: cudaFuncSetAttribute(max dynamic shared memory) failed: ") +
+                               cudaGetErrorString(set));
     simt_kernel<K><<<dim3(gx, gy), threads, smem_bytes<K>(), stream>>>(p);
   } else {
     simt_kernel<K><<<dim3(gx, gy), threads, 0, stream>>>(p);

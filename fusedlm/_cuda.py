@@ -179,10 +179,13 @@ def _register_python_parts():
     def _(dout, dlse, q, k, v, pos_key, pos_query, out, lse, kpm, cu, rel_idx, max_seqlen, scale, dropout_p, seed,
           d_first, d_last, band_lo, band_n, grad_pk, grad_pq):
         heads, dim = q.shape[1], q.shape[-1]
-        rows = (pos_key if pos_key is not None else pos_query).shape[1] if (grad_pk or grad_pq) else 0
+        pos = pos_key if pos_key is not None else pos_query
+        rows = pos.shape[1] if pos is not None else 0
+        batch = cu.shape[0] - 1 if cu is not None else q.shape[0]
         f32 = dict(dtype=torch.float32)
         return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
-                q.new_empty((4, *lse.shape), **f32), q.new_empty((heads if grad_pk else 0, rows, dim), **f32),
+                q.new_empty((2, batch * heads, (max_seqlen + 63) // 64, 2, dim), **f32),
+                q.new_empty((heads if grad_pk else 0, rows, dim), **f32),
                 q.new_empty((heads if grad_pq else 0, rows, dim), **f32))
 
     @torch.library.register_fake(lib + "lora_gemm")
@@ -308,9 +311,9 @@ def deberta_fwd(q, k, v, pos_key, pos_query, kpm, cu, rel_idx, max_seqlen, scale
 def deberta_bwd(do, dlse, q, k, v, pos_key, pos_query, out, lse, kpm, cu, rel_idx, max_seqlen, scale, dropout_p, seed,
                 grad_pos_key, grad_pos_query, band):
     """(dq, dk, dv, dpos_key, dpos_query) (an empty tensor for a position gradient not asked for). The kernels
-    give the band distances' share of dpos (already folded by bucket) and, per query and per key, dS summed
-    over the two runs of constant bucket (band = relative_band: d <= d_first has bucket row 0, d >= d_last row
-    2 span - 1); those shares are s * sum_rows run_sum * q (dpos_key) or * k (dpos_query), matmuls here."""
+    give the band distances' share of dpos (already folded by bucket) and, per 64-row block, the share of the
+    two runs of constant bucket (band = relative_band: d <= d_first has bucket row 0, d >= d_last row
+    2 span - 1): sum over the block's rows of (dS summed over the run) q (dpos_key) or k (dpos_query)."""
     d, S = q.shape[-1], max_seqlen
     d_first, d_last = band[0], band[1]
     lo, hi = max(d_first + 1, -(S - 1)), min(d_last - 1, S - 1)
@@ -320,18 +323,18 @@ def deberta_bwd(do, dlse, q, k, v, pos_key, pos_query, out, lse, kpm, cu, rel_id
         lo, max(hi - lo + 1, 0), grad_pos_key, grad_pos_query)
     dq, dk, dv = (g if g.shape[-1] == d else g[..., :d] for g in (dq, dk, dv))
 
-    def with_runs(dpos, first, last, x):
-        """dpos (H, 2 span, D) + the runs' shares; times s, in x's dtype. Rows (b, i) of the sums and x alike:
-        (B, H, S) and (B, H, S, D) dense, (total, H) and (total, H, D) packed."""
-        xf = x.float()
-        spec = "th,thd->hd" if cu is not None else "bhs,bhsd->hd"
+    def with_runs(dpos, parts, x):
+        """dpos (H, 2 span, D) + the runs' share (parts (B H, tiles, 2, D), summed over batch and tiles in a
+        fixed order), times s, in x's dtype."""
+        heads = dpos.shape[0]
+        runs = parts.view(-1, heads, parts.shape[1], 2, parts.shape[-1]).sum((0, 2))[..., :d]  # (H, 2, D)
         dpos = dpos[..., :d].clone()
-        dpos[:, band[2]] += torch.einsum(spec, first, xf)  # (the runs' bucket rows: 0 and 2 span - 1)
-        dpos[:, band[3]] += torch.einsum(spec, last, xf)
+        dpos[:, band[2]] += runs[:, 0]  # (the runs' bucket rows: 0 and 2 span - 1)
+        dpos[:, band[3]] += runs[:, 1]
         return (dpos * scale).to(x.dtype)
 
-    dpk = with_runs(dpk, runs[0], runs[1], q) if grad_pos_key else q.new_empty(0)  # (two tensors: outputs of
-    dpq = with_runs(dpq, runs[2], runs[3], k) if grad_pos_query else q.new_empty(0)  # an op may not alias)
+    dpk = with_runs(dpk, runs[0], q) if grad_pos_key else q.new_empty(0)  # (two tensors: outputs of
+    dpq = with_runs(dpq, runs[1], k) if grad_pos_query else q.new_empty(0)  # an op may not alias)
     return dq, dk, dv, dpk, dpq
 
 

@@ -190,3 +190,88 @@ def test_torch_compile_fullgraph_equals_eager(dev):
     grads = torch.autograd.grad(out, args)
     assert torch.equal(out, eager)
     assert all(torch.equal(a, b) for a, b in zip(grads, eager_grads))
+
+
+def _packed(lengths, H=2, D=32, pb=16, gen=None):
+    gen = gen or torch.Generator().manual_seed(21)
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, H, D, generator=gen).half() for _ in range(3))
+    pk, pq = (torch.randn(H, 2 * pb, D, generator=gen).half() for _ in range(2))
+    return q, k, v, pk, pq, TT._cu(lengths)
+
+
+def _grads(dev, q, k, v, pk, pq, cu, max_seqlen, seed=None, p=0.0, need=(0, 1, 2, 3, 4)):
+    leaves = [t.to(dev).requires_grad_(i in need) for i, t in enumerate((q, k, v, pk, pq))]
+    if seed is not None:
+        torch.manual_seed(seed)
+    out = fusedlm.deberta_varlen_attention(*leaves, cu.to(dev), max_seqlen, position_buckets=16,
+                                           max_relative_positions=40, dropout_p=p, backend="cuda")
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(dev, out.dtype)
+    return [out] + list(torch.autograd.grad(out, [leaves[i] for i in need], g))
+
+
+def test_packed_max_seqlen_past_the_longest(dev):
+    """max_seqlen may exceed the longest sequence: the band then reaches distances no pair has (their blocks
+    skip every tile) and the result must not change, bit for bit (without dropout: its counters use max_seqlen)."""
+    q, k, v, pk, pq, cu = _packed([20, 7, 33])
+    tight = _grads(dev, q, k, v, pk, pq, cu, 33)
+    loose = _grads(dev, q, k, v, pk, pq, cu, 4 * 33)
+    assert all(torch.equal(a, b) for a, b in zip(tight, loose))
+
+
+def test_packed_dropout_equals_padded(dev):
+    """Packed and padded batches draw the same dropout mask (counters from positions inside a sequence)."""
+    lengths, S = [20, 33], 33
+    q, k, v, pk, pq, cu = _packed(lengths)
+    packed = _grads(dev, q, k, v, pk, pq, cu, S, seed=5, p=0.3, need=(0, 1, 2))
+    mask = torch.stack([torch.arange(S) < n for n in lengths]).to(dev)
+    dense = [torch.zeros(len(lengths), S, 2, 32, dtype=torch.float16) for _ in range(3)]
+    for t, src in zip(dense, (q, k, v)):
+        t[mask.cpu()] = src
+    leaves = [t.transpose(1, 2).to(dev).requires_grad_(True) for t in dense]
+    torch.manual_seed(5)
+    out = fusedlm.deberta_attention(*leaves, pk.to(dev), pq.to(dev), key_padding_mask=mask, position_buckets=16,
+                                    max_relative_positions=40, dropout_p=0.3, backend="cuda")
+    g = torch.zeros_like(out)
+    g.transpose(1, 2)[mask] = torch.randn(packed[0].shape, generator=torch.Generator().manual_seed(2)).to(dev, out.dtype)
+    grads = torch.autograd.grad(out, leaves, g)
+    assert torch.equal(out.transpose(1, 2)[mask], packed[0])
+    for gd, gp in zip(grads, packed[1:]):
+        assert torch.equal(gd.transpose(1, 2)[mask], gp)
+
+
+def test_frozen_position_embeddings(dev):
+    """pos_key / pos_query frozen: their gradients are not computed (no band kernel), q, k, v's still right."""
+    inputs = TD.make_inputs(2, 2, 67, 40, 16, 40, lengths=(67, 30), gen=torch.Generator().manual_seed(31))
+    rows = check_case(TD.fn_for("cuda", 16, 40), TD.ref_for(16, 40), inputs, dtype=torch.float16, device=dev,
+                      grad=("query", "key", "value"))
+    assert_within(rows, torch.float16)
+
+
+def test_misaligned_position_embeddings(dev):
+    """A pos_key view 2 bytes off 16-byte alignment (its rows are gathered 16 bytes at a time): copied first."""
+    inputs = TD.make_inputs(1, 2, 40, 32, 16, 40, gen=torch.Generator().manual_seed(8))
+    flat = torch.zeros(2 * 32 * 32 + 1, dtype=torch.float16)
+    pk = flat[1:].view(2, 32, 32)
+    pk.copy_(inputs["pos_key"])
+    args = [inputs[n].half().to(dev) for n in ("query", "key", "value")]
+    out = fusedlm.deberta_attention(*args, pk.to(dev), inputs["pos_query"].half().to(dev), position_buckets=16,
+                                    max_relative_positions=40, backend="cuda")
+    want = TD.oracle(*(t.double().cpu() for t in args), pk.double(), inputs["pos_query"].half().double(), None, 16, 40)
+    assert rel_err(out, want) <= BOUNDS[torch.float16]
+
+
+@pytest.mark.parametrize("grads", [(True, True), (True, False), (False, False)])
+def test_opcheck_kernel_ops(dev, grads):
+    """fusedlm_C::deberta_fwd / deberta_bwd themselves (fakes against the kernels), position gradients on or off."""
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 2, 9, 24, generator=gen).to(dev, torch.float16) for _ in range(3))
+    pk, pq = (torch.randn(2, 32, 24, generator=gen).to(dev, torch.float16) for _ in range(2))
+    rel = fusedlm.ops.deberta.relative_index_table(9, 16, 40, torch.device(dev))
+    args = (q, k, v, pk, pq, None, None, rel, 9, 0.1, 0.0, None)
+    torch.library.opcheck(torch.ops.fusedlm_C.deberta_fwd.default, args)
+    out, lse = torch.ops.fusedlm_C.deberta_fwd(*args)
+    band = list(fusedlm.ops.deberta.relative_band(16, 40))
+    torch.library.opcheck(torch.ops.fusedlm_C.deberta_bwd.default,
+                          (torch.randn_like(out), None, q, k, v, pk, pq, out, lse, None, None, rel, 9, 0.1, 0.0, None,
+                           band[0], band[1], -8, 17, *grads))
