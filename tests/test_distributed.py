@@ -255,5 +255,33 @@ def test_bad_inputs_name_the_argument():
     qv = torch.randn(8, 4, 8)
     with pytest.raises(TypeError, match=r"cu_seqlens: expected dtype torch.int32, got torch.int64"):
         fd.context_parallel_varlen_attention(qv, qv, qv, torch.tensor([0, 8]), 8)
-    with pytest.raises(TypeError, match=r"max_seqlen: expected a Python int >= 0, got 8.0"):
+    with pytest.raises(TypeError, match=r"max_seqlen: expected a Python int, got float 8.0"):
         fd.context_parallel_varlen_attention(qv, qv, qv, torch.tensor([0, 8], dtype=torch.int32), 8.0)
+    with pytest.raises(ValueError, match=r"max_seqlen: expected a Python int >= 0, got -1"):
+        fd.context_parallel_varlen_attention(qv, qv, qv, torch.tensor([0, 8], dtype=torch.int32), -1)
+
+
+def test_sharding_never_drops_tokens():
+    """A length the layout cannot cut evenly raises ValueError naming the argument (it used to drop the tail)."""
+    with pytest.raises(ValueError, match=r"length: expected a length divisible by 2W = 8 \(layout='zigzag'.*got 30"):
+        fd.shard_positions(30, 4, 0)
+    with pytest.raises(ValueError, match=r"length: expected a length divisible by W = 4 \(layout='contiguous'.*got 30"):
+        fd.shard_positions(30, 4, 1, "contiguous")
+    assert fd.shard_positions(28, 4, 3, "contiguous").tolist() == list(range(21, 28))  # % W is enough there
+    assert fd.shard_positions(7, 1, 0).tolist() == list(range(7))                      # W = 1: any length
+    with pytest.raises(ValueError, match=r"x: expected a length along dim 1 divisible by 2W = 4.*got 6"):
+        fd.shard(torch.randn(2, 6, 3), 1, 2, 0)
+    with pytest.raises(ValueError, match=r"rank: expected 0 <= rank < world = 2, got 2"):
+        fd.shard_positions(8, 2, 2)
+    with pytest.raises(TypeError, match=r"world: expected a Python int, got float"):
+        fd.shard_positions(8, 2.0, 0)
+    with pytest.raises(ValueError, match=r"layout: expected one of 'zigzag', 'contiguous', got 'ring'"):
+        fd.shard_positions(8, 2, 0, "ring")
+    cu = torch.tensor([0, 8, 20], dtype=torch.int32)  # 12 is not divisible by 2W = 8
+    for fn in (lambda: fd.varlen_shard_indices(cu, 4, 0), lambda: fd.varlen_shard_positions(cu, 4, 0),
+               lambda: fd.shard_varlen(torch.randn(20, 2), cu, 4, 0)):
+        with pytest.raises(ValueError, match=r"cu_seqlens: expected every sequence length divisible by 2W = 8.*"
+                                             r"got lengths \[8, 12\]"):
+            fn()
+    with pytest.raises(ValueError, match=r"cu_seqlens: expected offsets ending at x's length 24, got 20"):
+        fd.shard_varlen(torch.randn(24, 2), cu, 2, 0)

@@ -124,8 +124,10 @@ def context_parallel_varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, group=
     _validate.flag("causal", causal)
     scale = _scale(scale, E)
     _validate.index_tensor("cu_seqlens", cu_seqlens, 1)  # kinds first; the values need W, from the group
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
-        raise TypeError(f"max_seqlen: expected a Python int >= 0, got {max_seqlen!r}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+        raise TypeError(f"max_seqlen: expected a Python int, got {type(max_seqlen).__name__} {max_seqlen!r}")
+    if max_seqlen < 0:
+        raise ValueError(f"max_seqlen: expected a Python int >= 0, got {max_seqlen}")
     transport = _transport(group)
     W = transport.world
     _validate.cu_seqlens("cu_seqlens", cu_seqlens, n * W)
