@@ -10,6 +10,7 @@ import json
 import os
 import time
 import traceback
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -112,36 +113,96 @@ def run_traffic_case(case, group):
     return {"sent_fwd": fwd.sent(), "sent_bwd": bwd.sent()}
 
 
+def run_recover_case(case, group):
+    """Failures must leave the group usable: a backend that cannot serve raises on every rank before anything is
+    sent; a block that raises after a transfer was posted (injected at the second ring step, forward and then
+    backward, on every rank) re-raises once the posted transfers are done; then a valid call on the same group
+    gives the right result (a transfer left pending would hand it the failed call's message, or hang)."""
+    import fusedlm.distributed as fd
+    from fusedlm.distributed import _ring
+
+    W, r = dist.get_world_size(group), dist.get_rank(group)
+    q = torch.randn(1, 4, 8, 8, requires_grad=True)
+    res = {}
+    try:
+        fd.context_parallel_attention(q, q, q, group=group, is_causal=True, backend="bogus")
+        res["bad_backend"] = None
+    except ValueError as e:
+        res["bad_backend"] = str(e)
+    try:  # float64 on the triton backend: refused by its dtype reason, before the first transfer
+        fd.context_parallel_attention(q.double(), q.double(), q.double(), group=group, backend="triton")
+        res["bad_dtype"] = None
+    except ValueError as e:
+        res["bad_dtype"] = str(e)
+    attend = _ring.DenseBlocks.attend
+    calls = []
+
+    def failing(self, *args):
+        calls.append(1)
+        if len(calls) == 2:  # the second block: a transfer is posted and not yet waited on
+            raise RuntimeError("injected block failure")
+        return attend(self, *args)
+
+    _ring.DenseBlocks.attend = failing
+    try:
+        for phase in ("fwd", "bwd"):
+            calls.clear()
+            try:
+                if phase == "fwd":
+                    fd.context_parallel_attention(q, q, q, group=group, is_causal=False, backend="torch")
+                else:
+                    _ring.DenseBlocks.attend = attend
+                    out = fd.context_parallel_attention(q, q, q, group=group, is_causal=False, backend="torch")
+                    _ring.DenseBlocks.attend = failing
+                    out.sum().backward()
+                res[phase] = None
+            except RuntimeError as e:
+                res[phase] = str(e)
+    finally:
+        _ring.DenseBlocks.attend = attend
+    res.update(run_case(dict(case, kind="dense"), group))
+    return res
+
+
 def worker(rank, world, store, cases, outdir, backend_env):
     """Entry of each spawned rank: every case on the group it names ("world", "pair": ranks {0,1} / {2,3},
-    "single": each rank alone); one JSON list of results per rank."""
+    "single": each rank alone); one JSON list of results per rank. A collective that waits more than 60 s
+    raises (gloo's default is 30 minutes); after the first exception the rank runs no further case (its peers
+    may be inside another collective by now) and reports the remaining ones as not run."""
     os.environ.update(backend_env)
     torch.set_num_threads(1)  # W processes share 2 cores: more threads each only spin against each other
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
     groups = {"world": None}
     if world >= 4:  # every rank creates every group (new_group is collective), then uses its own
         pairs = [dist.new_group([i, i + 1]) for i in range(0, world, 2)]
         groups["pair"] = pairs[rank // 2]
     singles = [dist.new_group([i]) for i in range(world)]
     groups["single"] = singles[rank]
-    results = []
+    runners = {"traffic": run_traffic_case, "llama": run_llama_case, "recover": run_recover_case}
+    results, failed = [], None
     for case in cases:
         group = groups[case["group"]]
         t0 = time.perf_counter()
-        try:
-            fn = {"traffic": run_traffic_case, "llama": run_llama_case}.get(case["kind"], run_error_case if case["kind"].startswith("error")
-                                                   else run_case)
-            if case["kind"].startswith("error"):
-                case = dict(case, kind=case["kind"].split(":")[1])
-            res = fn(case, group)
-        except Exception:  # noqa: BLE001 - reported to the test with its traceback
-            res = {"exception": traceback.format_exc()}
+        if failed is not None:
+            res = {"exception": f"not run: this rank stopped after the exception in {failed}"}
+        else:
+            try:
+                if case["kind"].startswith("error"):
+                    res = run_error_case(dict(case, kind=case["kind"].split(":")[1]), group)
+                else:
+                    res = runners.get(case["kind"], run_case)(case, group)
+            except Exception:  # noqa: BLE001 - reported to the test with its traceback
+                res = {"exception": traceback.format_exc()}
+                failed = case["name"]
         results.append(dict(case=case["name"], world=dist.get_world_size(group), rank=rank,
                             seconds=time.perf_counter() - t0, **res))
     with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -70,6 +70,8 @@ def cases_4():
         # bytes really sent, for plan.py's dry run to match
         dict(name="traffic-ring", group="world", kind="traffic", strategy="ring", B=1, H=4, Hkv=2, L=32, E=8),
         dict(name="traffic-ulysses", group="world", kind="traffic", strategy="ulysses", B=1, H=4, Hkv=2, L=32, E=8),
+        # failures leave the group usable (bad backend / dtype refused up front, injected block failures)
+        dict(dense("recover", "world", "ring", "zigzag", True, B=1), kind="recover"),
         # bad inputs that need the group size to be seen
         dict(name="error-zigzag-odd", group="world", kind="error:dense", strategy="ring", layout="zigzag", H=4,
              Hkv=2, n=3),
@@ -141,6 +143,16 @@ def test_errors_that_need_the_group(rows_4):
     assert "divisible by the group size 4" in got["error-ulysses-heads"]["message"]
     assert got["error-varlen-lengths"]["raised"] == "ValueError"
     assert "cu_seqlens: expected every sequence length divisible by 2W = 8" in got["error-varlen-lengths"]["message"]
+
+
+def test_a_failed_call_leaves_the_group_usable(rows_4):
+    _, rows = rows_4
+    got = [r for r in rows if r["case"] == "recover"]
+    assert len(got) == 4
+    for r in got:  # every rank raised, each the same error, and the valid call after them was exact (_check)
+        assert "backend: expected one of" in r["bad_backend"] and "got 'bogus'" in r["bad_backend"], r
+        assert "cannot serve this call" in r["bad_dtype"] and "got torch.float64" in r["bad_dtype"], r
+        assert r["fwd"] == "injected block failure" and "injected block failure" in r["bwd"], r
 
 
 def test_plan_counts_the_bytes_a_real_run_sends(rows_4):

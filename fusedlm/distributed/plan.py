@@ -1,6 +1,8 @@
 """What context-parallel attention costs a rank, counted from the implementation: the ring and Ulysses run on
 meta tensors (any size, no memory, no arithmetic) with a transport that moves nothing and records every tensor
-handed to send / all-to-all, every buffer allocated and every block attention's matmul flops
+handed to send / all-to-all and every block attention's matmul flops, while a TorchDispatchMode measures the
+peak of the bytes the context-parallel layer holds (every tensor it allocates: buffers, accumulators, merge and
+backward temporaries, each block's output and gradients; the attention kernels' own workspace excluded)
 (fusedlm.distributed._comm). Nothing here is a formula typed in beside the code: change the ring and the
 figures change with it.
 
@@ -16,7 +18,7 @@ import argparse
 import torch
 
 from . import _dense
-from ._comm import DryTransport, recording
+from ._comm import DryTransport, live_bytes, recording
 
 ASSUMED_TFLOPS = 400.0  # sustained bf16 attention rate of one H100 assumed for the compute time (not measured)
 LINKS = {"NVLink (450 GB/s)": 450e9, "InfiniBand (50 GB/s)": 50e9}  # one direction, per GPU
@@ -28,9 +30,10 @@ def count(W, L, H, E, *, Hkv=None, Ev=None, B=1, dtype=torch.bfloat16, causal=Tr
 
     Returns a dict: sent_fwd / sent_bwd (bytes this rank sends), kv_step (bytes of one ring step's K/V message),
     dkv_step (one backward step's dK/dV message), steps (ring steps with a transfer), shard (bytes of this rank's
-    q, k, v, and out), saved (bytes the layer keeps for the backward beyond its inputs), buffers_fwd /
-    buffers_bwd (bytes the context-parallel layer allocates in the forward / backward: communication buffers and
-    accumulators), flops_step_fwd / flops_step_bwd (the largest one-step block attention's matmul flops on this
+    q, k, v, and out), saved (bytes the layer keeps for the backward beyond its inputs), peak_fwd / peak_bwd (the
+    most bytes alive at once among the tensors the layer allocates during its forward / backward, measured:
+    communication buffers, accumulators, temporaries, the blocks' outputs and gradients, its own output and
+    gradients; not the attention kernels' workspace nor the inputs), flops_step_fwd / flops_step_bwd (the largest one-step block attention's matmul flops on this
     rank; Ulysses: its one attention).
     """
     Hkv, Ev = Hkv or H, Ev or E
@@ -40,20 +43,21 @@ def count(W, L, H, E, *, Hkv=None, Ev=None, B=1, dtype=torch.bfloat16, causal=Tr
     k = torch.empty(B, Hkv, n, E, **meta, requires_grad=True)
     v = torch.empty(B, Hkv, n, Ev, **meta, requires_grad=True)
     transport = DryTransport(W, rank)
-    with recording() as fwd:
+    with recording() as fwd, live_bytes() as mem_fwd:
         out = _dense(q, k, v, transport, causal, E ** -0.5, layout, strategy, "torch")
     saved = 0
     if strategy == "ring" and W > 1:  # what the autograd Function keeps, beyond the inputs it was given
         saved = sum(t.nbytes for t in out.grad_fn.saved_tensors[3:])
-    with recording() as bwd:
-        out.backward(torch.empty_like(out))
+    dout = torch.empty_like(out)
+    with recording() as bwd, live_bytes() as mem_bwd:
+        out.backward(dout)
     step = lambda rec, what: max([b for w, b in rec.sends if w == what], default=0)
     # (Ulysses notes its one attention's backward flops when its forward runs)
     flops = lambda phase: max([f for p, f in fwd.blocks + bwd.blocks if p == phase], default=0.0)
     return dict(sent_fwd=fwd.sent(), sent_bwd=bwd.sent(), kv_step=step(fwd, "kv"), dkv_step=step(bwd, "dkv"),
                 steps=sum(1 for w, _ in fwd.sends if w == "kv"),
-                shard=sum(t.nbytes for t in (q, k, v, out)), saved=saved, buffers_fwd=fwd.allocated(),
-                buffers_bwd=bwd.allocated(), flops_step_fwd=flops("fwd"), flops_step_bwd=flops("bwd"))
+                shard=sum(t.nbytes for t in (q, k, v, out)), saved=saved, peak_fwd=mem_fwd.peak,
+                peak_bwd=mem_bwd.peak, flops_step_fwd=flops("fwd"), flops_step_bwd=flops("bwd"))
 
 
 def _mib(b):
@@ -66,7 +70,7 @@ def _us(seconds):
 
 def memory_table(H=32, Hkv=8, E=128, dtype=torch.bfloat16, Ls=(32768, 131072, 1048576), Ws=(1, 2, 4, 8, 16)):
     """Markdown: per-rank bytes of one causal attention layer, ring (zigzag) and Ulysses."""
-    rows = ["| L | W | strategy | shard q, k, v, out MiB | kept for backward MiB | CP buffers fwd / bwd MiB "
+    rows = ["| L | W | strategy | shard q, k, v, out MiB | kept for backward MiB | CP layer peak fwd / bwd MiB "
             "| sent fwd / bwd MiB |", "|---:|---:|---|---:|---:|---:|---:|"]
     for L in Ls:
         for W in Ws:
@@ -74,7 +78,7 @@ def memory_table(H=32, Hkv=8, E=128, dtype=torch.bfloat16, Ls=(32768, 131072, 10
                 c = count(W, L, H, E, Hkv=Hkv, dtype=dtype, strategy=strategy)
                 saved = _mib(c["saved"]) if strategy == "ring" and W > 1 else "(the backend's)"
                 rows.append(f"| {L:,} | {W} | {strategy if W > 1 else '(plain attention)'} | {_mib(c['shard'])} | "
-                            f"{saved} | {_mib(c['buffers_fwd'])} / {_mib(c['buffers_bwd'])} | "
+                            f"{saved} | {_mib(c['peak_fwd'])} / {_mib(c['peak_bwd'])} | "
                             f"{_mib(c['sent_fwd'])} / {_mib(c['sent_bwd'])} |")
     return "\n".join(rows)
 
