@@ -179,7 +179,8 @@ def worker(rank, world, store, cases, outdir, backend_env):
         groups["pair"] = pairs[rank // 2]
     singles = [dist.new_group([i]) for i in range(world)]
     groups["single"] = singles[rank]
-    runners = {"traffic": run_traffic_case, "llama": run_llama_case, "recover": run_recover_case}
+    runners = {"traffic": run_traffic_case, "llama": run_llama_case, "recover": run_recover_case,
+               "lm_batch_errors": run_lm_batch_errors}
     results, failed = [], None
     for case in cases:
         group = groups[case["group"]]
@@ -240,3 +241,20 @@ def run_llama_case(case, group):
         worst = max(worst, rel(g, r))
     errs["grads"] = worst
     return errs
+
+
+def run_lm_batch_errors(case, group):
+    """shard_lm_batch on lengths the zigzag layout cannot cut: the ValueError messages."""
+    import fusedlm.distributed as fd
+
+    got = {}
+    tries = {"rows": (torch.zeros(2, 30, dtype=torch.long), None),
+             "packed": (torch.zeros(1, 32, dtype=torch.long), torch.tensor([0, 12, 32], dtype=torch.int32)),
+             "short": (torch.zeros(1, 32, dtype=torch.long), torch.tensor([0, 16], dtype=torch.int32))}
+    for name, (ids, cu) in tries.items():
+        try:
+            fd.shard_lm_batch(ids, ids, group=group, cu_seqlens=cu)
+            got[name] = "no error"
+        except ValueError as e:
+            got[name] = str(e)
+    return got
