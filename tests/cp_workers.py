@@ -21,11 +21,11 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def dense_oracle(q, k, v, causal):
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+def dense_oracle(q, k, v, causal, scale=None):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def packed_oracle(q, k, v, cu, causal):
+def packed_oracle(q, k, v, cu, causal, scale=None):
     """q (T, H, E): attention within each packed sequence through a (T, T) block-diagonal mask."""
     T = q.shape[0]
     seq = torch.repeat_interleave(torch.arange(cu.numel() - 1), (cu[1:] - cu[:-1]).long())
@@ -33,7 +33,7 @@ def packed_oracle(q, k, v, cu, causal):
     if causal:
         allowed &= torch.ones(T, T, dtype=torch.bool).tril()
     out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=allowed,
-                                         enable_gqa=q.shape[1] != k.shape[1])
+                                         scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     return out.transpose(0, 1)
 
 
@@ -44,7 +44,7 @@ def run_case(case, group):
     torch.manual_seed(case["seed"])
     dtype = getattr(torch, case.get("dtype", "float64"))
     H, Hkv, E, Ev = case["H"], case["Hkv"], case["E"], case.get("Ev", case["E"])
-    causal = case["causal"]
+    causal, scale = case["causal"], case.get("scale")
     if case["kind"] == "dense":
         B, L = case["B"], case["L"]
         shapes = [(B, H, L, E), (B, Hkv, L, E), (B, Hkv, L, Ev), (B, H, L, Ev)]
@@ -56,20 +56,24 @@ def run_case(case, group):
     q, k, v, dout = (torch.randn(s, dtype=torch.float64).to(dtype).double() for s in shapes)
     full = [t.clone().requires_grad_() for t in (q, k, v)]
     if case["kind"] == "dense":
-        ref = dense_oracle(*full, causal)
+        ref = dense_oracle(*full, causal, scale)
         layout = case["layout"]
         cut = lambda t: fd.shard(t, 2, W, r, layout)
     else:
-        ref = packed_oracle(*full, cu, causal)
+        ref = packed_oracle(*full, cu, causal, scale)
         cut = lambda t: fd.shard_varlen(t, cu, W, r)
     ref.backward(dout)
-    mine = [cut(t).to(dtype).requires_grad_() for t in (q, k, v)]
+    mine = [cut(t).to(dtype) for t in (q, k, v)]
+    if case.get("transposed"):  # the same values in non-contiguous memory: heads outermost in memory
+        mine = [t.transpose(0, 1).contiguous().transpose(0, 1) for t in mine]
+        assert not any(t.is_contiguous() for t in mine)
+    mine = [t.requires_grad_() for t in mine]
     if case["kind"] == "dense":
-        out = fd.context_parallel_attention(*mine, group=group, is_causal=causal, layout=layout,
+        out = fd.context_parallel_attention(*mine, group=group, is_causal=causal, layout=layout, scale=scale,
                                             strategy=case["strategy"], backend=case.get("backend", "torch"))
     else:
         out = fd.context_parallel_varlen_attention(*mine, cu, case["max_seqlen"], group=group, causal=causal,
-                                                   backend=case.get("backend", "torch"))
+                                                   scale=scale, backend=case.get("backend", "torch"))
     assert out.dtype == dtype and out.shape == cut(ref).shape, (out.dtype, out.shape)
     out.backward(cut(dout).to(dtype))
     return {"out": rel(out, cut(ref)), "dq": rel(mine[0].grad, cut(full[0].grad)),
