@@ -102,19 +102,38 @@ def run_error_case(case, group):
 
 
 def run_traffic_case(case, group):
-    """The bytes this rank really sent (recorded around real gloo transfers), for the dry run to match."""
+    """The bytes this rank really handed to torch.distributed (dist.batch_isend_irecv's isend tensors; of
+    dist.all_to_all_single's input, all but the chunk that stays here), captured by wrapping those two
+    functions, not from fusedlm's own bookkeeping: plan.py's dry run must match them."""
     import fusedlm.distributed as fd
-    from fusedlm.distributed._comm import recording
 
     B, H, Hkv, n, E = case["B"], case["H"], case["Hkv"], case["L"] // dist.get_world_size(group), case["E"]
     q = torch.randn(B, H, n, E, dtype=torch.float16, requires_grad=True)
     k, v = (torch.randn(B, Hkv, n, E, dtype=torch.float16, requires_grad=True) for _ in range(2))
-    with recording() as fwd:
+    sent, received = [0], [0]
+    p2p, a2a = dist.batch_isend_irecv, dist.all_to_all_single
+
+    def batch_isend_irecv(ops):
+        for op in ops:
+            (sent if op.op is dist.isend else received)[0] += op.tensor.nbytes
+        return p2p(ops)
+
+    def all_to_all_single(output, input, *args, **kwargs):
+        W = dist.get_world_size(kwargs.get("group"))
+        sent[0] += input.nbytes - input.nbytes // W  # equal splits: the own chunk does not leave
+        received[0] += output.nbytes - output.nbytes // W
+        return a2a(output, input, *args, **kwargs)
+
+    dist.batch_isend_irecv, dist.all_to_all_single = batch_isend_irecv, all_to_all_single
+    try:
         out = fd.context_parallel_attention(q, k, v, group=group, is_causal=True, strategy=case["strategy"],
                                             backend="torch")
-    with recording() as bwd:
+        fwd = (sent[0], received[0])
         out.backward(torch.randn_like(out))
-    return {"sent_fwd": fwd.sent(), "sent_bwd": bwd.sent()}
+    finally:
+        dist.batch_isend_irecv, dist.all_to_all_single = p2p, a2a
+    return {"sent_fwd": fwd[0], "sent_bwd": sent[0] - fwd[0], "received_fwd": fwd[1],
+            "received_bwd": received[0] - fwd[1]}
 
 
 def run_recover_case(case, group):

@@ -168,13 +168,17 @@ def test_a_failed_call_leaves_the_group_usable(rows_4):
 
 
 def test_plan_counts_the_bytes_a_real_run_sends(rows_4):
-    """fusedlm.distributed.plan's dry run on meta tensors counts what a real gloo run sent, rank by rank."""
+    """fusedlm.distributed.plan's dry run on meta tensors (bytes recorded by its DryTransport) counts what a real
+    gloo run handed to torch.distributed (captured around dist.batch_isend_irecv / all_to_all_single in the
+    workers, independent of fusedlm's bookkeeping), rank by rank; and what was sent was received."""
     from fusedlm.distributed import plan
 
     _, rows = rows_4
     for strategy in ("ring", "ulysses"):
         real = [r for r in rows if r["case"] == f"traffic-{strategy}"]
         assert len(real) == 4
+        for phase in ("fwd", "bwd"):
+            assert sum(r[f"sent_{phase}"] for r in real) == sum(r[f"received_{phase}"] for r in real) > 0
         for r in real:
             dry = plan.count(4, 32, 4, 8, Hkv=2, dtype=torch.float16, strategy=strategy, rank=r["rank"])
             assert (r["sent_fwd"], r["sent_bwd"]) == (dry["sent_fwd"], dry["sent_bwd"])
