@@ -313,3 +313,53 @@ def test_sharding_never_drops_tokens():
             fn()
     with pytest.raises(ValueError, match=r"cu_seqlens: expected offsets ending at x's length 24, got 20"):
         fd.shard_varlen(torch.randn(24, 2), cu, 2, 0)
+
+
+def test_live_bytes_counts_what_the_layer_holds_and_not_the_kernels_insides():
+    from fusedlm.distributed._comm import kernel_call, live_bytes
+
+    def kernel(x):
+        scratch = torch.empty(1000, device="meta")  # 4000 bytes inside the "kernel": not counted
+        return scratch[:10] * 2 + x                  # its 40-byte result: counted
+
+    with live_bytes() as mem:
+        a = torch.empty(100, device="meta")          # 400
+        b = (a * 2).exp_()                           # 400 more (exp_ in place: nothing)
+        del b                                        # back to 400
+        view = a[:50].t()                            # a view: nothing
+        out = kernel_call(kernel, torch.empty(10, device="meta"))  # the 40-byte argument and the 40-byte result
+        del a                                        # its storage lives on through the view
+    assert mem.peak == 400 + 400 and mem.live == 400 + 40  # a (alive through its view) and the result
+    del view, out
+
+
+def test_plan_memory_is_measured_and_falls_as_one_over_w():
+    """The ring's peak per rank: the forward holds the float32 accumulators, two K/V buffers and one block's
+    output; the backward adds dq and three dK/dV accumulators (float32) and one block's temporaries. At W = 2
+    and 4 the same layer needs half as much at twice the ranks (to the row-sized temporaries)."""
+    from fusedlm.distributed import plan
+
+    H, Hkv, E, L = 4, 2, 16, 1024
+    c2, c4 = (plan.count(W, L, H, E, Hkv=Hkv, dtype=torch.bfloat16) for W in (2, 4))
+    n = L // 2
+    out_f32, kv_bf16, block_out = H * n * E * 4, 2 * Hkv * n * E * 2, H * n * E * 2
+    assert out_f32 + 2 * kv_bf16 + block_out <= c2["peak_fwd"] <= out_f32 + 2 * kv_bf16 + block_out + 4 * H * n * 8
+    assert c2["peak_bwd"] >= out_f32 + 2 * kv_bf16 + 3 * kv_bf16 * 2 + 2 * block_out  # dq, kv x2, dkv x3, o, do_i
+    for key in ("peak_fwd", "peak_bwd", "saved"):
+        assert abs(c4[key] * 2 - c2[key]) <= 0.02 * c2[key], key
+
+
+def test_plan_overlap_table_takes_measured_step_times(tmp_path):
+    from fusedlm.distributed import plan
+
+    rows = [dict(op="cp_ring_step", block=b, tokens_per_rank=1024, H=4, Hkv=2, E=16, dtype="bfloat16", mode=m,
+                 median_ms=ms) for b, m, ms in (("c x 2c", "fwd", 2.0), ("2c x 2c causal", "fwd", 3.0),
+                                                ("c x 2c", "bwd", 7.0), ("2c x 2c causal", "bwd", 6.0))]
+    rows.append(dict(rows[0], H=32, median_ms=0.001))  # another shape: ignored
+    (tmp_path / "steps.json").write_text(json.dumps(rows))
+    times = plan.load_step_times(tmp_path / "steps.json", 4, 2, 16)
+    assert times == {(1024, "fwd"): 2e-3, (1024, "bwd"): 6e-3}  # the faster block shape of each pass
+    table = plan.overlap_table(4, 2, 16, Ls=(2048, 4096), Ws=(2,), step_times=times)
+    assert "| 2,048 | 2 | 1,024 | fwd | 2,000 | measured (" in table
+    assert "| 2,048 | 2 | 1,024 | bwd | 6,000 | measured (" in table
+    assert "| 4,096 | 2 | 2,048 | fwd |" in table and "assumed 400 TFLOP/s" in table

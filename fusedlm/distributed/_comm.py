@@ -64,9 +64,9 @@ def note_block(phase, batch_heads, q_rows, k_rows, e, ev, causal, recompute=True
 class LiveBytes(TorchDispatchMode):
     """Peak and current bytes of the tensors allocated while active (this thread), outside ``kernel_call``.
 
-    A tensor counts from the op that made it (any op that returns new storage: factories, copies, arithmetic;
-    not views, not in-place or out= ops) until its Python object dies, which is how long its memory lives
-    (views keep their base object alive). Inside ``kernel_call`` nothing is counted but the call's tensor
+    A tensor's storage counts from the op that made it (any op that returns new storage: factories, copies,
+    arithmetic; not views, not in-place or out= ops) until that storage dies (its last tensor, view or alias
+    saved by autograd, is gone: torch keeps one Python object per storage while it lives). Inside ``kernel_call`` nothing is counted but the call's tensor
     results: the attention's own workspace and the graph it saves are the backend's, the same as for one
     attention without context parallelism. On meta tensors it measures any size without memory.
     """
@@ -75,15 +75,20 @@ class LiveBytes(TorchDispatchMode):
         super().__init__()
         self.live = self.peak = 0
         self.paused = 0
+        self._storages = {}  # id of a live storage counted -> its bytes
 
-    def _free(self, n):
-        self.live -= n
+    def _free(self, key):
+        self.live -= self._storages.pop(key)
 
     def count(self, t):
-        n = t.untyped_storage().nbytes()
-        self.live += n
+        storage = t.untyped_storage()
+        key = id(storage)
+        if key in self._storages:
+            return
+        self._storages[key] = storage.nbytes()
+        self.live += self._storages[key]
         self.peak = max(self.peak, self.live)
-        weakref.finalize(t, self._free, n)
+        weakref.finalize(storage, self._free, key)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))

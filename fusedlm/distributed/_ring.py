@@ -187,13 +187,7 @@ class RingAttention(torch.autograd.Function):
                 works = transport.shift("kv", kv[0], kv[1], KV_TAG) if s < W - 1 else []
                 plan = step_plan(r, (r - s) % W, causal, layout)
                 if plan is not None:
-                    qp, kp, c = plan
-                    k_s, v_s = _unpack(kv[0], k, v)
-                    ql, kl, vl = blocks.take(q, qp), blocks.take(k_s, kp), blocks.take(v_s, kp)
-                    o, lse = kernel_call(blocks.attend, ql, kl, vl, qp, kp, c)
-                    blocks.note("fwd", ql, kl, vl, c)
-                    blocks.merge(out_acc, lse_acc, qp, o, lse)
-                    del o, lse, ql, kl, vl
+                    _block_forward(blocks, plan, q, k, v, kv[0], out_acc, lse_acc)
                 wait(works)
                 works = []
                 kv.reverse()
@@ -245,6 +239,17 @@ class RingAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
+def _block_forward(blocks, plan, q, k, v, kv, out_acc, lse_acc):
+    """One ring step's forward: this rank's queries (part) against the K/V in ``kv`` (part), merged into the
+    accumulators. (benchmarks/bench_cp_step.py times this on a GPU.)"""
+    qp, kp, c = plan
+    k_s, v_s = _unpack(kv, k, v)
+    ql, kl, vl = blocks.take(q, qp), blocks.take(k_s, kp), blocks.take(v_s, kp)
+    o, lse = kernel_call(blocks.attend, ql, kl, vl, qp, kp, c)
+    blocks.note("fwd", ql, kl, vl, c)
+    blocks.merge(out_acc, lse_acc, qp, o, lse)
+
+
 def _weighted_rowdot(o, out, do, w, ct, pieces=8):
     """w * rowsum(do * (o - out)) in ``ct``, (...,) rows of (..., Ev) tensors. Computed slice by slice along the
     longest leading dim, so that the float32 temporary is 1/pieces of the block, not a whole block."""
@@ -258,7 +263,8 @@ def _weighted_rowdot(o, out, do, w, ct, pieces=8):
 
 
 def _block_backward(blocks, plan, q, k, v, kv, out, lse_ref, dout, dq, acc):
-    """One ring step's backward: the block recomputed under autograd and given dout_i = w_i dout and
+    """One ring step's backward (benchmarks/bench_cp_step.py times it): the block recomputed under autograd and
+    given dout_i = w_i dout and
     dlse_i = w_i rowsum(dout * (out_i - out)); its dq added to ``dq``, its dk / dv to the accumulator ``acc``.
     The temporaries are one float32 block of the output's shape (out_i - out) and row-sized ones; dout and
     the block's results are read in their own dtype (no float32 copies)."""
