@@ -200,6 +200,7 @@ def worker(rank, world, store, cases, outdir, backend_env):
     if world >= 4:  # every rank creates every group (new_group is collective), then uses its own
         pairs = [dist.new_group([i, i + 1]) for i in range(0, world, 2)]
         groups["pair"] = pairs[rank // 2]
+        groups["other_pair"] = pairs[(rank // 2 + 1) % len(pairs)]  # NON_GROUP_MEMBER here: for error cases
     singles = [dist.new_group([i]) for i in range(world)]
     groups["single"] = singles[rank]
     runners = {"traffic": run_traffic_case, "llama": run_llama_case, "recover": run_recover_case,
@@ -219,7 +220,8 @@ def worker(rank, world, store, cases, outdir, backend_env):
             except Exception:  # noqa: BLE001 - reported to the test with its traceback
                 res = {"exception": traceback.format_exc()}
                 failed = case["name"]
-        results.append(dict(case=case["name"], world=dist.get_world_size(group), rank=rank,
+        world_of = dist.get_world_size(group) if case["group"] != "other_pair" else None
+        results.append(dict(case=case["name"], world=world_of, rank=rank,
                             seconds=time.perf_counter() - t0, **res))
     with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)

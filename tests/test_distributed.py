@@ -88,6 +88,8 @@ def cases_4():
         dict(name="error-ulysses-heads", group="world", kind="error:dense", strategy="ulysses",
              layout="contiguous", H=6, Hkv=2, n=4),
         dict(name="error-varlen-lengths", group="world", kind="error:varlen", H=4, Hkv=2, cu=[0, 12]),
+        dict(name="error-not-a-member", group="other_pair", kind="error:dense", strategy="ring", layout="zigzag",
+             H=4, Hkv=2, n=4),
     ]
     return [dict(c, seed=i) for i, c in enumerate(cases)]
 
@@ -155,6 +157,8 @@ def test_errors_that_need_the_group(rows_4):
     assert "divisible by the group size 4" in got["error-ulysses-heads"]["message"]
     assert got["error-varlen-lengths"]["raised"] == "ValueError"
     assert "cu_seqlens: expected every sequence length divisible by 2W = 8" in got["error-varlen-lengths"]["message"]
+    assert got["error-not-a-member"]["raised"] == "ValueError"
+    assert "group: expected a process group this rank belongs to" in got["error-not-a-member"]["message"]
 
 
 def test_a_failed_call_leaves_the_group_usable(rows_4):
