@@ -10,11 +10,19 @@ positions) and the model's attention is fusedlm.distributed.context_parallel_var
 the loss is the replica's mean over all its tokens (fusedlm.distributed.training.global_mean). FSDP2
 (``fully_shard``) on the 2-D mesh: parameters sharded over cp and replicated over dp (HSDP); each rank's
 gradient is its tokens' share, so the reduction must sum over cp and average over dp: a gradient divide factor
-of dp. gloo on CPU, nccl on GPUs.
+of dp. gloo on CPU, nccl on GPUs. On gloo FSDP2 is told to reduce with plain sums and divide after
+(``set_force_sum_reduction_for_comms``): a divide factor other than its reduce-scatter group's size makes it
+reduce float32 / bfloat16 gradients with ReduceOp.PREMUL_SUM (NCCL only) and gloo refuses that (and AVG).
+
+The ring runs on a process group of its own (``dist.new_group`` over each cp row of the mesh): with NCCL a
+separate communicator, so the ring's transfers do not queue behind FSDP2's reduce-scatters on the mesh's cp
+communicator (one NCCL communicator runs its collectives one after another).
 
 --check also trains, in every process, the same model without any parallelism on the full batches of all dp
-replicas (the mean of their losses) and compares losses step by step and every parameter at the end; the exit
-status is non-zero when they differ by more than the dtype allows.
+replicas (the mean of their losses) and compares, step by step, the losses and every parameter's gradient
+(``p.grad.full_tensor()`` against the reference's: a gradient scaled by a constant factor shows here even where
+AdamW would hide it in the weights), and every parameter at the end; the exit status is non-zero when they
+differ by more than the dtype allows.
 """
 import argparse
 import os
@@ -88,28 +96,38 @@ def main(argv=None):
         raise ValueError(f"--cp: expected a divisor of the {world} processes, got {cp}")
     dp = world // cp
     mesh = init_device_mesh(device.type, (dp, cp), mesh_dim_names=("dp", "cp"))
-    cp_group, replica = mesh.get_group("cp"), mesh.get_local_rank("dp")
+    replica = mesh.get_local_rank("dp")
+    # the ring's own group: every process creates every cp row's group (new_group is collective), keeps its own
+    rows = [dist.new_group(mesh.mesh[d].tolist()) for d in range(dp)]
+    cp_group = rows[replica]
 
     model = build(args, dtype, device)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)  # 2-D mesh: HSDP, replicated over dp, sharded over cp
     fully_shard(model, mesh=mesh)
+    gloo = dist.get_backend() == "gloo"
     for m in model.modules():  # sum over cp (each rank holds its tokens' share), mean over dp
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(float(dp))
+            if gloo:  # plain SUM reductions, then the division (gloo has no PREMUL_SUM / AVG)
+                if not hasattr(m, "set_force_sum_reduction_for_comms"):
+                    raise RuntimeError("this torch's FSDP2 has no set_force_sum_reduction_for_comms: on gloo use "
+                                       "--dtype float64 (reduced with SUM and a division)")
+                m.set_force_sum_reduction_for_comms(True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     if args.check:
         ref = build(args, dtype, device)
         ref_opt = torch.optim.AdamW(ref.parameters(), lr=args.lr, weight_decay=0.0)
 
-    worst, t0 = 0.0, time.perf_counter()
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()
+    worst = {"loss": 0.0, "grad": 0.0, "weight": 0.0}
+    t0 = time.perf_counter()
     for step in range(args.steps):
         ids, labels = batches(args, step, replica, device)
         batch = shard_lm_batch(ids, labels, group=cp_group)
         loss = model(**batch, cp_group=cp_group).loss  # this replica's mean, the same on its cp ranks
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
         logged = loss.detach().clone()
         dist.all_reduce(logged)
         logged /= world  # (every cp rank of a replica holds the replica's loss)
@@ -119,23 +137,27 @@ def main(argv=None):
                            for d in range(dp)) / dp
             ref_opt.zero_grad(set_to_none=True)
             ref_loss.backward()
-            ref_opt.step()
             diff = abs(logged.item() - ref_loss.item()) / abs(ref_loss.item())
-            worst = max(worst, diff)
-            line += f", without parallelism {ref_loss.item():.6f} (relative difference {diff:.1e})"
+            worst["loss"] = max(worst["loss"], diff)
+            ref_grads = dict(ref.named_parameters())
+            grad = max(rel(p.grad.full_tensor(), ref_grads[n].grad) for n, p in model.named_parameters())
+            worst["grad"] = max(worst["grad"], grad)
+            line += (f", without parallelism {ref_loss.item():.6f} (relative difference {diff:.1e}; gradients "
+                     f"{grad:.1e})")
+            ref_opt.step()
+        opt.step()
         if rank == 0:
             print(line, flush=True)
     seconds = time.perf_counter() - t0
     ok = True
     if args.check:
         params = {n: p.full_tensor() for n, p in model.named_parameters()}
-        for n, p_ref in ref.named_parameters():
-            err = ((params[n] - p_ref).norm() / p_ref.norm()).item()
-            worst = max(worst, err)
-        ok = worst <= TOLERANCE[dtype]
+        worst["weight"] = max(rel(params[n], p_ref) for n, p_ref in ref.named_parameters())
+        ok = max(worst.values()) <= TOLERANCE[dtype]
         if rank == 0:
-            print(f"losses and final weights against the run without parallelism: worst relative difference "
-                  f"{worst:.1e} (bound {TOLERANCE[dtype]:.0e}): {'ok' if ok else 'MISMATCH'}", flush=True)
+            print(f"against the run without parallelism, worst relative difference of the losses "
+                  f"{worst['loss']:.1e}, of every step's gradients {worst['grad']:.1e}, of the final weights "
+                  f"{worst['weight']:.1e} (bound {TOLERANCE[dtype]:.0e}): {'ok' if ok else 'MISMATCH'}", flush=True)
     if rank == 0:
         print(f"dp {dp} x cp {cp} on {world} processes ({device.type}), {args.steps} steps of {args.batch} x "
               f"{args.seqlen} tokens per replica in {seconds:.1f} s", flush=True)

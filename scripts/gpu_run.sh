@@ -28,7 +28,13 @@
 #              (fused linear + cross-entropy beside F.cross_entropy eager / compiled, Liger, Cut Cross-Entropy)
 #   trainstep  python benchmarks/bench_train_step.py --quick    (Llama-1B step: hf-sdpa, hf-liger, fusedlm)
 #   generate   python benchmarks/bench_generate.py --quick      (Llama-1B tokens/s against transformers' generate)
+#   cpstep     python benchmarks/bench_cp_step.py: one context-parallel ring step's compute on this GPU (the
+#              ring's own step functions, forward and backward with its recompute, for the block shapes of
+#              fusedlm.distributed.plan's overlap table: c x 2c and 2c x 2c causal, H 32, Hkv 8, E 128, bf16,
+#              2k..128k tokens a rank), rows in $OUT/bench/cp_ring_step_<gpu>.json, then
+#              python -m fusedlm.distributed.plan --step-times <those rows> > $OUT/bench/context_parallel_plan_measured.md
 #   e.g. a second call: GPU_RUN_STEPS=install,loss,trainstep,generate bash scripts/gpu_run.sh
+#                       GPU_RUN_STEPS=install,cpstep bash scripts/gpu_run.sh   (about 1-2 minutes)
 #
 # The benchmark results go to $OUT/bench/ (memory_bound_*, attention_*, lora_*, deberta_*, attention_flex_*: .json,
 # .md, _summary.md, .png) and are copied to benchmarks/results/.
@@ -83,7 +89,7 @@ run_step() {
   local name=$1 cap=$2 fn=$3
   # Not selected by GPU_RUN_STEPS: no row at all (env and wheels always run: cheap, and needed; the opt-in
   # steps only when named).
-  local optin=" loss trainstep generate "
+  local optin=" loss trainstep generate cpstep "
   [[ ($STEPS == all && $optin != *" $name "*) || $name == env || $name == wheels || ",$STEPS," == *",$name,"* ]] \
     || return 0
   local left=$(( BUDGET_S - SECONDS - 5 ))
@@ -241,8 +247,19 @@ step_generate() {
     --budget-s $(( STEP_CAP - 60 > 30 ? STEP_CAP - 60 : 30 )) --out "$OUT/bench"
 }
 
+step_cpstep() {
+  # (the plan's table from the measured rows: its dry run needs no GPU, seconds)
+  PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PY" benchmarks/bench_cp_step.py --out "$OUT/bench" \
+    --budget-s $(( STEP_CAP - 60 > 20 ? STEP_CAP - 60 : 20 )) || return 1
+  local rows
+  rows=$(ls "$OUT"/bench/cp_ring_step_*.json | grep -v cpu-smoke | head -n 1)
+  PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m fusedlm.distributed.plan --step-times "$rows" \
+    > "$OUT/bench/context_parallel_plan_measured.md" || return 1
+  echo "overlap table with the measured step times: $OUT/bench/context_parallel_plan_measured.md"
+}
+
 export -f step_env step_wheels step_install step_info step_verify step_tests bench_args step_memory step_decode \
-  step_loss step_trainstep step_generate \
+  step_loss step_trainstep step_generate step_cpstep \
   step_attention step_lora step_deberta step_flex
 
 echo "fusedlm GPU run: repo $REPO, logs and results in $OUT, budget ${BUDGET_S}s"
@@ -272,6 +289,8 @@ run_step flex $(( BUDGET_S - SECONDS )) step_flex
 run_step loss $(( BUDGET_S - SECONDS )) step_loss
 run_step trainstep $(( BUDGET_S - SECONDS )) step_trainstep
 run_step generate $(( BUDGET_S - SECONDS )) step_generate
+left=$(( BUDGET_S - SECONDS ))
+run_step cpstep $(( left > 180 ? 180 : left )) step_cpstep
 # Keep the measured files in the tree too (also those of a run cut short: they are rewritten per op).
 for f in "$OUT"/bench/*; do
   [[ -f $f && $f != *cpu-smoke* ]] && cp -f "$f" benchmarks/results/

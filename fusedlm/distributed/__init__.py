@@ -18,7 +18,7 @@ import torch.distributed as dist
 from .. import _validate
 from ..ops.attention import scaled_dot_product_attention, varlen_attention
 from ._comm import Transport
-from ._ring import DenseBlocks, RingAttention, VarlenBlocks
+from ._ring import DenseBlocks, RingAttention, VarlenBlocks, resolve_backend
 from ._ulysses import ulysses_attention
 from .layout import LAYOUTS, shard, shard_positions, shard_varlen, varlen_shard_indices, varlen_shard_positions
 from .training import global_mean, shard_lm_batch
@@ -31,6 +31,9 @@ __all__ = ["context_parallel_attention", "context_parallel_varlen_attention", "s
 
 
 def _transport(group):
+    if dist.is_available() and group is dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError("group: expected a process group this rank belongs to, got GroupMember.NON_GROUP_MEMBER "
+                         "(what torch.distributed.new_group returns on a rank outside its ranks)")
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group: expected a torch.distributed ProcessGroup or None, got {type(group).__name__}")
     if not dist.is_available() or not dist.is_initialized():
@@ -92,16 +95,20 @@ def context_parallel_attention(q, k, v, *, group=None, is_causal=False, scale=No
 def _dense(q, k, v, transport, is_causal, scale, layout, strategy, backend):
     """context_parallel_attention on a given transport (a real one, or plan.py's dry run)."""
     W, H, n = transport.world, q.shape[1], q.shape[2]
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        transport.check_device(name, t)
     if W == 1:
         return scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=H != k.shape[1],
                                             backend=backend)
     if layout == "zigzag" and n % 2:
         raise ValueError(f"q: expected a shard length divisible by 2 (layout='zigzag' cuts the sequence into 2W = "
                          f"{2 * W} chunks, so L = {W} x the shard length must be divisible by {2 * W}), got {n}")
+    if strategy == "ulysses" and H % W:
+        raise ValueError(f"q: expected a number of heads divisible by the group size {W} (strategy='ulysses' "
+                         f"gives each rank H / W heads), got {H}")
+    # the blocks' backend chosen (or refused) here, on every rank alike, before anything is sent
+    backend = resolve_backend("scaled_dot_product_attention", q, k, v, backend)
     if strategy == "ulysses":
-        if H % W:
-            raise ValueError(f"q: expected a number of heads divisible by the group size {W} (strategy='ulysses' "
-                             f"gives each rank H / W heads), got {H}")
         return ulysses_attention(q, k, v, transport, is_causal, layout, scale, backend)
     return RingAttention.apply(q, k, v, DenseBlocks(n, scale, backend), transport, is_causal, layout)
 
@@ -124,8 +131,10 @@ def context_parallel_varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, group=
     _validate.flag("causal", causal)
     scale = _scale(scale, E)
     _validate.index_tensor("cu_seqlens", cu_seqlens, 1)  # kinds first; the values need W, from the group
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
-        raise TypeError(f"max_seqlen: expected a Python int >= 0, got {max_seqlen!r}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+        raise TypeError(f"max_seqlen: expected a Python int, got {type(max_seqlen).__name__} {max_seqlen!r}")
+    if max_seqlen < 0:
+        raise ValueError(f"max_seqlen: expected a Python int >= 0, got {max_seqlen}")
     transport = _transport(group)
     W = transport.world
     _validate.cu_seqlens("cu_seqlens", cu_seqlens, n * W)
@@ -136,6 +145,8 @@ def context_parallel_varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, group=
 
 def _varlen(q, k, v, cu_seqlens, max_seqlen, transport, causal, scale, backend):
     W = transport.world
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        transport.check_device(name, t)
     if W == 1:
         return varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal, scale=scale,
                                 backend=backend)
@@ -144,6 +155,7 @@ def _varlen(q, k, v, cu_seqlens, max_seqlen, transport, causal, scale, backend):
         if bool((lengths % (2 * W) != 0).any()):
             raise ValueError(f"cu_seqlens: expected every sequence length divisible by 2W = {2 * W} (each sequence "
                              f"is cut into 2W chunks), got lengths {lengths.tolist()}")
+    backend = resolve_backend("varlen_attention", q, k, v, backend)  # before anything is sent
     cu_local = torch.div(cu_seqlens, W, rounding_mode="floor").to(torch.int32)
     blocks = VarlenBlocks(cu_local, max_seqlen // W, q.shape[0], scale, backend)
     return RingAttention.apply(q, k, v, blocks, transport, causal, "zigzag")

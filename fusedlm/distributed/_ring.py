@@ -8,7 +8,8 @@ Merging partial results. For a set of keys J, a query's lse_J = log sum_{j in J}
 out_J = sum_{j in J} exp(s_j - lse_J) v_j. For disjoint J1, J2:
     lse = log(exp(lse_1) + exp(lse_2)),   out = exp(lse_1 - lse) out_1 + exp(lse_2 - lse) out_2,
 so each block's (out, lse) from fusedlm's attention (return_lse=True) folds into a running (out, lse) in
-float32 (float64 for float64 inputs).
+float32 (float64 for float64 inputs), in place: out_acc *= exp(lse_acc - lse), out_acc += exp(lse_blk - lse) out_blk
+(addcmul_: no float32 copy of the block's output), so the merge allocates only row-sized temporaries.
 
 Backward. With out = sum_i w_i out_i, w_i = exp(lse_i - lse), lse = logsumexp_i lse_i:
     d out / d out_i = w_i,     d out / d lse_i = w_i (out_i - out),
@@ -17,13 +18,20 @@ attention backward (any backend: the block recomputed under autograd, one extra 
 turns those into the block's dq, dk, dv. The K/V go around the ring again; beside them travel the dK/dV
 accumulators (float32): the accumulator for rank src's K/V picks up each rank's contribution on its way
 and arrives home after W transfers.
+
+Failure. The block attention runs after the next transfer is posted; if it raises (out of memory, a kernel
+error), the loops wait for the transfers already posted before re-raising, so the group is left with nothing
+pending and the next call works (a raise on one rank only still leaves its peers waiting at their next step:
+that needs the group's timeout). Backend and dtype are resolved before anything is posted (``resolve_backend``),
+so a backend that cannot serve the call raises on every rank before any communication.
 """
 import torch
 from torch.autograd.function import once_differentiable
 
 import fusedlm
 
-from ._comm import DKV_TAG, KV_TAG, note_block, wait
+from .. import _backend
+from ._comm import DKV_TAG, KV_TAG, drain, kernel_call, note_block, wait
 
 
 def compute_dtype(t):
@@ -53,14 +61,33 @@ def step_plan(rank, src, causal, layout):
     return (None, "first", False) if src < rank else ("second", None, False)
 
 
-def merge(out_acc, lse_acc, out_blk, lse_blk):
-    """(out, lse) over the union of two disjoint key sets from each one's (see the module docstring).
+def resolve_backend(op, q, k, v, backend):
+    """The backend every block of this call runs on, chosen (or refused, ValueError) with the same rule and
+    reasons as fusedlm's attention op (dtype, head dims), before the first transfer is posted."""
+    from ..ops.attention import _cuda_reason, _triton_reason
+
+    E, Ev = q.shape[-1], v.shape[-1]
+    return _backend.select(op, backend, q.device, {"triton": _triton_reason((q, k, v), E, Ev, None),
+                                                   "cuda": _cuda_reason((q, k, v), E, Ev, None)})
+
+
+def merge_(out_acc, lse_acc, out_blk, lse_blk):
+    """In place: (out_acc, lse_acc) becomes (out, lse) over the union of two disjoint key sets (see the module
+    docstring); out_blk may be in a lower precision than out_acc (it is read, not copied, on GPUs).
     A row that sees no key in either has lse_acc = lse_blk = -inf: its lse stays -inf and its weights are taken
     against 0 instead of -inf (exp(-inf - 0) = 0, never exp(-inf + inf) = nan), so it keeps out = 0."""
     lse = torch.logaddexp(lse_acc, lse_blk)
     ref = lse.masked_fill(torch.isneginf(lse), 0.0)
-    out = torch.exp(lse_acc - ref).unsqueeze(-1) * out_acc + torch.exp(lse_blk - ref).unsqueeze(-1) * out_blk
-    return out, lse
+    out_acc.mul_(torch.sub(lse_acc, ref).exp_().unsqueeze(-1))
+    out_acc.addcmul_(out_blk, torch.sub(lse_blk, ref).exp_().unsqueeze(-1))
+    lse_acc.copy_(lse)
+
+
+def merge(out_acc, lse_acc, out_blk, lse_blk):
+    """merge_ on copies: returns (out, lse)."""
+    out_acc, lse_acc = out_acc.clone(), lse_acc.clone()
+    merge_(out_acc, lse_acc, out_blk, lse_blk)
+    return out_acc, lse_acc
 
 
 class DenseBlocks:
@@ -72,15 +99,15 @@ class DenseBlocks:
     def take(self, x, part):
         return x if part is None else x.narrow(2, 0 if part == "first" else self.half, self.half)
 
-    def put(self, acc, part, value):
-        self.take(acc, part).copy_(value)
+    def merge(self, out_acc, lse_acc, part, out_blk, lse_blk):
+        merge_(self.take(out_acc, part), self.take(lse_acc, part), out_blk, lse_blk)  # views: in place
 
     def add(self, acc, part, value):
-        self.take(acc, part).add_(value)
+        self.take(acc, part).add_(value)  # (value in a lower precision: read, not copied, on GPUs)
 
-    def note(self, phase, q, v, q_part, k_part, causal):
-        rows = {None: self.n, "first": self.half, "second": self.half}
-        note_block(phase, q.shape[0] * q.shape[1], rows[q_part], rows[k_part], q.shape[-1], v.shape[-1], causal)
+    def note(self, phase, q, k, v, causal):
+        """The flops of one block, from the shapes it attends (q, k, v: the parts taken)."""
+        note_block(phase, q.shape[0] * q.shape[1], q.shape[2], k.shape[2], q.shape[-1], v.shape[-1], causal)
 
     def attend(self, q, k, v, q_part, k_part, causal):
         return fusedlm.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=self.scale,
@@ -108,17 +135,20 @@ class VarlenBlocks:
     def take(self, x, part):
         return x if part is None else x.index_select(0, self.idx[part])
 
-    def put(self, acc, part, value):
+    def merge(self, out_acc, lse_acc, part, out_blk, lse_blk):
         if part is None:
-            acc.copy_(value)
-        else:
-            acc.index_copy_(0, self.idx[part], value)
+            merge_(out_acc, lse_acc, out_blk, lse_blk)
+            return
+        o, lse = self.take(out_acc, part), self.take(lse_acc, part)  # (gathered copies: merged, put back)
+        merge_(o, lse, out_blk, lse_blk)
+        out_acc.index_copy_(0, self.idx[part], o)
+        lse_acc.index_copy_(0, self.idx[part], lse)
 
     def add(self, acc, part, value):
         if part is None:
             acc.add_(value)
         else:
-            acc.index_add_(0, self.idx[part], value)
+            acc.index_add_(0, self.idx[part], value.to(acc.dtype))
 
     def note(self, *args):
         pass  # (the flops of packed blocks depend on the lengths: not counted)
@@ -151,20 +181,22 @@ class RingAttention(torch.autograd.Function):
         lse_acc = transport.zeros("lse_acc", q.shape[:-1], ct, dev).fill_(float("-inf"))
         kv = [_pack(transport, k, v), None]
         kv[1] = transport.buffer("kv_buffer", kv[0])
-        for s in range(W):
-            works = transport.shift("kv", kv[0], kv[1], KV_TAG) if s < W - 1 else []
-            plan = step_plan(r, (r - s) % W, causal, layout)
-            if plan is not None:
-                qp, kp, c = plan
-                k_s, v_s = _unpack(kv[0], k, v)
-                o, lse = blocks.attend(blocks.take(q, qp), blocks.take(k_s, kp), blocks.take(v_s, kp), qp, kp, c)
-                blocks.note("fwd", q, v, qp, kp, c)
-                o, lse = merge(blocks.take(out_acc, qp), blocks.take(lse_acc, qp), o.to(ct), lse.to(ct))
-                blocks.put(out_acc, qp, o)
-                blocks.put(lse_acc, qp, lse)
-            wait(works)
-            kv.reverse()
+        works = []
+        try:
+            for s in range(W):
+                works = transport.shift("kv", kv[0], kv[1], KV_TAG) if s < W - 1 else []
+                plan = step_plan(r, (r - s) % W, causal, layout)
+                if plan is not None:
+                    _block_forward(blocks, plan, q, k, v, kv[0], out_acc, lse_acc)
+                wait(works)
+                works = []
+                kv.reverse()
+        except BaseException:
+            drain(works)  # the peers posted the matching transfers: finish them, leave nothing pending
+            raise
+        del kv
         out = out_acc.to(q.dtype)
+        del out_acc
         ctx.save_for_backward(q, k, v, out, lse_acc)
         ctx.blocks, ctx.transport, ctx.causal, ctx.layout = blocks, transport, causal, layout
         return out
@@ -175,43 +207,83 @@ class RingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         blocks, transport = ctx.blocks, ctx.transport
         ct, W, r, dev = lse.dtype, transport.world, transport.rank, q.device
-        dout = dout.to(ct)
         lse_ref = lse.masked_fill(torch.isneginf(lse), 0.0)  # rows with no key (none here in practice): w = 0
         dq = transport.zeros("dq", q.shape, ct, dev)
         kv = [_pack(transport, k, v), None]
         kv[1] = transport.buffer("kv_buffer", kv[0])
         # dK/dV accumulators: the one being summed, the one arriving, the one leaving (3 buffers rotate).
         acc, recv, spare = (transport.zeros("dkv_buffer", (k.numel() + v.numel(),), ct, dev) for _ in range(3))
-        dworks = []
-        for s in range(W):
-            works = transport.shift("kv", kv[0], kv[1], KV_TAG) if s < W - 1 else []
-            plan = step_plan(r, (r - s) % W, ctx.causal, ctx.layout)
-            acc.zero_()
-            if plan is not None:
-                qp, kp, c = plan
-                k_s, v_s = _unpack(kv[0], k, v)
-                with torch.enable_grad():
-                    ql = blocks.take(q, qp).detach().requires_grad_()
-                    kl = blocks.take(k_s, kp).detach().requires_grad_()
-                    vl = blocks.take(v_s, kp).detach().requires_grad_()
-                    o, l_blk = blocks.attend(ql, kl, vl, qp, kp, c)
-                blocks.note("bwd", q, v, qp, kp, c)
-                w = torch.exp(l_blk.detach().to(ct) - blocks.take(lse_ref, qp))  # this block's weight in out
-                do = blocks.take(dout, qp)
-                do_blk = (w.unsqueeze(-1) * do).to(o.dtype)
-                dlse_blk = w * (do * (o.detach().to(ct) - blocks.take(out, qp).to(ct))).sum(-1)
-                gq, gk, gv = torch.autograd.grad((o, l_blk), (ql, kl, vl), (do_blk, dlse_blk.to(l_blk.dtype)))
-                blocks.add(dq, qp, gq.to(ct))
-                dk_s, dv_s = _unpack(acc, k, v)
-                blocks.add(dk_s, kp, gk.to(ct))
-                blocks.add(dv_s, kp, gv.to(ct))
-            if s > 0:  # add what the ranks before contributed to this K/V (it left them at their step s - 1)
-                wait(dworks)
-                acc.add_(recv)
-            dworks = transport.shift("dkv", acc, spare, DKV_TAG)
-            acc, recv, spare = recv, spare, acc  # (recv was consumed; spare now receives; acc is in flight)
-            wait(works)
-            kv.reverse()
-        wait(dworks)  # recv: this rank's own K/V's accumulator, home from its last stop (rank r - 1)
+        works, dworks = [], []
+        try:
+            for s in range(W):
+                works = transport.shift("kv", kv[0], kv[1], KV_TAG) if s < W - 1 else []
+                plan = step_plan(r, (r - s) % W, ctx.causal, ctx.layout)
+                acc.zero_()
+                if plan is not None:
+                    _block_backward(blocks, plan, q, k, v, kv[0], out, lse_ref, dout, dq, acc)
+                if s > 0:  # add what the ranks before contributed to this K/V (it left them at their step s - 1)
+                    wait(dworks)
+                    dworks = []
+                    acc.add_(recv)
+                dworks = transport.shift("dkv", acc, spare, DKV_TAG)
+                acc, recv, spare = recv, spare, acc  # (recv was consumed; spare now receives; acc is in flight)
+                wait(works)
+                works = []
+                kv.reverse()
+            wait(dworks)  # recv: this rank's own K/V's accumulator, home from its last stop (rank r - 1)
+        except BaseException:
+            drain(works + dworks)
+            raise
+        del kv, acc, spare
         dk, dv = _unpack(recv, k, v)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def _block_forward(blocks, plan, q, k, v, kv, out_acc, lse_acc):
+    """One ring step's forward: this rank's queries (part) against the K/V in ``kv`` (part), merged into the
+    accumulators. (benchmarks/bench_cp_step.py times this on a GPU.)"""
+    qp, kp, c = plan
+    k_s, v_s = _unpack(kv, k, v)
+    ql, kl, vl = blocks.take(q, qp), blocks.take(k_s, kp), blocks.take(v_s, kp)
+    o, lse = kernel_call(blocks.attend, ql, kl, vl, qp, kp, c)
+    blocks.note("fwd", ql, kl, vl, c)
+    blocks.merge(out_acc, lse_acc, qp, o, lse)
+
+
+def _weighted_rowdot(o, out, do, w, ct, pieces=8):
+    """w * rowsum(do * (o - out)) in ``ct``, (...,) rows of (..., Ev) tensors. Computed slice by slice along the
+    longest leading dim, so that the float32 temporary is 1/pieces of the block, not a whole block."""
+    rows = torch.empty(o.shape[:-1], dtype=ct, device=o.device)
+    dim = max(range(o.dim() - 1), key=lambda d: o.shape[d])
+    size = -(-o.shape[dim] // pieces) if o.shape[dim] else 1
+    for part in zip(*(t.split(size, dim) for t in (o, out, do, rows))):
+        po, pout, pdo, prow = part
+        torch.sum(po.to(ct, copy=True).sub_(pout).mul_(pdo), -1, out=prow)
+    return rows.mul_(w)
+
+
+def _block_backward(blocks, plan, q, k, v, kv, out, lse_ref, dout, dq, acc):
+    """One ring step's backward (benchmarks/bench_cp_step.py times it): the block recomputed under autograd and
+    given dout_i = w_i dout and
+    dlse_i = w_i rowsum(dout * (out_i - out)); its dq added to ``dq``, its dk / dv to the accumulator ``acc``.
+    The temporaries are one float32 block of the output's shape (out_i - out) and row-sized ones; dout and
+    the block's results are read in their own dtype (no float32 copies)."""
+    qp, kp, c = plan
+    ct = dq.dtype
+    k_s, v_s = _unpack(kv, k, v)
+    with torch.enable_grad():
+        ql = blocks.take(q, qp).detach().requires_grad_()
+        kl = blocks.take(k_s, kp).detach().requires_grad_()
+        vl = blocks.take(v_s, kp).detach().requires_grad_()
+        o, l_blk = kernel_call(blocks.attend, ql, kl, vl, qp, kp, c)
+    blocks.note("bwd", ql, kl, vl, c)
+    w = torch.sub(l_blk.detach(), blocks.take(lse_ref, qp)).exp_()  # this block's weight in out (rows)
+    do = blocks.take(dout, qp)
+    do_blk = torch.mul(do, w.unsqueeze(-1), out=torch.empty_like(do, dtype=o.dtype))  # in float32, stored in o's
+    dlse_blk = _weighted_rowdot(o.detach(), blocks.take(out, qp), do, w, ct)
+    gq, gk, gv = kernel_call(torch.autograd.grad, (o, l_blk), (ql, kl, vl), (do_blk, dlse_blk.to(l_blk.dtype)))
+    del o, l_blk, do_blk, dlse_blk, ql, kl, vl  # the block's graph goes here
+    blocks.add(dq, qp, gq)
+    dk_s, dv_s = _unpack(acc, k, v)
+    blocks.add(dk_s, kp, gk)
+    blocks.add(dv_s, kp, gv)

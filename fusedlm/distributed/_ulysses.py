@@ -10,7 +10,9 @@ import torch
 
 import fusedlm
 
-from ._comm import AllToAll, note_block
+from torch.autograd.function import once_differentiable
+
+from ._comm import AllToAll, kernel_call, note_block
 from .layout import shard_positions
 
 
@@ -31,6 +33,30 @@ def _heads_to_seq(y, transport):
     return z.transpose(0, 1).reshape(B, W * hw, L // W, E)
 
 
+def _attend(q, k, v, causal, scale, backend):
+    return fusedlm.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                                enable_gqa=q.shape[1] != k.shape[1], backend=backend)
+
+
+class _LocalAttention(torch.autograd.Function):
+    """The one local attention, its autograd graph held in ctx, so that forward and backward both run through
+    kernel_call (plan.py's measurement counts its results, never its workspace: that is the backend's)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, backend):
+        with torch.enable_grad():
+            ctx.inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+            ctx.out = kernel_call(_attend, *ctx.inputs, causal, scale, backend)
+        return ctx.out.detach()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        grads = kernel_call(torch.autograd.grad, ctx.out, ctx.inputs, dout)
+        del ctx.out, ctx.inputs
+        return (*grads, None, None, None)
+
+
 def ulysses_attention(q, k, v, transport, causal, layout, scale, backend):
     """q (B, H, n, E), k / v (B, Hkv, n, E / Ev) shards of a sequence of L = W n tokens -> out (B, H, n, Ev)."""
     W, Hkv = transport.world, k.shape[1]
@@ -47,8 +73,10 @@ def ulysses_attention(q, k, v, transport, causal, layout, scale, backend):
         pos = torch.cat([shard_positions(L, W, i, layout, q.device) for i in range(W)])  # gathered -> position
         order = torch.argsort(pos)                                                           # position -> gathered
         qh, kh, vh = (t.index_select(2, order) for t in (qh, kh, vh))
-    out = fusedlm.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, scale=scale,
-                                               enable_gqa=qh.shape[1] != kh.shape[1], backend=backend)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (qh, kh, vh)):
+        out = _LocalAttention.apply(qh, kh, vh, causal, scale, backend)
+    else:
+        out = kernel_call(_attend, qh, kh, vh, causal, scale, backend)
     for phase in ("fwd", "bwd"):
         note_block(phase, qh.shape[0] * qh.shape[1], qh.shape[2], kh.shape[2], qh.shape[-1], vh.shape[-1], causal,
                    recompute=False)

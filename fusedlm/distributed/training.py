@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .layout import shard_positions, varlen_shard_indices, varlen_shard_positions
+from .layout import check_length, shard_positions, varlen_shard_indices, varlen_shard_positions
 
 
 def shard_lm_batch(input_ids, labels=None, *, group=None, cu_seqlens=None, ignore_index=-100):
@@ -22,15 +22,24 @@ def shard_lm_batch(input_ids, labels=None, *, group=None, cu_seqlens=None, ignor
     given, cu_seqlens (the global offsets, unchanged) when given.
     """
     W, r = dist.get_world_size(group), dist.get_rank(group)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids: expected a 2-D (B, S) tensor, got "
+                         f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
     B, S = input_ids.shape
     dev = input_ids.device
+    if labels is not None and tuple(labels.shape) != (B, S):
+        raise ValueError(f"labels: expected shape {(B, S)} (that of input_ids), got {tuple(labels.shape)}")
     if cu_seqlens is None:
+        check_length("input_ids", S, W, "zigzag", "a sequence length S")  # never a token dropped
         idx = shard_positions(S, W, r, "zigzag", dev)
         cut = lambda t: t.index_select(1, idx)
         positions = idx.expand(B, -1)
     else:
         if B != 1:
             raise ValueError(f"cu_seqlens: expected a batch of one packed row, got batch size {B}")
+        if int(cu_seqlens[-1]) != S or int(cu_seqlens[0]) != 0:
+            raise ValueError(f"cu_seqlens: expected offsets from 0 to the packed row's {S} tokens, got "
+                             f"{int(cu_seqlens[0])} .. {int(cu_seqlens[-1])}")
         idx = varlen_shard_indices(cu_seqlens, W, r).to(dev)
         cut = lambda t: t.index_select(1, idx)
         positions = varlen_shard_positions(cu_seqlens, W, r).to(dev)[None]
@@ -68,6 +77,9 @@ def global_mean(local_sum, local_count, group=None):
     attention's backward carries the cross-rank terms), so a parameter's full gradient is the *sum* over the
     group's ranks of what each rank computes (FSDP2 over that mesh dimension with a gradient divide factor that
     leaves it a sum; an all_reduce SUM without FSDP)."""
-    count = local_count.detach().clone().to(local_sum.dtype)
+    # counted in int64 (a bfloat16 count is exact only up to 256) and divided in float64: one rounding to
+    # local_sum's dtype, of the mean
+    count = torch.as_tensor(local_count, device=local_sum.device).detach().to(torch.int64).clone()
     dist.all_reduce(count, group=group)
-    return _SumOverGroup.apply(local_sum / count, group)
+    mean = (local_sum.to(torch.float64) / count.to(torch.float64)).to(local_sum.dtype)
+    return _SumOverGroup.apply(mean, group)

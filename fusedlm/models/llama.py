@@ -41,6 +41,22 @@ def _context_parallel_packing(B, S, device, attention_mask, position_ids, cu_seq
     return packing, positions
 
 
+def _reject_sharded_positions(position_ids):
+    """Without cp_group, position_ids that jump forward to a position other than 0 (3 then 12) are neither one
+    sequence nor packed ones restarting at 0: they are what shard_lm_batch gives a context-parallel rank, run as
+    if whole. Refused by name (one small read back, as the packing detection already does)."""
+    pos = position_ids.long()
+    if pos.dim() < 1 or pos.shape[-1] < 2:
+        return
+    jump = (pos[..., 1:] != pos[..., :-1] + 1) & (pos[..., 1:] != 0)
+    if bool(jump.any()):
+        r, i = torch.nonzero(jump.reshape(-1, jump.shape[-1]))[0].tolist()
+        row = pos.reshape(-1, pos.shape[-1])[r]
+        raise ValueError(f"position_ids: expected positions that go up by 1 or restart at 0 (packed sequences), "
+                         f"got {int(row[i])} then {int(row[i + 1])} at index {i + 1}; a context-parallel shard "
+                         f"(fusedlm.distributed.shard_lm_batch) needs cp_group=, without it nothing is parallel")
+
+
 @dataclass
 class LlamaConfig:
     vocab_size: int = 32000
@@ -211,7 +227,10 @@ class LlamaForCausalLM(nn.Module):
     True always returns them (computed for that), False never. ``shift_labels`` (B, S): targets already shifted
     (token t predicts shift_labels[t]), instead of ``labels``.
 
-    Context parallelism: ``cp_group`` (a torch.distributed group of W ranks) and the inputs of one rank from
+    Context parallelism: ONLY WITH ``cp_group``. ``cp_group=None`` (the default) means no context parallelism
+    at all: the inputs are taken as whole sequences, and a rank's shard passed without its group would attend
+    within its own tokens only (position_ids that jump, as a zigzag shard's do, are refused: ValueError).
+    With ``cp_group`` (a torch.distributed group of W ranks) and the inputs of one rank from
     ``fusedlm.distributed.shard_lm_batch`` (input_ids (B, S/W) in the zigzag layout, their global position_ids,
     shift_labels, the global cu_seqlens for packed rows): the attention is context-parallel
     (fusedlm.distributed.context_parallel_varlen_attention), rotary positions are the shard's global ones,
@@ -246,7 +265,9 @@ class LlamaForCausalLM(nn.Module):
         device, fast = self.lm_head.weight.device, self.config.use_kernels
         if labels is not None and shift_labels is not None:
             raise ValueError("labels / shift_labels: expected at most one of them, got both")
-        if cp_group is None:
+        if cp_group is None:  # no context parallelism: the inputs are whole sequences
+            if position_ids is not None and attention_mask is None and cu_seqlens is None:
+                _reject_sharded_positions(position_ids)
             packing = C.make_packing(B, S, device, attention_mask, position_ids, cu_seqlens, split_on_positions=True)
             positions = C.packed_positions(packing, position_ids, device, restart=cu_seqlens is not None)
         else:
