@@ -48,12 +48,8 @@ struct AttnFwd {
     const Seq s = seq_of(p, b_, h);
     const int m0 = b.ctx.by * kM;
     if (m0 >= s.q_len) return;  // uniform over the block: past this sequence's end
-    // Key range of the tile's rows: causal and the window bound it; whole tiles of N.
-    int lo = 0, hi = s.k_len;
-    if (p.causal) hi = min_i(hi, m0 + kM + s.shift);
-    if (p.window_right >= 0) hi = min_i(hi, m0 + kM + s.shift + p.window_right);
-    if (p.window_left >= 0) lo = max_i(0, m0 + s.shift - p.window_left) / N * N;
-    const int n_tiles = hi > lo ? (hi - lo + N - 1) / N : 0;
+    int lo = 0;
+    const int n_tiles = key_tiles<N>(p, s, m0, kM, &lo);
     const uint8_t* kpm = p.key_padding ? p.key_padding + b_ * p.kpm_stride : nullptr;
     const uint64_t seed = p.seed ? uint64_t(*p.seed) : 0;
     const float scale2 = p.scale * kLog2e;
@@ -85,15 +81,7 @@ struct AttnFwd {
 
     for (int t = 0; t < n_tiles; ++t) {
       const int n0 = lo + t * N;
-      b.each([&](const Ctx& c, State&) {  // the next tile's copies go out before this one is used
-        if (t + 1 < n_tiles) {
-          issue_kv(c, t + 1);
-          b.cp_async_commit();
-          b.template cp_async_wait<1>();
-        } else {
-          b.template cp_async_wait<0>();
-        }
-      });
+      prefetch_next(b, t, n_tiles, issue_kv);  // the next tile's copies go out before this one is used
       b.sync();
       const T* kt = ks + (t & 1) * N * kStride;
       const T* vt = vs + (t & 1) * N * kStride;

@@ -48,6 +48,18 @@ FL_HD bool visible(const AttnParams& p, const Seq& s, const uint8_t* kpm, int i,
   return kpm == nullptr || kpm[j] != 0;
 }
 
+// The key tiles of N that rows m0 .. m0 + kM - 1 of a sequence see: the causal mask and the window bound
+// them (whole tiles from *lo on; the per-element masks handle the partial ones).
+template <int N>
+FL_HD int key_tiles(const AttnParams& p, const Seq& s, int m0, int rows, int* lo) {
+  int first = 0, hi = s.k_len;
+  if (p.causal) hi = min_i(hi, m0 + rows + s.shift);
+  if (p.window_right >= 0) hi = min_i(hi, m0 + rows + s.shift + p.window_right);
+  if (p.window_left >= 0) first = max_i(0, m0 + s.shift - p.window_left) / N * N;
+  *lo = first;
+  return hi > first ? (hi - first + N - 1) / N : 0;
+}
+
 // Dropout's keep test, as Triton computes it (philox_keep, tiles.h), at the element's 64-bit counter
 // ((b H + h) max_q + i) max_k + j.
 FL_HD bool dropout_keep(const AttnParams& p, uint64_t seed, int b, int h, int i, int j) {

@@ -29,11 +29,8 @@ struct AttnBwdQ {
     const Seq s = seq_of(p, b_, h);
     const int m0 = b.ctx.by * kM;
     if (m0 >= s.q_len) return;
-    int lo = 0, hi = s.k_len;
-    if (p.causal) hi = min_i(hi, m0 + kM + s.shift);
-    if (p.window_right >= 0) hi = min_i(hi, m0 + kM + s.shift + p.window_right);
-    if (p.window_left >= 0) lo = max_i(0, m0 + s.shift - p.window_left) / N * N;
-    const int n_tiles = hi > lo ? (hi - lo + N - 1) / N : 0;
+    int lo = 0;
+    const int n_tiles = key_tiles<N>(p, s, m0, kM, &lo);
     const uint8_t* kpm = p.key_padding ? p.key_padding + b_ * p.kpm_stride : nullptr;
     const uint64_t seed = p.seed ? uint64_t(*p.seed) : 0;
     const float scale2 = p.scale * kLog2e;
@@ -74,15 +71,7 @@ struct AttnBwdQ {
 
     for (int t = 0; t < n_tiles; ++t) {
       const int n0 = lo + t * N;
-      b.each([&](const Ctx& c, State&) {
-        if (t + 1 < n_tiles) {
-          issue_kv(c, t + 1);
-          b.cp_async_commit();
-          b.template cp_async_wait<1>();
-        } else {
-          b.template cp_async_wait<0>();
-        }
-      });
+      prefetch_next(b, t, n_tiles, issue_kv);
       b.sync();
       const T* kt = ks + (t & 1) * N * kStride;
       const T* vt = vs + (t & 1) * N * kStride;
@@ -211,15 +200,7 @@ struct AttnBwdKv {
     for (int it = 0; it < n_iters; ++it) {
       const int h = hk * group + it / per_head, m0 = lo + it % per_head * M;
       const Seq sq = seq_of(p, b_, h);
-      b.each([&](const Ctx& c, State&) {
-        if (it + 1 < n_iters) {
-          issue_q(c, it + 1);
-          b.cp_async_commit();
-          b.template cp_async_wait<1>();
-        } else {
-          b.template cp_async_wait<0>();
-        }
-      });
+      prefetch_next(b, it, n_iters, issue_q);
       b.sync();
       const T* qt = qs + (it & 1) * M * kStride;
       const T* dot = dos + (it & 1) * M * kStride;

@@ -89,15 +89,7 @@ struct DebFwd {
 
     for (int t = 0; t < n_tiles; ++t) {
       const int j0 = t * N;
-      b.each([&](const Ctx& c, State&) {
-        if (t + 1 < n_tiles) {
-          issue(c, t + 1);
-          b.cp_async_commit();
-          b.template cp_async_wait<1>();
-        } else {
-          b.template cp_async_wait<0>();
-        }
-      });
+      prefetch_next(b, t, n_tiles, issue);
       b.sync();
       const T* kt = ks + (t & 1) * N * kStride;
       const T* vt = vs + (t & 1) * N * kStride;

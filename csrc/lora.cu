@@ -68,15 +68,7 @@ struct LoraGemm {
     });
 
     for (int t = 0; t < k_tiles; ++t) {
-      b.each([&](const Ctx& c, State&) {
-        if (t + 1 < k_tiles) {
-          issue(c, t + 1);
-          b.cp_async_commit();
-          b.template cp_async_wait<1>();
-        } else {
-          b.template cp_async_wait<0>();
-        }
-      });
+      prefetch_next(b, t, k_tiles, issue);
       b.sync();
       const T* xt = xs + (t & 1) * kXTile;
       const T* wt = ws + (t & 1) * kWTile;

@@ -91,6 +91,23 @@ FL_HD void store_pair(T* dst, uint32_t v) {
 template <class T>
 FL_HD uint32_t pack_c(const float* c) { return pack2<T>(c[0], c[1]); }
 
+// ---- The double buffer's step at tile t of n_tiles: tile t + 1's copies issued (issue(c, t + 1), into the
+// other buffer) and committed, then each thread waits for its own copies of tile t (every group but the
+// newest; all of them on the last tile). A b.sync() must follow before any thread reads tile t, and the
+// previous tile's readers must have passed a b.sync() before this refills their buffer.
+template <class Blk, class Issue>
+FL_BODY void prefetch_next(Blk& b, int t, int n_tiles, Issue issue) {
+  b.each([&](const Ctx& c, auto&) {
+    if (t + 1 < n_tiles) {
+      issue(c, t + 1);
+      b.cp_async_commit();
+      b.template cp_async_wait<1>();
+    } else {
+      b.template cp_async_wait<0>();
+    }
+  });
+}
+
 // ---- The tile products every tensor-core kernel is made of. States name their operand staging registers
 // fa[4] (A) and fb[4] (B); `acc(st)` names an accumulator array of C fragments (n-tiles of 8 columns).
 

@@ -44,6 +44,22 @@ def detach_clone(x, requires_grad=False):
     return x
 
 
+@pytest.fixture(autouse=True)
+def nan_filled_outputs():
+    """torch.empty (in C++ too) fills new float tensors with NaN in deterministic mode: an element a kernel
+    fails to write shows as an infinite error (imported by the cuda backend's test modules)."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+@pytest.fixture
+def dev():
+    """The device the cuda backend's tests run on: CUDA where there is a GPU, else CPU (the harness)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @pytest.fixture(scope="module", autouse=True)
 def cuda_harness():
     """FUSEDLM_CUDA_CPU=1 for the importing test module (imported there: a module-scoped autouse fixture), so

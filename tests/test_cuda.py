@@ -13,25 +13,9 @@ import torch
 import fusedlm
 from fusedlm import _backend, reference as R
 from fusedlm.verify import check_case
-from helpers import assert_within, cuda_harness, detach_clone  # noqa: F401  (cuda_harness: a fixture)
+from helpers import assert_within, cuda_harness, detach_clone, dev, nan_filled_outputs  # noqa: F401  (fixtures)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # bfloat16 too: the harness computes it right
-
-
-
-
-@pytest.fixture(autouse=True)
-def nan_filled_outputs():
-    """torch.empty (in C++ too) fills new float tensors with NaN in deterministic mode."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    yield
-    torch.use_deterministic_algorithms(previous)
-
-
-@pytest.fixture
-def dev():
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def randn(*shape):

@@ -15,23 +15,11 @@ import fusedlm
 import test_deberta as TD
 import test_deberta_training as TT
 from fusedlm.verify import BOUNDS, check_case, rel_err
-from helpers import RecordFusedOps, assert_within, cuda_harness, detach_clone, triton_or_skip  # noqa: F401
+from helpers import (RecordFusedOps, assert_within, cuda_harness, detach_clone, dev,  # noqa: F401  (fixtures)
+                     nan_filled_outputs, triton_or_skip)
 
 HALF = [torch.float16, torch.bfloat16]
 ids = lambda d: str(d)[6:]  # noqa: E731
-
-
-@pytest.fixture(autouse=True)
-def nan_filled_outputs():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    yield
-    torch.use_deterministic_algorithms(previous)
-
-
-@pytest.fixture
-def dev():
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=ids)

@@ -10,24 +10,11 @@ import torch
 import fusedlm
 import test_lora as TL
 from fusedlm.verify import BOUNDS, rel_err
-from helpers import RecordFusedOps, cuda_harness, detach_clone  # noqa: F401
+from helpers import RecordFusedOps, cuda_harness, detach_clone, dev, nan_filled_outputs  # noqa: F401  (fixtures)
 
 HALF = [torch.float16, torch.bfloat16]
 SHAPES = [((1,), 40, 96, 1, False), ((67,), 136, 40, 8, True), ((67,), 96, 136, 16, False),
           ((2, 9), 136, 96, 64, True), ((5,), 40, 136, 100, False), ((3,), 96, 40, 256, False)]
-
-
-@pytest.fixture(autouse=True)
-def nan_filled_outputs():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    yield
-    torch.use_deterministic_algorithms(previous)
-
-
-@pytest.fixture
-def dev():
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=lambda d: str(d)[6:])
