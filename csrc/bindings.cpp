@@ -386,6 +386,13 @@ fl::AttnParams attn_params(const AttnInputs& in, const std::optional<Tensor>& se
   return p;
 }
 
+// Strides (batch, head, row) of the float32 row statistics (lse, delta): (B, H, L) dense, (total, H) packed.
+void stat_strides(bool packed, int64_t heads, int64_t rows, int64_t* out) {
+  out[0] = packed ? 0 : heads * rows;
+  out[1] = packed ? 1 : rows;
+  out[2] = packed ? heads : 1;
+}
+
 // delta = rowsum(dO * O) - dlse (float32, shaped like lse: (B, H, L) dense, (total, H) packed) by the
 // AttnDelta kernel: no float32 copies of dO and O. dlse may be a broadcast view (lse.sum()'s gradient).
 Tensor attn_delta(const Tensor& dout, const Tensor& out, const std::optional<Tensor>& dlse, const Tensor& lse,
@@ -403,9 +410,7 @@ Tensor attn_delta(const Tensor& dout, const Tensor& out, const std::optional<Ten
   p.cu_seqlens = packed ? cu32.data_ptr<int32_t>() : nullptr;
   attn_strides(dout, packed, p.do_stride);
   attn_strides(out, packed, p.o_stride);
-  p.stat_stride[0] = packed ? 0 : heads * rows;
-  p.stat_stride[1] = packed ? 1 : rows;
-  p.stat_stride[2] = packed ? heads : 1;
+  stat_strides(packed, heads, rows, p.stat_stride);
   p.batch = int(batch);
   p.heads = int(heads);
   p.rows = int(rows);
@@ -415,11 +420,26 @@ Tensor attn_delta(const Tensor& dout, const Tensor& out, const std::optional<Ten
   return delta;
 }
 
-// lse / delta: float32 (B, H, L) dense, (total, H) packed.
-void stat_strides(const AttnInputs& in, int64_t* out) {
-  out[0] = in.packed ? 0 : in.H * in.Lq;
-  out[1] = in.packed ? 1 : in.Lq;
-  out[2] = in.packed ? in.H : 1;
+// The backward's shared inputs and outputs (AttnParams and DebParams name them alike): dO, lse, delta and
+// the gradients of q, k, v, contiguous whatever the inputs' layout (the fake kernels say so without strides).
+template <class P>
+std::tuple<Tensor, Tensor, Tensor> backward_io(P& p, const Tensor& doc, const Tensor& lse, const Tensor& delta,
+                                               const Tensor& q, const Tensor& k, const Tensor& v, bool packed,
+                                               int64_t heads, int64_t rows) {
+  Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
+  Tensor dv = at::empty(v.sizes(), v.options());
+  p.dout = doc.data_ptr();
+  attn_strides(doc, packed, p.do_stride);
+  p.lse = lse.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  stat_strides(packed, heads, rows, p.lse_stride);
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  attn_strides(dq, packed, p.dq_stride);
+  attn_strides(dk, packed, p.dk_stride);
+  attn_strides(dv, packed, p.dv_stride);
+  return {dq, dk, dv};
 }
 
 // -> (out (.., H, L, Ev) laid out like q, lse float32)
@@ -447,7 +467,7 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
   p.o = out.data_ptr();
   attn_strides(out, in.packed, p.o_stride);
   p.lse = lse.data_ptr<float>();
-  stat_strides(in, p.lse_stride);
+  stat_strides(in.packed, in.H, in.Lq, p.lse_stride);
   if (out.numel() > 0 || lse.numel() > 0)
     run(q, p, [](const auto& x) { fl::cpu::attention_fwd(x); }, FL_GPU(attention_fwd));
   return {out, lse};
@@ -477,20 +497,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(
   // delta_i = dO_i . O_i - dlse_i (float32, lse's layout)
   const Tensor delta = attn_delta(doc, out.stride(-1) == 1 ? out : out.contiguous(), dlse, lse_c, cu_seqlens_q, in.B,
                                   in.H, in.Lq);
-  // contiguous gradients, whatever the inputs' layout (the fake kernel says so without seeing strides)
-  Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
-  Tensor dv = at::empty(v.sizes(), v.options());
-  p.dout = doc.data_ptr();
-  attn_strides(doc, in.packed, p.do_stride);
-  p.lse = lse_c.data_ptr<float>();
-  p.delta = delta.data_ptr<float>();
-  stat_strides(in, p.lse_stride);
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  attn_strides(dq, in.packed, p.dq_stride);
-  attn_strides(dk, in.packed, p.dk_stride);
-  attn_strides(dv, in.packed, p.dv_stride);
+  const auto [dq, dk, dv] = backward_io(p, doc, lse_c, delta, q, k, v, in.packed, in.H, in.Lq);
   if (dq.numel() > 0 || dk.numel() > 0)
     run(q, p, [](const auto& x) { fl::cpu::attention_bwd(x); }, FL_GPU(attention_bwd));
   return {dq, dk, dv};
@@ -582,12 +589,6 @@ fl::DebParams deb_params(const DebInputs& in, const std::optional<Tensor>& seed,
   return p;
 }
 
-void deb_stat_strides(const DebInputs& in, int64_t* out) {  // lse, delta, run sums: (B, H, S) or (total, H)
-  out[0] = in.packed ? 0 : in.H * in.S;
-  out[1] = in.packed ? 1 : in.S;
-  out[2] = in.packed ? in.H : 1;
-}
-
 // -> (out like q's shape, lse float32 (B, H, S) or (total, H))
 std::tuple<Tensor, Tensor> deberta_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                        const std::optional<Tensor>& pos_key, const std::optional<Tensor>& pos_query,
@@ -603,7 +604,7 @@ std::tuple<Tensor, Tensor> deberta_fwd(const Tensor& q, const Tensor& k, const T
   p.o = out.data_ptr();
   attn_strides(out, in.packed, p.o_stride);
   p.lse = lse.data_ptr<float>();
-  deb_stat_strides(in, p.lse_stride);
+  stat_strides(in.packed, in.H, in.S, p.lse_stride);
   if (out.numel() > 0) run(q, p, [](const auto& x) { fl::cpu::deberta_fwd(x); }, FL_GPU(deberta_fwd));
   return {out, lse};
 }
@@ -630,8 +631,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> deberta_bwd(
   const Tensor delta = attn_delta(doc, out.stride(-1) == 1 ? out : out.contiguous(), dlse, lse_c, cu_seqlens, in.B,
                                   in.H, in.S);  // (B, H, S) or (total, H): lse's layout
   const auto f32 = q.options().dtype(at::kFloat);
-  Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
-  Tensor dv = at::empty(v.sizes(), v.options());
   // blocks past a packed sequence's end write no part: zeros
   const int64_t tiles = (in.S + 63) / 64;
   Tensor runs = at::zeros({2, in.B * in.H, tiles, 2, in.D}, f32);
@@ -644,17 +643,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> deberta_bwd(
   Tensor band_query = at::empty({band && grad_pos_query ? in.H : 0, band_n, in.D}, f32);
   Tensor dpk = at::zeros({grad_pos_key ? in.H : 0, rows, in.D}, f32);
   Tensor dpq = at::zeros({grad_pos_query ? in.H : 0, rows, in.D}, f32);
-  p.dout = doc.data_ptr();
-  attn_strides(doc, in.packed, p.do_stride);
-  p.lse = lse_c.data_ptr<float>();
-  p.delta = delta.data_ptr<float>();
-  deb_stat_strides(in, p.lse_stride);
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  attn_strides(dq, in.packed, p.dq_stride);
-  attn_strides(dk, in.packed, p.dk_stride);
-  attn_strides(dv, in.packed, p.dv_stride);
+  const auto [dq, dk, dv] = backward_io(p, doc, lse_c, delta, q, k, v, in.packed, in.H, in.S);
   p.run_query_parts = runs.data_ptr<float>();
   p.run_key_parts = p.run_query_parts + runs.numel() / 2;
   p.band_key = band && grad_pos_key ? band_key.data_ptr<float>() : nullptr;

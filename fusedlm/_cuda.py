@@ -274,6 +274,14 @@ def rope(q, k, cos, sin, interleaved, transposed):
     return torch.ops.fusedlm_C.rope(q, k, cos, sin, interleaved, transposed, False)
 
 
+def register_op(name, fn):
+    """``fn`` as the op fusedlm::<name>_cuda, its fake kernel ``fn`` itself (it calls fusedlm_C ops, which have
+    theirs): the Python layer the cuda backend shares with the triton one (ops/lora.py, ops/deberta.py)."""
+    op = torch.library.custom_op(f"fusedlm::{name}_cuda", fn, mutates_args=())
+    op.register_fake(fn)
+    return op
+
+
 def _pad8(t, *dims):
     """t with zeros appended along ``dims`` up to multiples of 8 (the tensor-core kernels read 16-byte chunks
     of 16-bit elements); t itself when they already are."""

@@ -52,12 +52,7 @@ def _kernels(backend):
         return fwd, bwd, register_op
     from .. import _cuda
 
-    def register_cuda(name, fn):  # a plain custom op around the fusedlm_C kernels (which have their fakes)
-        op = torch.library.custom_op(f"fusedlm::{name}_cuda", fn, mutates_args=())
-        op.register_fake(fn)
-        return op
-
-    return _cuda.deberta_fwd, _cuda.deberta_bwd, register_cuda
+    return _cuda.deberta_fwd, _cuda.deberta_bwd, _cuda.register_op
 
 
 def _ops(backend):

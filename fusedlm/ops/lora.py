@@ -47,12 +47,7 @@ def _kernels(backend):
         return (lambda *a: K.lora_fwd(launch, *a), lambda *a: K.lora_dx(launch, *a), register_op)
     from .. import _cuda
 
-    def register_cuda(name, fn):  # a plain custom op around the fusedlm_C kernel (which has its fake)
-        op = torch.library.custom_op(f"fusedlm::{name}_cuda", fn, mutates_args=())
-        op.register_fake(fn)
-        return op
-
-    return _cuda.lora_fwd, _cuda.lora_dx, register_cuda
+    return _cuda.lora_fwd, _cuda.lora_dx, _cuda.register_op
 
 
 def _ops(backend):
