@@ -26,33 +26,30 @@ import pytest
 SHARED_LIMIT = 232448
 
 # "kernel [config words]" -> why it may still break the spill / mma.sync rules (a row matches when its kernel is
-# the first word and its config contains every other word; a word "triton<X.Y" / "triton>=X.Y" limits the entry
-# to those Triton versions: CI runs the gate with the newest Triton and with 3.6). Remove an entry when its fix
-# lands: test_known_failures_still_fail then names the entries that no longer fail. The DeBERTa rows carry their
-# head dim (D=...; D = 40 and 64 share BLOCK_D = 64).
+# the first word and its config contains every other word, and none of the words written "!WORD"; a word
+# "triton<X.Y" / "triton>=X.Y" limits the entry to those Triton versions: CI runs the gate with the newest Triton
+# and with 3.6). Remove an entry when its fix lands: test_known_failures_still_fail then names the entries that no
+# longer fail. The DeBERTa rows carry their head dim (D=...; D = 40 and 64 share BLOCK_D = 64).
 KNOWN_FAILURES = {
     # issues 8 / 16: the position terms are formed inside the kernels (no (B, H, S, 2 span) buffers). Issue 16
-    # restructured the backward for registers (kernels/deberta_backward.py docstring). At D = 64, the
-    # DeBERTa-v3 training configurations, the band kernel spills nothing on Triton 3.6 and 3.9 (it spilled
-    # 0.2-1.1 KB, in its loop), dQ nothing but 4 bytes on 3.6 in float16 with padding and dropout (it spilled up
-    # to 2.1 KB), dK/dV 0-16 bytes a key block (0.1-0.3 KB before), all outside the loops over tiles. Left, bytes
-    # of spill stores on Triton 3.9 / 3.6 (benchmarks/results/sm90_static.md): forward d = 40 48 / 76,
-    # D = 128 92 / 0, D = 256 472 / 584, packed + dropout D = 64 4 / 0; dQ D = 40 0 / 12, D = 128 76 / 368,
-    # D = 256 368 / 168, float16 D = 64 with padding and dropout 0 / 4; dK/dV D = 64 0-8 / 8-16, D = 40 0 / 20,
-    # D = 128 28 / 20, D = 256 1236 / 492; band D = 128 32 / 0, D = 256 380 / 104. At D = 256 the backward
-    # keeps 4-warp tiles of 16-32 rows (mma.sync): 64-row ones need more than 227 KB of shared memory.
+    # restructured the backward for registers (kernels/deberta_backward.py docstring). At D = 64 with both
+    # position terms, the DeBERTa-v3 training configurations, the backward spills nothing on Triton 3.9, and on
+    # 3.6 nothing but 4 bytes in dQ in float16 with padding and dropout (once a query block, outside the loop);
+    # the forward spills nothing on either. Left, bytes of spill stores on Triton 3.9 / 3.6
+    # (benchmarks/results/sm90_static.md): forward D = 40 24 / 8, D = 128 88 / 0, D = 256 416 / 532; dQ D = 40
+    # 0 / 12, D = 128 76 / 368, D = 256 368 / 168; dK/dV D = 40 0 / 8, P2C alone at D = 64 0 / 16, D = 128
+    # 28 / 20, D = 256 1236 / 492; band D = 128 32 / 0, D = 256 380 / 104. At D = 256 the backward keeps
+    # 4-warp tiles of 16-32 rows (mma.sync): 64-row ones need more than 227 KB of shared memory.
     "_deberta_fwd D=40": "DeBERTa forward window tiles at the unaligned head dim: see above",
     "_deberta_fwd D=128 triton>=3.7": "DeBERTa forward window tiles at D = 128 (Triton 3.9's allocation): see above",
     "_deberta_fwd D=256": "DeBERTa forward window tiles at D = 256: see above",
-    "_deberta_fwd D=64 VARLEN DROPOUT triton>=3.7 <=16B": "DeBERTa forward, packed with dropout: see above",
     "_deberta_bwd_dq D=40 triton<3.7": "DeBERTa dQ at the unaligned head dim on Triton 3.6: see above",
     "_deberta_bwd_dq D=64 HAS_KPM DROPOUT triton<3.7 <=16B": "DeBERTa dQ, float16 padding + dropout, 3.6: above",
     "_deberta_bwd_dq D=128": "DeBERTa dQ at D = 128: see above",
     "_deberta_bwd_dq D=256": "DeBERTa dQ at D = 256 (mma.sync: 4-warp tiles for shared memory): see above",
-    # dK/dV at D = 64 with pos_query: shared-memory addresses and loop bounds the compiler derives once and keeps
-    # from one key block to the next, stored once and reloaded once a key block
-    "_deberta_bwd_dkdv D=64 HAS_P2C triton<3.7 <=32B": "DeBERTa dK/dV at D = 64 on Triton 3.6: see above",
-    "_deberta_bwd_dkdv D=64 VARLEN DROPOUT triton>=3.7 <=16B": "DeBERTa dK/dV packed with dropout on Triton 3.9: above",
+    # P2C without C2P (no DeBERTa-v3 configuration): a stride and shared-memory addresses, stored once and
+    # reloaded once a key block
+    "_deberta_bwd_dkdv D=64 HAS_P2C !HAS_C2P triton<3.7 <=16B": "DeBERTa dK/dV, P2C alone, on Triton 3.6: above",
     "_deberta_bwd_dkdv D=40 triton<3.7": "DeBERTa dK/dV at the unaligned head dim on Triton 3.6: see above",
     "_deberta_bwd_dkdv D=128": "DeBERTa dK/dV at D = 128: see above",
     "_deberta_bwd_dkdv D=256": "DeBERTa dK/dV at D = 256 (mma.sync: 4-warp tiles for shared memory): see above",
@@ -102,17 +99,35 @@ def _entries(keys):
 
 
 def _matches(r, name, words):
-    """Whether row r is one the entry covers: its kernel, every config word, and spill stores within the
-    entry's ceiling where it has one ("<=16B": an entry for a few bytes does not cover a regression)."""
+    """Whether row r is one the entry covers: its kernel, every config word, none of the "!WORD" ones, and spill
+    stores within the entry's ceiling where it has one ("<=16B": an entry for a few bytes does not cover a
+    regression)."""
     ceilings = [int(w[2:-1]) for w in words if w.startswith("<=") and w.endswith("B")]
-    words = [w for w in words if not (w.startswith("<=") and w.endswith("B"))]
-    return (r["kernel"] == name and all(w in r["config"].split() for w in words)
+    absent = [w[1:] for w in words if w.startswith("!")]
+    words = [w for w in words if not (w.startswith("<=") and w.endswith("B")) and not w.startswith("!")]
+    config = r["config"].split()
+    return (r["kernel"] == name and all(w in config for w in words) and not any(w in config for w in absent)
             and all(r["spill_stores"] <= c for c in ceilings))
 
 
 def _covered(r, allowlist):
     """Whether an entry of ``allowlist`` (KNOWN_FAILURES, KNOWN_LOOP_SPILLS or KNOWN_SERIALIZED) covers row r."""
     return any(_matches(r, name, words) for _, name, words in _entries(allowlist))
+
+
+def test_allowlist_words_select_rows():
+    """The allowlists' words, on rows made up here: every plain word present, no "!" word present, spill stores
+    within a "<=NB" ceiling."""
+    def row(config, spill=8):
+        return dict(kernel="_k", config=config, spill_stores=spill)
+    p2c_alone = row("BLOCK_D=64 w8 HAS_P2C HAS_KPM D=64")
+    both = row("BLOCK_D=64 w8 HAS_C2P HAS_P2C HAS_KPM D=64")
+    words = ["D=64", "HAS_P2C", "!HAS_C2P", "<=16B"]
+    assert _matches(p2c_alone, "_k", words)
+    assert not _matches(both, "_k", words)
+    assert not _matches(row("BLOCK_D=64 HAS_P2C D=64", spill=20), "_k", words)  # over the ceiling
+    assert not _matches(p2c_alone, "_other", words)
+    assert not _matches(row("BLOCK_D=64 HAS_P2C D=40"), "_k", words)
 
 
 @pytest.fixture(scope="module")

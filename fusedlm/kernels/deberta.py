@@ -104,6 +104,11 @@ if triton_interpret():
     def _fresh(x):
         """x (the interpreter has no hoisting to defeat, nor inline assembly; it passes plain ints too)."""
         return x
+
+    @triton.jit
+    def _fresh_program_id(axis: tl.constexpr):
+        """tl.program_id(axis) (the interpreter has nothing to defeat)."""
+        return tl.program_id(axis)
 else:
     @triton.jit
     def _fresh(x):
@@ -114,6 +119,20 @@ else:
         is a b32 one: a wider value would be cut on the GPU and not in the interpreter)."""
         tl.static_assert(x.dtype == tl.int32, "_fresh moves 32-bit integers")
         return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _fresh_program_id(axis: tl.constexpr):
+        """tl.program_id(axis) read anew from its special register where it is used: _fresh(tl.program_id(0))
+        moves the value read once at the kernel's start, which ptxas then keeps (or spills) all through it."""
+        tl.static_assert(axis == 0 or axis == 1, "_fresh_program_id reads %ctaid.x or %ctaid.y")
+        zero = tl.full((), 0, tl.int32)  # (an operand the move does not read: inline assembly takes one)
+        if axis == 0:
+            pid = tl.inline_asm_elementwise("mov.u32 $0, %ctaid.x;", "=r,r", [zero], dtype=tl.int32, is_pure=False,
+                                            pack=1)
+        else:
+            pid = tl.inline_asm_elementwise("mov.u32 $0, %ctaid.y;", "=r,r", [zero], dtype=tl.int32, is_pure=False,
+                                            pack=1)
+        return pid
 
 
 @triton.jit
@@ -303,6 +322,10 @@ def _deberta_fwd(
     empty = l_i == 0.0  # no real key: zeros out, lse = -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    # the rows and their mask anew (_fresh): held from the prologue through the loops, the mask's predicates
+    # were spilled (Triton 3.9, packed with dropout)
+    offs_m = start_m + _fresh_range(BLOCK_M)
+    row_ok = offs_m < L
     O += b * stride_ob + h * stride_oh + start * stride_om
     tl.store(O + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < D))

@@ -24,7 +24,8 @@ row) or the window's products. What fits in 255 registers a thread (8 warps) dec
   K (dK += X Z with Z = [pos_query rows; Q]).
 - The runs' shares (dQ_i += rs_i pos_key[run], the runs' dpos sums) and the runs' C2P / P2C per row go through
   small tensor-core products ([BLOCK, 16] x [16, BLOCK_D]) instead of elementwise outer products and
-  reductions.
+  reductions; except dK/dV's epilogue at D <= 64 with both terms, elementwise: the products' shared-memory
+  addresses, constants the compiler makes at the kernel's start, were held through every item (spilled).
 - Nothing the prologue makes is reused after the loop: the epilogues make their program ids, offsets and
   addresses again from _fresh copies, and the rows a loop loads are addressed from opaque offsets too (else
   held through the loop: they spilled). Per-key values are formed per tile, not held: the padding flags, and a
@@ -45,8 +46,8 @@ from fusedlm._triton import num_programs
 from . import attention
 from . import deberta as F  # block_config through the module: tests swap it for the GPU's
 from .attention import _row_stats, _tile, _tile_t
-from .deberta import (_bhm, _col_runs, _fresh, _fresh_range, _geometry, _keep, _masks, _new_out, _pos_args, _pos_row, _pos_rows,
-                      _program, _real_keys, _row_runs, _sequence)
+from .deberta import (_bhm, _col_runs, _fresh, _fresh_program_id, _fresh_range, _geometry, _keep, _masks, _new_out,
+                      _pos_args, _pos_row, _pos_rows, _program, _real_keys, _row_runs, _sequence)
 from .deberta_band import band_position_grads
 
 
@@ -389,6 +390,19 @@ def _dkdv_tiles(dk, dv, cs_lo, cs_hi, k, v, KPM, Q, DO, LSE, DELTA, SATK, side_s
 
 
 @triton.jit
+def _item_program(BLOCK_D: tl.constexpr):
+    """The program id for a work item's prologue or epilogue, opaque to the compiler. At BLOCK_D <= 64 read anew
+    from its special register (a copy of the value read at the kernel's start kept that value live through
+    every item: ptxas spilled it); at BLOCK_D >= 128 a copy of it (there, reading it anew moved spills into
+    the tile loop on Triton 3.9)."""
+    if BLOCK_D <= 64:
+        pid = _fresh_program_id(0)
+    else:
+        pid = _fresh(tl.program_id(0))
+    return pid
+
+
+@triton.jit
 def _dkdv_item(Q, K, V, DO, LSE, DELTA, DK, DV, SATK, SATQ, PK, PQ, IDX, KPM, KV_END, CU, SEED,
                stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                stride_dob, stride_doh, stride_dom, stride_lb, stride_lh, stride_lm,
@@ -405,7 +419,7 @@ def _dkdv_item(Q, K, V, DO, LSE, DELTA, DK, DV, SATK, SATQ, PK, PQ, IDX, KPM, KV
     ranges (_fresh), once for the prologue and again for the epilogue. Made once, the compiler held them (and the
     shared-memory addresses it derives from them) through the loop over query tiles and from one item to the
     next: they spilled. (As a non-inlined call instead, ptxas serialises every wgmma: its C7510 notice.)"""
-    pid = _fresh(tl.program_id(0))
+    pid = _item_program(BLOCK_D)
     h = (pid // P).to(tl.int64)
     b, start, L, n = _item(CU, item, NM, SMAX, VARLEN)
     start_n = n * BLOCK_N
@@ -426,7 +440,10 @@ def _dkdv_item(Q, K, V, DO, LSE, DELTA, DK, DV, SATK, SATQ, PK, PQ, IDX, KPM, KV
         cs_hi = tl.zeros([BLOCK_N], dtype=tl.float32)
         kv_end = tl.minimum(L, tl.load(KV_END + b)) if HAS_KPM else L
         if start_n < kv_end:  # a block of padding only: its gradients are zeros
-            lo_end, hi_start = _col_runs(start_n, L, D_LO, D_HI, BLOCK_M, BLOCK_N)
+            if BLOCK_D <= 64:  # the runs' bounds from opaque copies (see above: on Triton 3.6 they were held)
+                lo_end, hi_start = _col_runs(start_n, L, _fresh(D_LO), _fresh(D_HI), BLOCK_M, BLOCK_N)
+            else:
+                lo_end, hi_start = _col_runs(start_n, L, D_LO, D_HI, BLOCK_M, BLOCK_N)
             dk, dv, cs_lo, cs_hi = _dkdv_tiles(
                 dk, dv, cs_lo, cs_hi, k, v, KPM + b * stride_kpb, Q + (b * stride_qb + h * stride_qh + start * stride_qm),
                 DO + (b * stride_dob + h * stride_doh + start * stride_dom),
@@ -437,18 +454,37 @@ def _dkdv_item(Q, K, V, DO, LSE, DELTA, DK, DV, SATK, SATQ, PK, PQ, IDX, KPM, KV
                 qk_scale, b, h, H, tl.cast(dropout_p, tl.float32), HAS_C2P, HAS_P2C, HAS_KPM, DROPOUT, DPOS_K, BLOCK_M,
                 BLOCK_N, W, PRECISION)
         # the epilogue's ids, offsets and addresses anew (see above)
-        pid = _fresh(tl.program_id(0))
+        pid = _item_program(BLOCK_D)
         h = (pid // P).to(tl.int64)
         b, start, L, n = _item(CU, _fresh(item), NM, SMAX, VARLEN)
         offs_d = _fresh_range(BLOCK_D)
         offs_n = n * BLOCK_N + _fresh(tl.arange(0, BLOCK_N))
         if HAS_P2C:  # the runs' share: dK_j += cs_j pos_query[run]; of dpos_query: sum_j cs_j k_j
-            r = _run_sums(cs_lo, cs_hi, k.dtype)
-            dk = tl.dot(r, _run_rows(PQ + h * stride_pqh, IDX_LO, IDX_HI, offs_d, D, stride_pqr), dk,
-                        input_precision=PRECISION)
-            if DPOS_Q:
-                _add_run_sums(SATQ + (h * P + pid % P) * BLOCK_D, H * P * BLOCK_D,
-                              tl.dot(tl.trans(k), r, input_precision=PRECISION), offs_d)
+            if BLOCK_D <= 64 and HAS_C2P:
+                # elementwise, from the two rows and a K tile loaded here. As products (below), their shared-memory
+                # addresses, constants of the kernel, were made at its start and held through every item: ptxas
+                # spilled them (both terms at D = 64, Triton 3.6 and 3.9). With P2C alone, or at BLOCK_D >= 128
+                # (larger float32 tiles), the products spill less.
+                PQh = PQ + h * stride_pqh
+                pq_lo = tl.load(PQh + _fresh(IDX_LO) * stride_pqr + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
+                pq_hi = tl.load(PQh + _fresh(IDX_HI) * stride_pqr + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
+                dk += cs_lo[:, None] * pq_lo[None, :] + cs_hi[:, None] * pq_hi[None, :]
+                if DPOS_Q:
+                    kf = _tile(K + (b * stride_kb + h * stride_kh + start * stride_kn), offs_n, L, stride_kn, offs_d,
+                               D).to(tl.float32)
+                    # (each sum made just before its store, not both first: one [BLOCK_D] vector live, not two)
+                    SQ = SATQ + (h * P + pid % P) * BLOCK_D
+                    tl.store(SQ + offs_d, tl.load(SQ + offs_d) + tl.sum(cs_lo[:, None] * kf, 0))
+                    tl.store(SQ + H * P * BLOCK_D + offs_d,
+                             tl.load(SQ + H * P * BLOCK_D + offs_d) + tl.sum(cs_hi[:, None] * kf, 0))
+                    tl.debug_barrier()  # the next read of an element may come from another thread
+            else:
+                r = _run_sums(cs_lo, cs_hi, k.dtype)
+                dk = tl.dot(r, _run_rows(PQ + h * stride_pqh, IDX_LO, IDX_HI, offs_d, D, stride_pqr), dk,
+                            input_precision=PRECISION)
+                if DPOS_Q:
+                    _add_run_sums(SATQ + (h * P + pid % P) * BLOCK_D, H * P * BLOCK_D,
+                                  tl.dot(tl.trans(k), r, input_precision=PRECISION), offs_d)
         kv_ok = (offs_n < L)[:, None] & (offs_d[None, :] < D)
         DKb = DK + (b * stride_dkb + h * stride_dkh + start * stride_dkn)
         DVb = DV + (b * stride_dvb + h * stride_dvh + start * stride_dvn)
