@@ -383,6 +383,13 @@ def deberta_variants():
         out, lse = deberta.deberta_fwd(aot_launch, q, q, q, pos, pos, None, cu, idx, S, 0.1, 0.1, seed, band)
         deberta_backward.deberta_bwd(aot_launch, out, lse, q, q, q, pos, pos, out, lse, None, cu, idx, S, 0.1, 0.1, seed,
                             True, True, band)
+        # band bounds equal to 1 (position_buckets = 2 gives D_HI = 1, max_relative_positions = 1 IDX_HI = 1): Triton
+        # makes an integer argument equal to 1 a constant, which the kernels' opaque moves (_fresh) must take
+        _note[0] = "D=64 band=1"
+        q = torch.randn(B, H, S, 64, dtype=torch.bfloat16)
+        out, lse = deberta.deberta_fwd(aot_launch, q, q, q, pos, pos, None, None, idx, S, 0.1, 0.0, None, (-2, 1, 0, 1))
+        deberta_backward.deberta_bwd(aot_launch, out, None, q, q, q, pos, pos, out, lse, None, None, idx, S, 0.1, 0.0, None,
+                                     True, True, (-2, 1, 0, 1))
         _note[0] = ""
 
 

@@ -87,8 +87,8 @@ def _applies(word):
 
 
 def _entries(keys):
-    """(key, kernel, config words) of the entries that apply to the installed Triton ("triton..." and "<=NB"
-    words are not config words)."""
+    """(key, kernel, words) of the entries that apply to the installed Triton: the words without the "triton..."
+    ones (_matches reads the "<=NB" ceilings and "!WORD" exclusions among them)."""
     out = []
     for key in keys:
         name, *words = key.split()

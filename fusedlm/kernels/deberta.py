@@ -106,9 +106,9 @@ if triton_interpret():
         return x
 
     @triton.jit
-    def _fresh_program_id(axis: tl.constexpr):
-        """tl.program_id(axis) (the interpreter has nothing to defeat)."""
-        return tl.program_id(axis)
+    def _fresh_program_id():
+        """tl.program_id(0) (the interpreter has nothing to defeat)."""
+        return tl.program_id(0)
 else:
     @triton.jit
     def _fresh(x):
@@ -117,22 +117,17 @@ else:
         held in registers all through it (LLVM hoists loop-invariant arithmetic: the skews' indices and the
         gathers' shuffle bookkeeping took ~100 registers a thread that way). 32-bit integers only (the move
         is a b32 one: a wider value would be cut on the GPU and not in the interpreter)."""
+        x = x + tl.full((), 0, tl.int32)  # a tensor also when x is a constant (an argument equal to 1 is one)
         tl.static_assert(x.dtype == tl.int32, "_fresh moves 32-bit integers")
         return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
-    def _fresh_program_id(axis: tl.constexpr):
-        """tl.program_id(axis) read anew from its special register where it is used: _fresh(tl.program_id(0))
-        moves the value read once at the kernel's start, which ptxas then keeps (or spills) all through it."""
-        tl.static_assert(axis == 0 or axis == 1, "_fresh_program_id reads %ctaid.x or %ctaid.y")
+    def _fresh_program_id():
+        """tl.program_id(0) read anew from its special register (%ctaid.x) where it is used. _fresh(tl.program_id(0))
+        moves the value read at the kernel's start, which ptxas must then keep (or spill) until the move. Used
+        where that was measured to spill (the persistent dK/dV kernel's items at D <= 64)."""
         zero = tl.full((), 0, tl.int32)  # (an operand the move does not read: inline assembly takes one)
-        if axis == 0:
-            pid = tl.inline_asm_elementwise("mov.u32 $0, %ctaid.x;", "=r,r", [zero], dtype=tl.int32, is_pure=False,
-                                            pack=1)
-        else:
-            pid = tl.inline_asm_elementwise("mov.u32 $0, %ctaid.y;", "=r,r", [zero], dtype=tl.int32, is_pure=False,
-                                            pack=1)
-        return pid
+        return tl.inline_asm_elementwise("mov.u32 $0, %ctaid.x;", "=r,r", [zero], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -289,7 +284,6 @@ def _deberta_fwd(
     dropout_p = tl.cast(dropout_p, tl.float32)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < L
     Q += b * stride_qb + h * stride_qh + start * stride_qm
     K += b * stride_kb + h * stride_kh + start * stride_kn
     V += b * stride_vb + h * stride_vh + start * stride_vn

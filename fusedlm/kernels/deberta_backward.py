@@ -27,8 +27,8 @@ row) or the window's products. What fits in 255 registers a thread (8 warps) dec
   reductions; except dK/dV's epilogue at D <= 64 with both terms, elementwise: the products' shared-memory
   addresses, constants the compiler makes at the kernel's start, were held through every item (spilled).
 - Nothing the prologue makes is reused after the loop: the epilogues make their program ids, offsets and
-  addresses again from _fresh copies, and the rows a loop loads are addressed from opaque offsets too (else
-  held through the loop: they spilled). Per-key values are formed per tile, not held: the padding flags, and a
+  addresses again from _fresh copies (dK/dV's items at D <= 64 read the program id anew: _item_program), and
+  the rows a loop loads are addressed from opaque offsets too (else held through the loop: they spilled). Per-key values are formed per tile, not held: the padding flags, and a
   run tile's P2C (K times a tile of pos_query[run] rows, like C2P's pos_key[run] rows times Q^T).
 - Nothing crosses dQ's blocks: a loop over several blocks a program would hold the inner loop's hoisted
   values through every block's prologue and epilogue (about 60 registers more); the runs' dpos_key sums,
@@ -114,6 +114,16 @@ def _add_run_sums(SLOT, side_stride, sums, offs_d):
     tl.store(SLOT + side_stride + offs_d,
              tl.load(SLOT + side_stride + offs_d) + tl.sum(tl.where((col >= 2) & (col < 4), sums, 0.0), 1))
     tl.debug_barrier()
+
+
+@triton.jit
+def _add_run_sums_elementwise(SLOT, side_stride, s_lo, s_hi, x, offs_d):
+    """_add_run_sums' sums made elementwise: sum_j s_lo_j x_j added to SLOT, sum_j s_hi_j x_j to
+    SLOT + side_stride (x [N, BLOCK_D] float32). Each sum is made just before its store (both first kept two
+    [BLOCK_D] vectors live: Triton 3.6 spilled 28-32 bytes more)."""
+    tl.store(SLOT + offs_d, tl.load(SLOT + offs_d) + tl.sum(s_lo[:, None] * x, 0))
+    tl.store(SLOT + side_stride + offs_d, tl.load(SLOT + side_stride + offs_d) + tl.sum(s_hi[:, None] * x, 0))
+    tl.debug_barrier()  # the next read of an element may come from another thread
 
 
 @triton.jit
@@ -393,10 +403,10 @@ def _dkdv_tiles(dk, dv, cs_lo, cs_hi, k, v, KPM, Q, DO, LSE, DELTA, SATK, side_s
 def _item_program(BLOCK_D: tl.constexpr):
     """The program id for a work item's prologue or epilogue, opaque to the compiler. At BLOCK_D <= 64 read anew
     from its special register (a copy of the value read at the kernel's start kept that value live through
-    every item: ptxas spilled it); at BLOCK_D >= 128 a copy of it (there, reading it anew moved spills into
-    the tile loop on Triton 3.9)."""
+    every item: ptxas spilled it, 4 bytes packed with dropout on Triton 3.9); at BLOCK_D >= 128 a copy of it
+    (there, reading it anew put spill traffic in the tile loop at D = 128 on Triton 3.9)."""
     if BLOCK_D <= 64:
-        pid = _fresh_program_id(0)
+        pid = _fresh_program_id()
     else:
         pid = _fresh(tl.program_id(0))
     return pid
@@ -415,8 +425,8 @@ def _dkdv_item(Q, K, V, DO, LSE, DELTA, DK, DV, SATK, SATQ, PK, PQ, IDX, KPM, KV
     """dK and dV of the work item ``item`` (a key block of one sequence) of this program, and its runs' shares of
     dpos_key / dpos_query added to the program's slots in SATK / SATQ (first run; last run H P BLOCK_D further).
 
-    Registers: the item's ids, offsets and addresses are made from opaque copies of the program id and the
-    ranges (_fresh), once for the prologue and again for the epilogue. Made once, the compiler held them (and the
+    Registers: the item's ids, offsets and addresses are made from an opaque program id (_item_program) and
+    opaque copies of the ranges (_fresh), once for the prologue and again for the epilogue. Made once, the compiler held them (and the
     shared-memory addresses it derives from them) through the loop over query tiles and from one item to the
     next: they spilled. (As a non-inlined call instead, ptxas serialises every wgmma: its C7510 notice.)"""
     pid = _item_program(BLOCK_D)
@@ -440,7 +450,10 @@ def _dkdv_item(Q, K, V, DO, LSE, DELTA, DK, DV, SATK, SATQ, PK, PQ, IDX, KPM, KV
         cs_hi = tl.zeros([BLOCK_N], dtype=tl.float32)
         kv_end = tl.minimum(L, tl.load(KV_END + b)) if HAS_KPM else L
         if start_n < kv_end:  # a block of padding only: its gradients are zeros
-            if BLOCK_D <= 64:  # the runs' bounds from opaque copies (see above: on Triton 3.6 they were held)
+            if BLOCK_D <= 64:
+                # the runs' bounds from opaque copies: a part of them that depends on the band alone was made before
+                # the items and held (spilled, packed with dropout on Triton 3.6); at BLOCK_D >= 128 this put spill
+                # traffic in the tile loop at D = 128 on Triton 3.9
                 lo_end, hi_start = _col_runs(start_n, L, _fresh(D_LO), _fresh(D_HI), BLOCK_M, BLOCK_N)
             else:
                 lo_end, hi_start = _col_runs(start_n, L, D_LO, D_HI, BLOCK_M, BLOCK_N)
@@ -461,23 +474,20 @@ def _dkdv_item(Q, K, V, DO, LSE, DELTA, DK, DV, SATK, SATQ, PK, PQ, IDX, KPM, KV
         offs_n = n * BLOCK_N + _fresh(tl.arange(0, BLOCK_N))
         if HAS_P2C:  # the runs' share: dK_j += cs_j pos_query[run]; of dpos_query: sum_j cs_j k_j
             if BLOCK_D <= 64 and HAS_C2P:
-                # elementwise, from the two rows and a K tile loaded here. As products (below), their shared-memory
-                # addresses, constants of the kernel, were made at its start and held through every item: ptxas
-                # spilled them (both terms at D = 64, Triton 3.6 and 3.9). With P2C alone, or at BLOCK_D >= 128
-                # (larger float32 tiles), the products spill less.
+                # elementwise (float32, exact), from the two rows and a K tile loaded here. As products (below),
+                # their shared-memory addresses, constants of the kernel, were made at its start and held through
+                # every item: ptxas spilled them (both terms at D = 64: 8-12 bytes on Triton 3.6 and 3.9). With P2C
+                # alone (Triton 3.6: 16 bytes as products, 44 elementwise) or at BLOCK_D >= 128 (D = 128: 28 as
+                # products, 36 elementwise, some in the tile loop) the products spill less.
                 PQh = PQ + h * stride_pqh
-                pq_lo = tl.load(PQh + _fresh(IDX_LO) * stride_pqr + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
-                pq_hi = tl.load(PQh + _fresh(IDX_HI) * stride_pqr + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
+                pq_lo = _pos_row(PQh, _fresh(IDX_LO), offs_d, D, stride_pqr, True)
+                pq_hi = _pos_row(PQh, _fresh(IDX_HI), offs_d, D, stride_pqr, True)
                 dk += cs_lo[:, None] * pq_lo[None, :] + cs_hi[:, None] * pq_hi[None, :]
                 if DPOS_Q:
                     kf = _tile(K + (b * stride_kb + h * stride_kh + start * stride_kn), offs_n, L, stride_kn, offs_d,
                                D).to(tl.float32)
-                    # (each sum made just before its store, not both first: one [BLOCK_D] vector live, not two)
-                    SQ = SATQ + (h * P + pid % P) * BLOCK_D
-                    tl.store(SQ + offs_d, tl.load(SQ + offs_d) + tl.sum(cs_lo[:, None] * kf, 0))
-                    tl.store(SQ + H * P * BLOCK_D + offs_d,
-                             tl.load(SQ + H * P * BLOCK_D + offs_d) + tl.sum(cs_hi[:, None] * kf, 0))
-                    tl.debug_barrier()  # the next read of an element may come from another thread
+                    _add_run_sums_elementwise(SATQ + (h * P + pid % P) * BLOCK_D, H * P * BLOCK_D, cs_lo, cs_hi, kf,
+                                              offs_d)
             else:
                 r = _run_sums(cs_lo, cs_hi, k.dtype)
                 dk = tl.dot(r, _run_rows(PQ + h * stride_pqh, IDX_LO, IDX_HI, offs_d, D, stride_pqr), dk,
