@@ -72,17 +72,11 @@ FL_HD bool dropout_keep(const AttnParams& p, uint64_t seed, int b, int h, int i,
 #define FL_ATTN_DISPATCH(p, fn, stream)                                              \
   do {                                                                               \
     const int d_ = (p).head_dim > (p).head_dim_v ? (p).head_dim : (p).head_dim_v;    \
-    if ((p).dtype == DType::F16) {                                                   \
-      if (d_ <= 32) fn<half, 32>(p, stream);                                         \
-      else if (d_ <= 64) fn<half, 64>(p, stream);                                    \
-      else if (d_ <= 128) fn<half, 128>(p, stream);                                  \
-      else fn<half, 256>(p, stream);                                                 \
-    } else {                                                                         \
-      if (d_ <= 32) fn<bfloat16, 32>(p, stream);                                     \
-      else if (d_ <= 64) fn<bfloat16, 64>(p, stream);                                \
-      else if (d_ <= 128) fn<bfloat16, 128>(p, stream);                              \
-      else fn<bfloat16, 256>(p, stream);                                             \
-    }                                                                                \
+    FL_DISPATCH_HALF((p).dtype, T_,                                                  \
+                     if (d_ <= 32) fn<T_, 32>(p, stream);                            \
+                     else if (d_ <= 64) fn<T_, 64>(p, stream);                       \
+                     else if (d_ <= 128) fn<T_, 128>(p, stream);                     \
+                     else fn<T_, 256>(p, stream));                                   \
   } while (0)
 
 }  // namespace FL_IMPL

@@ -340,16 +340,14 @@ void attention_bwd_typed(const AttnParams& p, Stream stream) {
 namespace cuda {
 void attention_bwd(const AttnParams& p, cudaStream_t stream) { FL_ATTN_DISPATCH(p, attention_bwd_typed, stream); }
 void attention_delta(const DeltaParams& p, cudaStream_t stream) {
-  if (p.dtype == DType::F16) attention_delta_typed<half>(p, stream);
-  else attention_delta_typed<bfloat16>(p, stream);
+  FL_DISPATCH_HALF(p.dtype, T, attention_delta_typed<T>(p, stream));
 }
 }  // namespace cuda
 #else
 namespace cpu {
 void attention_bwd(const AttnParams& p) { FL_ATTN_DISPATCH(p, attention_bwd_typed, nullptr); }
 void attention_delta(const DeltaParams& p) {
-  if (p.dtype == DType::F16) attention_delta_typed<half>(p, nullptr);
-  else attention_delta_typed<bfloat16>(p, nullptr);
+  FL_DISPATCH_HALF(p.dtype, T, attention_delta_typed<T>(p, nullptr));
 }
 }  // namespace cpu
 #endif

@@ -36,6 +36,14 @@ fl::DType kernel_dtype(const Tensor& t, const char* name) {
   return fl::DType::F32;  // not reached
 }
 
+// kernel_dtype for the tensor-core kernels, which take float16 or bfloat16: `kernels` names them in the error
+// ("the cuda attention kernels take").
+fl::DType half_kernel_dtype(const Tensor& t, const char* name, const char* kernels) {
+  const fl::DType dtype = kernel_dtype(t, name);
+  TORCH_CHECK(dtype != fl::DType::F32, name, ": ", kernels, " float16 or bfloat16, got float32");
+  return dtype;
+}
+
 void check_like(const Tensor& t, const Tensor& ref, const char* name, const char* ref_name) {
   TORCH_CHECK(t.device() == ref.device(), name, ": expected device ", ref.device(), " (that of ", ref_name, "), got ",
               t.device());
@@ -311,8 +319,7 @@ AttnInputs attn_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const 
                        int64_t max_k) {
   AttnInputs in;
   in.packed = cu_q.has_value();
-  const fl::DType dtype = kernel_dtype(q, "q");
-  TORCH_CHECK(dtype != fl::DType::F32, "q: the cuda attention kernels take float16 or bfloat16, got float32");
+  half_kernel_dtype(q, "q", "the cuda attention kernels take");
   check_like(k, q, "k", "q");
   check_like(v, q, "v", "q");
   TORCH_CHECK(q.dim() == (in.packed ? 3 : 4) && k.dim() == q.dim() && v.dim() == q.dim(),
@@ -415,7 +422,7 @@ Tensor attn_delta(const Tensor& dout, const Tensor& out, const std::optional<Ten
   p.heads = int(heads);
   p.rows = int(rows);
   p.head_dim = int(out.size(-1));
-  p.dtype = kernel_dtype(out, "out");
+  p.dtype = half_kernel_dtype(out, "out", "the cuda attention kernels take");
   if (delta.numel() > 0) run(out, p, [](const auto& x) { fl::cpu::attention_delta(x); }, FL_GPU(attention_delta));
   return delta;
 }
@@ -517,8 +524,7 @@ DebInputs deb_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const st
                      const std::optional<Tensor>& cu, const Tensor& rel_idx, int64_t max_seqlen) {
   DebInputs in;
   in.packed = cu.has_value();
-  const fl::DType dtype = kernel_dtype(q, "q");
-  TORCH_CHECK(dtype != fl::DType::F32, "q: the cuda DeBERTa kernels take float16 or bfloat16, got float32");
+  half_kernel_dtype(q, "q", "the cuda DeBERTa kernels take");
   check_like(k, q, "k", "q");
   check_like(v, q, "v", "q");
   TORCH_CHECK(q.dim() == (in.packed ? 3 : 4) && k.sizes() == q.sizes() && v.sizes() == q.sizes(),
@@ -674,8 +680,7 @@ Tensor pad_rank(const Tensor& t, int64_t dim) {
 
 Tensor lora_gemm(const Tensor& x, const Tensor& w, const Tensor& p, const Tensor& q, const std::optional<Tensor>& bias,
                  const std::optional<Tensor>& keep, double scaling, bool transposed) {
-  const fl::DType dtype = kernel_dtype(x, "x");
-  TORCH_CHECK(dtype != fl::DType::F32, "x: the cuda LoRA kernel takes float16 or bfloat16, got float32");
+  const fl::DType dtype = half_kernel_dtype(x, "x", "the cuda LoRA kernel takes");
   for (const Tensor* t : {&w, &p, &q}) check_like(*t, x, "w, p, q", "x");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && p.dim() == 2 && q.dim() == 2, "x, w, p, q: expected 2-D tensors");
   const int64_t M = x.size(0), K = x.size(1), N = transposed ? w.size(1) : w.size(0), R = p.size(1);
@@ -732,8 +737,7 @@ Tensor lora_gemm(const Tensor& x, const Tensor& w, const Tensor& p, const Tensor
 std::tuple<Tensor, Tensor, Tensor, Tensor> tc_selftest(const Tensor& a, const Tensor& b, const Tensor& c,
                                                        int64_t m_valid, int64_t ldm_x, bool b_trans, bool wait,
                                                        bool misalign) {
-  const fl::DType dtype = kernel_dtype(a, "a");
-  TORCH_CHECK(dtype != fl::DType::F32, "a: expected float16 or bfloat16");
+  const fl::DType dtype = half_kernel_dtype(a, "a", "the tensor-core self-test takes");
   check_like(b, a, "b", "a");
   TORCH_CHECK(c.device() == a.device() && c.scalar_type() == at::kFloat, "c: expected float32 on ", a.device());
   TORCH_CHECK(a.sizes() == at::IntArrayRef({32, 32}), "a: expected (32, 32), got ", a.sizes());

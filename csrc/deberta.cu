@@ -186,15 +186,13 @@ void deberta_fwd_dtype(const DebParams& p, Stream stream) {  // the head-dim buc
 #if defined(__CUDACC__)
 namespace cuda {
 void deberta_fwd(const DebParams& p, cudaStream_t stream) {
-  if (p.dtype == DType::F16) deberta_fwd_dtype<half>(p, stream);
-  else deberta_fwd_dtype<bfloat16>(p, stream);
+  FL_DISPATCH_HALF(p.dtype, T, deberta_fwd_dtype<T>(p, stream));
 }
 }  // namespace cuda
 #else
 namespace cpu {
 void deberta_fwd(const DebParams& p) {
-  if (p.dtype == DType::F16) deberta_fwd_dtype<half>(p, nullptr);
-  else deberta_fwd_dtype<bfloat16>(p, nullptr);
+  FL_DISPATCH_HALF(p.dtype, T, deberta_fwd_dtype<T>(p, nullptr));
 }
 }  // namespace cpu
 #endif

@@ -562,15 +562,13 @@ void deberta_bwd_dtype(const DebParams& p, Stream stream) {
 #if defined(__CUDACC__)
 namespace cuda {
 void deberta_bwd(const DebParams& p, cudaStream_t stream) {
-  if (p.dtype == DType::F16) deberta_bwd_dtype<half>(p, stream);
-  else deberta_bwd_dtype<bfloat16>(p, stream);
+  FL_DISPATCH_HALF(p.dtype, T, deberta_bwd_dtype<T>(p, stream));
 }
 }  // namespace cuda
 #else
 namespace cpu {
 void deberta_bwd(const DebParams& p) {
-  if (p.dtype == DType::F16) deberta_bwd_dtype<half>(p, nullptr);
-  else deberta_bwd_dtype<bfloat16>(p, nullptr);
+  FL_DISPATCH_HALF(p.dtype, T, deberta_bwd_dtype<T>(p, nullptr));
 }
 }  // namespace cpu
 #endif

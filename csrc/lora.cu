@@ -142,15 +142,13 @@ void lora_gemm_typed(const LoraParams& p, Stream stream) {
 #if defined(__CUDACC__)
 namespace cuda {
 void lora_gemm(const LoraParams& p, cudaStream_t stream) {
-  if (p.dtype == DType::F16) lora_gemm_typed<half>(p, stream);
-  else lora_gemm_typed<bfloat16>(p, stream);
+  FL_DISPATCH_HALF(p.dtype, T, lora_gemm_typed<T>(p, stream));
 }
 }  // namespace cuda
 #else
 namespace cpu {
 void lora_gemm(const LoraParams& p) {
-  if (p.dtype == DType::F16) lora_gemm_typed<half>(p, nullptr);
-  else lora_gemm_typed<bfloat16>(p, nullptr);
+  FL_DISPATCH_HALF(p.dtype, T, lora_gemm_typed<T>(p, nullptr));
 }
 }  // namespace cpu
 #endif

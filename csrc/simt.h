@@ -661,6 +661,13 @@ void launch(int gx, int gy, int threads, const typename K::Params& p, Stream) {
     case ::fl::DType::BF16: { using T = ::fl::bfloat16; __VA_ARGS__; break; } \
   }
 
+// The same for the tensor-core kernels, which take float16 and bfloat16 only (the bindings refuse float32).
+#define FL_DISPATCH_HALF(dtype, T, ...)                                        \
+  do {                                                                         \
+    if ((dtype) == ::fl::DType::F16) { using T = ::fl::half; __VA_ARGS__; }    \
+    else { using T = ::fl::bfloat16; __VA_ARGS__; }                            \
+  } while (0)
+
 // Elements per 16-byte access for T.
 template <class T>
 constexpr int vec16() { return int(16 / sizeof(T)); }

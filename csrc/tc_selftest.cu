@@ -157,15 +157,13 @@ void tc_selftest_typed(const TcSelftestParams& p, Stream stream) {
 #if defined(__CUDACC__)
 namespace cuda {
 void tc_selftest(const TcSelftestParams& p, cudaStream_t stream) {
-  if (p.dtype == DType::F16) tc_selftest_typed<half>(p, stream);
-  else tc_selftest_typed<bfloat16>(p, stream);
+  FL_DISPATCH_HALF(p.dtype, T, tc_selftest_typed<T>(p, stream));
 }
 }  // namespace cuda
 #else
 namespace cpu {
 void tc_selftest(const TcSelftestParams& p) {
-  if (p.dtype == DType::F16) tc_selftest_typed<half>(p, nullptr);
-  else tc_selftest_typed<bfloat16>(p, nullptr);
+  FL_DISPATCH_HALF(p.dtype, T, tc_selftest_typed<T>(p, nullptr));
 }
 }  // namespace cpu
 #endif

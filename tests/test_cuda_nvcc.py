@@ -130,22 +130,33 @@ def test_vectorized_kernels_use_16_byte_loads(compiled, source):
 
 
 LDMATRIX_FORMS = [f"ldmatrix.sync.aligned.m8n8.x{x}{t}.shared.b16" for x in (1, 2, 4) for t in ("", ".trans")]
+CP_ASYNC_16 = r"cp\.async\.cg\.shared\.global \[%r\d+\], \[%rd\d+\], 16, %r\d+;"  # a 16-byte global -> shared copy
+LOAD_16BIT = r"ld\.global(\.nc)?(\.\w+)*\.(u16|b16|f16|s16|bf16)\b"  # a scalar 16-bit global load
+
+
+def _tensor_core_kernels(compiled, source, arch):
+    """[(name, PTX body, its mma.sync form)] of every kernel ``source`` compiles to for ``arch``, after checking
+    that none has a stack frame (fragments in local memory) and that there are as many as EXPECTED says."""
+    log, ptx = compiled[(source, arch)]
+    for name, props in parse_ptxas(log).items():
+        assert props["stack"] == 0, f"{name} on {arch}: a stack frame ({props})"
+    entries = re.split(r"\.entry\s+", ptx)[1:]
+    assert len(entries) == EXPECTED[source]
+    out = []
+    for entry in entries:
+        name, body = entry.split("(", 1)[0], entry.split("\n}", 1)[0]
+        ab = "bf16" if "nv_bfloat16" in name else "f16"
+        out.append((name, body, f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32"))
+    return out
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_tensor_core_primitives_compile_to_the_instructions(compiled, arch):
-    log, ptx = compiled[("tc_selftest.cu", arch)]
-    for name, props in parse_ptxas(log).items():
-        assert props["stack"] == 0, f"{name} on {arch}: fragments in local memory ({props})"
-    entries = re.split(r"\.entry\s+", ptx)[1:]
-    assert len(entries) == EXPECTED["tc_selftest.cu"]
-    for entry in entries:
-        name, body = entry.split("(", 1)[0], entry.split("\n}", 1)[0]
-        ab = "bf16" if "nv_bfloat16" in name else "f16"
-        assert f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32" in body, name
+    for name, body, mma in _tensor_core_kernels(compiled, "tc_selftest.cu", arch):
+        assert mma in body, name
         missing = [f for f in LDMATRIX_FORMS if f not in body]
         assert not missing, f"{name}: no {missing}"
-        assert re.search(r"cp\.async\.cg\.shared\.global \[%r\d+\], \[%rd\d+\], 16, %r\d+;", body), name
+        assert re.search(CP_ASYNC_16, body), name
         assert "cp.async.commit_group" in body and "cp.async.wait_group 0" in body, name
 
 
@@ -171,23 +182,16 @@ def test_attention_kernels_run_on_tensor_cores(compiled, arch, source):
     """Every attention kernel: fragments in registers (no stack), its tile loop on mma.sync with ldmatrix
     (.trans for the B operands stored (k, n)), q / k / v / dO read from global memory only by 16-byte
     cp.async copies (commit, wait for all but the newest group: the double buffer), no 16-bit scalar load."""
-    log, ptx = compiled[(source, arch)]
-    for name, props in parse_ptxas(log).items():
-        assert props["stack"] == 0, f"{name} on {arch}: a stack frame ({props})"
-    entries = re.split(r"\.entry\s+", ptx)[1:]
-    assert len(entries) == EXPECTED[source]
-    for entry in entries:
-        name, body = entry.split("(", 1)[0], entry.split("\n}", 1)[0]
+    for name, body, mma in _tensor_core_kernels(compiled, source, arch):
         if "AttnDelta" in name:  # the row sum dO . O: no tile, no tensor core
             continue
-        ab = "bf16" if "nv_bfloat16" in name else "f16"
-        mmas = body.count(f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32")
+        mmas = body.count(mma)
         assert mmas >= _attention_mmas_per_tile(name), f"{name}: {mmas} mma.sync"
         for form in ("ldmatrix.sync.aligned.m8n8.x4.shared.b16", "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16"):
             assert form in body, f"{name}: no {form}"
-        assert re.search(r"cp\.async\.cg\.shared\.global \[%r\d+\], \[%rd\d+\], 16, %r\d+;", body), name
+        assert re.search(CP_ASYNC_16, body), name
         assert "cp.async.commit_group" in body and "cp.async.wait_group 1" in body, name
-        assert not re.search(r"ld\.global(\.nc)?(\.\w+)*\.(u16|b16|f16|s16|bf16)\b", body), f"{name}: a 16-bit load"
+        assert not re.search(LOAD_16BIT, body), f"{name}: a 16-bit load"
         _assert_pair_stores(name, body)
 
 
@@ -196,21 +200,14 @@ def test_lora_kernel_runs_on_tensor_cores(compiled, arch):
     """The LoRA GEMM: no stack, a K-tile trip of 2 k-steps x 8 n-tiles = 16 mma.sync plus the rank step's 8,
     B fragments by ldmatrix.x4 (.trans where W and Q are read as stored, dx's layout), operands read only by
     16-byte cp.async."""
-    log, ptx = compiled[("lora.cu", arch)]
-    for name, props in parse_ptxas(log).items():
-        assert props["stack"] == 0, f"{name} on {arch}: a stack frame ({props})"
-    entries = re.split(r"\.entry\s+", ptx)[1:]
-    assert len(entries) == EXPECTED["lora.cu"]
-    for entry in entries:
-        name, body = entry.split("(", 1)[0], entry.split("\n}", 1)[0]
-        ab = "bf16" if "nv_bfloat16" in name else "f16"
-        assert body.count(f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32") >= 16 + 8, name
+    for name, body, mma in _tensor_core_kernels(compiled, "lora.cu", arch):
+        assert body.count(mma) >= 16 + 8, name
         trans = re.search(r"LoraGemmI\w+?Lb([01])E", name).group(1) == "1"
         assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in body, name  # the A operands
         assert ("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in body) == trans, name
-        assert re.search(r"cp\.async\.cg\.shared\.global \[%r\d+\], \[%rd\d+\], 16, %r\d+;", body), name
+        assert re.search(CP_ASYNC_16, body), name
         assert "cp.async.wait_group 1" in body, name
-        assert not re.search(r"ld\.global(\.nc)?(\.\w+)*\.(u16|b16|f16|s16|bf16)\b", body), f"{name}: a 16-bit load"
+        assert not re.search(LOAD_16BIT, body), f"{name}: a 16-bit load"
         _assert_pair_stores(name, body)
 
 
@@ -227,20 +224,13 @@ def test_deberta_kernels_run_on_tensor_cores(compiled, arch, source):
     """The DeBERTa kernels: no stack; every tile kernel on mma.sync with ldmatrix x4 and x4.trans, q / k / v /
     dO / the position rows read only by 16-byte cp.async, results stored as 32-bit pairs (the band kernel
     writes its float32 sums, the fold is a plain column sum)."""
-    log, ptx = compiled[(source, arch)]
-    for name, props in parse_ptxas(log).items():
-        assert props["stack"] == 0, f"{name} on {arch}: a stack frame ({props})"
-    entries = re.split(r"\.entry\s+", ptx)[1:]
-    assert len(entries) == EXPECTED[source]
-    for entry in entries:
-        name, body = entry.split("(", 1)[0], entry.split("\n}", 1)[0]
+    for name, body, mma in _tensor_core_kernels(compiled, source, arch):
         if "DebFold" in name:
             continue
-        ab = "bf16" if "nv_bfloat16" in name else "f16"
-        assert f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32" in body, name
+        assert mma in body, name
         for form in ("ldmatrix.sync.aligned.m8n8.x4.shared.b16", "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16"):
             assert form in body or ("DebFwd" in name and "trans" not in form), f"{name}: no {form}"
-        assert re.search(r"cp\.async\.cg\.shared\.global \[%r\d+\], \[%rd\d+\], 16, %r\d+;", body), name
-        assert not re.search(r"ld\.global(\.nc)?(\.\w+)*\.(u16|b16|f16|s16|bf16)\b", body), f"{name}: a 16-bit load"
+        assert re.search(CP_ASYNC_16, body), name
+        assert not re.search(LOAD_16BIT, body), f"{name}: a 16-bit load"
         if "DebBand" not in name:
             _assert_pair_stores(name, body)
