@@ -12,6 +12,32 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fusedlm  # noqa: E402  (after TRITON_INTERPRET)
+from fusedlm.verify import BOUNDS  # noqa: E402
+from helpers import cpu_facts, float32_matmul_error, reduced_float32_settings  # noqa: E402
+
+
+
+def pytest_report_header(config):
+    """The machine's float32 matmul precision, measured twice (a first call and a warm one), and what decides
+    it: a float32 test failing by ~1e-5 on a machine where this reads ~1e-5 is the machine's arithmetic."""
+    first, warm = float32_matmul_error(), float32_matmul_error()
+    return [f"float32 matmul relative error against float64: {first:.1e} (first call), {warm:.1e} (warm); IEEE "
+            f"float32 gives ~1e-7, the float32 bound is {BOUNDS[torch.float32]:.0e}", f"CPU: {cpu_facts()}"]
+
+
+@pytest.fixture(autouse=True)
+def _ieee_float32_matmuls():
+    """The float32 bounds (fusedlm.verify.BOUNDS) assume IEEE float32 matmuls: a test fails here, naming the
+    setting, when something has let torch compute them in TF32 / bfloat16 (torch.set_float32_matmul_precision,
+    the fp32_precision settings): before it (the run's setup did), or after it (the test did; then set back)."""
+    bad = reduced_float32_settings()
+    if bad:
+        pytest.fail(f"float32 matmuls are not IEEE before this test: {bad}")
+    yield
+    bad = reduced_float32_settings()
+    if bad:
+        torch.set_float32_matmul_precision("highest")  # (sets the per-backend settings back to "ieee" too)
+        pytest.fail(f"this test left float32 matmuls not IEEE: {bad}")
 
 
 def _on_gpu():

@@ -7,9 +7,54 @@ from fusedlm.verify import BOUNDS
 
 
 def assert_within(rows, dtype):
-    """Every (quantity, relative error) row of check_case within the dtype's bound."""
+    """Every (quantity, relative error) row of check_case within the dtype's bound. A float32 failure also says
+    what this machine's own float32 matmul gives now (float32_matmul_error): whether the machine or the op."""
     bad = [(q, e) for q, e in rows if not e <= BOUNDS[dtype]]
+    if bad and dtype == torch.float32:
+        bad.append(("this machine's float32 matmul, measured now", float32_matmul_error()))
     assert not bad, f"over the {dtype} bound {BOUNDS[dtype]:.1e}: {bad}"
+
+
+def float32_matmul_error():
+    """Norm-wise relative error of this machine's float32 batched matmul (CPU) against float64 on the same
+    rounded values, at the first attention test's shapes: IEEE float32 gives ~1e-7 there, bfloat16 x 3 ~4e-6,
+    TF32 ~3e-4."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 4, 67, 64, generator=gen).float()
+    b = torch.randn(2, 4, 64, 67, generator=gen).float()
+    want = torch.matmul(a.double(), b.double())
+    return ((torch.matmul(a, b).double() - want).norm() / want.norm()).item()
+
+
+def reduced_float32_settings():
+    """torch's settings that let float32 matmuls run in lower precision, where one is set: {name: value}."""
+    bad = {}
+    if torch.get_float32_matmul_precision() != "highest":
+        bad["torch.get_float32_matmul_precision()"] = torch.get_float32_matmul_precision()
+    for name in ("fp32_precision", "mkldnn.matmul.fp32_precision", "cuda.matmul.fp32_precision"):
+        obj = torch.backends
+        try:  # the per-backend settings (torch >= 2.9; "none" = inherit, ends at IEEE)
+            for part in name.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        if obj not in ("none", "ieee"):
+            bad[f"torch.backends.{name}"] = obj
+    return bad
+
+
+def cpu_facts():
+    """What picks the CPU kernels: torch's CPU capability, the matrix extensions the CPU reports, threads."""
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        pass
+    ext = sorted(f for f in flags if f.startswith("amx") or f in ("avx512_bf16", "avx512_fp16"))
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "?")()
+    return f"torch capability {capability}, {' '.join(ext) or 'no AMX / avx512 bf16 / fp16'}, " \
+           f"{torch.get_num_threads()} threads"
 
 
 def triton_or_skip():
