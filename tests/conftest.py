@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 
 import fusedlm  # noqa: E402  (after TRITON_INTERPRET)
 from fusedlm.verify import BOUNDS  # noqa: E402
-from helpers import cpu_facts, float32_matmul_error, reduced_float32_settings  # noqa: E402
+from helpers import cpu_facts, float32_exp_error, float32_matmul_error, reduced_float32_settings  # noqa: E402
 
 
 
@@ -22,7 +22,8 @@ def pytest_report_header(config):
     it: a float32 test failing by ~1e-5 on a machine where this reads ~1e-5 is the machine's arithmetic."""
     first, warm = float32_matmul_error(), float32_matmul_error()
     return [f"float32 matmul relative error against float64: {first:.1e} (first call), {warm:.1e} (warm); IEEE "
-            f"float32 gives ~1e-7, the float32 bound is {BOUNDS[torch.float32]:.0e}", f"CPU: {cpu_facts()}"]
+            f"float32 gives ~1e-7, the float32 bound is {BOUNDS[torch.float32]:.0e}; float32 exp: "
+            f"{float32_exp_error():.1e}", f"CPU: {cpu_facts()}"]
 
 
 @pytest.fixture(autouse=True)
