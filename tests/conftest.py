@@ -16,7 +16,6 @@ from fusedlm.verify import BOUNDS  # noqa: E402
 from helpers import cpu_facts, float32_exp_error, float32_matmul_error, reduced_float32_settings  # noqa: E402
 
 
-
 def pytest_report_header(config):
     """The machine's float32 matmul precision, measured twice (a first call and a warm one), and what decides
     it: a float32 test failing by ~1e-5 on a machine where this reads ~1e-5 is the machine's arithmetic."""
