@@ -162,7 +162,8 @@ def test_one_loop_over_runs_and_window_gpu_tiles(dtype, monkeypatch):
     meets the last run, the window and the first run (plain distances clamped at 20, S = 203), with the
     window's spare rows carrying the tile's own keys / queries (W = 128); odd head dim 40, key padding, lse and
     its gradient (the delta pass), both position gradients (the runs' sums in the dK/dV kernel); fresh
-    inputs. float16: the runs' row sums go through the tensor cores as two half terms."""
+    inputs. float16: dQ's run tiles take K + pos_key[run] rounded to half; dK/dV's runs' key sums go through
+    the tensor cores as two half terms."""
     triton_or_skip()
     from fusedlm.kernels import deberta as K
 

@@ -33,18 +33,15 @@ SHARED_LIMIT = 232448
 KNOWN_FAILURES = {
     # issues 8 / 16: the position terms are formed inside the kernels (no (B, H, S, 2 span) buffers). Issue 16
     # restructured the backward for registers (kernels/deberta_backward.py docstring). At D = 64 with both
-    # position terms, the DeBERTa-v3 training configurations, the backward spills nothing on Triton 3.9, and on
-    # 3.6 nothing but 4 bytes in dQ in float16 with padding and dropout (once a query block, outside the loop);
-    # the forward spills nothing on either. Left, bytes of spill stores on Triton 3.9 / 3.6
-    # (benchmarks/results/sm90_static.md): forward D = 40 24 / 8, D = 128 88 / 0, D = 256 416 / 532; dQ D = 40
-    # 0 / 12, D = 128 76 / 368, D = 256 368 / 168; dK/dV D = 40 0 / 8, P2C alone at D = 64 0 / 16, D = 128
+    # position terms, the DeBERTa-v3 training configurations, the backward and the forward spill nothing on
+    # Triton 3.9 or 3.6. Left, bytes of spill stores on Triton 3.9 / 3.6
+    # (benchmarks/results/sm90_static.md): forward D = 40 24 / 8, D = 128 88 / 0, D = 256 416 / 532; dQ
+    # D = 128 68 / 352, D = 256 312 / 120; dK/dV D = 40 0 / 8, P2C alone at D = 64 0 / 16, D = 128
     # 28 / 20, D = 256 1236 / 492; band D = 128 32 / 0, D = 256 380 / 104. At D = 256 the backward keeps
     # 4-warp tiles of 16-32 rows (mma.sync): 64-row ones need more than 227 KB of shared memory.
     "_deberta_fwd D=40": "DeBERTa forward window tiles at the unaligned head dim: see above",
     "_deberta_fwd D=128 triton>=3.7": "DeBERTa forward window tiles at D = 128 (Triton 3.9's allocation): see above",
     "_deberta_fwd D=256": "DeBERTa forward window tiles at D = 256: see above",
-    "_deberta_bwd_dq D=40 triton<3.7": "DeBERTa dQ at the unaligned head dim on Triton 3.6: see above",
-    "_deberta_bwd_dq D=64 HAS_KPM DROPOUT triton<3.7 <=16B": "DeBERTa dQ, float16 padding + dropout, 3.6: above",
     "_deberta_bwd_dq D=128": "DeBERTa dQ at D = 128: see above",
     "_deberta_bwd_dq D=256": "DeBERTa dQ at D = 256 (mma.sync: 4-warp tiles for shared memory): see above",
     # P2C without C2P (no DeBERTa-v3 configuration): a stride and shared-memory addresses, stored once and

@@ -22,14 +22,20 @@ row) or the window's products. What fits in 255 registers a thread (8 warps) dec
   BLOCK_M + BLOCK_N - 1 distances of its W = 128 rows, and the spare rows hold the tile's own keys (resp.
   queries), so dQ += X Y with X the un-skewed dS next to dS itself and Y the window's pos_key rows next to
   K (dK += X Z with Z = [pos_query rows; Q]).
-- The runs' shares (dQ_i += rs_i pos_key[run], the runs' dpos sums) and the runs' C2P / P2C per row go through
-  small tensor-core products ([BLOCK, 16] x [16, BLOCK_D]) instead of elementwise outer products and
+- dQ's share of the runs is made in the run tile's own product, dQ += dS (K + pos_key[run]) (K + pos_key[run]
+  rounded once to the input dtype, as dS is), so nothing about the runs is left for the epilogue. Summed per
+  row and added by an epilogue product instead, its rows' address needed a value kept through the loop:
+  Triton 3.6 spilled it (4 bytes at D = 64 in float16 with padding and dropout, 12 at D = 40).
+- dK/dV's runs' shares (dK_j += cs_j pos_query[run], the runs' dpos sums) and the runs' C2P / P2C per row go
+  through small tensor-core products ([BLOCK, 16] x [16, BLOCK_D]) instead of elementwise outer products and
   reductions; except dK/dV's epilogue at D <= 64 with both terms, elementwise: the products' shared-memory
   addresses, constants the compiler makes at the kernel's start, were held through every item (spilled).
-- Nothing the prologue makes is reused after the loop: the epilogues make their program ids, offsets and
-  addresses again from _fresh copies (dK/dV's items at D <= 64 read the program id anew: _item_program), and
-  the rows a loop loads are addressed from opaque offsets too (else held through the loop: they spilled). Per-key values are formed per tile, not held: the padding flags, and a
-  run tile's P2C (K times a tile of pos_query[run] rows, like C2P's pos_key[run] rows times Q^T).
+- Nothing dK/dV's prologue makes is reused after the loop: its epilogue makes the program ids, offsets and
+  addresses again from _fresh copies (at D <= 64 it reads the program id anew: _item_program); dQ's epilogue,
+  a store, reuses its prologue's (no spill on either Triton). The rows a loop loads are addressed from opaque
+  offsets (else held through the loop: they spilled). Per-key values are formed per tile, not held: the
+  padding flags, and a run tile's P2C (K times a tile of pos_query[run] rows, like C2P's pos_key[run] rows
+  times Q^T).
 - Nothing crosses dQ's blocks: a loop over several blocks a program would hold the inner loop's hoisted
   values through every block's prologue and epilogue (about 60 registers more); the runs' dpos_key sums,
   which need a slot per program, are made by the persistent dK/dV kernel (from dK's content part, _snapshot).
@@ -160,14 +166,14 @@ def _deberta_bwd_delta(
 
 
 @triton.jit
-def _dq_tiles(dq, rs_lo, rs_hi, q, do, lse2, delta, c_lo, c_hi, K, V, PK, PQ, IDX, KPM, SEED, stride_kn, stride_vn,
+def _dq_tiles(dq, q, do, lse2, delta, c_lo, c_hi, K, V, PK, PQ, IDX, KPM, SEED, stride_kn, stride_vn,
               stride_pkr, stride_pqr, start_m, offs_m, offs_d, D, L, SMAX, IDX_LO, IDX_HI, hi_end,
               lo_start, kv_end, qk_scale, b, h, H, dropout_p, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
               HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               W: tl.constexpr, PRECISION: tl.constexpr):
-    """dQ (unscaled) of one query block over the key blocks [0, kv_end), and the rows' sums of dS over the
-    first / last run's tiles (rs_lo / rs_hi; a window tile's run distances go through its window product). Key blocks before hi_end lie in the last run, from lo_start in the first,
-    the window tiles between (_row_runs)."""
+    """dQ (unscaled) of one query block over the key blocks [0, kv_end), its C2P share included: a window
+    tile's through the window product, a run tile's through the tile's own product (below). Key blocks before
+    hi_end lie in the last run, from lo_start in the first, the window tiles between (_row_runs)."""
     offs_nb = tl.arange(0, BLOCK_N)
     offs_w = tl.arange(0, W)
     for start_n in range(0, kv_end, BLOCK_N):
@@ -185,6 +191,7 @@ def _dq_tiles(dq, rs_lo, rs_hi, q, do, lse2, delta, c_lo, c_hi, K, V, PK, PQ, ID
         if HAS_C2P:  # Y: the window's pos_key rows; in its spare rows the tile's keys
             y = _window_rows(PK, K, IDX, dmin, start_n, SMAX, L, offs_d, D, stride_pkr, stride_kn, window,
                              BLOCK_N, W)
+            pk_run = _pos_row(PK, tl.where(last, IDX_HI, IDX_LO), offs_d, D, stride_pkr, True)
         if HAS_P2C:
             pq = _pos_rows(PQ, IDX, dmin + offs_w, SMAX, offs_d, D, stride_pqr, window)
             pq_run = _pos_row(PQ, tl.where(last, IDX_HI, IDX_LO), offs_d, D, stride_pqr, True)
@@ -219,12 +226,10 @@ def _dq_tiles(dq, rs_lo, rs_hi, q, do, lse2, delta, c_lo, c_hi, K, V, PK, PQ, ID
                          tl.gather(ds.to(q.dtype), tl.minimum(tl.maximum(c, 0), BLOCK_N - 1), axis=1), 0.0)
             dq = tl.dot(x.to(q.dtype), y, dq, input_precision=PRECISION)
         else:
-            if HAS_C2P:  # a run tile: its rows' sums of dS, times pos_key[run] at the end
-                rs = tl.sum(ds, 1)
-                rs_hi += tl.where(last, rs, 0.0)
-                rs_lo += tl.where(last, 0.0, rs)
+            if HAS_C2P:  # a run tile: every key's C2P row is pos_key[run], so dQ += dS (K + pos_key[run])
+                kT = (kT.to(tl.float32) + pk_run[:, None]).to(kT.dtype)
             dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PRECISION)
-    return dq, rs_lo, rs_hi
+    return dq
 
 
 @triton.jit
@@ -252,9 +257,10 @@ def _deberta_bwd_dq(
     sm_scale = tl.cast(sm_scale, tl.float32)
     dropout_p = tl.cast(dropout_p, tl.float32)
     offs_d = tl.arange(0, BLOCK_D)
-    PKh = PK + h * stride_pkh
+    PK += h * stride_pkh
     PQ += h * stride_pqh
     qk_scale = sm_scale * 1.4426950408889634
+    # the rows' addresses from an opaque range: without it, D = 40 spilled 8 bytes on Triton 3.6
     offs_m = start_m + _fresh(tl.arange(0, BLOCK_M))
     q = _tile(Q + (b * stride_qb + h * stride_qh + start * stride_qm), offs_m, L, stride_qm, offs_d, D)
     do = _tile(DO + (b * stride_dob + h * stride_doh + start * stride_dom), offs_m, L, stride_dom, offs_d, D)
@@ -265,27 +271,15 @@ def _deberta_bwd_dq(
     c_lo = tl.zeros([BLOCK_M], dtype=tl.float32)
     c_hi = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_C2P:  # the runs' C2P per row, q_i . pos_key[IDX_LO / IDX_HI]
-        c_lo, c_hi = _run_terms(q, _run_rows(PKh, IDX_LO, IDX_HI, offs_d, D, stride_pkr), PRECISION)
+        c_lo, c_hi = _run_terms(q, _run_rows(PK, IDX_LO, IDX_HI, offs_d, D, stride_pkr), PRECISION)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    rs_lo = tl.zeros([BLOCK_M], dtype=tl.float32)
-    rs_hi = tl.zeros([BLOCK_M], dtype=tl.float32)
-    dq, rs_lo, rs_hi = _dq_tiles(
-        dq, rs_lo, rs_hi, q, do, lse2, delta, c_lo, c_hi, K + (b * stride_kb + h * stride_kh + start * stride_kn),
-        V + (b * stride_vb + h * stride_vh + start * stride_vn), PKh, PQ, IDX, KPM + b * stride_kpb, SEED, stride_kn,
+    dq = _dq_tiles(
+        dq, q, do, lse2, delta, c_lo, c_hi, K + (b * stride_kb + h * stride_kh + start * stride_kn),
+        V + (b * stride_vb + h * stride_vh + start * stride_vn), PK, PQ, IDX, KPM + b * stride_kpb, SEED, stride_kn,
         stride_vn, stride_pkr, stride_pqr, start_m, offs_m, offs_d, D, L, SMAX, IDX_LO, IDX_HI, hi_end,
         lo_start, kv_end, qk_scale, b, h, H, dropout_p, HAS_C2P, HAS_P2C, HAS_KPM, DROPOUT, BLOCK_M, BLOCK_N, W,
         PRECISION)
-    if BLOCK_D <= 64:
-        # the epilogue's ids, offsets and addresses anew, from opaque copies of the program ids and ranges
-        # (_fresh): the prologue's, reused here, were held through the loop (Triton 3.6 spilled them: 12-60 bytes
-        # at D = 64). Not at BLOCK_D >= 128, whose larger epilogue tiles spill more on Triton 3.9 that way.
-        b, h, start, L = _program(CU, H, SMAX, VARLEN, _fresh(tl.program_id(0)))
-        offs_d = _fresh_range(BLOCK_D)
-        offs_m = _fresh(tl.program_id(1)) * BLOCK_M + _fresh(tl.arange(0, BLOCK_M))
     row_ok = offs_m < L
-    if HAS_C2P:  # the runs' share: dQ_i += rs_i pos_key[run]
-        dq = tl.dot(_run_sums(rs_lo, rs_hi, q.dtype),
-                    _run_rows(PK + h * stride_pkh, IDX_LO, IDX_HI, offs_d, D, stride_pkr), dq, input_precision=PRECISION)
     DQb = DQ + (b * stride_dqb + h * stride_dqh + start * stride_dqm)
     tl.store(DQb + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < D))
