@@ -162,8 +162,7 @@ def test_one_loop_over_runs_and_window_gpu_tiles(dtype, monkeypatch):
     meets the last run, the window and the first run (plain distances clamped at 20, S = 203), with the
     window's spare rows carrying the tile's own keys / queries (W = 128); odd head dim 40, key padding, lse and
     its gradient (the delta pass), both position gradients (the runs' sums in the dK/dV kernel); fresh
-    inputs. float16: dQ's run tiles take K + pos_key[run] rounded to half; dK/dV's runs' key sums go through
-    the tensor cores as two half terms."""
+    inputs. float16: dQ's run tiles take K + pos_key[run] rounded to half."""
     triton_or_skip()
     from fusedlm.kernels import deberta as K
 
@@ -185,3 +184,30 @@ def test_one_loop_over_runs_and_window_gpu_tiles(dtype, monkeypatch):
     rows = check_case(fn, ref, inputs, dtype=dtype, device="cpu", grad=NAMES)
     assert len(rows) == 2 + len(NAMES)
     assert_within(rows, dtype)
+
+
+def test_dq_run_tiles_half_padding_dropout_gpu_tiles(monkeypatch):
+    """float16 with key padding and dropout on the GPU's tile shapes, where dQ's key tiles lie wholly in the last
+    run (keys 64 and more before the query block) and in the first (64 and more after): there every key has the
+    same pos_key row and dQ takes dS (K + pos_key[run]). Every gradient against the oracle given the kernel's own
+    dropout mask, read through value = identity (so S = D = 128; padding cuts batch row 1 inside a first-run
+    tile)."""
+    triton_or_skip()
+    from fusedlm.kernels import deberta as K
+
+    configs = K.block_config
+    monkeypatch.setattr(K, "block_config", lambda d, dt, device, *a, **kw: configs(d, dt, torch.device("cuda"),
+                                                                                  *a, **kw))
+    B, H, S, D, p, seed, pb, mr = 2, 1, 128, 128, 0.2, 29, -1, 4
+    inputs = make_inputs(B, H, S, D, pb, mr, lengths=(128, 100), gen=torch.Generator().manual_seed(128))
+    q, k, pk, pq = (inputs[n].float() for n in ("query", "key", "pos_key", "pos_query"))
+    eye = torch.eye(S).expand(B, H, S, S)
+    keep = _seeded(seed, fusedlm.deberta_attention, q, k, eye, pk, pq, key_padding_mask=inputs["key_padding_mask"],
+                   position_buckets=pb, max_relative_positions=mr, dropout_p=p, backend="triton") != 0
+    real = inputs["key_padding_mask"][:, None, None, :].expand(B, H, S, S)
+    assert abs((1 - keep[real].double().mean().item()) - p) < 0.05
+    fn = _fn(pb, mr, dropout_p=p)
+    rows = check_case(lambda **kw: _seeded(seed, fn, **kw), _ref(pb, mr, keep=keep, dropout_p=p), inputs,
+                      dtype=torch.float16, device="cpu", grad=NAMES)
+    assert len(rows) == 1 + len(NAMES)
+    assert_within(rows, torch.float16)

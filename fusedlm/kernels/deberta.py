@@ -48,8 +48,9 @@ un-skews dS into X[a, w] = dS[a, c] (c the key at distance dmin + w) and adds X 
 in one product with the content part (the window's spare rows carry the tile's keys: dQ += [X | dS] [PK; K]);
 every key of a tile of the first / last run has the same position row, so there dQ += dS (K + pos_key[run]).
 The dK/dV kernel does the same for the keys on transposed [key, query] tiles (every product has the key
-block or the window as its M dimension: wgmma on Hopper), but sums the runs' dS per key (cs_lo, cs_hi) and adds
-cs_lo pos_query[IDX_LO] + cs_hi pos_query[IDX_HI] at the end: the same sums give the runs' dpos_query. dQ runs one program per
+block or the window as its M dimension: wgmma on Hopper), but sums the runs' dS per key (cs_lo, cs_hi)
+and adds cs_lo pos_query[IDX_LO] + cs_hi pos_query[IDX_HI] at the end: the same sums give the runs'
+dpos_query. dQ runs one program per
 query block; dK/dV is persistent: P programs a head take every P-th (sequence, key block) item, so the runs'
 shares of dpos (the queries' and the keys' sums of dS over each run, times q / k) collect in P float32 slots
 a head, (2, H, P, BLOCK_D), whatever the batch and the length. The band's share comes from a

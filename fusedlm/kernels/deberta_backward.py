@@ -22,10 +22,13 @@ row) or the window's products. What fits in 255 registers a thread (8 warps) dec
   BLOCK_M + BLOCK_N - 1 distances of its W = 128 rows, and the spare rows hold the tile's own keys (resp.
   queries), so dQ += X Y with X the un-skewed dS next to dS itself and Y the window's pos_key rows next to
   K (dK += X Z with Z = [pos_query rows; Q]).
-- dQ's share of the runs is made in the run tile's own product, dQ += dS (K + pos_key[run]) (K + pos_key[run]
-  rounded once to the input dtype, as dS is), so nothing about the runs is left for the epilogue. Summed per
-  row and added by an epilogue product instead, its rows' address needed a value kept through the loop:
-  Triton 3.6 spilled it (4 bytes at D = 64 in float16 with padding and dropout, 12 at D = 40).
+- dQ's share of the runs is made in the run tile's own product, dQ += dS (K + pos_key[run]), so nothing about
+  the runs is left for the epilogue. Summed per row (float32, unrounded dS) and added by an epilogue product
+  instead, its rows' address needed a value kept through the loop: Triton 3.6 spilled it (4 bytes at D = 64
+  in float16 with padding and dropout, 12 at D = 40). The cost is precision: dS rounded to the input dtype
+  (as the window tiles' position share and every content product already take it) times K + pos_key[run]
+  rounded once. float16 dQ against float64 (S = 256, D = 64, distances clamped at 4, padding): 3.9e-4 ->
+  4.5e-4 with |pos_key| ~ |k|, 1.08e-3 -> 1.09e-3 with |pos_key| = 10 |k| (the dtype's bound: 2e-3).
 - dK/dV's runs' shares (dK_j += cs_j pos_query[run], the runs' dpos sums) and the runs' C2P / P2C per row go
   through small tensor-core products ([BLOCK, 16] x [16, BLOCK_D]) instead of elementwise outer products and
   reductions; except dK/dV's epilogue at D <= 64 with both terms, elementwise: the products' shared-memory
