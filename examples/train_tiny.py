@@ -14,6 +14,7 @@ Synthetic data that can be learned: a sequence follows a fixed random permutatio
 tokens from their neighbours.
 """
 import argparse
+import gc
 import json
 import os
 import sys
@@ -158,6 +159,12 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(results, f)
     if world > 1:
+        # Every process reaches the teardown before any leaves it, and the DDP models' reducers (kept alive by
+        # reference cycles) are freed while the interpreter is whole: without both, 4 of 12 two-process runs
+        # here (torch 2.13 CPU, gloo) aborted at exit ("terminate called without an active exception"); with
+        # either, 0 of 12; with both, 0 of 20.
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
     return results
 
