@@ -41,15 +41,20 @@ def test_relative_band_bounds_hold_on_the_table(pb, mr):
         assert not bool((table == idx_lo).any())
 
 
+def _gpu_tiles(monkeypatch):
+    """Run the kernels with the GPU's tile shapes (64-row blocks, 128-wide windows) on the interpreter."""
+    from fusedlm.kernels import deberta as K
+
+    configs = K.block_config
+    monkeypatch.setattr(K, "block_config", lambda d, dtype, device, *a, **kw: configs(
+        d, dtype, torch.device("cuda"), *a, **kw))
+
+
 @pytest.fixture(params=["cpu tiles", "gpu tiles"])
 def tiles(request, monkeypatch):
-    """The interpreter's tile shapes, or the GPU's (64-row blocks, 128-wide windows) run on the interpreter."""
+    """The interpreter's tile shapes, or the GPU's (_gpu_tiles)."""
     if request.param == "gpu tiles":
-        from fusedlm.kernels import deberta as K
-
-        configs = K.block_config
-        monkeypatch.setattr(K, "block_config", lambda d, dtype, device, *a, **kw: configs(
-            d, dtype, torch.device("cuda"), *a, **kw))
+        _gpu_tiles(monkeypatch)
     return request.param
 
 
@@ -164,11 +169,7 @@ def test_one_loop_over_runs_and_window_gpu_tiles(dtype, monkeypatch):
     its gradient (the delta pass), both position gradients (the runs' sums in the dK/dV kernel); fresh
     inputs. float16: dQ's run tiles take K + pos_key[run] rounded to half."""
     triton_or_skip()
-    from fusedlm.kernels import deberta as K
-
-    configs = K.block_config
-    monkeypatch.setattr(K, "block_config", lambda d, dt, device, *a, **kw: configs(d, dt, torch.device("cuda"),
-                                                                                  *a, **kw))
+    _gpu_tiles(monkeypatch)
     pb, mr = -1, 20
     inputs = _dense(2, 1, 203, 40, pb, mr, "c2p,p2c", (203, 150), seed=203)
 
@@ -193,11 +194,7 @@ def test_dq_run_tiles_half_padding_dropout_gpu_tiles(monkeypatch):
     dropout mask, read through value = identity (so S = D = 128; padding cuts batch row 1 inside a first-run
     tile)."""
     triton_or_skip()
-    from fusedlm.kernels import deberta as K
-
-    configs = K.block_config
-    monkeypatch.setattr(K, "block_config", lambda d, dt, device, *a, **kw: configs(d, dt, torch.device("cuda"),
-                                                                                  *a, **kw))
+    _gpu_tiles(monkeypatch)
     B, H, S, D, p, seed, pb, mr = 2, 1, 128, 128, 0.2, 29, -1, 4
     inputs = make_inputs(B, H, S, D, pb, mr, lengths=(128, 100), gen=torch.Generator().manual_seed(128))
     q, k, pk, pq = (inputs[n].float() for n in ("query", "key", "pos_key", "pos_query"))

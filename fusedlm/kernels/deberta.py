@@ -43,24 +43,23 @@ _deberta_bwd_delta, before the others) and dS = P * (dP - delta) (dP and P^T of 
     dpos_key[r]   = s sum_{b, i, j: idx(i - j) = r} dS_ij q_i
     dpos_query[r] = s sum_{b, i, j: idx(i - j) = r} dS_ij k_j          (only when asked for)
 
-The dQ kernel (kernels/deberta_backward.py, after a pass for delta) owns query rows: per window tile it
-un-skews dS into X[a, w] = dS[a, c] (c the key at distance dmin + w) and adds X PK over the band's distances,
-in one product with the content part (the window's spare rows carry the tile's keys: dQ += [X | dS] [PK; K]);
-every key of a tile of the first / last run has the same position row, so there dQ += dS (K + pos_key[run]).
-The dK/dV kernel does the same for the keys on transposed [key, query] tiles (every product has the key
-block or the window as its M dimension: wgmma on Hopper), but sums the runs' dS per key (cs_lo, cs_hi)
-and adds cs_lo pos_query[IDX_LO] + cs_hi pos_query[IDX_HI] at the end: the same sums give the runs'
-dpos_query. dQ runs one program per
-query block; dK/dV is persistent: P programs a head take every P-th (sequence, key block) item, so the runs'
-shares of dpos (the queries' and the keys' sums of dS over each run, times q / k) collect in P float32 slots
-a head, (2, H, P, BLOCK_D), whatever the batch and the length. The band's share comes from a
-third kernel (kernels/deberta_band.py) that owns a block of band distances and one head and walks every query
-block of every sequence: for distances d0 + w it recomputes dS on the diagonals j = i - d0 - w only (gathered
-from [BLOCK_M, BLOCK_M + BLOCK_W] products) and accumulates E_key[w] = sum_i dS q_i and E_query[w] =
-sum_i dS k_j, (G, H, band, BLOCK_D) float32 with G slices of the batch. A fold kernel (_dpos_fold) sums each
-bucket's run of band distances and the runs' slots into dpos. Every sum has a fixed order: the backward is
-deterministic (no atomics). Memory beyond flash attention's: the band's sums, O(H * band * D), and dpos itself.
-Imports run one way: deberta_band from this module, deberta_backward from both.
+The dQ kernel (kernels/deberta_backward.py, after a pass for delta) owns query rows: per window tile it un-skews
+dS into X[a, w] = dS[a, c] (c the key at distance dmin + w) and adds X PK over the band's distances, in one
+product with the content part (the window's spare rows carry the tile's keys: dQ += [X | dS] [PK; K]); every key
+of a tile of the first / last run has the same position row, so there dQ += dS (K + pos_key[run]). The dK/dV
+kernel does the same for the keys on transposed [key, query] tiles (every product has the key block or the
+window as its M dimension: wgmma on Hopper), but sums the runs' dS per key (cs_lo, cs_hi) and adds cs_lo
+pos_query[IDX_LO] + cs_hi pos_query[IDX_HI] at the end: the same sums give the runs' dpos_query. dQ runs one
+program per query block; dK/dV is persistent: P programs a head take every P-th (sequence, key block) item, so
+the runs' shares of dpos (the queries' and the keys' sums of dS over each run, times q / k) collect in P float32
+slots a head, (2, H, P, BLOCK_D), whatever the batch and the length. The band's share comes from a third kernel
+(kernels/deberta_band.py) that owns a block of band distances and one head and walks every query block of every
+sequence: for distances d0 + w it recomputes dS on the diagonals j = i - d0 - w only (gathered from [BLOCK_M,
+BLOCK_M + BLOCK_W] products) and accumulates E_key[w] = sum_i dS q_i and E_query[w] = sum_i dS k_j, (G, H, band,
+BLOCK_D) float32 with G slices of the batch. A fold kernel (_dpos_fold) sums each bucket's run of band distances
+and the runs' slots into dpos. Every sum has a fixed order: the backward is deterministic (no atomics). Memory
+beyond flash attention's: the band's sums, O(H * band * D), and dpos itself. Imports run one way: deberta_band
+from this module, deberta_backward from both.
 """
 import torch
 import triton
